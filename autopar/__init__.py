@@ -1,0 +1,63 @@
+"""autopar: an automatic parallelization planner for PyTorch.
+
+    graph = autopar.capture(model, example_inputs)
+    plan = autopar.plan(model, example_inputs, cluster=autopar.Cluster.preset("dgx-h100", nodes=4),
+                        global_batch_size=512)
+    pm = autopar.parallelize(model, example_inputs, plan=plan)   # inside torchrun
+
+Heavy submodules (torch, torch.distributed, pulp) load on first use, so
+``import autopar`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from autopar.errors import (
+    AutoparError,
+    CaptureError,
+    ClusterSpecError,
+    InfeasiblePlanError,
+    PlanValidationError,
+    UserInputError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it, imported on first attribute access (PEP 562)
+_LAZY: dict[str, str] = {
+    "capture": "autopar.capture",
+    "OpGraph": "autopar.graph.ir",
+    "Layer": "autopar.graph.ir",
+    "Op": "autopar.graph.ir",
+    "Plan": "autopar.plan",
+    "Layout": "autopar.plan",
+    "Cluster": "autopar.cost_models.cluster",
+    "plan": "autopar.api",
+    "parallelize": "autopar.api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autopar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "AutoparError",
+    "CaptureError",
+    "ClusterSpecError",
+    "InfeasiblePlanError",
+    "PlanValidationError",
+    "UserInputError",
+    *_LAZY,
+]

@@ -1,0 +1,466 @@
+"""The ``Plan`` value: what to run, where, and what it is predicted to cost.
+
+A solved plan and a hand-written (pinned) plan have the same type. Plans are
+frozen, validated when built, and round-trip through JSON (never pickle):
+``Plan.from_json(plan.to_json()) == plan``. A plan file carries a schema version
+and the fingerprint of the graph it was made for, so loading it against another
+model, or another schema, fails with a ``PlanValidationError`` that says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from autopar.errors import PlanValidationError
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a field changes meaning; older files are refused, not guessed at."""
+
+
+class Recompute(StrEnum):
+    """Activation recomputation policy (Korthikanti et al. 2022)."""
+
+    NONE = "none"
+    SELECTIVE = "selective"  # recompute the s×s attention core only
+    FULL = "full"  # keep only each layer's input; recompute the whole layer in backward
+
+
+class Schedule(StrEnum):
+    """Pipeline schedule."""
+
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved-1f1b"
+
+
+class TPStyle(StrEnum):
+    """How one parameterised module is split over the tensor-parallel axis.
+
+    Names follow ``torch.distributed.tensor.parallel``: ``colwise`` shards a
+    Linear's output features (weight dim 0) or an Embedding's embedding dim;
+    ``rowwise`` shards a Linear's input features (weight dim 1) or an
+    Embedding's vocabulary (weight dim 0); ``replicate`` keeps it whole.
+    """
+
+    REPLICATE = "replicate"
+    COLWISE = "colwise"
+    ROWWISE = "rowwise"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Layout:
+    """The parallel layout: the knobs a person would set by hand."""
+
+    dp: int
+    """Data-parallel size."""
+    tp: int
+    """Tensor-parallel size."""
+    pp: int
+    """Pipeline-parallel size (number of pipeline ranks)."""
+    micro_batch_size: int
+    """Samples per micro-batch per data-parallel rank."""
+    num_micro_batches: int
+    """Micro-batches per step per data-parallel rank (gradient accumulation steps when pp = 1)."""
+    zero_stage: int
+    """0 (replicated), 1 (optimizer sharded), 2 (+ gradients), 3 (+ parameters, FSDP) over dp."""
+    recompute: Recompute
+    """Activation recomputation (the policy of the most-recomputed stage; per-stage in ``StagePlan``)."""
+    sequence_parallel: bool
+    """Megatron sequence parallelism for norms/dropout inside TP groups."""
+    schedule: Schedule
+    """Pipeline schedule (``1f1b`` when pp = 1, by convention)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (> 1 only for interleaved 1F1B)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanValidationError(f"layout.{name} must be a positive integer, got {value!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise PlanValidationError(f"layout.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if not isinstance(self.recompute, Recompute):
+            raise PlanValidationError(f"layout.recompute must be a Recompute, got {self.recompute!r}")
+        if not isinstance(self.schedule, Schedule):
+            raise PlanValidationError(f"layout.schedule must be a Schedule, got {self.schedule!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise PlanValidationError("layout.sequence_parallel needs tp > 1 (it shards within the TP group)")
+        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED_1F1B:
+            raise PlanValidationError(
+                f"layout.virtual_stages={self.virtual_stages} needs schedule 'interleaved-1f1b', "
+                f"got {self.schedule.value!r}"
+            )
+        if self.schedule is Schedule.INTERLEAVED_1F1B and self.pp == 1:
+            raise PlanValidationError("schedule 'interleaved-1f1b' needs pp > 1")
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs the layout occupies: dp · tp · pp."""
+        return self.dp * self.tp * self.pp
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step: dp · micro_batch_size · num_micro_batches."""
+        return self.dp * self.micro_batch_size * self.num_micro_batches
+
+    def describe(self) -> str:
+        """Compact one-line form, e.g. ``dp8 tp8 pp4 mb1x32 zero1 rc=selective sp 1f1b``."""
+        parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
+        parts.append(f"mb{self.micro_batch_size}x{self.num_micro_batches}")
+        parts.append(f"zero{self.zero_stage}")
+        parts.append(f"rc={self.recompute.value}")
+        if self.sequence_parallel:
+            parts.append("sp")
+        if self.pp > 1:
+            parts.append(self.schedule.value + (f"/v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardingPlan:
+    """Intra-op sharding of one layer kind at one TP size, as the ILP chose it."""
+
+    layer_kind: str
+    """The ``Layer.kind`` this applies to."""
+    modules: Mapping[str, TPStyle]
+    """Module path relative to the layer (e.g. ``"attn.q_proj"``) → style, for modules with weights."""
+    ops: Mapping[str, str]
+    """Op name (of the first layer of that kind) → chosen strategy, e.g. ``"S1 = R x S1"``; for inspection."""
+    forward_collectives: tuple[tuple[str, int], ...] = ()
+    """(collective kind, bytes per micro-batch) issued by one forward pass of one layer."""
+
+    def __post_init__(self) -> None:
+        for path, style in self.modules.items():
+            if not isinstance(style, TPStyle):
+                raise PlanValidationError(f"sharding of {path!r} must be a TPStyle, got {style!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryBreakdown:
+    """Peak bytes per GPU on one pipeline stage."""
+
+    params: int
+    """Model weights resident during the step."""
+    grads: int
+    """Gradients."""
+    optimizer: int
+    """Optimizer states (fp32 master weights and Adam moments under mixed precision)."""
+    activations: int
+    """Activations saved for backward, all in-flight micro-batches."""
+    buffers: int
+    """Temporary communication/working buffers and allocator headroom."""
+    capacity: int
+    """The GPU's memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("params", "grads", "optimizer", "activations", "buffers", "capacity"):
+            if getattr(self, name) < 0:
+                raise PlanValidationError(f"memory.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def total(self) -> int:
+        """Sum of all terms."""
+        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+
+    @property
+    def fits(self) -> bool:
+        """Whether the total is within capacity."""
+        return self.total <= self.capacity
+
+    def dominant_term(self) -> str:
+        """Name of the largest term."""
+        terms = {n: getattr(self, n) for n in ("params", "grads", "optimizer", "activations", "buffers")}
+        return max(terms, key=lambda n: terms[n])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagePlan:
+    """One (virtual) pipeline stage: a contiguous range of layers on one pipeline rank."""
+
+    index: int
+    """Stage index in model order (0 … pp·virtual_stages − 1)."""
+    pp_rank: int
+    """Pipeline rank that runs it (index mod pp for interleaved schedules)."""
+    layer_start: int
+    """First layer index (inclusive) into ``OpGraph.layers``."""
+    layer_end: int
+    """Last layer index (exclusive)."""
+    module_paths: tuple[str, ...]
+    """Module paths of the layers, so the emitter can split the real module."""
+    recompute: Recompute
+    """Recomputation policy for this stage."""
+    sharding: tuple[ShardingPlan, ...] = ()
+    """Sharding per layer kind present in the stage (empty when tp = 1)."""
+    forward_time_s: float = 0.0
+    """Predicted forward time of one micro-batch on this stage."""
+    backward_time_s: float = 0.0
+    """Predicted backward time (recompute included) of one micro-batch on this stage."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.layer_start < self.layer_end:
+            raise PlanValidationError(
+                f"stage {self.index}: layer range [{self.layer_start}, {self.layer_end}) is empty or negative"
+            )
+        if len(self.module_paths) != self.layer_end - self.layer_start:
+            raise PlanValidationError(
+                f"stage {self.index}: {len(self.module_paths)} module paths for "
+                f"{self.layer_end - self.layer_start} layers"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """Layers in the stage."""
+        return self.layer_end - self.layer_start
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Predicted:
+    """What the cost model predicts for one optimizer step under the plan."""
+
+    step_time_s: float
+    """Wall time of one optimizer step."""
+    model_tflops_per_gpu: float
+    """Model FLOPs (3 × forward, no recompute) / step time / GPUs, in TFLOP/s (PaLM's MFU numerator)."""
+    hardware_tflops_per_gpu: float
+    """As above with recomputed forward passes counted (Megatron-LM's reporting)."""
+    mfu: float
+    """model_tflops_per_gpu / the GPU's dense peak."""
+    tokens_per_s: float
+    """Tokens (samples × sequence length) per second, whole job."""
+    bubble_fraction: float
+    """Share of the step the pipeline is idle in fill/drain."""
+    comm_time_s: Mapping[str, float]
+    """Exposed communication time per step by collective kind (all_reduce, all_gather, ..., p2p)."""
+    memory: tuple[MemoryBreakdown, ...]
+    """Peak memory per GPU for each pipeline rank."""
+    compute_time_s: float = 0.0
+    """Compute time of one step on the busiest pipeline rank."""
+    sources: Mapping[str, str] = field(default_factory=dict)
+    """Where the numbers came from (e.g. ``{"compute": "roofline", "calibration": "none"}``)."""
+
+    def __post_init__(self) -> None:
+        if not (self.step_time_s > 0 and math.isfinite(self.step_time_s)):
+            raise PlanValidationError(f"predicted.step_time_s must be positive and finite, got {self.step_time_s}")
+        if not 0.0 <= self.bubble_fraction < 1.0:
+            raise PlanValidationError(f"predicted.bubble_fraction must be in [0, 1), got {self.bubble_fraction}")
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Largest per-GPU total over the pipeline ranks."""
+        return max(m.total for m in self.memory)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A complete parallelization plan for one model on one cluster."""
+
+    graph_fingerprint: str
+    """``OpGraph.fingerprint()`` of the model it was made for."""
+    model_name: str
+    """Human-readable model name."""
+    cluster_name: str
+    """Cluster preset or file it was planned for."""
+    num_gpus_available: int
+    """GPUs in the cluster (the plan may use fewer)."""
+    gpus_per_node: int
+    """GPUs per node of that cluster."""
+    seq_len: int
+    """Tokens per sample (1 for non-sequence models)."""
+    dtype: str
+    """Training precision: ``"bfloat16"`` (mixed, fp32 master weights) or ``"float32"``."""
+    layout: Layout
+    """The parallel layout."""
+    stages: tuple[StagePlan, ...]
+    """Pipeline stages in model order (pp · virtual_stages of them)."""
+    predicted: Predicted
+    """Predicted time and memory."""
+    num_layers: int
+    """Number of layers in the graph (stages must cover 0 … num_layers exactly)."""
+    explanation: tuple[str, ...] = ()
+    """Lines saying why this plan won against the runner-up (filled by the planner)."""
+    schema_version: int = SCHEMA_VERSION
+    """Schema of this value; see ``SCHEMA_VERSION``."""
+
+    def __post_init__(self) -> None:
+        lay = self.layout
+        expected = lay.pp * lay.virtual_stages
+        if len(self.stages) != expected:
+            raise PlanValidationError(
+                f"plan has {len(self.stages)} stages but layout pp={lay.pp} × virtual_stages="
+                f"{lay.virtual_stages} needs {expected}"
+            )
+        cursor = 0
+        for i, stage in enumerate(self.stages):
+            if stage.index != i or stage.layer_start != cursor:
+                raise PlanValidationError(
+                    f"stage {i} covers layers [{stage.layer_start}, {stage.layer_end}) but should start at {cursor}"
+                )
+            if stage.pp_rank != i % lay.pp:
+                raise PlanValidationError(f"stage {i} runs on pp rank {stage.pp_rank}, expected {i % lay.pp}")
+            cursor = stage.layer_end
+        if cursor != self.num_layers:
+            raise PlanValidationError(f"stages cover {cursor} layers but the graph has {self.num_layers}")
+        if lay.num_gpus > self.num_gpus_available:
+            raise PlanValidationError(
+                f"layout uses dp·tp·pp = {lay.num_gpus} GPUs but the cluster has {self.num_gpus_available}"
+            )
+        if len(self.predicted.memory) != lay.pp:
+            raise PlanValidationError(f"{len(self.predicted.memory)} memory breakdowns for pp={lay.pp}")
+
+    # ---- explanation -------------------------------------------------------------------------
+
+    def explain(self) -> str:
+        """A readable account of the plan and why it won against the runner-up."""
+        p, lay = self.predicted, self.layout
+        lines = [
+            f"{self.model_name} on {self.cluster_name}: {lay.describe()} ({lay.num_gpus} of "
+            f"{self.num_gpus_available} GPUs)",
+            f"  step {p.step_time_s:.3f} s, {p.model_tflops_per_gpu:.1f} model TFLOP/s/GPU "
+            f"(MFU {p.mfu:.1%}), {p.tokens_per_s:,.0f} tokens/s, bubble {p.bubble_fraction:.1%}",
+            f"  peak memory {p.peak_memory_bytes / 2**30:.1f} GiB of {p.memory[0].capacity / 2**30:.1f} GiB",
+        ]
+        lines.extend(self.explanation)
+        return "\n".join(lines)
+
+    # ---- serialization -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (enums as their values)."""
+        return _to_jsonable(self)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """JSON text with ``schema_version`` first."""
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON."""
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Build a plan from ``to_dict`` output; raises ``PlanValidationError`` on any mismatch."""
+        if not isinstance(data, Mapping):
+            raise PlanValidationError(f"a plan must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanValidationError(
+                f"plan schema version {version!r} is not supported (this autopar reads version "
+                f"{SCHEMA_VERSION}); re-run `autopar plan` to make a new plan file"
+            )
+        try:
+            return _from_jsonable(cls, data)
+        except PlanValidationError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanValidationError(f"plan file is malformed: {e}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse JSON text; raises ``PlanValidationError`` for corrupt text."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanValidationError(f"plan file is not valid JSON ({e}); it may be truncated or corrupt") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str | Path, *, fingerprint: str | None = None) -> Plan:
+        """Read a plan file; if ``fingerprint`` is given, refuse a plan made for another model."""
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise PlanValidationError(f"cannot read plan file {path}: {e.strerror}") from e
+        plan = cls.from_json(text)
+        if fingerprint is not None:
+            plan.validate_for(fingerprint)
+        return plan
+
+    def validate_for(self, fingerprint: str) -> None:
+        """Raise ``PlanValidationError`` unless the plan was made for a graph with this fingerprint."""
+        if fingerprint != self.graph_fingerprint:
+            raise PlanValidationError(
+                f"plan was made for model {self.model_name!r} (graph fingerprint {self.graph_fingerprint}) "
+                f"but this model's fingerprint is {fingerprint}; re-plan for this model"
+            )
+
+
+# ---- JSON helpers ---------------------------------------------------------------------------
+
+
+def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Plan):
+            out = {"schema_version": out.pop("schema_version"), **out}
+        return out
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_jsonable(v) for v in value]
+    return value
+
+
+_ENUMS: Mapping[str, type[StrEnum]] = {"recompute": Recompute, "schedule": Schedule}
+_NESTED: Mapping[str, type] = {
+    "layout": Layout,
+    "predicted": Predicted,
+}
+
+
+def _from_jsonable(cls: type, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise PlanValidationError(f"unknown field(s) {sorted(unknown)} in {cls.__name__}")
+    kwargs: dict[str, Any] = {}
+    for name, raw in data.items():
+        kwargs[name] = _field_from_json(cls, name, raw)
+    return cls(**kwargs)
+
+
+def _field_from_json(cls: type, name: str, raw: Any) -> Any:
+    if name in _ENUMS:
+        try:
+            return _ENUMS[name](raw)
+        except ValueError as e:
+            raise PlanValidationError(f"{cls.__name__}.{name}: {e}") from e
+    if name in _NESTED:
+        return _from_jsonable(_NESTED[name], raw)
+    if cls is Plan and name == "stages":
+        return tuple(_from_jsonable(StagePlan, s) for s in raw)
+    if cls is StagePlan and name == "sharding":
+        return tuple(_from_jsonable(ShardingPlan, s) for s in raw)
+    if cls is StagePlan and name == "module_paths":
+        return tuple(raw)
+    if cls is ShardingPlan and name == "modules":
+        return {k: TPStyle(v) for k, v in raw.items()}
+    if cls is ShardingPlan and name == "forward_collectives":
+        return tuple((str(k), int(b)) for k, b in raw)
+    if cls is Predicted and name == "memory":
+        return tuple(_from_jsonable(MemoryBreakdown, m) for m in raw)
+    if name == "explanation":
+        return tuple(raw)
+    return raw
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Layout",
+    "MemoryBreakdown",
+    "Plan",
+    "Predicted",
+    "Recompute",
+    "Schedule",
+    "ShardingPlan",
+    "StagePlan",
+    "TPStyle",
+]
