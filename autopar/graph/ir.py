@@ -287,8 +287,8 @@ class OpGraph:
         """
         h = hashlib.sha256()
         h.update(f"{self.model_name}|{self.num_params}".encode())
-        for layer in self.layers:
-            h.update(f"{layer.module_path}:{layer.kind}".encode())
+        for op in self.ops:  # what runs where; shapes enter through params and per-sample inputs
+            h.update(f"{op.module_path}:{op.target}".encode())
         for p in self.params:
             h.update(f"{p.name}{p.shape}".encode())
         per_sample = [t.shape[1:] for t in self.inputs]
