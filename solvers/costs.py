@@ -1,0 +1,88 @@
+"""What the outer search needs priced, as numbers: per-layer costs and a pricing protocol.
+
+The planner (``autopar/api.py``) implements ``Pricing`` with the cost models and the
+intra-op ILP; the search only sees numbers, so it never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from autopar.plan import Recompute, Schedule, ShardingPlan
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerCost:
+    """One layer at one (tp, sequence_parallel, micro_batch_size, recompute) setting, one micro-batch."""
+
+    forward_s: float
+    """Forward time on one GPU, TP collectives included."""
+    backward_s: float
+    """Backward time on one GPU, recomputation and TP collectives included."""
+    forward_flops: float
+    """Model FLOPs of one forward pass of the micro-batch (whole layer, all TP ranks together)."""
+    recompute_flops: float
+    """FLOPs recomputed in backward (whole layer), counted in hardware FLOPs only."""
+    activation_bytes: float
+    """Bytes kept for backward per GPU (after TP sharding and recomputation)."""
+    param_count: float
+    """Trainable parameters held per GPU after TP sharding (before ZeRO)."""
+    boundary_bytes: float
+    """Bytes per GPU that enter the layer from the previous one (a stage boundary sends them)."""
+    tp_comm_s: Mapping[str, float] = field(default_factory=dict)
+    """TP collective time per micro-batch (forward + backward) by kind, already inside the times above."""
+
+
+class Pricing(Protocol):
+    """Prices the search asks for. Implemented by the planner on top of ``autopar.cost_models``."""
+
+    @property
+    def num_layers(self) -> int:
+        """Layers in the graph."""
+        ...
+
+    @property
+    def gpu_mem_bytes(self) -> int:
+        """Memory per GPU."""
+        ...
+
+    @property
+    def peak_flops_per_s(self) -> float:
+        """Dense peak of one GPU at the training dtype."""
+        ...
+
+    def layer_costs(self, *, tp: int, sequence_parallel: bool, micro_batch_size: int,
+                    recompute: Recompute) -> tuple[LayerCost, ...]:
+        """Costs of every layer at one setting (cached by the implementation)."""
+        ...
+
+    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
+        """(params, grads, optimizer) bytes per GPU for ``num_params`` under ZeRO over ``dp`` ranks."""
+        ...
+
+    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+        """Seconds for one collective of ``nbytes`` over a group."""
+        ...
+
+    def optimizer_step_time(self, num_params: float) -> float:
+        """Seconds for the optimizer update of ``num_params`` parameters held by one GPU."""
+        ...
+
+    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int) -> float:
+        """Working and communication buffers plus allocator headroom per GPU."""
+        ...
+
+    def inflight_micro_batches(self, schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
+                               virtual_stages: int) -> float:
+        """Micro-batches whose activations one stage holds at its peak."""
+        ...
+
+    def grad_bytes_per_param(self) -> float:
+        """Bytes of one gradient element as communicated (2 in bf16 mixed precision, 4 in fp32)."""
+        ...
+
+    def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
+        """Per layer kind: the ILP's sharding at this TP size (empty at tp = 1)."""
+        ...

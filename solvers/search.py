@@ -1,0 +1,174 @@
+"""Outer search: enumerate layouts, prune, price each survivor, keep the fastest that fit.
+
+Order of work (cheapest test first):
+1. groups (tp, sp, micro-batch, recompute) × pp × dp get a *lower bound* on step time —
+   every GPU busy, no bubble, no data-parallel communication — and a lower bound on
+   memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory bound exceeds
+   the GPU are dropped; the rest are visited in order of their time bound, and the
+   search stops once a bound is no better than the k-th best plan found (branch and bound);
+2. inside a group, dominated choices are skipped: GPipe keeps more micro-batches in
+   flight than 1F1B for the same step time in this model, so it is priced only when
+   pinned; interleaving is tried only when pp > 1 and every virtual stage gets a layer;
+3. each survivor gets the stage DP (``stage_dp``) and a full price: pipeline time,
+   exposed data-parallel communication, optimizer step, memory per pipeline rank.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from autopar.errors import InfeasiblePlanError
+from autopar.plan import Layout, Recompute, Schedule
+from autopar.solvers.costs import LayerCost, Pricing
+from autopar.solvers.evaluate import Evaluation, evaluate_layout
+from autopar.solvers.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchResult:
+    """The ranked plans and what the search did."""
+
+    ranked: tuple[Evaluation, ...]
+    """Best first; at most top_k."""
+    candidates_priced: int
+    """Layouts that got a full price (stage DP included)."""
+    groups_considered: int
+    """(tp, sp, micro-batch, recompute, pp, dp) groups enumerated."""
+    groups_pruned: int
+    """Groups dropped by a bound before pricing."""
+    min_memory: Evaluation | None
+    """The priced layout with the smallest peak memory (for infeasibility reports)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Group:
+    time_bound_s: float
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    recompute: Recompute
+    sequence_parallel: bool
+
+
+def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, tuple[LayerCost, ...]]]:
+    for tp in space.tp:
+        for sp in space.sequence_parallel:
+            if sp and tp == 1:
+                continue
+            for mbs in space.micro_batch_size:
+                for rc in space.recompute:
+                    costs = pricing.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=rc)
+                    total_s = sum(c.forward_s + c.backward_s for c in costs)
+                    for pp in space.pp:
+                        if pp > len(costs) or tp * pp > space.num_gpus:
+                            continue
+                        for dp in space.dp_sizes(tp, pp):
+                            if space.global_batch_size % (dp * mbs):
+                                continue
+                            m = space.global_batch_size // (dp * mbs)
+                            yield _Group(time_bound_s=m * total_s / pp, tp=tp, pp=pp, dp=dp, micro_batch_size=mbs,
+                                         recompute=rc, sequence_parallel=sp), costs
+
+
+def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
+    """Smallest possible peak per GPU: ZeRO-3 states and one micro-batch, spread evenly over pp."""
+    zero = 3 if group.dp > 1 else 0
+    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=zero, dp=group.dp))
+    acts = sum(c.activation_bytes for c in costs)
+    return (states + acts) / group.pp
+
+
+def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Layout]:
+    m = space.global_batch_size // (group.dp * group.micro_batch_size)
+    zeros = [z for z in space.zero_stage if group.dp > 1 or z == 0] or [0]
+    pinned_schedule = "schedule" in space.pinned
+    for zero in zeros:
+        for schedule in space.schedule:
+            if group.pp == 1 and schedule is not Schedule.ONE_F_ONE_B:
+                if pinned_schedule and schedule is Schedule.GPIPE:
+                    pass  # a pinned GPipe with pp = 1 is plain gradient accumulation
+                else:
+                    continue
+            if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1:
+                continue  # dominated by 1F1B: same time, more activations in flight
+            for v in space.virtual_stages:
+                interleaved = schedule is Schedule.INTERLEAVED_1F1B
+                if (v > 1) != interleaved or group.pp * v > num_layers:
+                    continue
+                if interleaved and m % group.pp:
+                    continue  # Megatron's interleaved schedule needs micro-batches in multiples of pp
+                yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
+                             num_micro_batches=m, zero_stage=zero, recompute=group.recompute,
+                             sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
+
+
+def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1,
+           progress: Callable[[float], None] | None = None) -> SearchResult:
+    """Find the ``top_k`` fastest layouts that fit.
+
+    Raises:
+        InfeasiblePlanError: nothing fits; the message names the smallest peak found and its dominant term.
+    """
+    groups = sorted(_groups(space, pricing), key=lambda gc: gc[0].time_bound_s)
+    best: list[tuple[float, int, Evaluation]] = []  # max-heap on step time via negation
+    priced = pruned = 0
+    min_mem: Evaluation | None = None
+    leanest: tuple[float, _Group, tuple[LayerCost, ...]] | None = None
+    for i, (group, costs) in enumerate(groups):
+        if progress is not None and i % 64 == 0:
+            progress(i / max(1, len(groups)))
+        if len(best) >= top_k and group.time_bound_s >= -best[0][0]:
+            pruned += len(groups) - i  # sorted by bound: nothing later can win
+            break
+        bound = _memory_bound(group, costs, pricing)
+        if bound > pricing.gpu_mem_bytes:
+            pruned += 1
+            if leanest is None or bound < leanest[0]:
+                leanest = (bound, group, costs)
+            continue
+        for layout in _layouts(group, space, len(costs)):
+            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node)
+            priced += 1
+            if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
+                min_mem = ev
+            if not ev.fits:
+                continue
+            item = (-ev.step_time_s, -priced, ev)
+            if len(best) < top_k:
+                heapq.heappush(best, item)
+            elif ev.step_time_s < -best[0][0]:
+                heapq.heapreplace(best, item)
+    if min_mem is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
+        _, group, costs = leanest
+        evs = [evaluate_layout(lay, costs, pricing, gpus_per_node=space.gpus_per_node)
+               for lay in _layouts(group, space, len(costs))]
+        min_mem = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
+    ranked = tuple(ev for _, _, ev in sorted(best, key=lambda t: (-t[0], -t[1])))
+    log.info("search: %d groups, %d pruned, %d layouts priced", len(groups), pruned, priced)
+    return SearchResult(ranked=ranked, candidates_priced=priced, groups_considered=len(groups),
+                        groups_pruned=pruned, min_memory=min_mem)
+
+
+def require_plans(result: SearchResult, *, capacity_bytes: int, num_gpus: int, smallest_fit: str | None) -> None:
+    """Raise ``InfeasiblePlanError`` with what would fit when the search found nothing."""
+    if result.ranked:
+        return
+    lowest = result.min_memory
+    if lowest is None:
+        detail = "no layout could even be laid out (check the pins against the cluster)"
+    else:
+        peak = lowest.peak_memory_bytes
+        term = lowest.dominant_memory_term
+        detail = (f"the leanest layout ({lowest.layout.describe()}) needs {peak / 2**30:.1f} GiB per GPU, "
+                  f"dominated by {term}, but a GPU has {capacity_bytes / 2**30:.1f} GiB")
+    hint = f"; it would fit on {smallest_fit}" if smallest_fit else ""
+    raise InfeasiblePlanError(f"no plan fits on {num_gpus} GPUs: {detail}{hint}")
+
+
+__all__ = ["SearchResult", "search", "require_plans"]

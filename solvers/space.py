@@ -1,0 +1,187 @@
+"""The search space: which layouts the planner considers, and user pins that narrow it.
+
+Pins (``constraints``) use the same names as ``Layout``'s fields. Contradictions
+between pins, or between pins and the cluster or the model, raise
+``PlanValidationError`` naming the values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from autopar.errors import PlanValidationError
+from autopar.plan import Recompute, Schedule
+
+PIN_NAMES = ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel",
+             "schedule", "virtual_stages")
+"""Names ``constraints`` may pin (the ``Layout`` fields a person sets by hand)."""
+
+MAX_VIRTUAL_STAGES = 4
+"""Largest interleaving degree searched: Narayanan et al. (2021) report diminishing returns past 4
+chunks per rank as point-to-point traffic grows with v."""
+
+MICRO_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+"""Micro-batch sizes searched (powers of two, as practitioners use; others can be pinned)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelShape:
+    """What the space needs to know about the model."""
+
+    num_layers: int
+    """Layers in the graph (embedding, blocks, head)."""
+    num_heads: int | None
+    """Attention heads (tp must divide them), if the model has attention."""
+    num_kv_heads: int | None = None
+    """Key/value heads of grouped-query attention (tp must divide them too)."""
+    tp_dims: tuple[int, ...] = ()
+    """Other dimensions TP shards (hidden, FFN, vocab) that tp must divide."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SearchSpace:
+    """Candidate values per knob, after pins and the cluster have narrowed them."""
+
+    num_gpus: int
+    """GPUs available."""
+    gpus_per_node: int
+    """GPUs per node (TP groups stay inside one unless ``allow_cross_node_tp``)."""
+    global_batch_size: int
+    """Samples per optimizer step."""
+    tp: tuple[int, ...]
+    """Tensor-parallel sizes."""
+    pp: tuple[int, ...]
+    """Pipeline-parallel sizes."""
+    dp: tuple[int, ...] | None
+    """Pinned data-parallel sizes (None: derived from the GPUs left)."""
+    micro_batch_size: tuple[int, ...]
+    """Micro-batch sizes."""
+    zero_stage: tuple[int, ...]
+    """ZeRO stages."""
+    recompute: tuple[Recompute, ...]
+    """Recompute policies."""
+    sequence_parallel: tuple[bool, ...]
+    """Sequence parallelism on/off (only with tp > 1)."""
+    schedule: tuple[Schedule, ...]
+    """Pipeline schedules."""
+    virtual_stages: tuple[int, ...]
+    """Interleaving degrees (for interleaved 1F1B)."""
+    pinned: Mapping[str, Any] = field(default_factory=dict)
+    """The user's pins, parsed."""
+
+    def dp_sizes(self, tp: int, pp: int) -> Iterator[int]:
+        """Data-parallel sizes to try with (tp, pp): the largest that fits and divides the batch, and halves.
+
+        Using fewer GPUs than available is allowed; it can win only when the batch does not
+        divide over more replicas, so the largest feasible size and a few smaller ones suffice.
+        """
+        if self.dp is not None:
+            yield from (d for d in self.dp if d * tp * pp <= self.num_gpus)
+            return
+        limit = self.num_gpus // (tp * pp)
+        sizes = [d for d in range(limit, 0, -1) if self.global_batch_size % d == 0]
+        if sizes:
+            best = sizes[0]
+            yield best
+            yield from (d for d in sizes[1:] if d * 2 == best or d * 4 == best)
+
+
+def _parse_pin(name: str, value: Any) -> Any:
+    match name:
+        case "recompute":
+            try:
+                return Recompute(value)
+            except ValueError as e:
+                raise PlanValidationError(f"pin recompute={value!r}: use none, selective or full") from e
+        case "schedule":
+            try:
+                return Schedule(value)
+            except ValueError as e:
+                raise PlanValidationError(f"pin schedule={value!r}: use gpipe, 1f1b or interleaved-1f1b") from e
+        case "sequence_parallel":
+            if not isinstance(value, bool):
+                raise PlanValidationError(f"pin sequence_parallel={value!r} must be true or false")
+            return value
+        case _:
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "zero_stage" else 1):
+                raise PlanValidationError(f"pin {name}={value!r} must be a positive integer")
+            return value
+
+
+def parse_pins(constraints: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate pin names and types; returns the parsed pins."""
+    pins = dict(constraints or {})
+    unknown = sorted(set(pins) - set(PIN_NAMES))
+    if unknown:
+        raise PlanValidationError(f"unknown constraint(s) {unknown}; allowed: {', '.join(PIN_NAMES)}")
+    return {name: _parse_pin(name, value) for name, value in pins.items()}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _tp_candidates(shape: ModelShape, num_gpus: int, gpus_per_node: int, allow_cross_node_tp: bool) -> list[int]:
+    limit = num_gpus if allow_cross_node_tp else min(num_gpus, gpus_per_node)
+    dims = [d for d in (shape.num_heads, shape.num_kv_heads, *shape.tp_dims) if d]
+    return [t for t in range(1, limit + 1) if (t & (t - 1)) == 0 and all(d % t == 0 for d in dims)]
+
+
+def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_batch_size: int,
+                constraints: Mapping[str, Any] | None = None, allow_cross_node_tp: bool = False) -> SearchSpace:
+    """The space to search, narrowed by pins; raises ``PlanValidationError`` on contradictions."""
+    pins = parse_pins(constraints)
+    if global_batch_size < 1:
+        raise PlanValidationError(f"global batch size must be positive, got {global_batch_size}")
+    _check_pins_against_model(pins, shape, num_gpus, gpus_per_node, allow_cross_node_tp, global_batch_size)
+    tp = (pins["tp"],) if "tp" in pins else tuple(_tp_candidates(shape, num_gpus, gpus_per_node, allow_cross_node_tp))
+    max_pp = min(shape.num_layers, num_gpus)
+    pp = (pins["pp"],) if "pp" in pins else tuple(range(1, max_pp + 1))
+    mbs = (pins["micro_batch_size"],) if "micro_batch_size" in pins else tuple(
+        m for m in MICRO_BATCH_SIZES if m <= global_batch_size)
+    schedule = (pins["schedule"],) if "schedule" in pins else tuple(Schedule)
+    v_max = min(MAX_VIRTUAL_STAGES, shape.num_layers)
+    virtual = (pins["virtual_stages"],) if "virtual_stages" in pins else tuple(range(1, v_max + 1))
+    return SearchSpace(
+        num_gpus=num_gpus, gpus_per_node=gpus_per_node, global_batch_size=global_batch_size, tp=tp, pp=pp,
+        dp=(pins["dp"],) if "dp" in pins else None, micro_batch_size=mbs,
+        zero_stage=(pins["zero_stage"],) if "zero_stage" in pins else (0, 1, 2, 3),
+        recompute=(pins["recompute"],) if "recompute" in pins else tuple(Recompute),
+        sequence_parallel=(pins["sequence_parallel"],) if "sequence_parallel" in pins else (False, True),
+        schedule=schedule, virtual_stages=virtual, pinned=pins,
+    )
+
+
+def _check_pins_against_model(pins: Mapping[str, Any], shape: ModelShape, num_gpus: int, gpus_per_node: int,
+                              allow_cross_node_tp: bool, global_batch_size: int) -> None:
+    tp, pp, dp = pins.get("tp"), pins.get("pp"), pins.get("dp")
+    if tp is not None:
+        for label, dim in (("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads)):
+            if dim and dim % tp:
+                raise PlanValidationError(f"tp={tp} does not divide the model's {dim} {label}")
+        if tp > gpus_per_node and not allow_cross_node_tp:
+            raise PlanValidationError(
+                f"tp={tp} is larger than a node ({gpus_per_node} GPUs) and cross-node TP is not allowed")
+    if pp is not None and pp > shape.num_layers:
+        raise PlanValidationError(f"pp={pp} is larger than the model's {shape.num_layers} layers")
+    used = (tp or 1) * (pp or 1) * (dp or 1)
+    if used > num_gpus:
+        raise PlanValidationError(f"dp·tp·pp = {dp or 1}·{tp or 1}·{pp or 1} = {used} is larger than the cluster's "
+                                  f"{num_gpus} GPUs")
+    mbs = pins.get("micro_batch_size")
+    if dp is not None and global_batch_size % (dp * (mbs or 1)):
+        raise PlanValidationError(
+            f"global batch {global_batch_size} is not divisible by dp × micro-batch = {dp} × {mbs or 1}")
+    if mbs is not None and global_batch_size % mbs:
+        raise PlanValidationError(f"global batch {global_batch_size} is not divisible by micro-batch {mbs}")
+    if pins.get("sequence_parallel") and tp == 1:
+        raise PlanValidationError("sequence_parallel=true needs tp > 1")
+    v, sched = pins.get("virtual_stages"), pins.get("schedule")
+    if v is not None and v > 1 and sched not in (None, Schedule.INTERLEAVED_1F1B):
+        raise PlanValidationError(f"virtual_stages={v} needs schedule interleaved-1f1b, not {sched.value}")
+    if sched is Schedule.INTERLEAVED_1F1B and pp == 1:
+        raise PlanValidationError("schedule interleaved-1f1b needs pp > 1")
+    if v is not None and pp is not None and v * pp > shape.num_layers:
+        raise PlanValidationError(f"pp·virtual_stages = {pp}·{v} is more than the model's {shape.num_layers} layers")

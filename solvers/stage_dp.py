@@ -1,0 +1,501 @@
+"""Inter-op parallelism: split a chain of layers into contiguous pipeline stages.
+
+The model is a sequence of L layers (embedding, transformer blocks, head; not
+uniform). A pipeline of S stages runs m micro-batches per step. This module
+chooses the S − 1 cut points that minimise the predicted step time while every
+stage's memory (weights, gradients, optimizer state, and the activations of the
+micro-batches it holds in flight, which depends on its position in the
+pipeline) fits the per-GPU budget.
+
+Objective (DAPPLE, Fan et al. 2021; Alpa, Zheng et al. 2022, §5.2 eq. 2)::
+
+    step ≈ (m − 1) · max_j t_j + Σ_j t_j
+
+where ``t_j`` is the forward + backward time of one micro-batch on stage j plus
+its point-to-point sends. The first term is the steady state, paced by the
+slowest stage; the second is one micro-batch filling and draining the pipeline.
+GPipe and 1F1B have the same bubble and differ only in memory (in-flight
+micro-batches: m for GPipe, ``min(m, S − j)`` for 1F1B).
+
+Interleaved 1F1B (Narayanan et al. 2021, §2.2) cuts the model into S = pp · v
+chunks placed round-robin on the pp ranks; with uniform chunks of time t the
+step is ``m·v·t + (pp − 1)·t``, i.e. the bubble shrinks to ``(pp − 1)/v`` of a
+rank's per-micro-batch time. The kernel solves the weighted form
+``alpha · max_j t_j + beta · Σ_j t_j`` with ``alpha = m·v − 1`` and
+``beta = 1/v``, which is exact for uniform chunks and reduces to the form above
+for v = 1.
+
+Everything here is torch-free: inputs are numbers, outputs frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from autopar.errors import InfeasiblePlanError
+from autopar.plan import Schedule
+
+logger = logging.getLogger(__name__)
+
+FloatArray = NDArray[np.float64]
+
+
+class InfeasibleStagePartitionError(InfeasiblePlanError):
+    """No partition into the requested stages fits the memory budget (or there are too few layers).
+
+    ``min_budget_bytes`` is the smallest per-stage budget for which a partition
+    exists (None when no budget helps, e.g. more stages than layers).
+    """
+
+    def __init__(self, message: str, *, min_budget_bytes: float | None) -> None:
+        super().__init__(message)
+        self.min_budget_bytes = min_budget_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageCosts:
+    """Per-layer inputs of the stage partition, one entry per layer in model order."""
+
+    forward_s: tuple[float, ...]
+    """Forward time of one micro-batch through the layer."""
+    backward_s: tuple[float, ...]
+    """Backward time (recomputation included) of one micro-batch."""
+    static_mem_bytes: tuple[float, ...]
+    """Memory that does not depend on the stage's position: weights, gradients, optimizer state."""
+    activation_bytes: tuple[float, ...]
+    """Activations saved for backward by one micro-batch."""
+    boundary_send_s: tuple[float, ...]
+    """Point-to-point time to send the layer's input across a stage boundary (activation or gradient)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.forward_s)
+        fields = ("forward_s", "backward_s", "static_mem_bytes", "activation_bytes", "boundary_send_s")
+        for name in fields:
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ValueError(f"StageCosts.{name} has {len(values)} entries, forward_s has {n}")
+            bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+            if bad:
+                raise ValueError(f"StageCosts.{name} must be finite and >= 0, got {bad[:3]}")
+        if n == 0:
+            raise ValueError("StageCosts needs at least one layer")
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers L."""
+        return len(self.forward_s)
+
+    @classmethod
+    def uniform(cls, num_layers: int, *, forward_s: float, backward_s: float, static_mem_bytes: float,
+                activation_bytes: float, boundary_send_s: float) -> StageCosts:
+        """``num_layers`` identical layers (tests and quick estimates).
+
+        Example:
+            >>> StageCosts.uniform(3, forward_s=1.0, backward_s=2.0, static_mem_bytes=0,
+            ...                    activation_bytes=0, boundary_send_s=0).num_layers
+            3
+        """
+        def rep(x: float) -> tuple[float, ...]:
+            return (float(x),) * num_layers
+
+        return cls(forward_s=rep(forward_s), backward_s=rep(backward_s), static_mem_bytes=rep(static_mem_bytes),
+                   activation_bytes=rep(activation_bytes), boundary_send_s=rep(boundary_send_s))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagePartition:
+    """A partition of the layers into contiguous stages, with its predicted cost."""
+
+    boundaries: tuple[int, ...]
+    """S + 1 layer indices: stage j covers layers ``[boundaries[j], boundaries[j + 1])``."""
+    stage_time_s: tuple[float, ...]
+    """t_j: forward + backward + boundary sends of one micro-batch, per stage."""
+    forward_time_s: tuple[float, ...]
+    """Forward compute of one micro-batch, per stage."""
+    backward_time_s: tuple[float, ...]
+    """Backward compute of one micro-batch, per stage."""
+    comm_time_s: tuple[float, ...]
+    """Boundary sends of one micro-batch (output activation forward, input gradient backward), per stage."""
+    mem_bytes: tuple[float, ...]
+    """Peak memory per stage: static bytes + in-flight micro-batches × activation bytes."""
+    in_flight: tuple[int, ...]
+    """Micro-batches whose activations a stage holds at its peak."""
+    rank_mem_bytes: tuple[float, ...]
+    """Peak memory per pipeline rank (the sum over its chunks; equals ``mem_bytes`` when v = 1)."""
+    step_time_s: float
+    """Predicted step time: alpha · max_j t_j + beta · Σ_j t_j."""
+    bottleneck_s: float
+    """max_j t_j."""
+    virtual_stages: int = 1
+    """Chunks per pipeline rank (v); stage j runs on rank j mod (S / v)."""
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages (chunks) S."""
+        return len(self.boundaries) - 1
+
+    def stage_layers(self, stage: int) -> range:
+        """Layer indices of one stage."""
+        return range(self.boundaries[stage], self.boundaries[stage + 1])
+
+
+# ---- schedule-dependent coefficients ---------------------------------------------------------
+
+
+def in_flight_micro_batches(schedule: Schedule, *, pp: int, num_micro_batches: int,
+                            virtual_stages: int = 1) -> tuple[int, ...]:
+    """Micro-batches whose activations each stage holds at its peak, per stage (chunk) index.
+
+    GPipe keeps all m. 1F1B (PipeDream-Flush, Narayanan et al. 2021) keeps
+    ``min(m, pp − j)`` on stage j. Interleaved 1F1B follows Megatron-LM's
+    schedule: rank r runs ``2·(pp − r − 1) + (v − 1)·pp`` warm-up chunk forwards,
+    in groups of pp micro-batches per chunk, before its first backward; the count
+    per chunk is read off that order (plus the one in steady state).
+
+    Args:
+        schedule: the pipeline schedule.
+        pp: pipeline ranks.
+        num_micro_batches: m.
+        virtual_stages: chunks per rank v (> 1 only for interleaved 1F1B).
+
+    Returns:
+        One count per stage, stage j = chunk ``j // pp`` of rank ``j % pp``.
+
+    Example:
+        >>> in_flight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8)
+        (4, 3, 2, 1)
+        >>> in_flight_micro_batches(Schedule.GPIPE, pp=2, num_micro_batches=8)
+        (8, 8)
+    """
+    m, v = num_micro_batches, virtual_stages
+    if pp < 1 or m < 1 or v < 1:
+        raise ValueError(f"pp={pp}, num_micro_batches={m}, virtual_stages={v} must all be >= 1")
+    match schedule:
+        case Schedule.GPIPE:
+            return (m,) * (pp * v)
+        case Schedule.ONE_F_ONE_B:
+            if v != 1:
+                raise ValueError(f"1F1B has one chunk per rank, got virtual_stages={v}")
+            return tuple(min(m, pp - j) for j in range(pp))
+        case Schedule.INTERLEAVED_1F1B:
+            return _interleaved_in_flight(pp, m, v)
+        case _:
+            raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _interleaved_in_flight(pp: int, m: int, v: int) -> tuple[int, ...]:
+    counts = [[0] * v for _ in range(pp)]
+    for r in range(pp):
+        warmup = min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
+        # Megatron's forward order on a rank: micro-batch groups of pp, chunk by chunk within a group
+        order = ((c, mb) for g in range(0, m, pp) for c in range(v) for mb in range(g, min(g + pp, m)))
+        for c, _ in itertools.islice(order, warmup):
+            counts[r][c] += 1
+    return tuple(counts[j % pp][j // pp] for j in range(pp * v))
+
+
+def schedule_weights(schedule: Schedule, *, num_micro_batches: int, virtual_stages: int = 1) -> tuple[float, float]:
+    """(alpha, beta) of ``step = alpha · max_j t_j + beta · Σ_j t_j`` for a schedule.
+
+    Example:
+        >>> schedule_weights(Schedule.ONE_F_ONE_B, num_micro_batches=8)
+        (7.0, 1.0)
+        >>> schedule_weights(Schedule.INTERLEAVED_1F1B, num_micro_batches=8, virtual_stages=2)
+        (15.0, 0.5)
+    """
+    m, v = num_micro_batches, virtual_stages
+    if schedule is not Schedule.INTERLEAVED_1F1B and v != 1:
+        raise ValueError(f"schedule {schedule.value!r} has one chunk per rank, got virtual_stages={v}")
+    return float(m * v - 1), 1.0 / v
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+
+def _stage_time_matrices(costs: StageCosts, num_stages: int) -> list[FloatArray]:
+    """t[i, k] for a stage covering layers [i, k), per stage; +inf where i >= k.
+
+    Four variants exist (first, middle, last, only stage); entries are shared,
+    not copied, so memory stays O(L²).
+    """
+    n = costs.num_layers
+    work = np.asarray(costs.forward_s) + np.asarray(costs.backward_s)
+    prefix = np.concatenate(([0.0], np.cumsum(work)))
+    comm = np.concatenate((np.asarray(costs.boundary_send_s, dtype=np.float64), [0.0]))
+    base = prefix[None, :] - prefix[:, None]  # base[i, k] = Σ work[i:k]
+    base[np.tril_indices(n + 1)] = np.inf
+    recv = comm[:, None]  # stage j > 0 sends its input gradient back: c[i]
+    send = comm[None, :]  # stage j < S - 1 sends its output forward: c[k]
+    variants = {(False, False): base, (True, False): base + recv, (False, True): base + send,
+                (True, True): base + recv + send}
+    return [variants[(j > 0, j < num_stages - 1)] for j in range(num_stages)]
+
+
+def _memory_ok(costs: StageCosts, in_flight: Sequence[int], mem_budget_bytes: float) -> list[NDArray[np.bool_]]:
+    """Per stage j: ok[i, k] = static[i:k] + in_flight[j] · activations[i:k] <= budget."""
+    w = np.concatenate(([0.0], np.cumsum(costs.static_mem_bytes)))
+    a = np.concatenate(([0.0], np.cumsum(costs.activation_bytes)))
+    w_range = w[None, :] - w[:, None]
+    a_range = a[None, :] - a[:, None]
+    return [w_range + n * a_range <= mem_budget_bytes for n in in_flight]
+
+
+def _min_sum_dp(times: Sequence[FloatArray], limit_s: float) -> tuple[float, NDArray[np.int64]]:
+    """Min Σ_j t_j over partitions with every t_j <= limit; returns (value, argmin table).
+
+    G[0][0] = 0;  G[j+1][k] = min_{i<k} G[j][i] + t_j(i, k)  subject to t_j(i, k) <= limit.
+    ``times`` already carries +inf where the memory budget is violated.
+    """
+    num_stages, size = len(times), times[0].shape[0]
+    g = np.full(size, np.inf)
+    g[0] = 0.0
+    arg = np.zeros((num_stages, size), dtype=np.int64)
+    cols = np.arange(size)
+    for j, t in enumerate(times):
+        allowed = np.where(t <= limit_s, t, np.inf)
+        cand = g[:, None] + allowed  # cand[i, k]
+        arg[j] = np.argmin(cand, axis=0)
+        g = cand[arg[j], cols]
+    return float(g[-1]), arg
+
+
+def _boundaries_from(arg: NDArray[np.int64]) -> tuple[int, ...]:
+    num_stages, size = arg.shape
+    cuts = [size - 1]
+    for j in range(num_stages - 1, -1, -1):
+        cuts.append(int(arg[j, cuts[-1]]))
+    return tuple(reversed(cuts))
+
+
+def _min_max_memory(costs: StageCosts, in_flight: Sequence[int]) -> float:
+    """Smallest budget for which some partition fits: H[j+1][k] = min_i max(H[j][i], mem_j(i, k))."""
+    w = np.concatenate(([0.0], np.cumsum(costs.static_mem_bytes)))
+    a = np.concatenate(([0.0], np.cumsum(costs.activation_bytes)))
+    size = w.shape[0]
+    upper = np.triu(np.ones((size, size), dtype=bool), 1)
+    h = np.full(size, np.inf)
+    h[0] = 0.0
+    for n in in_flight:
+        mem = np.where(upper, (w[None, :] - w[:, None]) + n * (a[None, :] - a[:, None]), np.inf)
+        h = np.min(np.maximum(h[:, None], mem), axis=0)
+    return float(h[-1])
+
+
+def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int], mem_budget_bytes: float,
+                     alpha: float, beta: float) -> tuple[int, ...]:
+    """The kernel: boundaries minimising ``alpha · max_j t_j + beta · Σ_j t_j`` under the memory budget.
+
+    Stage j covering layers [i, k) costs ``t_j = Σ_{l∈[i,k)} (f_l + b_l) + [j > 0]·c_i + [j < S−1]·c_k``
+    (it sends its output forward and its input gradient back) and needs
+    ``Σ w_l + in_flight[j] · Σ a_l <= budget``.
+
+    Because the objective mixes a max and a sum, it is solved as in Alpa's stage
+    construction: enumerate the bottleneck T over the distinct values of t_j in
+    increasing order and, for each, run the DP
+
+        G[0][0] = 0,   G[j+1][k] = min_{i<k, t_j(i,k) <= T, mem ok} G[j][i] + t_j(i, k),
+
+    scoring ``alpha · T + beta · G[S][L]``. One DP costs O(L²·S) (vectorised over
+    (i, k)); there are O(L²) candidate values of T, so O(L⁴·S) in the worst case.
+    Pruning: G with T = ∞ is a lower bound of the sum term, so the scan stops at
+    the first T with ``alpha · T + beta · G_∞ >= best``; the first feasible T is
+    found by a min-max DP in one pass. With many identical layers
+    the scan ends after one or two DPs, and when alpha = 0 (m = 1) the T = ∞ DP is
+    the answer.
+
+    Args:
+        costs: per-layer times and memory.
+        num_stages: S.
+        in_flight: micro-batches held per stage (length S).
+        mem_budget_bytes: per-stage memory budget.
+        alpha: weight of the bottleneck (``m − 1`` for GPipe/1F1B).
+        beta: weight of the sum (1 for GPipe/1F1B).
+
+    Returns:
+        S + 1 boundaries.
+
+    Raises:
+        InfeasibleStagePartitionError: S > L, or no partition fits (carries the smallest budget that fits).
+    """
+    _check_shape(costs, num_stages, in_flight)
+    times = _stage_time_matrices(costs, num_stages)
+    ok = _memory_ok(costs, in_flight, mem_budget_bytes)
+    times = [np.where(o, t, np.inf) for t, o in zip(times, ok)]
+    lower, arg = _min_sum_dp(times, math.inf)
+    if not math.isfinite(lower):
+        need = _min_max_memory(costs, in_flight)
+        raise InfeasibleStagePartitionError(
+            f"no split of {costs.num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
+            f"per stage; the smallest budget that fits is {need:.4g} bytes",
+            min_budget_bytes=need,
+        )
+    best = _score(times, _boundaries_from(arg), alpha, beta)
+    if alpha == 0.0:
+        return best[1]
+    candidates = np.unique(np.concatenate([t[np.isfinite(t)] for t in times]))
+    start = _first_feasible(times, candidates)
+    for limit in candidates[start:]:
+        if alpha * limit + beta * lower >= best[0]:
+            break
+        total, arg = _min_sum_dp(times, float(limit))
+        if math.isfinite(total):
+            best = min(best, _score(times, _boundaries_from(arg), alpha, beta))
+    return best[1]
+
+
+def _check_shape(costs: StageCosts, num_stages: int, in_flight: Sequence[int]) -> None:
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if len(in_flight) != num_stages:
+        raise ValueError(f"in_flight has {len(in_flight)} entries for {num_stages} stages")
+    if num_stages > costs.num_layers:
+        raise InfeasibleStagePartitionError(
+            f"cannot split {costs.num_layers} layers into {num_stages} non-empty stages", min_budget_bytes=None
+        )
+
+
+def _score(times: Sequence[FloatArray], bounds: tuple[int, ...], alpha: float,
+           beta: float) -> tuple[float, tuple[int, ...]]:
+    stage = [float(times[j][bounds[j], bounds[j + 1]]) for j in range(len(times))]
+    return alpha * max(stage) + beta * sum(stage), bounds
+
+
+def _first_feasible(times: Sequence[FloatArray], candidates: FloatArray) -> int:
+    """Index of the smallest candidate bottleneck that admits a partition.
+
+    The smallest feasible bottleneck is itself a min-max DP:
+    ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``, one O(L²·S) pass.
+    """
+    size = times[0].shape[0]
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    for t in times:
+        best = np.min(np.maximum(best[:, None], t), axis=0)
+    return int(np.searchsorted(candidates, best[-1]))
+
+
+# ---- wrapper, evaluation and oracle ----------------------------------------------------------
+
+
+def evaluate_partition(costs: StageCosts, boundaries: Sequence[int], *, in_flight: Sequence[int], alpha: float,
+                       beta: float, virtual_stages: int = 1) -> StagePartition:
+    """Cost and memory of a given partition, by direct sums (used by the DP wrapper and the oracle).
+
+    Example:
+        >>> c = StageCosts.uniform(4, forward_s=1, backward_s=2, static_mem_bytes=10, activation_bytes=1,
+        ...                        boundary_send_s=0)
+        >>> evaluate_partition(c, (0, 2, 4), in_flight=(2, 1), alpha=3, beta=1).step_time_s
+        30.0
+    """
+    num_stages = len(boundaries) - 1
+    fwd, bwd, comm, mem = [], [], [], []
+    for j in range(num_stages):
+        i, k = boundaries[j], boundaries[j + 1]
+        fwd.append(math.fsum(costs.forward_s[i:k]))
+        bwd.append(math.fsum(costs.backward_s[i:k]))
+        comm.append((costs.boundary_send_s[i] if j > 0 else 0.0)
+                    + (costs.boundary_send_s[k] if j < num_stages - 1 else 0.0))
+        mem.append(math.fsum(costs.static_mem_bytes[i:k]) + in_flight[j] * math.fsum(costs.activation_bytes[i:k]))
+    times = tuple(f + b + c for f, b, c in zip(fwd, bwd, comm))
+    pp = num_stages // virtual_stages
+    ranks = tuple(math.fsum(mem[r::pp]) for r in range(pp))
+    return StagePartition(
+        boundaries=tuple(int(b) for b in boundaries), stage_time_s=times, forward_time_s=tuple(fwd),
+        backward_time_s=tuple(bwd), comm_time_s=tuple(comm), mem_bytes=tuple(mem), in_flight=tuple(in_flight),
+        rank_mem_bytes=ranks, step_time_s=alpha * max(times) + beta * math.fsum(times), bottleneck_s=max(times),
+        virtual_stages=virtual_stages,
+    )
+
+
+def solve_stage_partition(costs: StageCosts, *, num_stages: int, num_micro_batches: int, mem_budget_bytes: float,
+                          schedule: Schedule = Schedule.ONE_F_ONE_B, virtual_stages: int = 1) -> StagePartition:
+    """Best contiguous partition of the layers into ``num_stages`` stages for a pipeline schedule.
+
+    For interleaved 1F1B pass ``num_stages = pp · virtual_stages`` chunks; chunk j
+    runs on rank ``j % pp``. A rank's memory is the sum over its chunks, which is
+    not a per-chunk quantity, so each chunk is held to ``mem_budget_bytes / v``
+    (sufficient, slightly conservative); ``rank_mem_bytes`` reports the real sum.
+
+    Args:
+        costs: per-layer costs.
+        num_stages: S (chunks).
+        num_micro_batches: m per step.
+        mem_budget_bytes: memory per GPU available to one pipeline rank.
+        schedule: pipeline schedule (decides in-flight micro-batches and the bubble weight).
+        virtual_stages: chunks per rank v.
+
+    Returns:
+        The partition with its per-stage times and memory and the predicted step time.
+
+    Raises:
+        InfeasibleStagePartitionError: S > L or nothing fits; carries the smallest budget that fits.
+
+    Example:
+        >>> c = StageCosts.uniform(8, forward_s=1, backward_s=2, static_mem_bytes=1, activation_bytes=1,
+        ...                        boundary_send_s=0)
+        >>> solve_stage_partition(c, num_stages=4, num_micro_batches=8, mem_budget_bytes=100).boundaries
+        (0, 2, 4, 6, 8)
+    """
+    if num_stages % virtual_stages:
+        raise ValueError(f"num_stages={num_stages} is not a multiple of virtual_stages={virtual_stages}")
+    pp = num_stages // virtual_stages
+    in_flight = in_flight_micro_batches(schedule, pp=pp, num_micro_batches=num_micro_batches,
+                                        virtual_stages=virtual_stages)
+    alpha, beta = schedule_weights(schedule, num_micro_batches=num_micro_batches, virtual_stages=virtual_stages)
+    chunk_budget = mem_budget_bytes / virtual_stages
+    try:
+        bounds = partition_stages(costs, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=chunk_budget,
+                                  alpha=alpha, beta=beta)
+    except InfeasibleStagePartitionError as e:
+        if e.min_budget_bytes is None or virtual_stages == 1:
+            raise
+        need = e.min_budget_bytes * virtual_stages
+        raise InfeasibleStagePartitionError(
+            f"no split into {num_stages} chunks ({virtual_stages} per rank) fits {mem_budget_bytes:.4g} bytes per "
+            f"rank; the smallest budget that fits is {need:.4g} bytes", min_budget_bytes=need) from e
+    result = evaluate_partition(costs, bounds, in_flight=in_flight, alpha=alpha, beta=beta,
+                                virtual_stages=virtual_stages)
+    logger.debug("stage partition %s: step %.4g s", result.boundaries, result.step_time_s)
+    return result
+
+
+def brute_force_stage_partition(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int],
+                                mem_budget_bytes: float, alpha: float, beta: float) -> StagePartition:
+    """Oracle for tests: try every composition of L layers into S non-empty parts (C(L−1, S−1) of them).
+
+    Raises:
+        InfeasibleStagePartitionError: S > L or no composition fits (with the smallest budget that fits).
+    """
+    _check_shape(costs, num_stages, in_flight)
+    n = costs.num_layers
+    best: StagePartition | None = None
+    need = math.inf
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        part = evaluate_partition(costs, (0, *cuts, n), in_flight=in_flight, alpha=alpha, beta=beta)
+        need = min(need, max(part.mem_bytes))
+        if max(part.mem_bytes) <= mem_budget_bytes and (best is None or part.step_time_s < best.step_time_s):
+            best = part
+    if best is None:
+        raise InfeasibleStagePartitionError(f"brute force: nothing fits {mem_budget_bytes} bytes",
+                                            min_budget_bytes=need)
+    return best
+
+
+__all__ = [
+    "InfeasibleStagePartitionError",
+    "StageCosts",
+    "StagePartition",
+    "brute_force_stage_partition",
+    "evaluate_partition",
+    "in_flight_micro_batches",
+    "partition_stages",
+    "schedule_weights",
+    "solve_stage_partition",
+]

@@ -1,0 +1,107 @@
+"""Outer search: branch and bound equals exhaustive pricing; pins; known answers; infeasibility."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autopar.errors import InfeasiblePlanError, PlanValidationError
+from autopar.plan import Recompute, Schedule
+from autopar.solvers.evaluate import evaluate_layout
+from autopar.solvers.search import _groups, _layouts, require_plans, search
+from autopar.solvers.space import ModelShape, build_space
+
+from .synthetic import SyntheticPricing
+
+SHAPE = ModelShape(num_layers=10, num_heads=16)
+
+
+def _space(pricing, gpus=16, batch=32, **pins):
+    return build_space(dataclasses.replace(SHAPE, num_layers=pricing.num_layers), num_gpus=gpus, gpus_per_node=8,
+                       global_batch_size=batch, constraints=pins or None)
+
+
+def _exhaustive(space, pricing):
+    """Every layout the search may consider, all priced; the fastest that fits."""
+    best = None
+    for group, costs in _groups(space, pricing):
+        for layout in _layouts(group, space, len(costs)):
+            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node)
+            if ev.fits and (best is None or ev.step_time_s < best.step_time_s):
+                best = ev
+    return best
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mem=6e9), dict(hidden=4096, mem=40e9), dict(inter_bw=1e9, blocks=12),
+                                dict(mem=3e9, hidden=2048)])
+def test_branch_and_bound_matches_exhaustive(kw):
+    pricing = SyntheticPricing(**kw)
+    space = _space(pricing)
+    result = search(space, pricing, top_k=1)
+    best = _exhaustive(space, pricing)
+    assert best is not None and result.ranked
+    assert result.ranked[0].step_time_s == pytest.approx(best.step_time_s, rel=1e-12)
+    assert result.candidates_priced <= sum(1 for _ in _groups(space, pricing)) * 12
+
+
+def test_top_k_is_sorted_and_distinct():
+    pricing = SyntheticPricing(mem=8e9)
+    result = search(_space(pricing), pricing, top_k=5)
+    times = [ev.step_time_s for ev in result.ranked]
+    assert len(times) == 5 and times == sorted(times)
+    assert len({ev.layout for ev in result.ranked}) == 5
+
+
+def test_small_model_gets_pure_data_parallelism():
+    pricing = SyntheticPricing(hidden=512, blocks=4, mem=80e9)
+    best = search(_space(pricing, gpus=8, batch=64), pricing).ranked[0]
+    assert (best.layout.dp, best.layout.tp, best.layout.pp) == (8, 1, 1)
+
+
+def test_big_model_is_split():
+    pricing = SyntheticPricing(hidden=8192, blocks=16, mem=40e9)
+    best = search(_space(pricing, gpus=16, batch=16), pricing).ranked[0]
+    assert best.layout.tp * best.layout.pp > 1 or best.layout.zero_stage == 3
+    assert best.fits
+
+
+def test_faster_fabric_never_slower():
+    times = []
+    for bw in (1e9, 5e9, 25e9, 100e9):
+        pricing = SyntheticPricing(hidden=2048, blocks=8, mem=20e9, inter_bw=bw)
+        times.append(search(_space(pricing, gpus=32, batch=64), pricing).ranked[0].step_time_s)
+    assert all(a >= b for a, b in zip(times, times[1:]))
+
+
+def test_pins_are_respected():
+    pricing = SyntheticPricing()
+    best = search(_space(pricing, tp=2, pp=2, schedule="gpipe", recompute="full"), pricing).ranked[0]
+    lay = best.layout
+    assert (lay.tp, lay.pp, lay.schedule, lay.recompute) == (2, 2, Schedule.GPIPE, Recompute.FULL)
+
+
+@pytest.mark.parametrize("pins,match", [
+    (dict(tp=3), "does not divide"),
+    (dict(tp=16), "larger than a node"),
+    (dict(pp=11), "larger than the model's 10 layers"),
+    (dict(dp=4, tp=4, pp=2), "larger than the cluster's 16"),
+    (dict(dp=3), "not divisible by dp"),
+    (dict(sequence_parallel=True, tp=1), "needs tp > 1"),
+    (dict(schedule="interleaved-1f1b", pp=1), "needs pp > 1"),
+    (dict(virtual_stages=2, schedule="1f1b"), "needs schedule interleaved"),
+    (dict(recompute="sometimes"), "use none, selective or full"),
+    (dict(tensor_parallel=2), "unknown constraint"),
+])
+def test_contradictory_pins_raise(pins, match):
+    with pytest.raises(PlanValidationError, match=match):
+        _space(SyntheticPricing(), **pins)
+
+
+def test_infeasible_reports_memory():
+    pricing = SyntheticPricing(hidden=16384, blocks=8, mem=2e9)
+    space = _space(pricing, gpus=8, batch=8)
+    result = search(space, pricing)
+    assert not result.ranked
+    with pytest.raises(InfeasiblePlanError, match=r"needs \d+\.\d GiB per GPU, dominated by"):
+        require_plans(result, capacity_bytes=pricing.gpu_mem_bytes, num_gpus=8, smallest_fit="64 GPUs")
