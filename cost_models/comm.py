@@ -137,7 +137,7 @@ def estimate_collective_time(kind: Collective, nbytes: float, group_size: int, *
         >>> c = Cluster.preset("dgx-h100")
         >>> t = estimate_collective_time(Collective.ALL_REDUCE, 2**30, 8, cluster=c, algorithm="ring")
         >>> round(2**30 * 2 * 7 / 8 / t / 1e9)  # busbw in GB/s: 450 GB/s NVLink · 0.78
-        351
+        350
     """
     kind, algo = Collective(kind), Algorithm(algorithm)
     _check_group(cluster, group_size, nodes_spanned)

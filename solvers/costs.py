@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from autopar.plan import Recompute, Schedule, ShardingPlan
+from autopar.plan import Recompute, ShardingPlan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,13 +70,13 @@ class Pricing(Protocol):
         """Seconds for the optimizer update of ``num_params`` parameters held by one GPU."""
         ...
 
-    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int) -> float:
-        """Working and communication buffers plus allocator headroom per GPU."""
+    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
+        """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
         ...
 
-    def inflight_micro_batches(self, schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
-                               virtual_stages: int) -> float:
-        """Micro-batches whose activations one stage holds at its peak."""
+    @property
+    def allocator_headroom(self) -> float:
+        """Fraction added on top of every tensor for allocator fragmentation."""
         ...
 
     def grad_bytes_per_param(self) -> float:

@@ -139,8 +139,10 @@ def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
     stage_costs = _stage_costs(layout, costs, pricing, p2p_nodes)
     largest = max(c.param_count for c in costs)
-    buffers = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage)
-    part, solved = _partition(layout, stage_costs, pricing.gpu_mem_bytes - buffers)
+    fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    headroom = pricing.allocator_headroom
+    # total = (states + activations + fixed buffers) · (1 + headroom) must fit the GPU
+    part, solved = _partition(layout, stage_costs, pricing.gpu_mem_bytes / (1 + headroom) - fixed)
     pp, m = layout.pp, layout.num_micro_batches
     comm: dict[str, float] = {}
     for c in costs:
@@ -161,8 +163,9 @@ def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, pricing.optimizer_step_time(owned))
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
-        acts = part.rank_mem_bytes[r] - math.fsum(stage_costs.static_mem_bytes[i] for i in layers)
-        memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(max(0.0, acts)),
+        acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_costs.static_mem_bytes[i] for i in layers))
+        buffers = fixed + headroom * (p + g + o + acts + fixed)
+        memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
                                       buffers=int(buffers), capacity=int(pricing.gpu_mem_bytes)))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s

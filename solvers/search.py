@@ -108,7 +108,7 @@ def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Lay
                              sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
 
 
-def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1,
+def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad_reduce: bool = True,
            progress: Callable[[float], None] | None = None) -> SearchResult:
     """Find the ``top_k`` fastest layouts that fit.
 
@@ -133,7 +133,8 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1,
                 leanest = (bound, group, costs)
             continue
         for layout in _layouts(group, space, len(costs)):
-            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node)
+            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node,
+                                 overlap_grad_reduce=overlap_grad_reduce)
             priced += 1
             if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
                 min_mem = ev

@@ -126,7 +126,7 @@ def _label_share(text: str) -> float:
 
 def _timeline_title(plan: Plan, timeline: Timeline) -> str:
     lay = plan.layout
-    title = (f"pipeline: {lay.schedule.value if lay.pp > 1 else 'no pipeline'}, pp={lay.pp}"
+    title = (f"pipeline: {lay.schedule.value if lay.pp > 1 else "no pipeline"}, pp={lay.pp}"
              f"{f', v={lay.virtual_stages}' if lay.virtual_stages > 1 else ''}; simulated "
              f"{timeline.makespan_s:.3f} s for {timeline.num_micro_batches} micro-batches")
     if timeline.capped:

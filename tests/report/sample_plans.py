@@ -54,7 +54,7 @@ def _stages(bounds: list[int], pp: int, paths: list[str], recompute: Recompute, 
 
 def gpt_paths(n_blocks: int) -> list[str]:
     """Module paths of GPT's layers: embeddings at the root, the blocks, then ln_f + lm_head."""
-    return ["", *(f"blocks.{i}" for i in range(n_blocks)), "lm_head"]
+    return ["tok_emb+pos_emb", *(f"blocks.{i}" for i in range(n_blocks)), "ln_f+lm_head"]
 
 
 def gpt175b_plan() -> Plan:

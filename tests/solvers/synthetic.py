@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from autopar.plan import Recompute, Schedule, ShardingPlan
+from autopar.plan import Recompute, ShardingPlan
 from autopar.solvers.costs import LayerCost
-from autopar.solvers.stage_dp import in_flight_micro_batches
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,12 @@ class SyntheticPricing:
     def optimizer_step_time(self, num_params: float) -> float:
         return 32 * num_params / 1e12
 
-    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int) -> float:
+    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         return 0.5e9
 
-    def inflight_micro_batches(self, schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
-                               virtual_stages: int) -> float:
-        return in_flight_micro_batches(schedule, pp=pp, num_micro_batches=num_micro_batches,
-                                       virtual_stages=virtual_stages)[stage]
+    @property
+    def allocator_headroom(self) -> float:
+        return 0.1
 
     def grad_bytes_per_param(self) -> float:
         return 2.0

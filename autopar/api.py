@@ -1,0 +1,120 @@
+"""The public entry points: ``autopar.plan(...)`` and ``autopar.parallelize(...)``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from autopar.capture import ExampleInputs, capture
+from autopar.cost_models.cluster import Cluster
+from autopar.errors import ClusterSpecError
+from autopar.graph.ir import OpGraph
+from autopar.plan import Plan
+from autopar.planner import build_plans
+from autopar.pricing import GraphPricing, model_shape
+from autopar.solvers.search import require_plans, search
+from autopar.solvers.space import build_space
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+def resolve_cluster(cluster: Cluster | str | Path, *, nodes: int | None = None) -> Cluster:
+    """A ``Cluster`` from a value, a preset name or a YAML path; ``nodes`` overrides the node count."""
+    if isinstance(cluster, Cluster):
+        resolved = cluster
+    elif isinstance(cluster, (str, Path)) and str(cluster).endswith((".yaml", ".yml")):
+        resolved = Cluster.from_yaml(cluster)
+    elif isinstance(cluster, str):
+        resolved = Cluster.preset(cluster)
+    else:
+        raise ClusterSpecError(f"cluster must be a Cluster, a preset name or a YAML path, got {cluster!r}")
+    return resolved.with_nodes(nodes) if nodes is not None else resolved
+
+
+def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | str | Path,
+         global_batch_size: int, constraints: Mapping[str, Any] | None = None, top_k: int = 1,
+         dtype: str = "bfloat16", calibration: Any = None, allow_cross_node_tp: bool = False,
+         overlap_grad_reduce: bool = True, progress: Progress | None = None) -> Plan | list[Plan]:
+    """Find the fastest plan for ``model`` on ``cluster`` that fits in memory.
+
+    Args:
+        model: the module (build big ones under ``torch.device("meta")``).
+        example_inputs: per-sample inputs (batch dimension first, any batch size); the planner
+            scales the batch to the micro-batch sizes it tries.
+        cluster: a ``Cluster``, a preset name (see ``autopar clusters``) or a YAML file.
+        global_batch_size: samples per optimizer step.
+        constraints: pins on ``Layout`` fields (dp, tp, pp, micro_batch_size, zero_stage, recompute,
+            sequence_parallel, schedule, virtual_stages); a fully pinned layout prices a hand-written plan.
+        top_k: return the best ``top_k`` plans as a ranked list when > 1.
+        dtype: ``"bfloat16"`` (mixed precision with fp32 master weights) or ``"float32"``.
+        calibration: a profiled ``CalibrationTable`` for the compute model (see ``autopar profile``).
+        allow_cross_node_tp: let tensor-parallel groups span nodes.
+        overlap_grad_reduce: model gradient reduction as overlapping the last backward pass.
+        progress: called with (phase, fraction done).
+
+    Returns:
+        The best ``Plan``, or a list of ``top_k`` plans, best first.
+
+    Raises:
+        CaptureError: the model cannot be captured.
+        PlanValidationError: pins contradict each other, the model or the cluster.
+        InfeasiblePlanError: nothing fits; says what would.
+    """
+    report = progress or (lambda phase, done: None)
+    report("capture", 0.0)
+    graph = capture(model, example_inputs)  # 1. capture the forward pass on meta
+    return plan_graph(graph, cluster=cluster, global_batch_size=global_batch_size, constraints=constraints,
+                      top_k=top_k, dtype=dtype, calibration=calibration, allow_cross_node_tp=allow_cross_node_tp,
+                      overlap_grad_reduce=overlap_grad_reduce, progress=progress)
+
+
+def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_size: int,
+               constraints: Mapping[str, Any] | None = None, top_k: int = 1, dtype: str = "bfloat16",
+               calibration: Any = None, allow_cross_node_tp: bool = False, overlap_grad_reduce: bool = True,
+               progress: Progress | None = None) -> Plan | list[Plan]:
+    """``plan`` for an already captured graph (steps 2–5); same arguments and errors."""
+    report = progress or (lambda phase, done: None)
+    resolved = resolve_cluster(cluster)  # 2. the hardware
+    report("price", 0.0)
+    pricing = GraphPricing(graph, resolved, dtype=dtype, calibration=calibration)  # 3. cost models
+
+    def solve(on: Cluster, k: int, pricer: GraphPricing) -> Any:
+        space = build_space(model_shape(graph), num_gpus=on.num_gpus, gpus_per_node=on.gpus_per_node,
+                            global_batch_size=global_batch_size, constraints=constraints,
+                            allow_cross_node_tp=allow_cross_node_tp)
+        return search(space, pricer, top_k=k, overlap_grad_reduce=overlap_grad_reduce,
+                      progress=lambda done: report("search", done))
+
+    report("search", 0.0)
+    result = solve(resolved, top_k, pricing)  # 4. solve
+    if not result.ranked:
+        require_plans(result, capacity_bytes=resolved.gpu.mem_bytes, num_gpus=resolved.num_gpus,
+                      smallest_fit=_smallest_fit(resolved, lambda c: solve(c, 1, pricing.for_cluster(c))))
+    plans = build_plans(result.ranked, graph, pricing, cluster_name=resolved.name,  # 5. the plan
+                        num_gpus=resolved.num_gpus, gpus_per_node=resolved.gpus_per_node, dtype=dtype,
+                        sources=pricing.sources())
+    report("done", 1.0)
+    return plans if top_k > 1 else plans[0]
+
+
+def _smallest_fit(cluster: Cluster, solve: Callable[[Cluster], Any]) -> str | None:
+    """The fewest nodes of this cluster's kind (doubling, up to 64×) on which some plan fits."""
+    for factor in (2, 4, 8, 16, 32, 64):
+        bigger = cluster.with_nodes(cluster.nodes * factor)
+        if solve(bigger).ranked:
+            return f"{bigger.nodes} node(s) of {bigger.gpus_per_node} × {cluster.gpu.name} ({bigger.num_gpus} GPUs)"
+    return None
+
+
+def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan | None = None,
+                **plan_kwargs: Any) -> Any:
+    """Apply a plan to ``model`` inside a ``torchrun`` job; see ``autopar.emit.parallelize``."""
+    from autopar.emit.parallelize import parallelize as _parallelize
+
+    return _parallelize(model, example_inputs, plan=plan, **plan_kwargs)

@@ -1,0 +1,432 @@
+"""The ``autopar`` command: plan, show, export, profile, clusters.
+
+Exit status: 0 success; 1 no plan fits (``InfeasiblePlanError``); 2 bad usage or input
+(``PlanValidationError``, ``ClusterSpecError``, ``UserInputError``, ``CaptureError``, and
+command-line usage errors); 3 an internal error (a bug: ``--debug`` shows the traceback).
+Errors go to stderr as one red line; ``--json`` output on stdout is documented in
+``docs/cli-json.md``. The logic lives in the library; this file only parses and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
+from autopar.export.base import ExportTarget
+from autopar.plan import Plan, Recompute, Schedule
+
+if TYPE_CHECKING:
+    from autopar.cost_models.cluster import Cluster
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+"""Exit statuses (see the module docstring)."""
+
+MODEL_HELP = ("gpt:SIZE (e.g. gpt:175b), mlp:SIZE, llama:8b|70b|405b, hf:path/to/config.json, "
+              "or path/to/file.py:factory where factory() returns (module, example_inputs)")
+
+app = typer.Typer(
+    name="autopar",
+    help="Automatic parallelization planner for PyTorch: find, explain and export the fastest "
+         "data/tensor/pipeline-parallel plan that fits a GPU cluster.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of internal errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each step does.")] = False,
+) -> None:
+    """Plan, explain and export parallel training layouts."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---- pins ---------------------------------------------------------------------------------------
+
+PIN_TYPES: dict[str, type] = {
+    "dp": int, "tp": int, "pp": int, "micro_batch_size": int, "zero_stage": int, "recompute": Recompute,
+    "sequence_parallel": bool, "schedule": Schedule, "virtual_stages": int,
+}
+"""Keys ``--pin`` accepts and the type each value parses to."""
+
+PIN_ALIASES: dict[str, str] = {"mb": "micro_batch_size", "zero": "zero_stage", "sp": "sequence_parallel",
+                               "v": "virtual_stages"}
+"""Short names for pin keys."""
+
+_BOOLS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
+def parse_pins(pins: Sequence[str]) -> dict[str, object]:
+    """``["tp=8", "recompute=full", "sp=on"]`` → ``{"tp": 8, "recompute": Recompute.FULL, ...}``.
+
+    Raises:
+        UserInputError: not ``key=value``, an unknown key (the message lists the allowed keys),
+            a key given twice, or a value of the wrong type.
+
+    Example:
+        >>> parse_pins(["tp=8", "sp=on", "schedule=1f1b"])
+        {'tp': 8, 'sequence_parallel': True, 'schedule': <Schedule.ONE_F_ONE_B: '1f1b'>}
+    """
+    out: dict[str, object] = {}
+    for pin in pins:
+        key, sep, raw = pin.partition("=")
+        key = PIN_ALIASES.get(key.strip(), key.strip())
+        if not sep:
+            raise UserInputError(f"--pin {pin!r}: expected key=value, e.g. --pin tp=8")
+        if key not in PIN_TYPES:
+            raise UserInputError(f"--pin {pin!r}: unknown key {key!r}; allowed keys: {', '.join(PIN_TYPES)} "
+                                 f"(aliases: {', '.join(f'{a}={k}' for a, k in PIN_ALIASES.items())})")
+        if key in out:
+            raise UserInputError(f"--pin {key} given twice")
+        out[key] = _pin_value(key, raw.strip())
+    return out
+
+
+def _pin_value(key: str, raw: str) -> object:
+    kind = PIN_TYPES[key]
+    if kind is bool:
+        if raw.lower() not in _BOOLS:
+            raise UserInputError(f"--pin {key}={raw}: expected true/false/on/off")
+        return _BOOLS[raw.lower()]
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise UserInputError(f"--pin {key}={raw}: expected an integer") from None
+    assert issubclass(kind, StrEnum)
+    try:
+        return kind(raw.lower())
+    except ValueError:
+        raise UserInputError(f"--pin {key}={raw}: expected one of {', '.join(m.value for m in kind)}") from None
+
+
+# ---- shared helpers -----------------------------------------------------------------------------
+
+
+def load_cluster(spec: str, nodes: int | None) -> Cluster:
+    """A preset name or a YAML file (``.yaml``/``.yml`` or an existing file), with ``nodes`` if given."""
+    from autopar.cost_models.cluster import Cluster
+
+    is_file = spec.endswith((".yaml", ".yml")) or Path(spec).is_file()
+    cluster = Cluster.from_yaml(spec) if is_file else Cluster.preset(spec)
+    if nodes is not None:
+        if nodes < 1:
+            raise UserInputError(f"--nodes must be positive, got {nodes}")
+        cluster = cluster.with_nodes(nodes)
+    return cluster
+
+
+def _fingerprint(model: str, seq: int | None) -> str:
+    from autopar.capture import capture
+    from autopar.models import resolve_model
+
+    resolved = resolve_model(model, seq_len=seq)
+    return capture(resolved.module, resolved.example_inputs).fingerprint()
+
+
+def load_plan(path: Path, *, model: str | None, seq: int | None) -> Plan:
+    """Read a plan file; with ``model``, refuse a plan made for another model (or sequence length)."""
+    plan = Plan.load(path)
+    if model is not None:
+        plan.validate_for(_fingerprint(model, seq if seq is not None else plan.seq_len))
+    return plan
+
+
+class _Progress:
+    """A rich progress bar on stderr fed by the planner's ``(phase, fraction)`` callback."""
+
+    PHASES: dict[str, tuple[float, float]] = {"model": (0.0, 0.05), "capture": (0.05, 0.3), "price": (0.3, 0.45),
+                                              "search": (0.45, 1.0), "done": (1.0, 1.0)}
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(),
+                             console=_err(), transient=True, disable=not enabled)
+        self._task = self._bar.add_task("model", total=1.0)
+
+    def __enter__(self) -> Callable[[str, float], None]:
+        self._bar.start()
+        return self.update
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def update(self, phase: str, fraction: float) -> None:
+        lo, hi = self.PHASES.get(phase, (0.0, 1.0))
+        self._bar.update(self._task, description=phase, completed=lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    cluster: Annotated[str, typer.Option("--cluster", "-c", help="Preset name (see `autopar clusters`) or a "
+                                         "cluster YAML file.", show_default=False)],
+    global_batch: Annotated[int, typer.Option("--global-batch", "-b", min=1, help="Samples per optimizer step.",
+                                              show_default=False)],
+    nodes: Annotated[int | None, typer.Option(help="Number of nodes (default: the preset's or file's).")] = None,
+    seq: Annotated[int | None, typer.Option(help="Sequence length (default: the model's).")] = None,
+    pin: Annotated[list[str] | None, typer.Option(
+        help=f"Fix a layout knob, KEY=VALUE, repeatable; keys: {', '.join(PIN_TYPES)}.")] = None,
+    top: Annotated[int, typer.Option(min=1, help="How many ranked plans to show.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Write the best plan to this JSON file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the ranked plans as JSON (docs/cli-json.md).")
+                        ] = False,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration table from `autopar profile`.")] = None,
+    dtype: Annotated[str, typer.Option(help="Training precision: bfloat16 or float32.")] = "bfloat16",
+) -> None:
+    """Find the fastest plans for MODEL on a cluster and print them ranked."""
+    from autopar import api
+    from autopar.models import resolve_model
+
+    pins = parse_pins(pin or [])
+    target = load_cluster(cluster, nodes)
+    table = _load_calibration(calibration)
+    with _Progress(enabled=not json_out) as progress:
+        progress("model", 0.0)
+        resolved = resolve_model(model, seq_len=seq)
+        result = api.plan(resolved.module, resolved.example_inputs, cluster=target, global_batch_size=global_batch,
+                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress)
+    plans = [dataclasses.replace(p, model_name=resolved.name)
+             for p in (result if isinstance(result, list) else [result])]
+    if out is not None:
+        plans[0].save(out)
+    if json_out:
+        typer.echo(json.dumps([p.to_dict() for p in plans], indent=2))
+        return
+    _print_ranked(plans)
+    typer.echo("\n" + plans[0].explain())
+    if out is not None:
+        typer.echo(f"\nbest plan written to {out}; see it with: autopar show {out}")
+
+
+def _load_calibration(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from autopar.cost_models.calibration import CalibrationTable
+
+    return CalibrationTable.load(path)
+
+
+def _print_ranked(plans: Sequence[Plan]) -> None:
+    from autopar.report.text import RANKED_HEADERS, format_ranked, ranked_rows
+
+    console = _out()
+    if not console.is_terminal:  # pipes and files get the plain table: stable, no wrapping
+        typer.echo(format_ranked(plans))
+        return
+    from rich.table import Table
+
+    first = plans[0]
+    table = Table(title=f"{escape(first.model_name)} on {escape(first.cluster_name)}, global batch "
+                        f"{first.layout.global_batch_size}, seq {first.seq_len}")
+    for i, header in enumerate(RANKED_HEADERS):
+        table.add_column(header, justify="left" if i == 1 else "right", no_wrap=True)
+    for row in ranked_rows(plans):
+        table.add_row(*(escape(getattr(row, f.name)) for f in dataclasses.fields(row)))
+    console.print(table)
+
+
+@app.command()
+def show(
+    plan_file: Annotated[Path, typer.Argument(help="Plan JSON from `autopar plan --out`.", show_default=False)],
+    model: Annotated[str | None, typer.Option(help=f"Check the plan was made for this model ({MODEL_HELP}).")
+                     ] = None,
+    seq: Annotated[int | None, typer.Option(help="Sequence length for --model (default: the plan's).")] = None,
+    chart: Annotated[Path | None, typer.Option(help="Draw the pipeline timeline and memory: .png, .svg or .html."
+                                               )] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Explain one plan: stages, sharding, memory, communication, and why it won."""
+    from autopar.report.text import format_plan
+
+    loaded = load_plan(plan_file, model=model, seq=seq)
+    if json_out:
+        typer.echo(json.dumps(loaded.to_dict(), indent=2))
+    else:
+        typer.echo(format_plan(loaded))
+    if chart is not None:
+        from autopar.report.charts import save_chart
+
+        save_chart(loaded, chart)
+        _err().print(f"chart written to {escape(str(chart))}")
+
+
+@app.command()
+def export(
+    plan_file: Annotated[Path, typer.Argument(help="Plan JSON from `autopar plan --out`.", show_default=False)],
+    to: Annotated[ExportTarget, typer.Option("--to", "-t", help="Target library.", show_default=False)],
+    out: Annotated[Path | None, typer.Option(help="Write here (extra files go next to it); default: stdout.")
+                   ] = None,
+    model: Annotated[str | None, typer.Option(help="Check the plan was made for this model.")] = None,
+    seq: Annotated[int | None, typer.Option(help="Sequence length for --model (default: the plan's).")] = None,
+) -> None:
+    """Write a plan as Megatron-LM arguments, a DeepSpeed config, torchtitan settings, or JSON."""
+    from autopar.export import export_plan
+
+    result = export_plan(load_plan(plan_file, model=model, seq=seq), to)
+    err = _err()
+    if out is None:
+        typer.echo(result.text, nl=False)
+        for name, text in result.extras.items():
+            err.print(f"[bold]--- {escape(name)} (pass --out to write it as a file) ---[/]")
+            err.print(text, markup=False)
+    else:
+        _write(out, result.text)
+        for name, text in result.extras.items():
+            _write(out.parent / name, text)
+        err.print(f"wrote {escape(str(out))}" + "".join(f", {escape(str(out.parent / n))}" for n in result.extras))
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise UserInputError(f"cannot write {path}: {e.strerror}") from e
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP, show_default=False)],
+    out: Annotated[Path, typer.Option(help="Calibration file to write (other devices' tables are kept).")
+                   ] = Path("calib.json"),
+    seq: Annotated[int | None, typer.Option(help="Sequence length (default: the model's).")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size of the profiled ops.")] = 1,
+    device: Annotated[str | None, typer.Option(help="torch device to time on (default: cuda if present).")
+                      ] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per op (default: the profiler's).")
+                       ] = None,
+) -> None:
+    """Time MODEL's ops on this machine's device and write a calibration table for `plan --calibration`."""
+    from rich.progress import Progress
+
+    from autopar.capture import capture
+    from autopar.cost_models.profiler import profile_graph
+    from autopar.models import resolve_model
+
+    resolved = resolve_model(model, seq_len=seq, batch=batch)
+    graph = capture(resolved.module, resolved.example_inputs)
+    kwargs: dict[str, Any] = {"device": device} | ({"repeats": repeats} if repeats is not None else {})
+    with Progress(console=_err(), transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+        table = profile_graph(graph, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              **kwargs)
+    table.save(out)
+    typer.echo(f"{len(table.entries)} ops timed on {table.device_name} ({len(table.skipped)} skipped); "
+               f"calibration written to {out}")
+
+
+@app.command()
+def clusters(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the presets as JSON.")] = False,
+) -> None:
+    """List the cluster presets: GPU, memory, peak bf16 TFLOP/s, links."""
+    from autopar.cost_models.cluster import Cluster, list_presets
+    from autopar.report.text import format_table
+
+    presets = [Cluster.preset(name) for name in list_presets()]
+    if json_out:
+        typer.echo(json.dumps([cluster_dict(c) for c in presets], indent=2))
+        return
+    rows = []
+    for c in presets:
+        d = cluster_dict(c)
+        rows.append([c.name, c.gpu.name, str(c.gpus_per_node), f"{d['gpu_mem_gib']:.0f}",
+                     f"{d['peak_bf16_tflops']:.0f}" if d["peak_bf16_tflops"] else "-",
+                     f"{c.intra_node.kind.value} {c.intra_node.bytes_per_s / 1e9:.0f} GB/s",
+                     f"{c.inter_node.kind.value} {c.inter_node.bytes_per_s * 8 / 1e9:.0f} Gb/s"])
+    headers = ["preset", "GPU", "GPUs/node", "GiB", "bf16 TFLOP/s", "intra-node (per GPU)", "inter-node (per GPU)"]
+    typer.echo(format_table(headers, rows, right=[False, False, True, True, True, False, False], indent=""))
+    typer.echo("\nuse: autopar plan MODEL --cluster PRESET --nodes N, or a YAML file with `preset: NAME` "
+               "and overrides")
+
+
+def cluster_dict(c: Cluster) -> dict[str, Any]:
+    """The JSON form ``autopar clusters --json`` prints for one preset (see docs/cli-json.md)."""
+    bf16 = c.gpu.peak_flops_per_s.get("bfloat16")
+    return {
+        "name": c.name, "description": c.description, "gpu": c.gpu.name, "gpus_per_node": c.gpus_per_node,
+        "gpu_mem_bytes": c.gpu.mem_bytes, "gpu_mem_gib": c.gpu.mem_bytes / 2**30,
+        "peak_bf16_tflops": bf16 / 1e12 if bf16 else None,
+        "peak_flops_per_s": dict(c.gpu.peak_flops_per_s), "mem_bytes_per_s": c.gpu.mem_bytes_per_s,
+        "intra_node": {"kind": c.intra_node.kind.value, "bytes_per_s": c.intra_node.bytes_per_s,
+                       "latency_s": c.intra_node.latency_s},
+        "inter_node": {"kind": c.inter_node.kind.value, "bytes_per_s": c.inter_node.bytes_per_s,
+                       "latency_s": c.inter_node.latency_s},
+        "host_mem_bytes": c.host_mem_bytes,
+    }
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status (errors mapped as in the module docstring)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("AUTOPAR_DEBUG", "") not in ("", "0")
+    err = _err()
+    try:
+        app(args=args, prog_name="autopar", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code
+    except click.exceptions.Abort:
+        err.print("[red]aborted[/]")
+        return 130
+    except AutoparError as e:
+        if debug:
+            err.print(escape(traceback.format_exc()), markup=True)
+        err.print(f"[red]error: {escape(str(e))}[/]")
+        return EXIT_INFEASIBLE if isinstance(e, InfeasiblePlanError) else EXIT_USAGE
+    except Exception as e:  # anything else is a bug: say so instead of showing torch's internals
+        if debug:
+            err.print(escape(traceback.format_exc()))
+        err.print(f"[red]internal error: {type(e).__name__}: {escape(str(e))}[/]")
+        err.print("this is a bug in autopar; please file an issue with the command you ran"
+                  + ("" if debug else " (re-run with --debug to see the traceback)"))
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def main() -> None:
+    """Console-script entry point (``autopar``)."""
+    sys.exit(run())
+
+
+__all__ = ["PIN_ALIASES", "PIN_TYPES", "app", "cluster_dict", "load_cluster", "load_plan", "main", "parse_pins",
+           "run"]

@@ -1,0 +1,256 @@
+"""``ParallelModel``: this rank's share of a model under a plan, and one training step.
+
+``step(inputs, targets, loss_fn)`` runs forward and backward of one global batch:
+this rank's data-parallel slice, cut into ``num_micro_batches`` micro-batches,
+either accumulated here (no pipeline) or driven by the pipeline schedule. Each
+micro-batch's mean loss is scaled by ``1 / num_micro_batches`` and FSDP/replicate
+average gradients over ``dp``, so the gradients are those of the mean loss over
+the global batch, as in a single-process run. The caller then steps its optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from autopar.emit.mesh import DistEnv, MeshAxis, axis_rank
+from autopar.emit.pipeline import LossFn
+from autopar.errors import UserInputError
+from autopar.plan import Plan
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+logger = logging.getLogger(__name__)
+
+Batch = torch.Tensor | Sequence[torch.Tensor]
+"""Model inputs: one tensor, or a tuple of tensors (batch dim first)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRole:
+    """Which ends of the pipeline this rank holds."""
+
+    first: bool
+    """Holds the first stage (feeds the inputs)."""
+    last: bool
+    """Holds the last stage (computes the loss)."""
+
+
+class LossSlot:
+    """The loss function the pipeline schedule calls: whichever ``step`` was last given.
+
+    The schedule is built once with a fixed ``loss_fn``; this indirection lets
+    every ``ParallelModel.step`` pass its own.
+    """
+
+    def __init__(self) -> None:
+        self.fn: LossFn | None = None
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.fn is None:
+            raise UserInputError("the pipeline computed a loss outside ParallelModel.step()")
+        return self.fn(output, target)
+
+
+class PartsOptimizer(torch.optim.Optimizer):
+    """One optimizer per local model part, stepped together (for interleaved pipelines).
+
+    Each part gets its own optimizer so that distributed checkpointing can map
+    every optimizer state to the part's parameter names. ``param_groups`` are the
+    parts' groups themselves, so learning-rate schedulers act on all of them.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
+        super().__init__(params, dict(optimizers[0].defaults))
+        self.optimizers = tuple(optimizers)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        """Step every part's optimizer."""
+        for opt in self.optimizers:
+            opt.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every part's gradients."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+class ParallelModel:
+    """This rank's part of a model under a plan; see ``autopar.parallelize``."""
+
+    def __init__(
+        self, *, plan: Plan, mesh: DeviceMesh, env: DistEnv, parts: Sequence[nn.Module],
+        schedule: _PipelineSchedule | None, role: StageRole, loss_slot: LossSlot,
+    ) -> None:
+        self.plan = plan
+        """The plan this model runs."""
+        self.mesh = mesh
+        """The (pp, dp, tp) device mesh."""
+        self.env = env
+        """Rank, world size, device and backend of this process."""
+        self.parts = tuple(parts)
+        """This rank's stage modules, in stage order (several under interleaved 1F1B)."""
+        self._schedule = schedule
+        self._role = role
+        self._loss_slot = loss_slot
+
+    # ---- modules and parameters -----------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        """This rank's local part: the stage module, or an ``nn.ModuleList`` of them when there are several."""
+        return self.parts[0] if len(self.parts) == 1 else nn.ModuleList(self.parts)
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device."""
+        return self.env.device
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Local parameters of every part (DTensor shards under TP/FSDP)."""
+        for part in self.parts:
+            yield from part.parameters()
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every local part; names are the original model's."""
+        for part in self.parts:
+            yield from part.named_parameters()
+
+    def optimizer(self, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
+        """An optimizer over the local parameters, e.g. ``pm.optimizer(torch.optim.AdamW, lr=3e-4)``.
+
+        With several local parts it is a ``PartsOptimizer`` holding one optimizer per part.
+        """
+        optimizers = [optimizer_cls(part.parameters(), **kwargs) for part in self.parts]
+        return optimizers[0] if len(optimizers) == 1 else PartsOptimizer(optimizers)
+
+    def train(self, mode: bool = True) -> ParallelModel:
+        """Set training mode on every part."""
+        for part in self.parts:
+            part.train(mode)
+        return self
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self, inputs: Batch, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+        """Forward and backward of one batch under the plan; returns the mean loss over the global batch.
+
+        Args:
+            inputs: The global batch (leading dim ``layout.global_batch_size``; each
+                data-parallel rank takes its slice) or this rank's slice (leading dim
+                ``micro_batch_size · num_micro_batches``). The same on every rank.
+            targets: Targets, batched like ``inputs``.
+            loss_fn: ``loss_fn(output, target)`` → mean loss of one micro-batch; the
+                output is what the model returns (logits for the supported models).
+
+        Returns:
+            The global-batch mean loss (a detached scalar, the same on every rank).
+        """
+        xs = tuple(self._local(t) for t in _as_tuple(inputs))
+        y = self._local(targets)
+        if self._schedule is None:
+            loss = self._accumulate(xs, y, loss_fn)
+        else:
+            loss = self._pipeline(xs, y, loss_fn)
+        return self._global_mean(loss)
+
+    def _local(self, batch: torch.Tensor) -> torch.Tensor:
+        lay = self.plan.layout
+        local = lay.micro_batch_size * lay.num_micro_batches
+        n = batch.shape[0]
+        if n == local * lay.dp and lay.dp > 1:
+            start = axis_rank(self.mesh, MeshAxis.DP) * local
+            batch = batch[start : start + local]
+        elif n != local:
+            raise UserInputError(
+                f"batch of {n} samples does not match the plan: global batch {lay.global_batch_size} "
+                f"(dp {lay.dp} × micro-batch {lay.micro_batch_size} × {lay.num_micro_batches} micro-batches) "
+                f"or {local} per data-parallel rank"
+            )
+        return batch.to(self.device, non_blocking=True)
+
+    def _accumulate(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+        from torch.distributed.fsdp import FSDPModule
+
+        module = self.parts[0]
+        nmb = self.plan.layout.num_micro_batches
+        x_chunks = [x.chunk(nmb) for x in xs]
+        total = torch.zeros((), device=self.device)
+        for i, y_mb in enumerate(y.chunk(nmb)):
+            if isinstance(module, FSDPModule):  # reduce gradients once, after the last micro-batch
+                module.set_requires_gradient_sync(i == nmb - 1)
+            loss = loss_fn(module(*(c[i] for c in x_chunks)), y_mb)
+            (loss / nmb).backward()
+            total += loss.detach().float()
+        return total / nmb
+
+    def _pipeline(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+        assert self._schedule is not None
+        self._loss_slot.fn = loss_fn
+        losses: list[torch.Tensor] = []
+        args = xs if self._role.first else ()
+        target = y if self._role.last else None
+        self._schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        if not self._role.last:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().float() for loss in losses]).mean()
+
+    def _global_mean(self, loss: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        lay = self.plan.layout
+        share = loss if self._role.last else torch.zeros_like(loss)
+        share = share / (lay.dp * lay.tp)  # every (dp, tp) rank of the last stage holds one copy
+        if dist.get_world_size() > 1:
+            dist.all_reduce(share)
+        return share
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sharded model state (DTensors) of the local parts, keyed by the original parameter names."""
+        from autopar.emit.checkpoint import model_state_dict
+
+        return model_state_dict(self.parts)
+
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict: bool = True) -> None:
+        """Load model state: sharded (as ``state_dict()`` returns) or full plain tensors (any rank layout).
+
+        Args:
+            state_dict: Parameter name → tensor. Full tensors (e.g. a single-process
+                model's ``state_dict()``) are split as the plan says.
+            strict: Raise if a local parameter has no entry.
+        """
+        from autopar.emit.checkpoint import load_model_state_dict
+
+        load_model_state_dict(self.parts, state_dict, strict=strict)
+
+    def save(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Save model (and optimizer) state to a directory with ``torch.distributed.checkpoint``.
+
+        Every rank must call it. The checkpoint can be loaded under any other plan.
+        """
+        from autopar.emit.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, optimizer)
+
+    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Load model (and optimizer) state saved by ``save`` under this or any other plan."""
+        from autopar.emit.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path, optimizer)
+
+
+def _as_tuple(inputs: Batch) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)

@@ -1,0 +1,200 @@
+"""``GraphPricing``: the cost models and the intra-op ILP, packaged as the numbers the search asks for.
+
+For each distinct (layer kind, tp, sequence parallelism) the sharding ILP picks a
+strategy per op once; for each (micro-batch, recompute) the compute model prices the
+layer's forward and backward with the ops the ILP split running on 1/tp of the work,
+the TP collectives the ILP issued are priced on the TP group (backward issues the
+conjugate collectives: an all-reduce for an all-reduce, reduce-scatter for all-gather),
+and the memory model measures the activations from the graph's saved tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autopar.cost_models import comm, compute, memory
+from autopar.cost_models.cluster import Cluster
+from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
+from autopar.plan import Recompute, ShardingPlan
+from autopar.solvers.costs import LayerCost
+from autopar.solvers.space import ModelShape
+from typing import Any as LayerShardingResult  # TODO(strategies): real import once solvers.strategies lands
+
+ADAM_BYTES_PER_PARAM = 28
+"""HBM traffic of one fused Adam update per parameter: read fp32 master, m, v (12) and the gradient (2 in
+bf16, promoted), write master, m, v (12) and the bf16 weight copy (2) — 28 bytes; fp32 training reads a
+4-byte gradient and writes no copy, also 28. The update is memory-bound (a few FLOPs per 28 bytes)."""
+
+_CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
+"""Backward of a forward collective (Megatron's f/g operators; all-reduce and all-to-all map to themselves)."""
+
+
+def model_shape(graph: OpGraph) -> ModelShape:
+    """What the search space needs from the graph."""
+    info = graph.info
+    return ModelShape(num_layers=len(graph.layers), num_heads=info.get("heads"), num_kv_heads=info.get("kv_heads"))
+
+
+class GraphPricing:
+    """Prices layers of one captured graph on one cluster; implements ``autopar.solvers.costs.Pricing``."""
+
+    def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None) -> None:
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"training dtype must be bfloat16, float16 or float32, got {dtype!r}")
+        self.graph = graph
+        self.cluster = cluster
+        self.dtype = dtype
+        self.calibration = calibration
+        self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
+        self._layer_costs = functools.lru_cache(maxsize=None)(self._compute_layer_costs)
+        self._sharding = functools.lru_cache(maxsize=None)(self._solve_sharding)
+
+    def for_cluster(self, cluster: Cluster) -> GraphPricing:
+        """The same graph on another cluster (layer prices depend on the GPU, not the node count)."""
+        other = GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration)
+        if cluster.gpu == self.cluster.gpu and cluster.intra_node == self.cluster.intra_node:
+            other._layer_costs = self._layer_costs
+            other._sharding = self._sharding
+        return other
+
+    # ---- Pricing protocol --------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.graph.layers)
+
+    @property
+    def gpu_mem_bytes(self) -> int:
+        return int(self.cluster.gpu.mem_bytes)
+
+    @property
+    def peak_flops_per_s(self) -> float:
+        return self.cluster.peak_flops(self.dtype)
+
+    def layer_costs(self, *, tp: int, sequence_parallel: bool, micro_batch_size: int,
+                    recompute: Recompute) -> tuple[LayerCost, ...]:
+        return self._layer_costs(tp, sequence_parallel, micro_batch_size, Recompute(recompute))
+
+    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
+        s = memory.estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype)
+        return float(s.params), float(s.grads), float(s.optimizer)
+
+    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+        if group_size <= 1 and kind != "p2p":
+            return 0.0
+        return comm.estimate_collective_time(comm.Collective(kind), nbytes, max(2, group_size), cluster=self.cluster,
+                                             nodes_spanned=min(nodes_spanned, self.cluster.nodes))
+
+    def optimizer_step_time(self, num_params: float) -> float:
+        return num_params * ADAM_BYTES_PER_PARAM / self.cluster.gpu.achievable_mem_bytes_per_s
+
+    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
+        comm_buffers = memory.estimate_buffer_bytes(zero_stage=zero_stage, dp=dp,
+                                                    largest_layer_params=int(largest_layer_params), dtype=self.dtype)
+        return float(comm_buffers + memory.RUNTIME_RESERVED_BYTES)
+
+    @property
+    def allocator_headroom(self) -> float:
+        return memory.ALLOCATOR_HEADROOM
+
+    def grad_bytes_per_param(self) -> float:
+        return float(DTYPE_BYTES[self.dtype])
+
+    def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
+        if tp == 1:
+            return {}
+        plans = {}
+        for kind, layer in self._kinds.items():
+            result = self._sharding(kind, tp, sequence_parallel)
+            plans[kind] = ShardingPlan(layer_kind=kind, modules=result.module_styles(), ops=result.op_strategies(),
+                                       forward_collectives=tuple((k, int(b)) for k, b in result.forward_collectives))
+        return plans
+
+    def sources(self) -> dict[str, str]:
+        """Where the prices come from, for ``Predicted.sources``."""
+        calib = getattr(self.calibration, "device_name", None)
+        return {"compute": "profiled table + roofline" if calib else "roofline",
+                "calibration": str(calib or "none"), "communication": "alpha-beta (NCCL tuning model)",
+                "memory": "saved tensors measured on meta + ZeRO formulas"}
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _batch_scale(self, micro_batch_size: int) -> float:
+        return micro_batch_size / self.graph.batch_size
+
+    def _float_scale(self) -> float:
+        """Bytes of the training dtype over the capture dtype for activations (captured in fp32 usually)."""
+        captured = next((p.dtype for p in self.graph.params if not p.is_buffer), "float32")
+        return DTYPE_BYTES[self.dtype] / DTYPE_BYTES.get(captured, 4)
+
+    def _solve_sharding(self, kind: str, tp: int, sequence_parallel: bool) -> LayerShardingResult:
+        layer = self._kinds[kind]
+        op_time: Callable[[Op], float] = lambda op: compute.estimate_op_time(  # noqa: E731
+            op, self.cluster, dtype=self.dtype).forward_s
+        scale = self._float_scale()
+        from autopar.solvers.strategies import solve_layer_sharding
+
+        return solve_layer_sharding(
+            layer, tp=tp, sequence_parallel=sequence_parallel, op_time=op_time,
+            collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1),
+            mem_budget_bytes=None)
+
+    def _compute_layer_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int,
+                             recompute: Recompute) -> tuple[LayerCost, ...]:
+        by_kind = {kind: self._kind_cost(layer, tp, sequence_parallel, micro_batch_size, recompute)
+                   for kind, layer in self._kinds.items()}
+        costs = []
+        for layer in self.graph.layers:
+            cost = by_kind[layer.kind]
+            if layer.boundary_nbytes != self._kinds[layer.kind].boundary_nbytes:
+                cost = dataclasses.replace(cost, boundary_bytes=self._boundary(layer, micro_batch_size, tp,
+                                                                               sequence_parallel))
+            costs.append(cost)
+        return tuple(costs)
+
+    def _boundary(self, layer: Layer, micro_batch_size: int, tp: int, sequence_parallel: bool) -> float:
+        nbytes = layer.boundary_nbytes * self._batch_scale(micro_batch_size) * self._float_scale()
+        return nbytes / tp if sequence_parallel else nbytes
+
+    def _kind_cost(self, layer: Layer, tp: int, sp: bool, mbs: int, recompute: Recompute) -> LayerCost:
+        scale = self._batch_scale(mbs)
+        sharding = self._sharding(layer.kind, tp, sp) if tp > 1 else None
+        t = compute.estimate_layer_time(
+            layer, self.cluster, dtype=self.dtype, batch_scale=scale, shard=tp,
+            sharded_op=(sharding.is_split if sharding is not None else None), recompute=recompute,
+            calibration=self.calibration)
+        fwd_comm, bwd_comm = self._tp_comm(sharding, tp, scale, recompute)
+        acts = memory.estimate_layer_activation_bytes(
+            layer, micro_batch_size=mbs, graph_batch_size=self.graph.batch_size, recompute=recompute,
+            dtype=self.dtype, tp=tp, sharded=(sharding.is_sharded if sharding is not None else None),
+            sequence_parallel=sp)
+        flops = layer.forward_flops * scale
+        recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
+        params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
+        tp_comm = {k: fwd_comm.get(k, 0.0) + bwd_comm.get(k, 0.0) for k in set(fwd_comm) | set(bwd_comm)}
+        return LayerCost(
+            forward_s=t.forward_s + sum(fwd_comm.values()), backward_s=t.backward_s + sum(bwd_comm.values()),
+            forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts),
+            param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp), tp_comm_s=tp_comm,
+        )
+
+    def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,
+                 recompute: Recompute) -> tuple[dict[str, float], dict[str, float]]:
+        """TP collective seconds per micro-batch: forward, and backward (conjugates + recomputed forward)."""
+        if sharding is None:
+            return {}, {}
+        fwd: dict[str, float] = {}
+        bwd: dict[str, float] = {}
+        for kind, nbytes in sharding.forward_collectives:
+            size = nbytes * scale * self._float_scale()
+            seconds = self.collective_time(kind, size, group_size=tp, nodes_spanned=1)
+            fwd[kind] = fwd.get(kind, 0.0) + seconds
+            back = _CONJUGATE.get(kind, kind)
+            bwd[back] = bwd.get(back, 0.0) + self.collective_time(back, size, group_size=tp, nodes_spanned=1)
+            if recompute is Recompute.FULL:
+                bwd[kind] = bwd.get(kind, 0.0) + seconds
+        return fwd, bwd
+

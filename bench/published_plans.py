@@ -1,0 +1,69 @@
+"""Sanity check against published layouts: Alpa's GPT plans on V100s and Llama 3 405B on H100s.
+
+    python bench/published_plans.py
+
+Plans each setting of ../shared/reference/published-results.md freely (nothing pinned
+but the GPU count and batch) and prints the chosen layout and predicted throughput next
+to the published layout and throughput. This is a sanity check, not a tuning target.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import autopar
+from autopar.api import plan_graph
+from autopar.examples.gpt import GPT, GPTConfig
+
+# Alpa, 8 × p3.16xlarge, GPT seq 1024, V 51200, global batch 1024: (name, hidden, layers, heads, GPUs, published)
+ALPA = [
+    ("GPT-39B", 8192, 48, 64, 64, "PP16 TP4 DP1 (16 stages × (1,4))"),
+    ("GPT-15B", 5120, 48, 40, 32, "PP4 TP8 (4 stages × (1,8))"),
+    ("GPT-6.7B", 4096, 32, 32, 16, "PP2 TP8 (2 stages × (1,8))"),
+    ("GPT-2.6B", 2560, 32, 32, 8, "PP3, uneven TP 2/2/4"),
+]
+LLAMA_405B = [(8192, 16 * 2**20 // 8192, "TP8 PP16 DP64, 430 TFLOP/s/GPU, MFU 43%"),
+              (16384, 16 * 2**20 // 8192, "TP8 PP16 DP128, 400 TFLOP/s/GPU, MFU 41%")]
+"""(GPUs, global batch in sequences: 16M tokens / 8,192, published layout and throughput)."""
+
+
+def _row(label: str, plan: autopar.Plan, published: str, seconds: float) -> None:
+    p = plan.predicted
+    print(f"  {label}: {plan.layout.describe()}  {p.model_tflops_per_gpu:.0f} TFLOP/s/GPU, MFU {p.mfu:.1%}, "
+          f"{p.tokens_per_s:,.0f} tok/s  (planned in {seconds:.1f} s)")
+    print(f"  {'published':>{len(label)}}: {published}")
+
+
+def alpa() -> None:
+    print("Alpa GPT on p3.16xlarge (V100 16GB), seq 1024, global batch 1024")
+    for name, hidden, layers, heads, gpus, published in ALPA:
+        cfg = GPTConfig(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=51200, block_size=1024)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        graph = autopar.capture(model, (torch.zeros(1, 1024, dtype=torch.long, device="meta"),))
+        start = time.perf_counter()
+        plan = plan_graph(graph, cluster=autopar.Cluster.preset("v100-p3", nodes=gpus // 8), global_batch_size=1024,
+                          dtype="float16")
+        _row(name, plan, published, time.perf_counter() - start)
+
+
+def llama_405b() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print("Llama 3 405B on H100 (Dubey et al. 2024, Table 4), seq 8192")
+    cfg = LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                      num_key_value_heads=8, vocab_size=128256)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    graph = autopar.capture(model, {"input_ids": torch.zeros(1, 8192, dtype=torch.long, device="meta")})
+    for gpus, batch, published in LLAMA_405B:
+        start = time.perf_counter()
+        plan = plan_graph(graph, cluster=autopar.Cluster.preset("dgx-h100", nodes=gpus // 8), global_batch_size=batch)
+        _row(f"{gpus} GPUs", plan, published, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    alpa()
+    llama_405b()

@@ -1,0 +1,374 @@
+"""Compute time of ops and layers: roofline with per-class efficiency, or a calibration table.
+
+Per op (Williams, Waterman & Patterson 2009, "Roofline"):
+
+    work_s = max(flops / (peak · e_c), bytes / (bandwidth · e_m))
+    time_s = max(kernel_launch_s, work_s + half_efficiency_s)
+
+``e_c`` and ``e_m`` are the device's measured large-kernel efficiencies times the op
+class's fraction (``efficiency.py``). The additive ``half_efficiency_s`` is Hockney's
+n½ model of start-up cost (r = r∞ · n / (n + n½), so t = n/r∞ + n½/r∞): small
+kernels run far below peak, large ones approach it. ``kernel_launch_s`` is the floor
+of one eager op. Matmul and attention FLOPs use the dtype's tensor-core peak; other
+classes' FLOPs run on vector units (fp32 peak).
+
+Backward is priced per class: each matmul operand that needs a gradient costs one
+GEMM of the forward's size (so 2× forward for a Linear on an activation), attention
+2.5× the FLOPs (FlashAttention-2), memory-bound classes by the reads and writes of
+their backward kernels. Recomputation adds forward time to the backward pass.
+
+With a calibration table, an op measured at the same shapes is priced from the
+table ("profiled"); a measured op at another micro-batch or TP shard is scaled by
+the roofline's ratio ("profiled-scaled"); others fall back to the roofline.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from autopar.cost_models.calibration import FLOAT_DTYPES, CalibrationTable
+from autopar.cost_models.cluster import Cluster, GPUSpec
+from autopar.cost_models.efficiency import CAUSAL_WORK_FRACTION, OP_CLASS_COSTS, PASS_THROUGH_BACKWARD
+from autopar.cost_models.layer_info import attention_core_ops
+from autopar.graph.flops import op_name
+from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpClass, TensorMeta
+from autopar.plan import Recompute
+
+VECTOR_DTYPE = "float32"
+"""Peak used for FLOPs that run on vector units (pointwise, norms): the fp32 CUDA-core rate."""
+
+
+class TimeSource(StrEnum):
+    """Where a predicted time came from."""
+
+    PROFILED = "profiled"  # measured at this shape on the target device
+    PROFILED_SCALED = "profiled-scaled"  # measured at the captured shape, scaled by the roofline ratio
+    ROOFLINE = "roofline"  # estimated from FLOPs and bytes
+    MIXED = "mixed"  # a layer whose ops come from more than one source
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpTime:
+    """Predicted time of one op for one micro-batch."""
+
+    forward_s: float
+    """Forward kernel time."""
+    backward_s: float
+    """Backward kernel time (0 when no input needs a gradient)."""
+    source: str
+    """A ``TimeSource`` value: ``"profiled"``, ``"profiled-scaled"`` or ``"roofline"``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerTime:
+    """Predicted time of one layer for one micro-batch."""
+
+    forward_s: float
+    """Forward time."""
+    backward_s: float
+    """Backward time, recomputation included."""
+    recompute_s: float
+    """The part of ``backward_s`` spent re-running forward ops."""
+    source: str
+    """``"profiled"``, ``"profiled-scaled"``, ``"roofline"`` or ``"mixed"``."""
+    num_profiled: int
+    """Ops (with non-zero time) priced from the calibration table, scaled or not."""
+    num_estimated: int
+    """Ops (with non-zero time) priced by the roofline."""
+
+
+def gpu_of(cluster_or_gpu: Cluster | GPUSpec) -> GPUSpec:
+    """The GPU spec of a cluster, or the spec itself."""
+    return cluster_or_gpu.gpu if isinstance(cluster_or_gpu, Cluster) else cluster_or_gpu
+
+
+def shape_efficiency(work_s: float, gpu: GPUSpec) -> float:
+    """Hockney's factor n / (n + n½) for a kernel whose work takes ``work_s`` at full rate.
+
+    Example:
+        >>> g = Cluster.preset("dgx-h100").gpu
+        >>> round(shape_efficiency(3e-6, g), 2), round(shape_efficiency(3e-3, g), 3)
+        (0.5, 0.999)
+    """
+    return work_s / (work_s + gpu.half_efficiency_s) if work_s > 0 else 0.0
+
+
+def kernel_time(flops: float, nbytes: float, *, flops_per_s: float, bytes_per_s: float, gpu: GPUSpec) -> float:
+    """One kernel's time: roofline at the given achievable rates, plus start-up, floored by the launch cost.
+
+    Returns 0 for a kernel with no work (a view).
+
+    Example:
+        >>> g = Cluster.preset("dgx-h100").gpu
+        >>> kernel_time(0, 8, flops_per_s=1e15, bytes_per_s=3e12, gpu=g) == g.kernel_launch_s
+        True
+    """
+    work_s = max(flops / flops_per_s, nbytes / bytes_per_s)
+    if work_s <= 0:
+        return 0.0
+    return max(gpu.kernel_launch_s, work_s + gpu.half_efficiency_s)
+
+
+def matmul_flops_per_s(gpu: GPUSpec, dtype: str) -> float:
+    """Achievable large-GEMM rate: dense peak × matmul_efficiency."""
+    return gpu.peak_flops(dtype) * gpu.matmul_efficiency
+
+
+def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
+    """Bytes of the op's tensors with floats at ``dtype`` over bytes at the captured dtypes."""
+    if dtype is None:
+        return 1.0
+    tensors = (*op.inputs, *op.outputs)
+    captured = sum(t.nbytes for t in tensors)
+    if captured == 0:
+        return 1.0
+    width = DTYPE_BYTES[dtype]
+    cast = sum(t.numel * width if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors)
+    return cast / captured
+
+
+def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of the op's forward at ``batch_scale`` × the captured batch, split over ``shard`` ranks.
+
+    Parameter bytes do not grow with the batch; activation bytes and FLOPs do.
+    """
+    ratio = dtype_bytes_ratio(op, dtype)
+    param_bytes = sum(t.nbytes for t, p in zip(op.inputs, op.input_params) if p is not None) * ratio
+    act_bytes = max(op.nbytes_moved * ratio - param_bytes, 0.0)
+    return op.flops * batch_scale / shard, (act_bytes * batch_scale + param_bytes) / shard
+
+
+def default_grad_inputs(op: Op) -> tuple[bool, ...]:
+    """Which inputs need a gradient, from the op alone: float parameters and float outputs of other ops."""
+    return tuple(t.dtype in FLOAT_DTYPES and (param is not None or src is not None)
+                 for t, src, param in zip(op.inputs, op.input_ops, op.input_params))
+
+
+def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16", batch_scale: float = 1.0,
+                     shard: int = 1, calibration: CalibrationTable | None = None,
+                     grad_inputs: Sequence[bool] | None = None) -> OpTime:
+    """Forward and backward time of one op.
+
+    Args:
+        op: the op as captured.
+        cluster_or_gpu: the device to price on.
+        dtype: training dtype; floating-point tensors are priced at its width and matmuls at its peak.
+        batch_scale: micro-batch size / captured batch size (scales FLOPs and activation bytes).
+        shard: tensor-parallel ranks the op's work is split over.
+        calibration: measured times on the target device, used when the op is in it.
+        grad_inputs: per input, whether it needs a gradient (default: ``default_grad_inputs``).
+
+    Example:
+        >>> from autopar.graph.ir import OpClass, TensorMeta
+        >>> a, w = TensorMeta(shape=(8192, 8192), dtype="bfloat16"), TensorMeta(shape=(8192, 8192), dtype="bfloat16")
+        >>> op = Op(name="mm", target="aten.mm.default", op_class=OpClass.MATMUL, inputs=(a, w),
+        ...         input_ops=("x", None), input_params=(None, "w"), outputs=(a,), flops=2 * 8192**3,
+        ...         nbytes_moved=3 * a.nbytes, module_path="lin")
+        >>> t = estimate_op_time(op, Cluster.preset("dgx-h100"))
+        >>> round(op.flops / t.forward_s / 1e12), t.backward_s / t.forward_s
+        (791, 2.0)
+    """
+    gpu = gpu_of(cluster_or_gpu)
+    grads = tuple(grad_inputs) if grad_inputs is not None else default_grad_inputs(op)
+    fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads)
+    if calibration is None:
+        return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
+    measured = calibration.lookup(op, calibration.dtype)
+    if measured is None:
+        return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
+    if batch_scale == 1.0 and shard == 1:
+        return OpTime(forward_s=measured[0], backward_s=measured[1], source=TimeSource.PROFILED.value)
+    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads)
+    return OpTime(forward_s=measured[0] * _ratio(fwd, base_fwd), backward_s=measured[1] * _ratio(bwd, base_bwd),
+                  source=TimeSource.PROFILED_SCALED.value)
+
+
+def _ratio(scaled: float, base: float) -> float:
+    return scaled / base if base > 0 else 1.0
+
+
+def roofline_op_time(op: Op, gpu: GPUSpec, *, dtype: str, batch_scale: float, shard: int,
+                     grad_inputs: tuple[bool, ...]) -> tuple[float, float]:
+    """(forward_s, backward_s) of one op from the roofline model alone."""
+    cost = OP_CLASS_COSTS[op.op_class]
+    flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard)
+    if op.op_class is OpClass.ATTENTION and _is_causal(op):
+        flops *= CAUSAL_WORK_FRACTION
+    peak = gpu.peak_flops(dtype) if cost.tensor_cores else gpu.peak_flops_per_s.get(VECTOR_DTYPE, gpu.peak_flops(dtype))
+    rate = peak * gpu.matmul_efficiency
+    bandwidth = gpu.achievable_mem_bytes_per_s * cost.memory_fraction
+    forward = kernel_time(flops, nbytes, flops_per_s=rate * cost.compute_fraction, bytes_per_s=bandwidth, gpu=gpu)
+    if not any(grad_inputs) or forward == 0.0:
+        return forward, 0.0
+    backward = _backward_time(op, gpu, flops=flops, nbytes=nbytes, rate=rate, bandwidth=bandwidth,
+                              grad_inputs=grad_inputs, forward=forward)
+    return forward, backward
+
+
+def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: float, bandwidth: float,
+                   grad_inputs: tuple[bool, ...], forward: float) -> float:
+    cost = OP_CLASS_COSTS[op.op_class]
+    match op.op_class:
+        case OpClass.MATMUL:
+            # one GEMM of the forward's size per matrix operand needing a gradient; a bias gradient
+            # is a reduction of dy over the rows (memory-bound)
+            matrices = [g for t, g in zip(op.inputs, grad_inputs) if len(t.shape) >= 2]
+            bias = any(g for t, g in zip(op.inputs, grad_inputs) if len(t.shape) == 1)
+            out_bytes = nbytes * _output_share(op)
+            bias_s = kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if bias else 0.0
+            return sum(matrices) * forward + bias_s
+        case OpClass.EMBEDDING:
+            # dense gradient: the table is zero-filled, then dy's rows are accumulated into it
+            table = op.inputs[0].nbytes * dtype_bytes_ratio(op, None)
+            return kernel_time(0, nbytes + table, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if grad_inputs[0] \
+                else 0.0
+        case OpClass.ELEMENTWISE if op_name(op.target) in PASS_THROUGH_BACKWARD:
+            broadcast = any(g and t.numel < op.outputs[0].numel for t, g in zip(op.inputs, grad_inputs))
+            out_bytes = nbytes * _output_share(op)
+            return kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if broadcast else 0.0
+        case _:
+            per_kernel_flops = flops * cost.backward_flops_ratio / cost.backward_kernels
+            per_kernel_bytes = nbytes * cost.backward_bytes_ratio / cost.backward_kernels
+            one = kernel_time(per_kernel_flops, per_kernel_bytes, flops_per_s=rate * cost.backward_compute_fraction,
+                              bytes_per_s=bandwidth, gpu=gpu)
+            return cost.backward_kernels * one
+
+
+def _output_share(op: Op) -> float:
+    """Fraction of the op's tensor bytes that are its first output (dy has that size)."""
+    total = sum(t.nbytes for t in (*op.inputs, *op.outputs))
+    return op.outputs[0].nbytes / total if total and op.outputs else 0.0
+
+
+_CAUSAL_SCALAR_INDEX = {
+    # position of is_causal among the non-tensor positional arguments, per ATen schema
+    "scaled_dot_product_attention": 2,  # (attn_mask, dropout_p, is_causal, ...)
+    "_scaled_dot_product_efficient_attention": 3,  # (attn_bias, compute_log_sumexp, dropout_p, is_causal)
+    "_scaled_dot_product_flash_attention": 1,  # (dropout_p, is_causal, ...)
+    "_scaled_dot_product_flash_attention_for_cpu": 1,  # (dropout_p, is_causal)
+    "_scaled_dot_product_cudnn_attention": 3,  # (attn_bias, compute_log_sumexp, dropout_p, is_causal)
+}
+
+
+def _is_causal(op: Op) -> bool:
+    index = _CAUSAL_SCALAR_INDEX.get(op_name(op.target))
+    return index is not None and len(op.scalars) > index and op.scalars[index] is True
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
+
+def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
+    """Per op, which inputs need a gradient, by propagating requires-grad through the layer.
+
+    An op's output needs a gradient when any input is a trainable parameter, an output of an
+    op that needs one, or a float tensor from an earlier layer (whose own gradient flows back).
+    """
+    buffers = {p.name for p in layer.params if p.is_buffer}
+    local = {op.name for op in layer.ops}
+    live: set[str] = set()
+    result: dict[str, tuple[bool, ...]] = {}
+    for op in layer.ops:
+        flags = tuple(
+            t.dtype in FLOAT_DTYPES and (
+                (param is not None and param not in buffers)
+                or (src is not None and (src in live or src not in local)))
+            for t, src, param in zip(op.inputs, op.input_ops, op.input_params))
+        result[op.name] = flags
+        if any(flags):
+            live.add(op.name)
+    return result
+
+
+def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",
+                        batch_scale: float = 1.0, shard: int = 1, sharded_op: Callable[[Op], bool] | None = None,
+                        recompute: Recompute = Recompute.NONE, calibration: CalibrationTable | None = None,
+                        seq_len: int | None = None) -> LayerTime:
+    """Forward and backward time of one layer for one micro-batch, recomputation included.
+
+    Args:
+        layer: the captured layer.
+        cluster_or_gpu: the device to price on.
+        dtype: training dtype.
+        batch_scale: micro-batch size / captured batch size.
+        shard: tensor-parallel size.
+        sharded_op: which ops split their work over the ``shard`` ranks (default: all of them, as
+            with Megatron TP plus sequence parallelism); the others run replicated.
+        recompute: ``NONE``; ``SELECTIVE`` re-runs the s×s attention core in backward; ``FULL`` re-runs
+            the whole forward in backward.
+        calibration: measured op times on the target device.
+        seq_len: sequence length for finding the attention core (default: read off the layer).
+
+    Example:
+        >>> from autopar.graph.ir import OpClass, TensorMeta
+        >>> x = TensorMeta(shape=(4096, 4096), dtype="bfloat16")
+        >>> op = Op(name="mm", target="aten.mm.default", op_class=OpClass.MATMUL, inputs=(x, x),
+        ...         input_ops=("prev", None), input_params=(None, "w"), outputs=(x,), flops=2 * 4096**3,
+        ...         nbytes_moved=3 * x.nbytes, module_path="b.0.lin")
+        >>> layer = Layer(index=1, module_path="b.0", kind="k", ops=(op,), params=())
+        >>> t = estimate_layer_time(layer, Cluster.preset("dgx-h100"), recompute=Recompute.FULL)
+        >>> round(t.backward_s / t.forward_s, 6), t.source
+        (3.0, 'roofline')
+    """
+    if calibration is None and sharded_op is None:
+        return _cached_layer_time(layer, gpu_of(cluster_or_gpu), dtype, batch_scale, shard, Recompute(recompute),
+                                  seq_len)
+    return _layer_time(layer, gpu_of(cluster_or_gpu), dtype=dtype, batch_scale=batch_scale, shard=shard,
+                       sharded_op=sharded_op, recompute=Recompute(recompute), calibration=calibration, seq_len=seq_len)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_layer_time(layer: Layer, gpu: GPUSpec, dtype: str, batch_scale: float, shard: int,
+                       recompute: Recompute, seq_len: int | None) -> LayerTime:
+    return _layer_time(layer, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, sharded_op=None,
+                       recompute=recompute, calibration=None, seq_len=seq_len)
+
+
+def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, shard: int,
+                sharded_op: Callable[[Op], bool] | None, recompute: Recompute,
+                calibration: CalibrationTable | None, seq_len: int | None) -> LayerTime:
+    grads = layer_grad_inputs(layer)
+    times: dict[str, OpTime] = {}
+    for op in layer.ops:
+        op_shard = shard if sharded_op is None or sharded_op(op) else 1
+        times[op.name] = estimate_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=op_shard,
+                                          calibration=calibration, grad_inputs=grads[op.name])
+    forward = sum(t.forward_s for t in times.values())
+    match recompute:
+        case Recompute.NONE:
+            recompute_s = 0.0
+        case Recompute.SELECTIVE:
+            recompute_s = sum(times[op.name].forward_s for op in attention_core_ops(layer, seq_len))
+        case Recompute.FULL:
+            recompute_s = forward
+        case _:
+            raise ValueError(f"unknown recompute policy {recompute!r}")
+    counted = [t for t in times.values() if t.forward_s > 0 or t.backward_s > 0]
+    sources = {t.source for t in counted}
+    profiled = sum(1 for t in counted if t.source != TimeSource.ROOFLINE.value)
+    source = sources.pop() if len(sources) == 1 else (TimeSource.MIXED.value if sources else TimeSource.ROOFLINE.value)
+    return LayerTime(forward_s=forward, backward_s=sum(t.backward_s for t in times.values()) + recompute_s,
+                     recompute_s=recompute_s, source=source, num_profiled=profiled,
+                     num_estimated=len(counted) - profiled)
+
+
+__all__ = [
+    "LayerTime",
+    "OpTime",
+    "TimeSource",
+    "VECTOR_DTYPE",
+    "default_grad_inputs",
+    "dtype_bytes_ratio",
+    "estimate_layer_time",
+    "estimate_op_time",
+    "gpu_of",
+    "kernel_time",
+    "layer_grad_inputs",
+    "matmul_flops_per_s",
+    "op_work",
+    "roofline_op_time",
+    "shape_efficiency",
+]

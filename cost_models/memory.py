@@ -1,0 +1,349 @@
+"""Memory per GPU: model states under ZeRO, saved activations, in-flight micro-batches, buffers.
+
+Model states follow Rajbhandari et al. 2020 ("ZeRO", §3 and Fig. 1): mixed-precision
+Adam keeps 2 bytes of bf16/fp16 weights, 2 of gradients and K = 12 of optimizer
+state (fp32 master weights, momentum, variance) per parameter; ZeRO stages 1/2/3
+shard the optimizer states, then the gradients, then the weights over the N_d
+data-parallel ranks. fp32 training keeps 4 + 4 + 8 bytes.
+
+Activations are measured from the captured graph (``Layer.saved``), not from a
+transformer formula, then scaled to the micro-batch and the training dtype; the
+recompute policy and tensor/sequence parallelism decide which of them stay and at
+what size (Korthikanti et al. 2022).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from autopar.cost_models.calibration import FLOAT_DTYPES
+from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
+from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
+from autopar.plan import MemoryBreakdown, Recompute, Schedule
+
+MIXED_PRECISION_BYTES_PER_PARAM = (2, 2, 12)
+"""(weights, gradients, optimizer) bytes per parameter for bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""
+FP32_BYTES_PER_PARAM = (4, 4, 8)
+"""fp32 training with Adam: fp32 weights and gradients, two fp32 moments."""
+
+ALLOCATOR_HEADROOM = 0.10
+"""Fraction added on top of all tensors for allocator fragmentation.
+
+PyTorch's caching allocator rounds requests up (512-byte blocks, 2 MiB segments for
+small tensors, 20 MiB for large ones) and splits cached blocks between tensors of
+varying sizes; the freed fragments cannot serve a larger request, so reserved memory
+exceeds allocated memory. In LLM training the gap (``max_memory_reserved`` minus
+``max_memory_allocated``; torchtitan logs both) is typically 5-15 % of allocated;
+10 % is the middle of that range. Plans that fit only without it would OOM in practice.
+"""
+RUNTIME_RESERVED_BYTES = 2**30
+"""Device memory outside the caching allocator: CUDA context (~300-500 MiB), cuBLAS workspaces and NCCL's
+per-channel buffers (NCCL_BUFFSIZE 4 MiB × channels × peers); 1 GiB covers them on Ampere/Hopper."""
+DDP_BUCKET_BYTES = 25 * 2**20
+"""Gradient bucket of PyTorch DDP (``bucket_cap_mb=25``); two are in flight while backward continues."""
+DDP_BUCKETS_IN_FLIGHT = 2
+"""One bucket being reduced while the next fills."""
+FSDP_GATHERED_LAYERS = 2
+"""ZeRO-3/FSDP keeps the current layer's gathered weights and prefetches the next (FSDP2 default prefetch)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelStateBytes:
+    """Bytes of model states on one GPU."""
+
+    params: int
+    """Weights."""
+    grads: int
+    """Gradients."""
+    optimizer: int
+    """Optimizer states (with fp32 master weights under mixed precision)."""
+
+    @property
+    def total(self) -> int:
+        """params + grads + optimizer."""
+        return self.params + self.grads + self.optimizer
+
+
+def bytes_per_param(dtype: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per parameter for training in ``dtype``.
+
+    Example:
+        >>> bytes_per_param("bfloat16"), bytes_per_param("float32")
+        ((2, 2, 12), (4, 4, 8))
+    """
+    if dtype in ("bfloat16", "float16"):
+        return MIXED_PRECISION_BYTES_PER_PARAM
+    if dtype == "float32":
+        return FP32_BYTES_PER_PARAM
+    raise ValueError(f"no model-state rule for training dtype {dtype!r}; use bfloat16, float16 or float32")
+
+
+def estimate_model_state_bytes(num_params: int, *, zero_stage: int, dp: int, dtype: str = "bfloat16") -> ModelStateBytes:
+    """Weights, gradients and optimizer states per GPU under ZeRO stage 0-3 over ``dp`` ranks.
+
+    ``num_params`` is what this GPU is responsible for before data parallelism (after TP/PP splits).
+
+    Example:
+        >>> s = estimate_model_state_bytes(7_500_000_000, zero_stage=1, dp=64)
+        >>> round(s.total / 1e9, 1)   # ZeRO paper, Fig. 1: 31.4 GB
+        31.4
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if dp < 1 or num_params < 0:
+        raise ValueError(f"bad model-state inputs: num_params={num_params}, dp={dp}")
+    p, g, k = bytes_per_param(dtype)
+    shard = math.ceil(num_params / dp)
+    return ModelStateBytes(
+        params=(shard if zero_stage >= 3 else num_params) * p,
+        grads=(shard if zero_stage >= 2 else num_params) * g,
+        optimizer=(shard if zero_stage >= 1 else num_params) * k,
+    )
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SavedBytes:
+    """Sizes of a set of saved tensors, split so the training dtype can be applied later."""
+
+    float_numel: int
+    """Elements of floating-point tensors (stored at the training dtype's width)."""
+    other_bytes: int
+    """Bytes of integer and bool tensors (ids, dropout masks), kept as captured."""
+
+    def at(self, dtype: str) -> int:
+        """Bytes when floats are stored as ``dtype``."""
+        return self.float_numel * DTYPE_BYTES[dtype] + self.other_bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerActivations:
+    """A layer's saved tensors at the captured batch, sorted by what recompute and TP do to them."""
+
+    replicated: SavedBytes
+    """Kept whole on every TP rank (LayerNorm inputs, residual-branch dropout masks)."""
+    sharded: SavedBytes
+    """Split over TP ranks (inside Megatron's column→row regions)."""
+    core_replicated: SavedBytes
+    """s×s attention-core tensors kept whole (dropped under selective recompute)."""
+    core_sharded: SavedBytes
+    """s×s attention-core tensors split over TP ranks (dropped under selective recompute)."""
+    layer_input: SavedBytes
+    """The layer's input tensors: all that full recomputation keeps."""
+
+
+ShardedSpec = Callable[[SavedTensor], bool] | Collection[str] | None
+"""Which saved tensors TP shards: a predicate, or a set of producer op names, or None (none)."""
+
+
+def summarize_layer_activations(layer: Layer, *, sharded: ShardedSpec = None,
+                                seq_len: int | None = None) -> LayerActivations:
+    """Sort a layer's saved tensors into the categories of ``LayerActivations`` (cached per layer)."""
+    if sharded is None or isinstance(sharded, (frozenset, set, tuple, list)):
+        names = frozenset(sharded) if sharded is not None else frozenset()
+        return _summary_cached(layer, names, seq_len)
+    return _summary(layer, sharded, seq_len)
+
+
+@functools.lru_cache(maxsize=1024)
+def _summary_cached(layer: Layer, names: frozenset[str], seq_len: int | None) -> LayerActivations:
+    return _summary(layer, lambda s: s.producer in names, seq_len)
+
+
+def _summary(layer: Layer, sharded: Callable[[SavedTensor], bool] | Collection[str],
+             seq_len: int | None) -> LayerActivations:
+    is_sharded = sharded if callable(sharded) else (lambda s: s.producer in sharded)
+    seq = seq_len if seq_len is not None else infer_seq_len(layer)
+    shapes = boundary_shapes(layer)
+    buckets: dict[tuple[bool, bool], list[TensorMeta]] = {(c, s): [] for c in (False, True) for s in (False, True)}
+    for saved in layer.saved:
+        buckets[(is_attention_core(saved.meta, seq, shapes), bool(is_sharded(saved)))].append(saved.meta)
+    return LayerActivations(
+        replicated=_sizes(buckets[(False, False)]), sharded=_sizes(buckets[(False, True)]),
+        core_replicated=_sizes(buckets[(True, False)]), core_sharded=_sizes(buckets[(True, True)]),
+        layer_input=_sizes(layer.input_meta))
+
+
+def _sizes(metas: Collection[TensorMeta]) -> SavedBytes:
+    return SavedBytes(float_numel=sum(t.numel for t in metas if t.dtype in FLOAT_DTYPES),
+                      other_bytes=sum(t.nbytes for t in metas if t.dtype not in FLOAT_DTYPES))
+
+
+def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, graph_batch_size: int,
+                                    recompute: Recompute, dtype: str, tp: int = 1, sharded: ShardedSpec = None,
+                                    sequence_parallel: bool = False, seq_len: int | None = None) -> int:
+    """Bytes one micro-batch leaves saved for backward in one layer, on one TP rank.
+
+    Args:
+        layer: the captured layer (its ``saved`` tensors and ``input_meta``).
+        micro_batch_size: samples per micro-batch.
+        graph_batch_size: samples the graph was captured with (``OpGraph.batch_size``).
+        recompute: ``NONE`` keeps every saved tensor; ``SELECTIVE`` drops the s×s attention core;
+            ``FULL`` keeps only the layer's input.
+        dtype: training dtype; floating-point tensors are stored at its width, masks and ids as captured.
+        tp: tensor-parallel size.
+        sharded: which saved tensors TP splits: a predicate on ``SavedTensor`` or a set of producer op
+            names (None: none).
+        sequence_parallel: Megatron sequence parallelism: the replicated tensors (and a fully
+            recomputed layer's input) are split over the sequence too, so everything is divided by tp.
+        seq_len: sequence length for finding the s×s tensors (default: read off the layer input).
+
+    Example:
+        >>> from autopar.graph.ir import TensorMeta
+        >>> x = TensorMeta(shape=(2, 128, 256), dtype="float32")
+        >>> layer = Layer(index=1, module_path="b.0", kind="k", ops=(), params=(), input_meta=(x,),
+        ...               saved=(SavedTensor(producer="ln", saver="mm", meta=x),))
+        >>> estimate_layer_activation_bytes(layer, micro_batch_size=4, graph_batch_size=2,
+        ...                                 recompute=Recompute.NONE, dtype="bfloat16")   # 2 bytes · (4·128·256)
+        262144
+    """
+    if micro_batch_size < 1 or graph_batch_size < 1 or tp < 1:
+        raise ValueError(f"bad activation inputs: micro_batch_size={micro_batch_size}, "
+                         f"graph_batch_size={graph_batch_size}, tp={tp}")
+    acts = summarize_layer_activations(layer, sharded=sharded, seq_len=seq_len)
+    return activation_bytes(acts, scale=micro_batch_size / graph_batch_size, recompute=recompute, dtype=dtype,
+                            tp=tp, sequence_parallel=sequence_parallel)
+
+
+def activation_bytes(acts: LayerActivations, *, scale: float, recompute: Recompute, dtype: str, tp: int,
+                     sequence_parallel: bool) -> int:
+    """Bytes kept from a ``LayerActivations`` summary: the O(1) core of the activation model."""
+    match Recompute(recompute):
+        case Recompute.FULL:
+            kept = acts.layer_input.at(dtype) / (tp if sequence_parallel else 1)
+            return math.ceil(kept * scale)
+        case Recompute.SELECTIVE:
+            replicated, sharded = acts.replicated.at(dtype), acts.sharded.at(dtype)
+        case Recompute.NONE:
+            replicated = acts.replicated.at(dtype) + acts.core_replicated.at(dtype)
+            sharded = acts.sharded.at(dtype) + acts.core_sharded.at(dtype)
+        case _:
+            raise ValueError(f"unknown recompute policy {recompute!r}")
+    per_rank = (replicated + sharded) / tp if sequence_parallel else replicated + sharded / tp
+    return math.ceil(per_rank * scale)
+
+
+def inflight_micro_batches(schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
+                           virtual_stages: int = 1) -> float:
+    """Micro-batches whose activations pipeline rank ``stage`` holds at its peak, in units of the
+    activations of all the layers that rank owns.
+
+    - GPipe (Huang et al. 2019): all forwards run before any backward: ``m``.
+    - 1F1B (Narayanan et al. 2019, PipeDream-Flush): rank i warms up with pp − i − 1 forwards and
+      then alternates, so ``min(pp − i, m)``.
+    - Interleaved 1F1B (Narayanan et al. 2021, §2.2; Megatron-LM ``schedules.py``,
+      ``forward_backward_pipelining_with_interleaving``): rank i runs 2(pp − i − 1) + (v − 1)·pp
+      warm-up forwards of model chunks (1/v of its layers each), then one more before the first
+      backward: ``min(2(pp − i − 1) + (v − 1)·pp + 1, m·v) / v``. For rank 0 this is
+      pp·(1 + (pp − 1)/(pp·v)), the first-stage figure of Korthikanti et al. 2022, §4.2.3.
+
+    Example:
+        >>> inflight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, stage=1, num_micro_batches=8)
+        3.0
+        >>> inflight_micro_batches(Schedule.INTERLEAVED_1F1B, pp=4, stage=0, num_micro_batches=8, virtual_stages=2)
+        5.5
+    """
+    m, v = num_micro_batches, virtual_stages
+    if pp < 1 or not 0 <= stage < pp or m < 1 or v < 1:
+        raise ValueError(f"bad pipeline: pp={pp}, stage={stage}, num_micro_batches={m}, virtual_stages={v}")
+    match Schedule(schedule):
+        case Schedule.GPIPE:
+            return float(m)
+        case Schedule.ONE_F_ONE_B:
+            return float(min(pp - stage, m))
+        case Schedule.INTERLEAVED_1F1B if v == 1:
+            return float(min(pp - stage, m))
+        case Schedule.INTERLEAVED_1F1B:
+            chunks = 2 * (pp - stage - 1) + (v - 1) * pp + 1
+            return min(chunks, m * v) / v
+        case _:
+            raise ValueError(f"unknown schedule {schedule!r}")
+
+
+# ---- buffers and the per-stage total ----------------------------------------------------------
+
+
+def estimate_buffer_bytes(*, zero_stage: int, dp: int, largest_layer_params: int, dtype: str = "bfloat16",
+                          tp_comm_bytes: int = 0, pp_boundary_bytes: int = 0) -> int:
+    """Temporary communication buffers on one GPU at the step's peak.
+
+    Args:
+        zero_stage: 0-3; stage 3 gathers full layers' weights on the fly.
+        dp: data-parallel size (no gradient buffers when 1).
+        largest_layer_params: parameters of the stage's largest layer on this GPU (after TP).
+        dtype: training dtype.
+        tp_comm_bytes: the largest tensor a TP collective of one layer outputs (all-reduce or
+            all-gather result), for one micro-batch.
+        pp_boundary_bytes: the activation a pipeline stage sends/receives per micro-batch
+            (one send and one receive buffer are live).
+
+    Example:
+        >>> estimate_buffer_bytes(zero_stage=3, dp=8, largest_layer_params=1000)  # 2 gathered layers + 1 gradient, bf16
+        6000
+    """
+    p, g, _ = bytes_per_param(dtype)
+    if zero_stage >= 3 and dp > 1:
+        grad_sync = largest_layer_params * (FSDP_GATHERED_LAYERS * p + g)
+    elif dp > 1:
+        grad_sync = DDP_BUCKETS_IN_FLIGHT * DDP_BUCKET_BYTES
+    else:
+        grad_sync = 0
+    return grad_sync + tp_comm_bytes + 2 * pp_boundary_bytes
+
+
+def estimate_stage_memory(*, num_params: int, zero_stage: int, dp: int, activation_bytes_per_micro_batch: int,
+                          inflight: float, buffer_bytes: int, capacity_bytes: int, dtype: str = "bfloat16",
+                          working_bytes: int = 0) -> MemoryBreakdown:
+    """Peak memory of one GPU of a pipeline rank, as the ``MemoryBreakdown`` a ``Plan`` carries.
+
+    Args:
+        num_params: parameters this GPU holds before ZeRO sharding (its TP shard of its stage).
+        zero_stage: ZeRO stage over the ``dp`` ranks.
+        dp: data-parallel size.
+        activation_bytes_per_micro_batch: saved activations of all the rank's layers for one
+            micro-batch (sum of ``estimate_layer_activation_bytes``).
+        inflight: ``inflight_micro_batches`` for this rank.
+        buffer_bytes: ``estimate_buffer_bytes`` for this rank.
+        capacity_bytes: the GPU's memory.
+        dtype: training dtype.
+        working_bytes: transient tensors at the peak (e.g. one layer's full activations while it is
+            recomputed in backward, or the logits of the loss).
+
+    The ``buffers`` term holds the communication buffers, ``working_bytes``, the runtime's own
+    reservation and ``ALLOCATOR_HEADROOM`` on top of every tensor.
+    """
+    state = estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=dtype)
+    activations = math.ceil(activation_bytes_per_micro_batch * inflight)
+    tensors = state.total + activations + buffer_bytes + working_bytes
+    headroom = math.ceil(ALLOCATOR_HEADROOM * tensors)
+    return MemoryBreakdown(params=state.params, grads=state.grads, optimizer=state.optimizer,
+                           activations=activations,
+                           buffers=buffer_bytes + working_bytes + RUNTIME_RESERVED_BYTES + headroom,
+                           capacity=capacity_bytes)
+
+
+__all__ = [
+    "ALLOCATOR_HEADROOM",
+    "DDP_BUCKET_BYTES",
+    "FP32_BYTES_PER_PARAM",
+    "FSDP_GATHERED_LAYERS",
+    "LayerActivations",
+    "MIXED_PRECISION_BYTES_PER_PARAM",
+    "ModelStateBytes",
+    "RUNTIME_RESERVED_BYTES",
+    "SavedBytes",
+    "ShardedSpec",
+    "activation_bytes",
+    "bytes_per_param",
+    "estimate_buffer_bytes",
+    "estimate_layer_activation_bytes",
+    "estimate_model_state_bytes",
+    "estimate_stage_memory",
+    "inflight_micro_batches",
+    "summarize_layer_activations",
+]

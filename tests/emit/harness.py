@@ -1,0 +1,101 @@
+"""Run a function on N CPU processes joined in a gloo process group, and collect what each returns.
+
+Processes come from a ``forkserver`` that has already imported torch,
+torch.distributed, transformers' Llama and the workers, so a spawn costs a fork,
+not ~8 s of imports per rank (the suite must fit in a few minutes on 2 cores).
+The rendezvous store lives in this (the test) process on a port the OS picks, so
+concurrent test runs never collide. Each rank runs with one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import traceback
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.tensor",
+    "torch.distributed.tensor.parallel",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.checkpoint",
+    "transformers.models.llama.modeling_llama",
+    "transformers.masking_utils",
+    "autopar.emit.build",
+    "tests.emit.workers",
+]
+"""Modules the fork server imports once, before any rank is forked."""
+
+_CTX: Any = None
+
+
+def _context() -> Any:
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
+
+
+def _entry(rank: int, world: int, port: int, target: str, args: Sequence[Any], results: Any) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["TORCH_DISTRIBUTED_DEBUG"] = "OFF"
+    os.environ["LOCAL_RANK"] = str(rank)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        module, _, name = target.partition(":")
+        value = getattr(importlib.import_module(module), name)(*args)
+        results.put((rank, "ok", value))
+    except BaseException:  # report every failure to the test process, which re-raises it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_spmd(target: str, world: int, *args: Any, timeout_s: float = 240.0) -> list[Any]:
+    """Run ``module:function(*args)`` on ``world`` ranks; return the values by rank.
+
+    Raises:
+        RuntimeError: A rank raised (its traceback is in the message) or the run
+            exceeded ``timeout_s``.
+    """
+    import torch.distributed as dist
+
+    ctx = _context()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(r, world, store.port, target, args, results), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    values: dict[int, Any] = {}
+    try:
+        while len(values) < world:
+            try:
+                rank, status, value = results.get(timeout=timeout_s)
+            except queue.Empty as e:
+                raise RuntimeError(f"{target} on {world} ranks timed out after {timeout_s} s; "
+                                   f"finished ranks: {sorted(values)}") from e
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} of {world} failed in {target}:\n{value}")
+            values[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [values[r] for r in range(world)]
