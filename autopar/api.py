@@ -92,11 +92,11 @@ def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_si
                       progress=lambda done: report("search", done))
 
     report("search", 0.0)
-    result = solve(resolved, top_k, pricing)  # 4. solve
+    result = solve(resolved, top_k + 1, pricing)  # 4. solve (one extra: the last plan's runner-up)
     if not result.ranked:
         require_plans(result, capacity_bytes=resolved.gpu.mem_bytes, num_gpus=resolved.num_gpus,
                       smallest_fit=_smallest_fit(resolved, lambda c: solve(c, 1, pricing.for_cluster(c))))
-    plans = build_plans(result.ranked, graph, pricing, cluster_name=resolved.name,  # 5. the plan
+    plans = build_plans(result.ranked, graph, pricing, cluster_name=resolved.name, keep=top_k,  # 5. the plan
                         num_gpus=resolved.num_gpus, gpus_per_node=resolved.gpus_per_node, dtype=dtype,
                         sources=pricing.sources())
     report("done", 1.0)

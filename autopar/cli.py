@@ -20,7 +20,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +35,9 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 """Exit statuses (see the module docstring)."""
+
+RICH_TABLE_EXTRA_COLUMNS = 12
+"""Width the rich table's borders and padding add to the plain table's."""
 
 MODEL_HELP = ("gpt:SIZE (e.g. gpt:175b), mlp:SIZE, llama:8b|70b|405b, hf:path/to/config.json, "
               "or path/to/file.py:factory where factory() returns (module, example_inputs)")
@@ -169,8 +171,9 @@ class _Progress:
     def __init__(self, enabled: bool) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = _err()
         self._bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(),
-                             console=_err(), transient=True, disable=not enabled)
+                             console=console, transient=True, disable=not (enabled and console.is_terminal))
         self._task = self._bar.add_task("model", total=1.0)
 
     def __enter__(self) -> Callable[[str, float], None]:
@@ -206,15 +209,18 @@ def plan(
     calibration: Annotated[Path | None, typer.Option(help="Calibration table from `autopar profile`.")] = None,
     dtype: Annotated[str, typer.Option(help="Training precision: bfloat16 or float32.")] = "bfloat16",
 ) -> None:
-    """Find the fastest plans for MODEL on a cluster and print them ranked."""
-    from autopar import api
-    from autopar.models import resolve_model
+    """Find the fastest plans for MODEL on a cluster and print them ranked.
 
-    pins = parse_pins(pin or [])
+    Example: autopar plan gpt:175b -c dgx-a100-80gb --nodes 8 -b 64 --seq 2048 --pin tp=8 --out plan.json
+    """
+    pins = parse_pins(pin or [])  # cheap checks first: no torch import before they pass
     target = load_cluster(cluster, nodes)
     table = _load_calibration(calibration)
     with _Progress(enabled=not json_out) as progress:
         progress("model", 0.0)
+        from autopar import api
+        from autopar.models import resolve_model
+
         resolved = resolve_model(model, seq_len=seq)
         result = api.plan(resolved.module, resolved.example_inputs, cluster=target, global_batch_size=global_batch,
                           constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress)
@@ -240,22 +246,16 @@ def _load_calibration(path: Path | None) -> Any:
 
 
 def _print_ranked(plans: Sequence[Plan]) -> None:
-    from autopar.report.text import RANKED_HEADERS, format_ranked, ranked_rows
+    from autopar.report.tables import ranked_table
+    from autopar.report.text import format_ranked
 
     console = _out()
-    if not console.is_terminal:  # pipes and files get the plain table: stable, no wrapping
-        typer.echo(format_ranked(plans))
-        return
-    from rich.table import Table
-
-    first = plans[0]
-    table = Table(title=f"{escape(first.model_name)} on {escape(first.cluster_name)}, global batch "
-                        f"{first.layout.global_batch_size}, seq {first.seq_len}")
-    for i, header in enumerate(RANKED_HEADERS):
-        table.add_column(header, justify="left" if i == 1 else "right", no_wrap=True)
-    for row in ranked_rows(plans):
-        table.add_row(*(escape(getattr(row, f.name)) for f in dataclasses.fields(row)))
-    console.print(table)
+    text = format_ranked(plans)
+    widest = max(len(line) for line in text.splitlines())
+    if console.is_terminal and widest + RICH_TABLE_EXTRA_COLUMNS <= console.width:
+        console.print(ranked_table(plans))
+    else:  # pipes, files and narrow terminals get the plain table: stable, never truncated
+        typer.echo(text)
 
 
 @app.command()
@@ -329,6 +329,7 @@ def profile(
                       ] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per op (default: the profiler's).")
                        ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Cast floating inputs to this dtype (e.g. bfloat16).")] = None,
 ) -> None:
     """Time MODEL's ops on this machine's device and write a calibration table for `plan --calibration`."""
     from rich.progress import Progress
@@ -339,7 +340,7 @@ def profile(
 
     resolved = resolve_model(model, seq_len=seq, batch=batch)
     graph = capture(resolved.module, resolved.example_inputs)
-    kwargs: dict[str, Any] = {"device": device} | ({"repeats": repeats} if repeats is not None else {})
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype} | ({"repeats": repeats} if repeats else {})
     with Progress(console=_err(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
         table = profile_graph(graph, progress=lambda done, total: bar.update(task, completed=done, total=total),
@@ -355,39 +356,15 @@ def clusters(
 ) -> None:
     """List the cluster presets: GPU, memory, peak bf16 TFLOP/s, links."""
     from autopar.cost_models.cluster import Cluster, list_presets
-    from autopar.report.text import format_table
+    from autopar.report.tables import cluster_dict, format_clusters
 
     presets = [Cluster.preset(name) for name in list_presets()]
     if json_out:
         typer.echo(json.dumps([cluster_dict(c) for c in presets], indent=2))
         return
-    rows = []
-    for c in presets:
-        d = cluster_dict(c)
-        rows.append([c.name, c.gpu.name, str(c.gpus_per_node), f"{d['gpu_mem_gib']:.0f}",
-                     f"{d['peak_bf16_tflops']:.0f}" if d["peak_bf16_tflops"] else "-",
-                     f"{c.intra_node.kind.value} {c.intra_node.bytes_per_s / 1e9:.0f} GB/s",
-                     f"{c.inter_node.kind.value} {c.inter_node.bytes_per_s * 8 / 1e9:.0f} Gb/s"])
-    headers = ["preset", "GPU", "GPUs/node", "GiB", "bf16 TFLOP/s", "intra-node (per GPU)", "inter-node (per GPU)"]
-    typer.echo(format_table(headers, rows, right=[False, False, True, True, True, False, False], indent=""))
+    typer.echo(format_clusters(presets))
     typer.echo("\nuse: autopar plan MODEL --cluster PRESET --nodes N, or a YAML file with `preset: NAME` "
                "and overrides")
-
-
-def cluster_dict(c: Cluster) -> dict[str, Any]:
-    """The JSON form ``autopar clusters --json`` prints for one preset (see docs/cli-json.md)."""
-    bf16 = c.gpu.peak_flops_per_s.get("bfloat16")
-    return {
-        "name": c.name, "description": c.description, "gpu": c.gpu.name, "gpus_per_node": c.gpus_per_node,
-        "gpu_mem_bytes": c.gpu.mem_bytes, "gpu_mem_gib": c.gpu.mem_bytes / 2**30,
-        "peak_bf16_tflops": bf16 / 1e12 if bf16 else None,
-        "peak_flops_per_s": dict(c.gpu.peak_flops_per_s), "mem_bytes_per_s": c.gpu.mem_bytes_per_s,
-        "intra_node": {"kind": c.intra_node.kind.value, "bytes_per_s": c.intra_node.bytes_per_s,
-                       "latency_s": c.intra_node.latency_s},
-        "inter_node": {"kind": c.inter_node.kind.value, "bytes_per_s": c.inter_node.bytes_per_s,
-                       "latency_s": c.inter_node.latency_s},
-        "host_mem_bytes": c.host_mem_bytes,
-    }
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -400,12 +377,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     err = _err()
     try:
         app(args=args, prog_name="autopar", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code
-    except click.exceptions.Abort:
+    except _EXIT as e:  # --help, --version, completion
+        return int(getattr(e, "exit_code", 0))
+    except _USAGE as e:  # bad flags or arguments: the parser's own message
+        e.show()  # type: ignore[attr-defined]
+        return EXIT_USAGE
+    except (KeyboardInterrupt, *_ABORT):
         err.print("[red]aborted[/]")
         return 130
     except AutoparError as e:
@@ -423,10 +400,28 @@ def run(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
+def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
+    """(exit, usage, abort) exception classes of typer, and of click when typer still uses it (typer < 0.29)."""
+    exits: list[type[BaseException]] = [typer.Exit]
+    usage: list[type[BaseException]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    aborts: list[type[BaseException]] = [typer.Abort]
+    try:
+        import click
+    except ImportError:
+        return tuple(exits), tuple(usage), tuple(aborts)
+    exits.append(click.exceptions.Exit)
+    usage.append(click.ClickException)
+    aborts.append(click.exceptions.Abort)
+    return tuple(exits), tuple(usage), tuple(aborts)
+
+
+_EXIT, _USAGE, _ABORT = _parser_exceptions()
+
+
 def main() -> None:
     """Console-script entry point (``autopar``)."""
     sys.exit(run())
 
 
-__all__ = ["PIN_ALIASES", "PIN_TYPES", "app", "cluster_dict", "load_cluster", "load_plan", "main", "parse_pins",
+__all__ = ["PIN_ALIASES", "PIN_TYPES", "app", "load_cluster", "load_plan", "main", "parse_pins",
            "run"]

@@ -44,7 +44,7 @@ def _predicted(ev: Evaluation, pricing: Pricing, *, seq_len: int, sources: dict[
 def explain_choice(winner: Evaluation, runner_up: Evaluation | None) -> tuple[str, ...]:
     """Lines saying why ``winner`` beat ``runner_up``: the layout knobs that differ and the cost terms that moved."""
     if runner_up is None:
-        return ("  no other layout fits; this is the only candidate",)
+        return ("  no other layout fits: this is the only candidate",)
     a, b = winner.layout, runner_up.layout
     diffs = [f"{name} {getattr(b, name)} → {getattr(a, name)}" for name in
              ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel", "schedule",
@@ -70,11 +70,11 @@ def explain_choice(winner: Evaluation, runner_up: Evaluation | None) -> tuple[st
 
 
 def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: Pricing, *, cluster_name: str,
-                num_gpus: int, gpus_per_node: int, dtype: str, sources: dict[str, str]) -> list[Plan]:
-    """Plans for the ranked evaluations; each explains itself against the next one in the ranking."""
+                num_gpus: int, gpus_per_node: int, dtype: str, sources: dict[str, str], keep: int) -> list[Plan]:
+    """Plans for the first ``keep`` ranked evaluations; each explains itself against the next one."""
     seq_len = int(graph.info.get("seq_len", 1))
     plans = []
-    for i, ev in enumerate(ranked):
+    for i, ev in enumerate(ranked[:keep]):
         runner_up = ranked[i + 1] if i + 1 < len(ranked) else None
         plans.append(Plan(
             graph_fingerprint=graph.fingerprint(), model_name=graph.model_name, cluster_name=cluster_name,

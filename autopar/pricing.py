@@ -21,15 +21,13 @@ from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
 from autopar.plan import Recompute, ShardingPlan
 from autopar.solvers.costs import LayerCost
 from autopar.solvers.space import ModelShape
-from typing import Any as LayerShardingResult  # TODO(strategies): real import once solvers.strategies lands
+from autopar.solvers.layer_result import LayerShardingResult
+from autopar.solvers.strategies import solve_layer_sharding
 
 ADAM_BYTES_PER_PARAM = 28
 """HBM traffic of one fused Adam update per parameter: read fp32 master, m, v (12) and the gradient (2 in
 bf16, promoted), write master, m, v (12) and the bf16 weight copy (2) — 28 bytes; fp32 training reads a
 4-byte gradient and writes no copy, also 28. The update is memory-bound (a few FLOPs per 28 bytes)."""
-
-_CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
-"""Backward of a forward collective (Megatron's f/g operators; all-reduce and all-to-all map to themselves)."""
 
 
 def model_shape(graph: OpGraph) -> ModelShape:
@@ -50,14 +48,17 @@ class GraphPricing:
         self.calibration = calibration
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
         self._layer_costs = functools.lru_cache(maxsize=None)(self._compute_layer_costs)
+        self._collective = functools.lru_cache(maxsize=1 << 16)(self._collective_uncached)
+        self._states = functools.lru_cache(maxsize=1 << 16)(self._states_uncached)
         self._sharding = functools.lru_cache(maxsize=None)(self._solve_sharding)
 
     def for_cluster(self, cluster: Cluster) -> GraphPricing:
         """The same graph on another cluster (layer prices depend on the GPU, not the node count)."""
         other = GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration)
         if cluster.gpu == self.cluster.gpu and cluster.intra_node == self.cluster.intra_node:
-            other._layer_costs = self._layer_costs
+            other._layer_costs = self._layer_costs  # layer prices use only the GPU and its node's links
             other._sharding = self._sharding
+            other._states = self._states
         return other
 
     # ---- Pricing protocol --------------------------------------------------------------------
@@ -79,10 +80,16 @@ class GraphPricing:
         return self._layer_costs(tp, sequence_parallel, micro_batch_size, Recompute(recompute))
 
     def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
+        return self._states(num_params, zero_stage, dp)
+
+    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+        return self._collective(kind, nbytes, group_size, nodes_spanned)
+
+    def _states_uncached(self, num_params: float, zero_stage: int, dp: int) -> tuple[float, float, float]:
         s = memory.estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype)
         return float(s.params), float(s.grads), float(s.optimizer)
 
-    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+    def _collective_uncached(self, kind: str, nbytes: float, group_size: int, nodes_spanned: int) -> float:
         if group_size <= 1 and kind != "p2p":
             return 0.0
         return comm.estimate_collective_time(comm.Collective(kind), nbytes, max(2, group_size), cluster=self.cluster,
@@ -106,12 +113,7 @@ class GraphPricing:
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
         if tp == 1:
             return {}
-        plans = {}
-        for kind, layer in self._kinds.items():
-            result = self._sharding(kind, tp, sequence_parallel)
-            plans[kind] = ShardingPlan(layer_kind=kind, modules=result.module_styles(), ops=result.op_strategies(),
-                                       forward_collectives=tuple((k, int(b)) for k, b in result.forward_collectives))
-        return plans
+        return {kind: self._sharding(kind, tp, sequence_parallel).to_sharding_plan() for kind in self._kinds}
 
     def sources(self) -> dict[str, str]:
         """Where the prices come from, for ``Predicted.sources``."""
@@ -135,8 +137,6 @@ class GraphPricing:
         op_time: Callable[[Op], float] = lambda op: compute.estimate_op_time(  # noqa: E731
             op, self.cluster, dtype=self.dtype).forward_s
         scale = self._float_scale()
-        from autopar.solvers.strategies import solve_layer_sharding
-
         return solve_layer_sharding(
             layer, tp=tp, sequence_parallel=sequence_parallel, op_time=op_time,
             collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1),
@@ -183,18 +183,20 @@ class GraphPricing:
 
     def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,
                  recompute: Recompute) -> tuple[dict[str, float], dict[str, float]]:
-        """TP collective seconds per micro-batch: forward, and backward (conjugates + recomputed forward)."""
+        """TP collective seconds per micro-batch: forward, and backward (+ the forward's again under full recompute)."""
         if sharding is None:
             return {}, {}
-        fwd: dict[str, float] = {}
-        bwd: dict[str, float] = {}
-        for kind, nbytes in sharding.forward_collectives:
-            size = nbytes * scale * self._float_scale()
-            seconds = self.collective_time(kind, size, group_size=tp, nodes_spanned=1)
-            fwd[kind] = fwd.get(kind, 0.0) + seconds
-            back = _CONJUGATE.get(kind, kind)
-            bwd[back] = bwd.get(back, 0.0) + self.collective_time(back, size, group_size=tp, nodes_spanned=1)
-            if recompute is Recompute.FULL:
+
+        def price(calls: tuple[tuple[str, int], ...]) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for kind, nbytes in calls:
+                size = nbytes * scale * self._float_scale()
+                out[kind] = out.get(kind, 0.0) + self.collective_time(kind, size, group_size=tp, nodes_spanned=1)
+            return out
+
+        fwd, bwd = price(sharding.forward_collectives), price(sharding.backward_collectives)
+        if recompute is Recompute.FULL:
+            for kind, seconds in fwd.items():
                 bwd[kind] = bwd.get(kind, 0.0) + seconds
         return fwd, bwd
 

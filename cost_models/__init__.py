@@ -1,0 +1,108 @@
+"""Cost models: hardware specs, compute / memory / communication costs, profiling and calibration.
+
+    from autopar.cost_models import Cluster, estimate_layer_time, estimate_collective_time, Collective
+
+Everything here is a pure function of frozen values. Importing the package does not
+import torch (the solvers depend on it and must stay torch-free); the profiler and
+the local-device probe, which need torch, load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from autopar.cost_models.calibration import CalibrationTable, op_key, op_key_for
+from autopar.cost_models.cluster import Cluster, GPUSpec, LinkKind, LinkSpec, list_presets
+from autopar.cost_models.comm import (
+    Algorithm,
+    Collective,
+    bus_bandwidth_factor,
+    estimate_collective_time,
+    estimate_exposed_comm_time,
+    group_bus_bandwidth,
+    wire_bytes,
+)
+from autopar.cost_models.compute import (
+    LayerTime,
+    OpTime,
+    TimeSource,
+    estimate_layer_time,
+    estimate_op_time,
+    kernel_time,
+    shape_efficiency,
+)
+from autopar.cost_models.layer_info import attention_core_ops, infer_seq_len
+from autopar.cost_models.memory import (
+    ALLOCATOR_HEADROOM,
+    LayerActivations,
+    ModelStateBytes,
+    activation_bytes,
+    estimate_buffer_bytes,
+    estimate_layer_activation_bytes,
+    estimate_model_state_bytes,
+    estimate_stage_memory,
+    inflight_micro_batches,
+    summarize_layer_activations,
+)
+
+# name -> module, imported on first attribute access (these import torch)
+_LAZY: dict[str, str] = {
+    "profile_graph": "autopar.cost_models.profiler",
+    "device_name": "autopar.cost_models.profiler",
+    "time_call": "autopar.cost_models.profiler",
+    "Timing": "autopar.cost_models.profiler",
+    "probe_local_device": "autopar.cost_models.probe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autopar.cost_models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "ALLOCATOR_HEADROOM",
+    "Algorithm",
+    "CalibrationTable",
+    "Cluster",
+    "Collective",
+    "GPUSpec",
+    "LayerActivations",
+    "LayerTime",
+    "LinkKind",
+    "LinkSpec",
+    "ModelStateBytes",
+    "OpTime",
+    "TimeSource",
+    "activation_bytes",
+    "attention_core_ops",
+    "bus_bandwidth_factor",
+    "estimate_buffer_bytes",
+    "estimate_collective_time",
+    "estimate_exposed_comm_time",
+    "estimate_layer_activation_bytes",
+    "estimate_layer_time",
+    "estimate_model_state_bytes",
+    "estimate_op_time",
+    "estimate_stage_memory",
+    "group_bus_bandwidth",
+    "infer_seq_len",
+    "inflight_micro_batches",
+    "kernel_time",
+    "list_presets",
+    "op_key",
+    "op_key_for",
+    "shape_efficiency",
+    "summarize_layer_activations",
+    "wire_bytes",
+    *_LAZY,
+]

@@ -80,7 +80,10 @@ class CalibrationTable:
                 raise ValueError(f"calibration entry {key!r}: negative time ({fwd}, {bwd})")
 
     def lookup(self, op: Op, dtype: str | None = None) -> tuple[float, float] | None:
-        """(forward_s, backward_s) measured for ``op`` run in ``dtype``, or None when absent."""
+        """(forward_s, backward_s) measured for ``op`` with its floats in ``dtype`` (None: as captured), or None.
+
+        Keys carry the dtypes the op ran in, so an fp32 measurement never prices bf16 training.
+        """
         return self.entries.get(op_key_for(op, dtype))
 
     def to_dict(self) -> dict[str, Any]:

@@ -133,10 +133,12 @@ def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
 def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int) -> tuple[float, float]:
     """(FLOPs, bytes) of the op's forward at ``batch_scale`` × the captured batch, split over ``shard`` ranks.
 
-    Parameter bytes do not grow with the batch; activation bytes and FLOPs do.
+    Parameter bytes do not grow with the batch; activation bytes and FLOPs do. An embedding reads only
+    the rows it gathers (``count_bytes``), so all its bytes grow with the batch.
     """
     ratio = dtype_bytes_ratio(op, dtype)
-    param_bytes = sum(t.nbytes for t, p in zip(op.inputs, op.input_params) if p is not None) * ratio
+    reads_params = op.op_class is not OpClass.EMBEDDING
+    param_bytes = sum(t.nbytes for t, p in zip(op.inputs, op.input_params) if p is not None and reads_params) * ratio
     act_bytes = max(op.nbytes_moved * ratio - param_bytes, 0.0)
     return op.flops * batch_scale / shard, (act_bytes * batch_scale + param_bytes) / shard
 
@@ -176,7 +178,7 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
     fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads)
     if calibration is None:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
-    measured = calibration.lookup(op, calibration.dtype)
+    measured = calibration.lookup(op, dtype)  # only a table profiled in the training dtype matches
     if measured is None:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
     if batch_scale == 1.0 and shard == 1:
@@ -197,19 +199,20 @@ def roofline_op_time(op: Op, gpu: GPUSpec, *, dtype: str, batch_scale: float, sh
     flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard)
     if op.op_class is OpClass.ATTENTION and _is_causal(op):
         flops *= CAUSAL_WORK_FRACTION
-    peak = gpu.peak_flops(dtype) if cost.tensor_cores else gpu.peak_flops_per_s.get(VECTOR_DTYPE, gpu.peak_flops(dtype))
-    rate = peak * gpu.matmul_efficiency
+    vector = not cost.tensor_cores and VECTOR_DTYPE in gpu.peak_flops_per_s
+    rate = gpu.peak_flops(VECTOR_DTYPE if vector else dtype) * gpu.matmul_efficiency
     bandwidth = gpu.achievable_mem_bytes_per_s * cost.memory_fraction
     forward = kernel_time(flops, nbytes, flops_per_s=rate * cost.compute_fraction, bytes_per_s=bandwidth, gpu=gpu)
     if not any(grad_inputs) or forward == 0.0:
         return forward, 0.0
+    table_bytes = op.inputs[0].numel * DTYPE_BYTES[dtype] / shard if op.inputs else 0.0
     backward = _backward_time(op, gpu, flops=flops, nbytes=nbytes, rate=rate, bandwidth=bandwidth,
-                              grad_inputs=grad_inputs, forward=forward)
+                              grad_inputs=grad_inputs, forward=forward, table_bytes=table_bytes)
     return forward, backward
 
 
 def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: float, bandwidth: float,
-                   grad_inputs: tuple[bool, ...], forward: float) -> float:
+                   grad_inputs: tuple[bool, ...], forward: float, table_bytes: float) -> float:
     cost = OP_CLASS_COSTS[op.op_class]
     match op.op_class:
         case OpClass.MATMUL:
@@ -221,14 +224,16 @@ def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: f
             bias_s = kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if bias else 0.0
             return sum(matrices) * forward + bias_s
         case OpClass.EMBEDDING:
-            # dense gradient: the table is zero-filled, then dy's rows are accumulated into it
-            table = op.inputs[0].nbytes * dtype_bytes_ratio(op, None)
-            return kernel_time(0, nbytes + table, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if grad_inputs[0] \
-                else 0.0
+            # dense gradient: the table (input 0) is zero-filled, then dy's rows are accumulated into it
+            if not grad_inputs[0]:
+                return 0.0
+            return kernel_time(0, nbytes + table_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
         case OpClass.ELEMENTWISE if op_name(op.target) in PASS_THROUGH_BACKWARD:
             broadcast = any(g and t.numel < op.outputs[0].numel for t, g in zip(op.inputs, grad_inputs))
             out_bytes = nbytes * _output_share(op)
             return kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if broadcast else 0.0
+        case _ if cost.backward_kernels == 0:
+            return 0.0
         case _:
             per_kernel_flops = flops * cost.backward_flops_ratio / cost.backward_kernels
             per_kernel_bytes = nbytes * cost.backward_bytes_ratio / cost.backward_kernels

@@ -24,6 +24,10 @@ A100_MAMF_FRACTION = 0.859
 """Large bf16 GEMM on A100 SXM: 267.9 / 312 TFLOP/s (ml-engineering MAMF table); the reference rate."""
 ATTENTION_BACKWARD_FLOPS_RATIO = 2.5
 """Attention backward does 5 matmuls to the forward's 2, i.e. 2.5× the FLOPs (FlashAttention-2 §4.1)."""
+ATTENTION_BACKWARD_BYTES_RATIO = 2.0
+"""Backward reads q, k, v, o, do, lse and writes dq, dk, dv: about twice the forward's q, k, v → o."""
+ATTENTION_BACKWARD_KERNELS = 2
+"""The dq/dk/dv kernel plus the row-wise dot(do, o) preprocessing kernel (FlashAttention-2 backward)."""
 CAUSAL_WORK_FRACTION = 0.5
 """Causal fused attention skips the blocks above the diagonal: about half the work (FlashAttention-2 §3.1.1)."""
 
@@ -31,7 +35,8 @@ CAUSAL_WORK_FRACTION = 0.5
 UNARY_BACKWARD_BYTES_RATIO = 1.5
 """y = f(x): forward reads x, writes y (2 tensors); backward reads dy and x, writes dx (3 tensors)."""
 NORM_BACKWARD_BYTES_RATIO = 2.0
-"""LayerNorm/RMSNorm backward: reads dy, x, stats, γ and writes dx (≈ 1.5×), plus a dγ/dβ reduction pass over dy·x̂."""
+"""LayerNorm/RMSNorm backward: reads dy, x, stats, γ and writes dx (≈ 1.5×), plus a dγ/dβ reduction pass
+over dy·x̂ (≈ 0.5×)."""
 NORM_BACKWARD_KERNELS = 2
 """One kernel for dx, one for the parameter gradients (PyTorch's layer_norm_backward on CUDA)."""
 DROPOUT_BACKWARD_BYTES_RATIO = 1.0
@@ -41,7 +46,9 @@ REDUCTION_BACKWARD_BYTES_RATIO = 1.0
 COPY_BACKWARD_BYTES_RATIO = 1.0
 """The gradient of a copy/layout change is the inverse copy."""
 NORM_MEMORY_FRACTION = 0.8
-"""Row-wise kernels (norm, softmax, loss) reach ~80 % of a copy's bandwidth: a reduction per row, then a second pass (Apex/Megatron fused LayerNorm benchmarks)."""
+"""Row-wise kernels (norm, softmax, loss) against a copy's bandwidth: a row reduction, then a pass that
+writes. Rows that fit on chip are read once (fraction 1); rows that do not are read twice (3 passes for
+2 tensors of useful traffic: 2/3). 0.8 sits between the two."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,10 +88,9 @@ OP_CLASS_COSTS: Mapping[OpClass, OpClassCost] = MappingProxyType({
         compute_fraction=FLASH_FWD_PEAK_FRACTION / A100_MAMF_FRACTION,
         backward_compute_fraction=FLASH_BWD_PEAK_FRACTION / A100_MAMF_FRACTION,
         memory_fraction=1.0, backward_flops_ratio=ATTENTION_BACKWARD_FLOPS_RATIO,
-        backward_bytes_ratio=2.0,  # reads q, k, v, o, do, lse; writes dq, dk, dv: twice the forward's q, k, v → o
-        backward_kernels=2,  # dq/dk/dv kernel plus the rowwise dot(do, o) preprocessing kernel
+        backward_bytes_ratio=ATTENTION_BACKWARD_BYTES_RATIO, backward_kernels=ATTENTION_BACKWARD_KERNELS,
         tensor_cores=True),
-    OpClass.EMBEDDING: _memory_bound(1.0),  # plus a dense zero-filled weight gradient, added by the compute model
+    OpClass.EMBEDDING: _memory_bound(COPY_BACKWARD_BYTES_RATIO),  # plus the dense weight gradient (compute.py)
     OpClass.ELEMENTWISE: _memory_bound(UNARY_BACKWARD_BYTES_RATIO),
     OpClass.REDUCTION: _memory_bound(REDUCTION_BACKWARD_BYTES_RATIO),
     OpClass.NORM: _memory_bound(NORM_BACKWARD_BYTES_RATIO, NORM_MEMORY_FRACTION, NORM_BACKWARD_KERNELS),

@@ -25,7 +25,7 @@ from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.plan import MemoryBreakdown, Recompute, Schedule
 
 MIXED_PRECISION_BYTES_PER_PARAM = (2, 2, 12)
-"""(weights, gradients, optimizer) bytes per parameter for bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""
+"""(weights, gradients, optimizer) bytes per parameter, bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""
 FP32_BYTES_PER_PARAM = (4, 4, 8)
 """fp32 training with Adam: fp32 weights and gradients, two fp32 moments."""
 
@@ -81,7 +81,8 @@ def bytes_per_param(dtype: str) -> tuple[int, int, int]:
     raise ValueError(f"no model-state rule for training dtype {dtype!r}; use bfloat16, float16 or float32")
 
 
-def estimate_model_state_bytes(num_params: int, *, zero_stage: int, dp: int, dtype: str = "bfloat16") -> ModelStateBytes:
+def estimate_model_state_bytes(num_params: int, *, zero_stage: int, dp: int,
+                               dtype: str = "bfloat16") -> ModelStateBytes:
     """Weights, gradients and optimizer states per GPU under ZeRO stage 0-3 over ``dp`` ranks.
 
     ``num_params`` is what this GPU is responsible for before data parallelism (after TP/PP splits).

@@ -6,10 +6,12 @@
 Each op is rebuilt from its ATen target (``torch.ops.aten.<name>.<overload>``),
 its recorded input shapes and dtypes and its recorded scalar arguments, run on
 random inputs of those shapes, and checked to produce the captured output shapes.
-Forward time is the median of repeats after warm-up (CUDA events on a GPU,
-``perf_counter`` on CPU); backward time is that of ``torch.autograd.grad`` through
-the op with a random output gradient, less the autograd engine's fixed start-up
-(measured once), for the inputs that need a gradient in training.
+Forward time is the median of repeats after warm-up (CUDA events on a GPU, with
+the L2 cache overwritten before each call; ``perf_counter`` on CPU) of the op as
+training runs it, recording autograd's graph. Backward time is that of
+``torch.autograd.grad`` through the op with a random output gradient, less the
+autograd engine's fixed start-up (measured once), for the inputs that need a
+gradient in training.
 
 Ops that cannot be rebuilt (a scalar argument capture did not record, a kernel the
 device lacks) are listed in ``CalibrationTable.skipped`` with the reason, and the
@@ -22,12 +24,13 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from autopar.cost_models.calibration import FLOAT_DTYPES, CalibrationTable, cast_float_inputs, op_key
+from autopar.cost_models.calibration import CalibrationTable, cast_float_inputs, op_key
 from autopar.cost_models.compute import layer_grad_inputs
 from autopar.cost_models.op_call import OpCall, RebuildError, build_call
 from autopar.graph.ir import Op, OpGraph
@@ -42,24 +45,63 @@ MIN_SAMPLE_S = 2e-4
 """A sample repeats a fast op until it lasts this long, so timer resolution and Python overhead average out."""
 MAX_INNER_REPEATS = 200
 """Upper bound on those repetitions."""
+CUDA_L2_FLUSH_BYTES = 256 * 2**20
+"""Written before each timed CUDA call so inputs come from HBM as in a large model, not from L2 (50 MB on
+H100); the same size Triton's ``do_bench`` clears."""
 ENGINE_CHAIN_LENGTH = 8
 """Nodes in the view chain used to separate autograd's per-call start-up from its per-node cost."""
 
 Progress = Callable[[int, int], None]
 
 
+class Statistic(StrEnum):
+    """How the timed samples of one op are summarised."""
+
+    MEDIAN = "median"  # robust to a stray slow sample
+    MIN = "min"  # the uncontended time on a machine shared with other processes
+
+
+class Clock(StrEnum):
+    """What a CPU sample measures (CUDA samples always use CUDA events)."""
+
+    WALL = "wall"  # perf_counter: elapsed time
+    THREAD = "thread"  # CPU time of the calling thread: immune to other processes, valid with one torch thread
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timing:
+    """How each op is timed."""
+
+    repeats: int = DEFAULT_REPEATS
+    """Timed samples."""
+    warmup: int = DEFAULT_WARMUP
+    """Untimed runs first."""
+    statistic: Statistic = Statistic.MEDIAN
+    """Summary of the samples."""
+    clock: Clock = Clock.WALL
+    """CPU clock."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"timing needs repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+
+
 def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = DEFAULT_REPEATS,
-                  warmup: int = DEFAULT_WARMUP, dtype: str | None = None,
-                  progress: Progress | None = None) -> CalibrationTable:
+                  warmup: int = DEFAULT_WARMUP, dtype: str | None = None, statistic: str = "median",
+                  clock: str = "wall", progress: Progress | None = None) -> CalibrationTable:
     """Measure forward and backward time of each distinct op of ``graph`` on ``device``.
 
     Args:
         graph: the captured graph.
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``; None picks CUDA when available.
-        repeats: timed samples per op (median kept).
+        repeats: timed samples per op.
         warmup: untimed runs before timing.
         dtype: cast floating-point inputs to this dtype (e.g. ``"bfloat16"`` to profile bf16 training
             from an fp32 capture); None runs the captured dtypes.
+        statistic: ``"median"`` of the samples (default), or ``"min"``: on a shared machine where
+            other processes steal time, the fastest sample is the best estimate of the op alone.
+        clock: on CPU, ``"wall"`` time (default) or ``"thread"`` CPU time of the calling thread, which
+            other processes cannot inflate; use it only with ``torch.set_num_threads(1)``.
         progress: called as ``progress(done, total)`` after each distinct op.
 
     Returns:
@@ -67,16 +109,21 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
         that could not be run listed in ``skipped``.
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    timing = Timing(repeats=repeats, warmup=warmup, statistic=Statistic(statistic), clock=Clock(clock))
     todo = _distinct_ops(graph, dtype)
-    engine_s = _autograd_startup_s(dev, repeats=repeats, warmup=warmup)
+    producers = {op.name: op for op in graph.ops}
+    engine_s = _autograd_startup_s(dev, timing)
     entries: dict[str, tuple[float, float]] = {}
     skipped: dict[str, str] = {}
     for i, (key, op, grads) in enumerate(todo):
         try:
-            call = build_call(op, dev, dtype)
-            entries[key] = _profile_call(call, grads, dev, repeats=repeats, warmup=warmup, engine_s=engine_s)
+            call = build_call(op, dev, dtype, producers)
+            entries[key] = _profile_call(call, grads, dev, timing, engine_s=engine_s)
         except RebuildError as e:
             skipped[key] = str(e)
+            log.info("not profiled %s: %s", op.target, e)
+        except (RuntimeError, NotImplementedError) as e:  # e.g. an op without a derivative formula
+            skipped[key] = f"{op.target}: timing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.info("not profiled %s: %s", op.target, e)
         if progress is not None:
             progress(i + 1, len(todo))
@@ -115,24 +162,22 @@ def _distinct_ops(graph: OpGraph, dtype: str | None) -> list[tuple[str, Op, tupl
     return list(seen.values())
 
 
-def _profile_call(call: OpCall, grads: Sequence[bool], dev: torch.device, *, repeats: int, warmup: int,
+def _profile_call(call: OpCall, grads: Sequence[bool], dev: torch.device, timing: Timing, *,
                   engine_s: float) -> tuple[float, float]:
-    with torch.no_grad():
-        forward = _median_time(lambda: call.fn(*call.args), dev, repeats=repeats, warmup=warmup)
+    """(forward_s, backward_s): forward as training runs it (recording autograd's graph), then backward."""
     wanted = [i for i, (g, t) in enumerate(zip(grads, call.tensor_args)) if g and t.is_floating_point()]
-    if not wanted:
-        return forward, 0.0
     leaves = list(call.tensor_args)
     for i in wanted:
         leaves[i] = leaves[i].detach().requires_grad_(True)
-    out = call.fn(*call.with_tensors(leaves))
-    outs = [o for o in _flat_tensors(out) if o.requires_grad and o.is_floating_point()]
+    args = call.with_tensors(leaves)
+    forward = time_call(lambda: call.fn(*args), dev, timing)
+    outs = [o for o in _flat_tensors(call.fn(*args)) if o.requires_grad and o.is_floating_point()]
     if not outs:
         return forward, 0.0
     grad_outs = [torch.randn_like(o) for o in outs]
     inputs = [leaves[i] for i in wanted]
-    backward = _median_time(lambda: torch.autograd.grad(outs, inputs, grad_outs, retain_graph=True,
-                                                        allow_unused=True), dev, repeats=repeats, warmup=warmup)
+    backward = time_call(lambda: torch.autograd.grad(outs, inputs, grad_outs, retain_graph=True, allow_unused=True),
+                         dev, timing)
     return forward, max(backward - engine_s, 0.0)
 
 
@@ -149,9 +194,9 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _median_time(fn: Callable[[], object], dev: torch.device, *, repeats: int, warmup: int) -> float:
-    """Median seconds of one call of ``fn``: CUDA events on a GPU, perf_counter on CPU."""
-    for _ in range(max(warmup, 1)):
+def time_call(fn: Callable[[], object], dev: torch.device, timing: Timing = Timing()) -> float:
+    """Seconds of one call of ``fn`` (median or min of samples): CUDA events on a GPU, perf_counter on CPU."""
+    for _ in range(max(timing.warmup, 1)):
         fn()
     _sync(dev)
     start = time.perf_counter()
@@ -159,26 +204,36 @@ def _median_time(fn: Callable[[], object], dev: torch.device, *, repeats: int, w
     _sync(dev)
     once = max(time.perf_counter() - start, 1e-9)
     inner = int(min(MAX_INNER_REPEATS, max(1, MIN_SAMPLE_S // once)))
-    samples = [_sample(fn, dev, inner) for _ in range(repeats)]
-    return statistics.median(samples)
+    samples = [_sample(fn, dev, inner, timing.clock) for _ in range(timing.repeats)]
+    return statistics.median(samples) if timing.statistic is Statistic.MEDIAN else min(samples)
 
 
-def _sample(fn: Callable[[], object], dev: torch.device, inner: int) -> float:
+def _sample(fn: Callable[[], object], dev: torch.device, inner: int, clock: Clock) -> float:
     if dev.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / 1e3 / inner
-    start = time.perf_counter()
+        return _cuda_sample(fn, dev, inner)
+    now = time.thread_time if clock is Clock.THREAD else time.perf_counter
+    start = now()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - start) / inner
+    return (now() - start) / inner
 
 
-def _autograd_startup_s(dev: torch.device, *, repeats: int, warmup: int) -> float:
+def _cuda_sample(fn: Callable[[], object], dev: torch.device, inner: int) -> float:
+    """Mean of ``inner`` calls, each after the L2 cache was overwritten, timed by CUDA events around the call."""
+    flush = torch.empty(CUDA_L2_FLUSH_BYTES // 4, dtype=torch.float32, device=dev)
+    total_ms = 0.0
+    for _ in range(inner):
+        flush.zero_()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        total_ms += begin.elapsed_time(end)
+    return total_ms / 1e3 / inner
+
+
+def _autograd_startup_s(dev: torch.device, timing: Timing) -> float:
     """autograd's fixed cost per ``backward`` call (paid once per training step, not once per op).
 
     Measured as t(1 node) − per-node cost, the per-node cost from a chain of ``ENGINE_CHAIN_LENGTH`` views.
@@ -192,10 +247,11 @@ def _autograd_startup_s(dev: torch.device, *, repeats: int, warmup: int) -> floa
             y = y.view(1)
         return lambda: torch.autograd.grad(y, x, g, retain_graph=True)
 
-    one = _median_time(chain(1), dev, repeats=repeats, warmup=warmup)
-    many = _median_time(chain(ENGINE_CHAIN_LENGTH), dev, repeats=repeats, warmup=warmup)
+    one = time_call(chain(1), dev, timing)
+    many = time_call(chain(ENGINE_CHAIN_LENGTH), dev, timing)
     per_node = max(many - one, 0.0) / (ENGINE_CHAIN_LENGTH - 1)
     return max(one - per_node, 0.0)
 
 
-__all__ = ["DEFAULT_REPEATS", "DEFAULT_WARMUP", "device_name", "profile_graph"]
+__all__ = ["DEFAULT_REPEATS", "DEFAULT_WARMUP", "Clock", "Statistic", "Timing", "device_name", "profile_graph",
+           "time_call"]

@@ -11,8 +11,9 @@ Step time of a layout (seconds)::
   parameters (same volume as one all-reduce); ZeRO 3 (FSDP) also all-gathers parameters
   before forward and backward of every micro-batch (1.5× the volume of ZeRO 1/2 per step
   when m = 1). With ``overlap_grad_reduce`` the gradient reduction hides behind the last
-  micro-batch's backward, and ZeRO 3's parameter gathers behind each micro-batch's compute
-  (prefetching), so only the excess is exposed;
+  micro-batch's backward, ZeRO 1/2's gather of updated parameters behind the next step's first
+  forward (about a third of a micro-batch's compute), and ZeRO 3's parameter gathers behind each
+  micro-batch's compute (prefetching), so only the excess is exposed;
 - optimizer update: memory-bound over the parameters a GPU owns (see ``Pricing``).
 """
 
@@ -91,22 +92,40 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p
                       boundary_send_s=send)
 
 
-def _partition(layout: Layout, stage_costs: StageCosts, budget: float) -> tuple[StagePartition, bool]:
-    stages = layout.pp * layout.virtual_stages
+PartitionCache = dict[tuple[object, ...], tuple[int, ...]]
+"""Time-optimal stage boundaries keyed by what they depend on (not memory): see ``_partition``."""
+
+
+def _partition(layout: Layout, stage_costs: StageCosts, budget: float, cache: PartitionCache | None,
+               key: tuple[object, ...]) -> tuple[StagePartition, bool]:
+    """The stage partition of ``layout`` and whether it fits ``budget`` per pipeline rank.
+
+    The time-optimal partition depends on the stage times only, not on the ZeRO stage or dp
+    (those change memory), so it is computed once per ``key`` with no memory limit and reused;
+    the memory-constrained DP runs only when that partition does not fit.
+    """
+    stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
+    m, schedule = layout.num_micro_batches, layout.schedule
+    in_flight = in_flight_micro_batches(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
+    alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+    if cache is not None:
+        if key not in cache:
+            cache[key] = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=m,
+                                               mem_budget_bytes=math.inf, schedule=schedule,
+                                               virtual_stages=v).boundaries
+        fastest = evaluate_partition(stage_costs, cache[key], in_flight=in_flight, alpha=alpha, beta=beta,
+                                     virtual_stages=v)
+        if max(fastest.rank_mem_bytes) <= budget:
+            return fastest, True
     try:
-        part = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=layout.num_micro_batches,
-                                     mem_budget_bytes=budget, schedule=layout.schedule,
-                                     virtual_stages=layout.virtual_stages)
+        part = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
+                                     schedule=schedule, virtual_stages=v)
         return part, True
     except InfeasibleStagePartitionError:
         n = stage_costs.num_layers
         bounds = [round(j * n / stages) for j in range(stages + 1)]
-        in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
-                                            virtual_stages=layout.virtual_stages)
-        alpha, beta = schedule_weights(layout.schedule, num_micro_batches=layout.num_micro_batches,
-                                       virtual_stages=layout.virtual_stages)
         return evaluate_partition(stage_costs, bounds, in_flight=in_flight, alpha=alpha, beta=beta,
-                                  virtual_stages=layout.virtual_stages), False
+                                  virtual_stages=v), False
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
@@ -125,7 +144,10 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
     reduce = max(0.0, t("reduce_scatter", grad_bytes) - hide)
     gather = t("all_gather", grad_bytes)  # updated parameter shards, at the training dtype's width
     if layout.zero_stage < 3:
-        return {"reduce_scatter": reduce, "all_gather": gather}
+        # the gather of updated shards overlaps the next step's first forward (Megatron-LM's
+        # --overlap-param-gather; FSDP's reshard_after_forward=False prefetch)
+        first_forward = rank_compute_s / layout.num_micro_batches / 3 if overlap else 0.0
+        return {"reduce_scatter": reduce, "all_gather": max(0.0, gather - first_forward)}
     m = layout.num_micro_batches
     per_mb = 2 * gather  # forward and backward gathers of every micro-batch
     exposed = m * max(0.0, per_mb - (rank_compute_s / m if overlap else 0.0))
@@ -133,8 +155,12 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
 
 
 def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, *, gpus_per_node: int,
-                    overlap_grad_reduce: bool = True) -> Evaluation:
-    """Price ``layout`` given per-layer costs at its (tp, sp, micro-batch, recompute) setting."""
+                    overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None) -> Evaluation:
+    """Price ``layout`` given per-layer costs at its (tp, sp, micro-batch, recompute) setting.
+
+    ``partition_cache`` (owned by the caller, e.g. one search) memoises time-optimal stage partitions;
+    ``costs`` must then stay alive as long as the cache (it is keyed by identity).
+    """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
     stage_costs = _stage_costs(layout, costs, pricing, p2p_nodes)
@@ -142,7 +168,9 @@ def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing
     fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
     headroom = pricing.allocator_headroom
     # total = (states + activations + fixed buffers) · (1 + headroom) must fit the GPU
-    part, solved = _partition(layout, stage_costs, pricing.gpu_mem_bytes / (1 + headroom) - fixed)
+    key = (id(costs), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
+    part, solved = _partition(layout, stage_costs, pricing.gpu_mem_bytes / (1 + headroom) - fixed,
+                              partition_cache, key)
     pp, m = layout.pp, layout.num_micro_batches
     comm: dict[str, float] = {}
     for c in costs:

@@ -13,8 +13,10 @@ sharded separately. It appears when a reshape merges a sharded dim into a
 larger one that is not its outermost, e.g. (B, H) → B·H with H sharded, and lets
 the inverse reshape recover S(H) exactly.
 
-Changing placement costs one collective (nbytes is always the size of the whole,
-unsharded tensor; the caller's ``collective_time`` applies its own ring factors):
+Changing placement costs one collective. Its size is given as NCCL counts it
+(``nccl_size``): the whole tensor for all-reduce, all-gather (the gathered output)
+and reduce-scatter (the input), and one rank's buffer (the whole / t) for
+all-to-all; the caller's ``collective_time`` applies its own ring factors:
 
 =======  ========  ==================
 from     to        collective
@@ -140,6 +142,16 @@ def reshard_collective(src: Placement, dst: Placement) -> CollectiveKind | None:
     return None  # S -> P: each rank zero-pads its slice
 
 
+def nccl_size(kind: CollectiveKind, tensor_nbytes: int, tp: int) -> int:
+    """Size NCCL (and ``cost_models.comm``) counts for a collective on a tensor of ``tensor_nbytes`` in total.
+
+    Example:
+        >>> nccl_size(CollectiveKind.ALL_GATHER, 1024, 4), nccl_size(CollectiveKind.ALL_TO_ALL, 1024, 4)
+        (1024, 256)
+    """
+    return tensor_nbytes // tp if kind is CollectiveKind.ALL_TO_ALL else tensor_nbytes
+
+
 def grad_placement(out: Placement) -> Placement:
     """Placement the gradient of a tensor must have for the backward of the op that produced it.
 
@@ -181,6 +193,7 @@ __all__ = [
     "REPLICATE",
     "grad_placement",
     "input_grad_placement",
+    "nccl_size",
     "reshard_collective",
     "shard",
 ]

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Layout, Recompute, Schedule
 from autopar.solvers.costs import LayerCost, Pricing
-from autopar.solvers.evaluate import Evaluation, evaluate_layout
+from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace
+from autopar.solvers.stage_dp import in_flight_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,55 @@ def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing)
     return (states + acts) / group.pp
 
 
+def _layout_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
+    """Lower bound on a layout's step time, valid for every stage partition.
+
+    With S = pp·v stages the pipeline takes ``(m·v − 1)·max_j t_j + Σ_j t_j / v`` (``stage_dp``) and
+    ``max_j t_j ≥ Σ_j t_j / S``, so it takes at least ``(m + (pp − 1)/v) · Σ / pp``; the optimizer
+    update of the most loaded rank takes at least that of an even share of the parameters.
+    """
+    total = sum(c.forward_s + c.backward_s for c in costs)
+    m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
+    owned = sum(c.param_count for c in costs) / pp / (layout.dp if layout.zero_stage >= 1 else 1)
+    return (m + (pp - 1) / v) * total / pp + pricing.optimizer_step_time(owned)
+
+
+def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
+    """Lower bound on the fullest rank's memory over every stage partition.
+
+    Rank r holds its states S_r and k_r micro-batches of its activations A_r (k_r: the fewest
+    in flight on any of its chunks). Weighting ranks by w_r = (1/k_r)/H with H = Σ_r 1/k_r,
+    ``max_r (S_r + k_r·A_r) ≥ Σ_r w_r (S_r + k_r·A_r) ≥ S/(k_max·H) + A/H`` for S = Σ S_r, A = Σ A_r;
+    uniform weights give ``(S + k_min·A)/pp``; the larger of the two holds. Buffers and headroom are
+    added as ``evaluate_layout`` adds them.
+    """
+    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=layout.zero_stage,
+                                           dp=layout.dp))
+    acts = sum(c.activation_bytes for c in costs)
+    in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                        virtual_stages=layout.virtual_stages)
+    k = [min(in_flight[r::layout.pp]) for r in range(layout.pp)]
+    h = sum(1.0 / kr for kr in k)
+    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
+                                 zero_stage=layout.zero_stage, dp=layout.dp)
+    spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
+                 _repeated_block_bound(layout, costs, pricing, k))
+    return (spread + fixed) * (1 + pricing.allocator_headroom)
+
+
+def _repeated_block_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing, k: list[int]) -> float:
+    """Bound from the most repeated layer alone (identical costs; the other layers only add memory).
+
+    N blocks of states s and activations a, n_r of them on rank r: ``max_r n_r·(s + k_r·a)`` over real
+    n_r ≥ 0 summing to N is smallest when every term is equal, at ``N / Σ_r 1/(s + k_r·a)``.
+    """
+    counts = Counter(id(c) for c in costs)
+    block_id, n = counts.most_common(1)[0]
+    block = next(c for c in costs if id(c) == block_id)
+    s = sum(pricing.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    return n / sum(1.0 / (s + kr * block.activation_bytes) for kr in k)
+
+
 def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Layout]:
     m = space.global_batch_size // (group.dp * group.micro_batch_size)
     zeros = [z for z in space.zero_stage if group.dp > 1 or z == 0] or [0]
@@ -117,9 +168,10 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     """
     groups = sorted(_groups(space, pricing), key=lambda gc: gc[0].time_bound_s)
     best: list[tuple[float, int, Evaluation]] = []  # max-heap on step time via negation
-    priced = pruned = 0
+    priced = pruned = pruned_layouts = 0
     min_mem: Evaluation | None = None
     leanest: tuple[float, _Group, tuple[LayerCost, ...]] | None = None
+    partitions: PartitionCache = {}  # keyed by id(costs): every costs tuple stays alive in ``groups``
     for i, (group, costs) in enumerate(groups):
         if progress is not None and i % 64 == 0:
             progress(i / max(1, len(groups)))
@@ -133,8 +185,12 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                 leanest = (bound, group, costs)
             continue
         for layout in _layouts(group, space, len(costs)):
+            if (len(best) >= top_k and _layout_bound(layout, costs, pricing) >= -best[0][0]) or \
+                    _layout_memory_bound(layout, costs, pricing) > pricing.gpu_mem_bytes:
+                pruned_layouts += 1
+                continue
             ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node,
-                                 overlap_grad_reduce=overlap_grad_reduce)
+                                 overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions)
             priced += 1
             if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
                 min_mem = ev
@@ -151,7 +207,8 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                for lay in _layouts(group, space, len(costs))]
         min_mem = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
     ranked = tuple(ev for _, _, ev in sorted(best, key=lambda t: (-t[0], -t[1])))
-    log.info("search: %d groups, %d pruned, %d layouts priced", len(groups), pruned, priced)
+    log.info("search: %d groups, %d pruned by bounds; %d layouts pruned, %d priced", len(groups), pruned,
+             pruned_layouts, priced)
     return SearchResult(ranked=ranked, candidates_priced=priced, groups_considered=len(groups),
                         groups_pruned=pruned, min_memory=min_mem)
 

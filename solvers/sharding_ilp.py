@@ -11,14 +11,8 @@ The quadratic edge term is linearised with ``e_uv[i, j]`` (Alpa's code, constrai
 (e)–(g)): ``Σ_j e[i, j] = s_u[i]`` and ``Σ_i e[i, j] = s_v[j]``. Given binary s,
 these force e to be the outer product, so e can stay continuous in [0, 1].
 
-Before building the ILP the graph is reduced exactly:
-
-* a node with a single strategy is a constant: its costs and edges fold into its
-  neighbours' cost vectors;
-* a node that *follows* its producer (Alpa's "follow" strategy for views and
-  reshapes: its choice is a function of the producer's) merges into the
-  producer: its cost and memory join the producer's vectors and its edges are
-  re-indexed by the producer's choice.
+Before building the ILP the graph is reduced exactly (constants and followers fold
+into the nodes that choose; ``solvers/sharding_problem.py``).
 
 This module knows nothing about tensors or torch; ``solvers/strategies.py`` turns a
 layer's ATen ops into a ``ShardingProblem``.
@@ -29,126 +23,27 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pulp
 
 from autopar.errors import AutoparError, InfeasiblePlanError
+from autopar.solvers.sharding_problem import (
+    Reduction,
+    ShardingEdge,
+    ShardingNode,
+    ShardingProblem,
+    evaluate_assignment,
+    reduce_problem,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class ShardingSolverError(AutoparError):
     """The ILP solver returned no usable answer (time limit without a solution, or an undefined status)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardingNode:
-    """One node (an op, or a virtual node) and its candidate strategies."""
-
-    name: str
-    """Unique node name."""
-    strategies: tuple[str, ...]
-    """Readable strategy names, e.g. ``"S(1) = R x S(1)"``."""
-    compute_s: tuple[float, ...]
-    """Compute time per strategy."""
-    comm_s: tuple[float, ...]
-    """Communication inside the op per strategy."""
-    mem_bytes: tuple[float, ...]
-    """Memory per strategy (counted against the budget)."""
-    follows: str | None = None
-    """Producer node this node must follow, or None when it chooses freely."""
-    follow_map: tuple[int, ...] = ()
-    """For a follower: this node's strategy index for each strategy index of ``follows``."""
-
-    def __post_init__(self) -> None:
-        k = len(self.strategies)
-        if k == 0:
-            raise ValueError(f"node {self.name}: no strategies")
-        for field_name in ("compute_s", "comm_s", "mem_bytes"):
-            values = getattr(self, field_name)
-            if len(values) != k or not all(math.isfinite(v) and v >= 0 for v in values):
-                raise ValueError(f"node {self.name}: {field_name}={values} must be {k} finite values >= 0")
-        if self.follows is not None and not all(0 <= i < k for i in self.follow_map):
-            raise ValueError(f"node {self.name}: follow_map {self.follow_map} out of range for {k} strategies")
-
-    @property
-    def cost_s(self) -> tuple[float, ...]:
-        """Compute + communication per strategy."""
-        return tuple(a + b for a, b in zip(self.compute_s, self.comm_s))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardingEdge:
-    """A data dependency src → dst and its resharding cost matrix."""
-
-    src: str
-    """Producer node."""
-    dst: str
-    """Consumer node."""
-    cost_s: tuple[tuple[float, ...], ...]
-    """``cost_s[i][j]``: time to reshard when src uses strategy i and dst strategy j (``inf`` forbids the pair)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ShardingProblem:
-    """Nodes in topological order (a follower after the node it follows), edges, and a memory budget."""
-
-    nodes: tuple[ShardingNode, ...]
-    """All nodes."""
-    edges: tuple[ShardingEdge, ...]
-    """All edges."""
-    mem_budget_bytes: float | None = None
-    """Bound on Σ memory of the chosen strategies; None for no bound."""
-
-    def __post_init__(self) -> None:
-        sizes: dict[str, int] = {}
-        for node in self.nodes:
-            if node.name in sizes:
-                raise ValueError(f"duplicate node name {node.name!r}")
-            if node.follows is not None:
-                if node.follows not in sizes:
-                    raise ValueError(f"node {node.name} follows {node.follows!r}, which is not an earlier node")
-                if len(node.follow_map) != sizes[node.follows]:
-                    raise ValueError(f"node {node.name}: follow_map has {len(node.follow_map)} entries, "
-                                     f"{node.follows} has {sizes[node.follows]} strategies")
-            sizes[node.name] = len(node.strategies)
-        for edge in self.edges:
-            if edge.src not in sizes or edge.dst not in sizes:
-                raise ValueError(f"edge {edge.src} -> {edge.dst} names an unknown node")
-            rows, cols = sizes[edge.src], sizes[edge.dst]
-            if len(edge.cost_s) != rows or any(len(r) != cols for r in edge.cost_s):
-                raise ValueError(f"edge {edge.src} -> {edge.dst}: cost matrix is not {rows} x {cols}")
-
-    def node(self, name: str) -> ShardingNode:
-        """The node called ``name``."""
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise KeyError(name)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reduction:
-    """The exact reduction of a problem to its free ("root") nodes."""
-
-    roots: tuple[str, ...]
-    """Nodes that keep their own choice variables."""
-    root_of: Mapping[str, str | None]
-    """Node → the root that decides it (None: a constant)."""
-    choice_map: Mapping[str, tuple[int, ...]]
-    """Node → its strategy for each strategy of its root (one entry for constants)."""
-    cost_s: Mapping[str, tuple[float, ...]]
-    """Root → merged cost vector (its own, its followers', and edges to constants)."""
-    mem_bytes: Mapping[str, tuple[float, ...]]
-    """Root → merged memory vector."""
-    edges: Mapping[tuple[str, str], tuple[tuple[float, ...], ...]]
-    """(root a, root b) → merged edge matrix, a before b in ``roots``."""
-    const_cost_s: float
-    """Cost that no choice changes."""
-    const_mem_bytes: float
-    """Memory that no choice changes."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,99 +80,18 @@ class ShardingSolution:
         return {n.name: n.strategies[self.choice[n.name]] for n in problem.nodes}
 
 
-# ---- reduction -------------------------------------------------------------------------------
-
-
-def reduce_problem(problem: ShardingProblem) -> Reduction:
-    """Fold constants and followers into the roots (exact: the optimum is unchanged).
-
-    Example:
-        >>> a = ShardingNode(name="a", strategies=("x", "y"), compute_s=(1, 2), comm_s=(0, 0), mem_bytes=(0, 0))
-        >>> b = ShardingNode(name="b", strategies=("x", "y"), compute_s=(5, 0), comm_s=(0, 0), mem_bytes=(0, 0),
-        ...                  follows="a", follow_map=(0, 1))
-        >>> reduce_problem(ShardingProblem(nodes=(a, b), edges=())).cost_s["a"]
-        (6.0, 2.0)
-    """
-    root_of: dict[str, str | None] = {}
-    choice_map: dict[str, tuple[int, ...]] = {}
-    for node in problem.nodes:
-        if node.follows is not None:
-            parent = node.follows
-            root_of[node.name] = root_of[parent]
-            choice_map[node.name] = tuple(node.follow_map[i] for i in choice_map[parent])
-        elif len(node.strategies) == 1:
-            root_of[node.name], choice_map[node.name] = None, (0,)
-        else:
-            root_of[node.name], choice_map[node.name] = node.name, tuple(range(len(node.strategies)))
-    roots = tuple(n.name for n in problem.nodes if root_of[n.name] == n.name)
-    merged = _Merger(roots, root_of, choice_map)
-    for node in problem.nodes:
-        merged.add_node(node)
-    for edge in problem.edges:
-        merged.add_edge(edge)
-    return merged.result()
-
-
-class _Merger:
-    """Accumulates cost/memory vectors and edge matrices onto the roots."""
-
-    def __init__(self, roots: tuple[str, ...], root_of: dict[str, str | None],
-                 choice_map: dict[str, tuple[int, ...]]) -> None:
-        self.roots, self.root_of, self.choice_map = roots, root_of, choice_map
-        self.order = {r: i for i, r in enumerate(roots)}
-        self.cost = {r: [0.0] * len(choice_map[r]) for r in roots}
-        self.mem = {r: [0.0] * len(choice_map[r]) for r in roots}
-        self.edges: dict[tuple[str, str], list[list[float]]] = {}
-        self.const_cost = 0.0
-        self.const_mem = 0.0
-
-    def add_node(self, node: ShardingNode) -> None:
-        root, phi, cost = self.root_of[node.name], self.choice_map[node.name], node.cost_s
-        if root is None:
-            self.const_cost += cost[phi[0]]
-            self.const_mem += node.mem_bytes[phi[0]]
-            return
-        for s, i in enumerate(phi):
-            self.cost[root][s] += cost[i]
-            self.mem[root][s] += node.mem_bytes[i]
-
-    def add_edge(self, edge: ShardingEdge) -> None:
-        ra, rb = self.root_of[edge.src], self.root_of[edge.dst]
-        pa, pb, r = self.choice_map[edge.src], self.choice_map[edge.dst], edge.cost_s
-        if ra is None and rb is None:
-            self.const_cost += r[pa[0]][pb[0]]
-        elif ra is None or rb is None or ra == rb:
-            root = rb if ra is None else ra
-            assert root is not None
-            for s in range(len(self.cost[root])):
-                i = pa[0] if ra is None else pa[s]
-                j = pb[0] if rb is None else pb[s]
-                self.cost[root][s] += r[i][j]
-        else:
-            if self.order[ra] > self.order[rb]:  # keep one matrix per root pair, oriented by root order
-                ra, rb, pa, pb = rb, ra, pb, pa
-                r = tuple(zip(*r))
-            mat = self.edges.setdefault((ra, rb), [[0.0] * len(pb) for _ in pa])
-            for s, i in enumerate(pa):
-                for t, j in enumerate(pb):
-                    mat[s][t] += r[i][j]
-
-    def result(self) -> Reduction:
-        if not math.isfinite(self.const_cost):
-            raise InfeasiblePlanError("sharding problem: a fixed node is joined to another by a forbidden edge")
-        return Reduction(
-            roots=self.roots, root_of=self.root_of, choice_map=self.choice_map,
-            cost_s={r: tuple(v) for r, v in self.cost.items()}, mem_bytes={r: tuple(v) for r, v in self.mem.items()},
-            edges={k: tuple(tuple(row) for row in m) for k, m in self.edges.items()},
-            const_cost_s=self.const_cost, const_mem_bytes=self.const_mem,
-        )
-
-
 # ---- ILP -------------------------------------------------------------------------------------
 
 
 def _lp_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", text)
+
+
+def _new_var(lp: pulp.LpProblem, name: str, *, low: float, up: float, cat: str) -> pulp.LpVariable:
+    """A variable attached to ``lp`` (PuLP >= 3.3 wants ``add_variable``; older PuLP builds it directly)."""
+    if hasattr(lp, "add_variable"):
+        return lp.add_variable(name, low, up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
 
 
 def build_sharding_problem(problem: ShardingProblem) -> tuple[pulp.LpProblem, ShardingVars]:
@@ -318,7 +132,7 @@ def _add_choice_variables_a(lp: pulp.LpProblem, red: Reduction) -> dict[str, tup
     """Alpa (a): binary s_v[i] per root and strategy; strategies of infinite cost get no variable."""
     return {
         r: tuple(
-            pulp.LpVariable(f"s_{_lp_name(r)}_{i}", cat=pulp.LpBinary) if math.isfinite(c) else None
+            _new_var(lp, f"s_{_lp_name(r)}_{i}", low=0, up=1, cat=pulp.LpBinary) if math.isfinite(c) else None
             for i, c in enumerate(red.cost_s[r])
         )
         for r in red.roots
@@ -353,7 +167,7 @@ def _add_edge_linearisation_efg(lp: pulp.LpProblem, red: Reduction,
         tag = f"{_lp_name(a)}__{_lp_name(b)}"
         xa, xb = choice[a], choice[b]
         pairs = {
-            (i, j): pulp.LpVariable(f"e_{tag}_{i}_{j}", lowBound=0, upBound=1)
+            (i, j): _new_var(lp, f"e_{tag}_{i}_{j}", low=0, up=1, cat=pulp.LpContinuous)
             for i in range(len(xa)) for j in range(len(xb))
             if xa[i] is not None and xb[j] is not None and math.isfinite(mat[i][j])
         }
@@ -377,12 +191,18 @@ def _add_objective_eq1(lp: pulp.LpProblem, red: Reduction, choice: Mapping[str, 
 
 
 def _make_solver(time_limit_s: float, msg: bool) -> tuple[pulp.LpSolver, str]:
+    """HiGHS when ``highspy`` is installed, else a system CBC, else the CBC binary bundled with PuLP."""
     highs = getattr(pulp, "HiGHS", None)
     if highs is not None:
         solver = highs(msg=msg, timeLimit=time_limit_s)
         if solver.available():
             return solver, "HiGHS"
-    return pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s), "CBC"
+    coin = pulp.COIN_CMD(msg=msg, timeLimit=time_limit_s)
+    if coin.available():
+        return coin, "CBC"
+    with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC for removal in 4.0; it is still the fallback
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(msg=msg, timeLimit=time_limit_s), "CBC"
 
 
 def solve(lp: pulp.LpProblem, variables: ShardingVars, *, time_limit_s: float = 30.0,
@@ -440,62 +260,21 @@ def _solution(variables: ShardingVars, picks: Mapping[str, int], *, optimal: boo
     return ShardingSolution(choice=choice, cost_s=cost, mem_bytes=mem, optimal=optimal, solver=solver)
 
 
-def evaluate_assignment(problem: ShardingProblem, choice: Mapping[str, int]) -> tuple[float, float]:
-    """(cost, memory) of a full assignment, straight from the original problem.
-
-    Example:
-        >>> a = ShardingNode(name="a", strategies=("x", "y"), compute_s=(1, 2), comm_s=(0, 0), mem_bytes=(5, 1))
-        >>> evaluate_assignment(ShardingProblem(nodes=(a,), edges=()), {"a": 1})
-        (2.0, 1.0)
-    """
-    cost = math.fsum(n.cost_s[choice[n.name]] for n in problem.nodes)
-    cost += math.fsum(e.cost_s[choice[e.src]][choice[e.dst]] for e in problem.edges)
-    mem = math.fsum(n.mem_bytes[choice[n.name]] for n in problem.nodes)
-    return float(cost), float(mem)
-
-
 def solve_sharding(problem: ShardingProblem, *, time_limit_s: float = 30.0) -> ShardingSolution:
     """Build and solve in one call."""
     lp, variables = build_sharding_problem(problem)
     return solve(lp, variables, time_limit_s=time_limit_s)
 
 
-def brute_force_sharding(problem: ShardingProblem) -> ShardingSolution:
-    """Oracle for tests: enumerate every assignment of the free (non-follower) nodes.
-
-    Raises:
-        InfeasiblePlanError: nothing fits the budget with a finite cost.
-    """
-    import itertools
-
-    free = [n for n in problem.nodes if n.follows is None]
-    best: tuple[float, float, dict[str, int]] | None = None
-    for combo in itertools.product(*(range(len(n.strategies)) for n in free)):
-        choice = dict(zip((n.name for n in free), combo))
-        for node in problem.nodes:
-            if node.follows is not None:
-                choice[node.name] = node.follow_map[choice[node.follows]]
-        cost, mem = evaluate_assignment(problem, choice)
-        fits = problem.mem_budget_bytes is None or mem <= problem.mem_budget_bytes
-        if fits and math.isfinite(cost) and (best is None or cost < best[0]):
-            best = (cost, mem, choice)
-    if best is None:
-        raise InfeasiblePlanError("brute force: no assignment fits the memory budget")
-    return ShardingSolution(choice=best[2], cost_s=best[0], mem_bytes=best[1], optimal=True, solver="brute-force")
-
-
 __all__ = [
-    "Reduction",
     "ShardingEdge",
     "ShardingNode",
     "ShardingProblem",
     "ShardingSolution",
     "ShardingSolverError",
     "ShardingVars",
-    "brute_force_sharding",
     "build_sharding_problem",
     "evaluate_assignment",
-    "reduce_problem",
     "solve",
     "solve_sharding",
 ]

@@ -30,7 +30,6 @@ Everything here is torch-free: inputs are numbers, outputs frozen dataclasses.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from numpy.typing import NDArray
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
+from autopar.solvers.schedules import in_flight_micro_batches, schedule_weights
 
 logger = logging.getLogger(__name__)
 
@@ -144,76 +144,6 @@ class StagePartition:
     def stage_layers(self, stage: int) -> range:
         """Layer indices of one stage."""
         return range(self.boundaries[stage], self.boundaries[stage + 1])
-
-
-# ---- schedule-dependent coefficients ---------------------------------------------------------
-
-
-def in_flight_micro_batches(schedule: Schedule, *, pp: int, num_micro_batches: int,
-                            virtual_stages: int = 1) -> tuple[int, ...]:
-    """Micro-batches whose activations each stage holds at its peak, per stage (chunk) index.
-
-    GPipe keeps all m. 1F1B (PipeDream-Flush, Narayanan et al. 2021) keeps
-    ``min(m, pp − j)`` on stage j. Interleaved 1F1B follows Megatron-LM's
-    schedule: rank r runs ``2·(pp − r − 1) + (v − 1)·pp`` warm-up chunk forwards,
-    in groups of pp micro-batches per chunk, before its first backward; the count
-    per chunk is read off that order (plus the one in steady state).
-
-    Args:
-        schedule: the pipeline schedule.
-        pp: pipeline ranks.
-        num_micro_batches: m.
-        virtual_stages: chunks per rank v (> 1 only for interleaved 1F1B).
-
-    Returns:
-        One count per stage, stage j = chunk ``j // pp`` of rank ``j % pp``.
-
-    Example:
-        >>> in_flight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8)
-        (4, 3, 2, 1)
-        >>> in_flight_micro_batches(Schedule.GPIPE, pp=2, num_micro_batches=8)
-        (8, 8)
-    """
-    m, v = num_micro_batches, virtual_stages
-    if pp < 1 or m < 1 or v < 1:
-        raise ValueError(f"pp={pp}, num_micro_batches={m}, virtual_stages={v} must all be >= 1")
-    match schedule:
-        case Schedule.GPIPE:
-            return (m,) * (pp * v)
-        case Schedule.ONE_F_ONE_B:
-            if v != 1:
-                raise ValueError(f"1F1B has one chunk per rank, got virtual_stages={v}")
-            return tuple(min(m, pp - j) for j in range(pp))
-        case Schedule.INTERLEAVED_1F1B:
-            return _interleaved_in_flight(pp, m, v)
-        case _:
-            raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def _interleaved_in_flight(pp: int, m: int, v: int) -> tuple[int, ...]:
-    counts = [[0] * v for _ in range(pp)]
-    for r in range(pp):
-        warmup = min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
-        # Megatron's forward order on a rank: micro-batch groups of pp, chunk by chunk within a group
-        order = ((c, mb) for g in range(0, m, pp) for c in range(v) for mb in range(g, min(g + pp, m)))
-        for c, _ in itertools.islice(order, warmup):
-            counts[r][c] += 1
-    return tuple(counts[j % pp][j // pp] for j in range(pp * v))
-
-
-def schedule_weights(schedule: Schedule, *, num_micro_batches: int, virtual_stages: int = 1) -> tuple[float, float]:
-    """(alpha, beta) of ``step = alpha · max_j t_j + beta · Σ_j t_j`` for a schedule.
-
-    Example:
-        >>> schedule_weights(Schedule.ONE_F_ONE_B, num_micro_batches=8)
-        (7.0, 1.0)
-        >>> schedule_weights(Schedule.INTERLEAVED_1F1B, num_micro_batches=8, virtual_stages=2)
-        (15.0, 0.5)
-    """
-    m, v = num_micro_batches, virtual_stages
-    if schedule is not Schedule.INTERLEAVED_1F1B and v != 1:
-        raise ValueError(f"schedule {schedule.value!r} has one chunk per rank, got virtual_stages={v}")
-    return float(m * v - 1), 1.0 / v
 
 
 # ---- the kernel ------------------------------------------------------------------------------
@@ -324,7 +254,7 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
     Raises:
         InfeasibleStagePartitionError: S > L, or no partition fits (carries the smallest budget that fits).
     """
-    _check_shape(costs, num_stages, in_flight)
+    check_stage_count(costs, num_stages, in_flight)
     times = _stage_time_matrices(costs, num_stages)
     ok = _memory_ok(costs, in_flight, mem_budget_bytes)
     times = [np.where(o, t, np.inf) for t, o in zip(times, ok)]
@@ -350,7 +280,8 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
     return best[1]
 
 
-def _check_shape(costs: StageCosts, num_stages: int, in_flight: Sequence[int]) -> None:
+def check_stage_count(costs: StageCosts, num_stages: int, in_flight: Sequence[int]) -> None:
+    """Raise unless S >= 1, one in-flight count per stage, and S <= L."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if len(in_flight) != num_stages:
@@ -466,33 +397,11 @@ def solve_stage_partition(costs: StageCosts, *, num_stages: int, num_micro_batch
     return result
 
 
-def brute_force_stage_partition(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int],
-                                mem_budget_bytes: float, alpha: float, beta: float) -> StagePartition:
-    """Oracle for tests: try every composition of L layers into S non-empty parts (C(L−1, S−1) of them).
-
-    Raises:
-        InfeasibleStagePartitionError: S > L or no composition fits (with the smallest budget that fits).
-    """
-    _check_shape(costs, num_stages, in_flight)
-    n = costs.num_layers
-    best: StagePartition | None = None
-    need = math.inf
-    for cuts in itertools.combinations(range(1, n), num_stages - 1):
-        part = evaluate_partition(costs, (0, *cuts, n), in_flight=in_flight, alpha=alpha, beta=beta)
-        need = min(need, max(part.mem_bytes))
-        if max(part.mem_bytes) <= mem_budget_bytes and (best is None or part.step_time_s < best.step_time_s):
-            best = part
-    if best is None:
-        raise InfeasibleStagePartitionError(f"brute force: nothing fits {mem_budget_bytes} bytes",
-                                            min_budget_bytes=need)
-    return best
-
-
 __all__ = [
     "InfeasibleStagePartitionError",
+    "check_stage_count",
     "StageCosts",
     "StagePartition",
-    "brute_force_stage_partition",
     "evaluate_partition",
     "in_flight_micro_batches",
     "partition_stages",

@@ -1,434 +1,366 @@
-"""Sharding strategies of single ATen ops over one tensor-parallel mesh axis of size t.
+"""Sharding strategies for a layer at one TP size: ATen ops → ``ShardingProblem`` → ILP → ``LayerShardingResult``.
 
-A strategy fixes a placement (``R``, ``S(d)``, ``P``; see ``solvers/placement.py``)
-for every tensor input and output of an op. Its text form follows Colossal-AI's
-readable names, outputs first: ``S(1) = R x S(1)`` is a column-split matmul
-(activation replicated, weight split on its output features, output split on
-its last dim), ``P = S(1) x S(0)`` a row split whose output is a partial sum.
+Per-op strategies come from ``solvers/op_strategies.py`` (rules per op family in
+``solvers/op_rules.py``, views in ``solvers/view_rules.py``); this module wires them
+into one problem per layer, solves it with ``solvers/sharding_ilp.py`` and reads
+the answer back (``solvers/layer_result.py``).
 
-Rules, by op family (R everywhere is always a strategy):
+Nodes of the problem, in execution order:
 
-* matmuls (mm, addmm, bmm, baddbmm, linear) as einsums: shard one index; an index
-  that is summed over gives a partial output (and a partial addend/bias);
-* attention kernels: shard the heads dim (1) of q/k/v/out (and the batch dim 0 on request);
-* pointwise ops and dropout: any output dim, inputs agree, broadcast dims stay R;
-  linear ones (add, sub, neg, mul/div by a replicated factor) also take P → P;
-* norms: any dim that is not normalised (batch/sequence: Megatron's sequence parallelism);
-* softmax: any dim but the softmax dim; reductions: kept dims, or the reduced dim → P (sum/mean);
-* embedding: vocab split (weight S(0), output P) or embedding-dim split (weight S(1));
-* views, reshapes, transposes, slices, splits: the input placement mapped through (``view_rules``);
-* cat/stack: any dim but the joined one; losses: batch split → P;
-* anything else: replicate only.
+* ``in:<key>``  a boundary tensor with its pinned placement (one strategy: a constant);
+* ``<op>``      one per ATen op, with the strategies of ``solvers/strategies.py``;
+  view-like ops follow their producer (Alpa's follow strategy);
+* ``fan:<op>:<k>`` a tensor read by more than one op: it chooses the placement
+  the readers share and where their gradients accumulate, so one all-gather (or
+  one backward all-reduce) serves all readers, as in Megatron-LM, instead of one each;
+* ``out:<op>``  a layer output (read by the next layer) with its pinned placement.
 
-An op's own collective is always none: a partial output is resolved by the
-resharding on the edge to its consumer. Strategies that split a matmul's or an
-embedding's work while its weight stays replicated (batch/data parallelism
-inside the TP group) are off unless ``allow_batch_split``: the dp axis owns
-data parallelism, and the emitted TP plan cannot express them.
+Costs are per micro-batch and include the backward pass: node cost = forward +
+backward compute of the op at its split (by default backward = 2 × forward, as
+FLOPs go: Narayanan et al. 2021; or the caller's ``op_cost``); edge cost = forward resharding of the tensor plus the
+backward resharding of its gradient (the consumer's input-gradient placement to
+the gradient placement the producer needs). Memory is parameter bytes per GPU.
+
+In the forward pass a replicated or sharded tensor may not be turned into a
+partial sum (R → P, S → P). DTensor allows it, but Megatron-style TP never does
+it and ``RowwiseParallel`` cannot express it: a partial output is reduced (or
+reduce-scattered) before anything but a linear op reads it. Gradients may turn
+partial freely (a rank simply does not add what it does not own), which is
+how one backward all-reduce serves q, k and v together. Without sequence
+parallelism a partial output is all-reduced, never reduce-scattered: splitting
+the sequence between the TP regions (reduce-scatter there, all-gather later) is
+exactly what sequence parallelism adds, and it must be asked for.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Sequence
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from autopar.graph.ir import Op, OpClass, TensorMeta
+from autopar.errors import InfeasiblePlanError
+from autopar.graph.ir import Layer, Op
+from autopar.solvers.layer_graph import LayerGraph, Source, build_layer_graph
+from autopar.solvers.layer_result import CollectiveCall, LayerShardingResult, build_result
 from autopar.solvers.placement import (
     PARTIAL,
     REPLICATE,
+    CollectiveKind,
     Placement,
-    input_grad_placement,
+    grad_placement,
+    nccl_size,
+    reshard_collective,
     shard,
 )
-from autopar.solvers.view_rules import VIEW_TARGETS, changed_dim, map_placement, packet, shard_fits
+from autopar.solvers.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
+from autopar.solvers.op_rules import OpStrategy
+from autopar.solvers.op_strategies import op_strategies, param_bytes
+from autopar.solvers.view_rules import VIEW_TARGETS, packet, shard_fits
 
-FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
-"""Dtypes that carry gradients."""
+logger = logging.getLogger(__name__)
+
+OpTime = Callable[[Op], float]
+"""Forward time of one op on one GPU, unsharded (seconds)."""
+OpCost = Callable[[Op, int], tuple[float, float]]
+"""(forward, backward) seconds of one op when its work is split over n ranks (n = 1: unsharded)."""
+CollectiveTime = Callable[[str, float], float]
+"""Time of a collective (``"all_reduce"``, ...) over the TP group, given its NCCL size in bytes (``nccl_size``)."""
+
+BACKWARD_COMPUTE_FACTOR = 2.0
+"""Backward compute / forward compute: two matmuls (input and weight gradients) per forward matmul."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OpStrategy:
-    """Placements of one op's tensors, and whether the op's work is divided among the t ranks."""
+class NodePlan:
+    """A node's strategies as placements: what flows out of it and what gradient it needs back."""
 
-    inputs: tuple[Placement, ...]
-    """Placement per tensor input, in call order."""
-    outputs: tuple[Placement, ...]
-    """Placement per tensor output."""
-    work_split: bool
-    """True when each rank does 1/t of the op's work."""
-
-    @property
-    def name(self) -> str:
-        """Readable form, outputs first: ``"S(1) = R x S(1)"``."""
-        outs = ", ".join(str(p) for p in self.outputs) or "-"
-        ins = " x ".join(str(p) for p in self.inputs) or "-"
-        return f"{outs} = {ins}"
-
-    def input_grads(self) -> tuple[Placement, ...]:
-        """Placement of the gradient the backward produces for each input."""
-        return tuple(input_grad_placement(p, self.outputs) for p in self.inputs)
+    name: str
+    """Node name in the problem."""
+    outs: tuple[Placement, ...]
+    """Per strategy: placement of the tensor it hands to its readers."""
+    grad_needs: tuple[Placement, ...]
+    """Per strategy: placement of the gradient it needs back."""
 
 
-def is_float(meta: TensorMeta) -> bool:
-    """Whether a tensor's dtype can carry a gradient."""
-    return meta.dtype in FLOAT_DTYPES
+class ShardingCache:
+    """Results per (layer kind, tp, sequence parallel, options, cost callables); one per planning run."""
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[Hashable, ...], LayerShardingResult] = {}
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def get(self, key: tuple[Hashable, ...]) -> LayerShardingResult | None:
+        """The cached result, if any."""
+        return self._results.get(key)
+
+    def put(self, key: tuple[Hashable, ...], result: LayerShardingResult) -> None:
+        """Store a result."""
+        self._results[key] = result
 
 
-def op_strategies(op: Op, *, tp: int, hints: Sequence[Iterable[Placement]] | None = None,
-                  allow_batch_split: bool = False) -> tuple[OpStrategy, ...]:
-    """All strategies of one op at TP size ``tp`` (the all-replicated one first).
+def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_time: OpTime | None = None,
+                         collective_time: CollectiveTime, op_cost: OpCost | None = None,
+                         mem_budget_bytes: float | None = None,
+                         free_output: bool = False, allow_batch_split: bool = False,
+                         backward_compute_factor: float = BACKWARD_COMPUTE_FACTOR, time_limit_s: float = 30.0,
+                         cache: ShardingCache | None = None) -> LayerShardingResult:
+    """The cheapest sharding of one layer's ops over a TP axis of size ``tp``.
 
     Args:
-        op: the ATen op.
-        tp: size of the tensor-parallel axis.
-        hints: per tensor input, placements its producer can deliver; used to offer
-            strided shards (``S(d,sf=k)``) that match them, and the candidate inputs of views.
-        allow_batch_split: keep strategies that split a matmul's/embedding's work over a replicated weight.
+        layer: the layer (its ops in execution order).
+        tp: tensor-parallel size.
+        sequence_parallel: pin the hidden state at the layer boundary to S(1) (sequence) instead of R.
+        op_time: unsharded forward time of an op; a split op takes 1/t of it and backward takes
+            ``backward_compute_factor`` times forward.
+        op_cost: instead of ``op_time``: (forward, backward) time of an op split n ways, when the compute
+            model knows better than 1/n (fixed kernel costs, efficiency falling with size).
+        collective_time: time of a collective on the TP group, from its kind and NCCL size in bytes.
+        mem_budget_bytes: bound on parameter bytes per GPU for this layer (None: no bound).
+        free_output: let the layer's outputs be R or any shard, not just the pin (the last layer, when the
+            loss runs on shards: torch's ``loss_parallel``, Megatron's vocab-parallel cross-entropy).
+        allow_batch_split: allow matmuls/embeddings to split work over a replicated weight.
+        backward_compute_factor: backward compute time / forward compute time.
+        time_limit_s: ILP time limit.
+        cache: reuse results for layers of the same kind.
 
     Returns:
-        Distinct strategies; at tp = 1 only the replicated one.
+        Strategies, placements, collectives, times and TP styles for the layer.
 
-    Example:
-        >>> from autopar.graph.ir import Op, OpClass, TensorMeta
-        >>> m = lambda *s: TensorMeta(shape=s, dtype="float32")
-        >>> mm = Op(name="mm", target="aten.mm.default", op_class=OpClass.MATMUL, inputs=(m(32, 64), m(64, 256)),
-        ...         input_ops=("x", "t"), input_params=(None, "fc.weight"), outputs=(m(32, 256),), flops=0,
-        ...         nbytes_moved=0, module_path="fc")
-        >>> [s.name for s in op_strategies(mm, tp=4)]
-        ['R = R x R', 'P = S(1) x S(0)', 'S(1) = R x S(1)']
+    Raises:
+        InfeasiblePlanError: no sharding keeps the parameters within ``mem_budget_bytes``.
     """
-    replicate = OpStrategy(inputs=(REPLICATE,) * len(op.inputs), outputs=(REPLICATE,) * len(op.outputs),
-                           work_split=False)
-    if tp == 1:
-        return (replicate,)
-    hint_sets = [frozenset(h) for h in hints] if hints is not None else [frozenset() for _ in op.inputs]
-    found = [replicate, *_rule_for(op, tp, hint_sets)]
-    found += _strided_variants(op, found, hint_sets, tp)
-    keep = [s for s in found if _shards_fit(op, s, tp) and (allow_batch_split or not _replicated_weight_split(op, s))]
-    return tuple(dict.fromkeys(keep))
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if (op_time is None) == (op_cost is None):
+        raise ValueError("pass exactly one of op_time (forward seconds) and op_cost ((forward, backward) seconds)")
+    key = (layer.kind, tp, sequence_parallel, mem_budget_bytes, free_output, allow_batch_split,
+           backward_compute_factor, op_time, op_cost, collective_time)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
+        return cached.rebind(layer)
+    start = time.perf_counter()
+    graph = build_layer_graph(layer, tp=tp, sequence_parallel=sequence_parallel)
+    if op_cost is None:
+        assert op_time is not None
+        op_cost = _scaled_cost(op_time, backward_compute_factor)
+    builder = _ProblemBuilder(graph, tp=tp, sequence_parallel=sequence_parallel, op_cost=op_cost,
+                              collective_time=collective_time, free_output=free_output,
+                              allow_batch_split=allow_batch_split)
+    problem = builder.build(mem_budget_bytes)
+    try:
+        solution = solve_sharding(problem, time_limit_s=time_limit_s)
+    except InfeasiblePlanError as e:
+        raise InfeasiblePlanError(f"layer {layer.module_path} at tp={tp}: {e}") from e
+    result = builder.result(solution, sequence_parallel=sequence_parallel)
+    logger.debug("layer %s tp=%d sp=%s: %d nodes, objective %.4g s, solved in %.3f s", layer.module_path, tp,
+                 sequence_parallel, len(problem.nodes), solution.cost_s, time.perf_counter() - start)
+    if cache is not None:
+        cache.put(key, result)
+    return result
 
 
-def _rule_for(op: Op, tp: int, hints: Sequence[frozenset[Placement]]) -> list[OpStrategy]:
-    name = packet(op.target)
-    if not op.inputs:
-        return _creation(op)
-    if name in VIEW_TARGETS and len(op.inputs) == 1:
-        return view_strategies(op, tp, hints[0] if hints[0] else _all_placements(op.inputs[0]))
-    match op.op_class:
-        case OpClass.MATMUL:
-            return _matmul(op)
-        case OpClass.ATTENTION:
-            return _attention(op)
-        case OpClass.EMBEDDING:
-            return _embedding(op)
-        case OpClass.NORM if name in _LAYER_NORMS:
-            return _norm(op)
-        case OpClass.SOFTMAX:
-            return _all_dims_but(op, {_dim_scalar(op, default=-1)})
-        case OpClass.REDUCTION:
-            return _reduction(op)
-        case OpClass.LOSS if name.startswith("nll_loss"):
-            return _loss(op)
-        case OpClass.ELEMENTWISE | OpClass.DROPOUT:
-            return _elementwise(op)
-        case OpClass.COPY if name in ("cat", "stack"):
-            return _cat(op)
-        case OpClass.COPY if name in ("where", "masked_fill", "fill", "zeros_like", "ones_like", "full_like",
-                                      "empty_like"):
-            return _elementwise(op)
-        case OpClass.COPY if name in ("triu", "tril"):
-            out_ndim = len(op.outputs[0].shape)
-            return _all_dims_but(op, {out_ndim - 2, out_ndim - 1})
-        case _:
-            return []
+def _scaled_cost(op_time: OpTime, backward_factor: float) -> OpCost:
+    """The default compute model: a split op takes 1/n of the time, backward a fixed multiple of forward."""
+    def cost(op: Op, n: int) -> tuple[float, float]:
+        fwd = op_time(op) / n
+        return fwd, backward_factor * fwd
+
+    return cost
 
 
-_LAYER_NORMS = frozenset({"native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm"})
-_LINEAR_POINTWISE = frozenset({"add", "sub", "neg", "mul", "div", "clone", "_to_copy", "alias"})
+class _ProblemBuilder:
+    """Turns a ``LayerGraph`` into a ``ShardingProblem`` and reads a solution back."""
 
+    def __init__(self, graph: LayerGraph, *, tp: int, sequence_parallel: bool, op_cost: OpCost,
+                 collective_time: CollectiveTime, free_output: bool, allow_batch_split: bool) -> None:
+        self.graph, self.tp, self.sequence_parallel = graph, tp, sequence_parallel
+        self.free_output, self.allow_batch_split = free_output, allow_batch_split
+        self._op_cost = op_cost
+        self._compute: dict[tuple[str, int], tuple[float, float]] = {}
+        self._collective_time = collective_time
+        self._comm: dict[tuple[str, int], float] = {}
+        self.strategies: dict[str, tuple[OpStrategy, ...]] = {}
+        self.plans: dict[str, NodePlan] = {}
+        self.tensor_node: dict[Source, str] = {}  # tensor -> node its readers connect to
+        self.nodes: list[ShardingNode] = []
+        self.edges: list[ShardingEdge] = []
+        self.edge_info: list[tuple[str, str, Source, int]] = []  # src node, dst node, tensor, dst input index
 
-def _all_placements(meta: TensorMeta) -> list[Placement]:
-    return [REPLICATE, *(shard(d) for d in range(len(meta.shape)))]
+    # ---- costs ----
 
+    def op_cost(self, op: Op, split: bool) -> tuple[float, float]:
+        """(forward, backward) seconds of an op, split t ways or not (memoised)."""
+        n = self.tp if split else 1
+        key = (op.name, n)
+        if key not in self._compute:
+            self._compute[key] = self._op_cost(op, n)
+        return self._compute[key]
 
-def view_strategies(op: Op, tp: int, candidates: Iterable[Placement]) -> list[OpStrategy]:
-    """Strategies of a view-like op: one per candidate input placement that maps through."""
-    out = []
-    for p in candidates:
-        mapped = map_placement(op, p, tp)
-        if mapped is not None:
-            out.append(OpStrategy(inputs=(p,), outputs=(mapped,) * len(op.outputs), work_split=False))
-    return out
+    def comm_time(self, src: Placement, dst: Placement, nbytes: int, *, forward: bool = True) -> float:
+        """Resharding time of a tensor of ``nbytes``; inf for what the forward pass may not do (module docstring)."""
+        if forward and dst.is_partial and not src.is_partial:
+            return math.inf
+        kind = reshard_collective(src, dst)
+        if kind is None:
+            return 0.0
+        if forward and kind is CollectiveKind.REDUCE_SCATTER and not self.sequence_parallel:
+            return math.inf
+        size = nccl_size(kind, nbytes, self.tp)
+        key = (kind.value, size)
+        if key not in self._comm:
+            self._comm[key] = float(self._collective_time(kind.value, float(size)))
+        return self._comm[key]
 
+    def _edge_matrix(self, tensor: Source, src: NodePlan, dst_ins: tuple[Placement, ...],
+                     dst_grads: tuple[Placement, ...]) -> tuple[tuple[float, ...], ...]:
+        nbytes = self.graph.metas[tensor].nbytes
+        needs_grad = tensor in self.graph.requires_grad
+        return tuple(
+            tuple(self.comm_time(out, i, nbytes)
+                  + (self.comm_time(g, need, nbytes, forward=False) if needs_grad else 0.0)
+                  for i, g in zip(dst_ins, dst_grads))
+            for out, need in zip(src.outs, src.grad_needs)
+        )
 
-def _creation(op: Op) -> list[OpStrategy]:
-    """Ops without tensor inputs (arange, full, zeros): each rank can make just its slice."""
-    shape = op.outputs[0].shape
-    return [OpStrategy(inputs=(), outputs=tuple(_aligned(shape, o.shape, d) for o in op.outputs), work_split=True)
-            for d in range(len(shape))]
+    # ---- nodes ----
 
+    def build(self, mem_budget_bytes: float | None) -> ShardingProblem:
+        for tensor, pin in self.graph.pins.items():
+            self._add_constant(f"in:{tensor.name}", tensor, pin)
+        for op in self.graph.layer.ops:
+            self._add_op(op)
+        for tensor, pin in self.graph.outputs.items():
+            name = f"out:{tensor.name}"
+            allowed = self._free_placements(tensor) if self.free_output else (pin,)
+            self._connect(tensor, name, allowed, allowed)
+            self.nodes.append(ShardingNode(name=name, strategies=tuple(map(str, allowed)),
+                                           compute_s=(0.0,) * len(allowed), comm_s=(0.0,) * len(allowed),
+                                           mem_bytes=(0.0,) * len(allowed)))
+            self.plans[name] = NodePlan(name=name, outs=allowed, grad_needs=allowed)
+        return ShardingProblem(nodes=tuple(self.nodes), edges=tuple(self.edges), mem_budget_bytes=mem_budget_bytes)
 
-def _aligned(ref: Sequence[int], shape: Sequence[int], dim: int, *, bcast: Placement = REPLICATE) -> Placement:
-    """S of the dim of ``shape`` aligned (from the right) with dim ``dim`` of ``ref``; ``bcast`` if broadcast."""
-    d = dim - (len(ref) - len(shape))
-    if d < 0 or shape[d] != ref[dim]:
-        return bcast
-    return shard(d)
+    def _free_placements(self, tensor: Source) -> tuple[Placement, ...]:
+        """An unpinned output may be R or any shard (a loss can run on shards), never a partial sum."""
+        shape = self.graph.metas[tensor].shape
+        return (REPLICATE, *(shard(d) for d in range(len(shape)) if shard_fits(shape[d], 1, self.tp)))
 
+    def _add_constant(self, name: str, tensor: Source, pin: Placement) -> None:
+        self.nodes.append(ShardingNode(name=name, strategies=(str(pin),), compute_s=(0.0,), comm_s=(0.0,),
+                                       mem_bytes=(0.0,)))
+        self.plans[name] = NodePlan(name=name, outs=(pin,), grad_needs=(grad_placement(pin),))
+        self._register(tensor, name)
 
-def _elementwise(op: Op) -> list[OpStrategy]:
-    """Pointwise ops with broadcasting; linear ones also keep partial sums."""
-    out_shape = op.outputs[0].shape
-    found = [
-        OpStrategy(inputs=tuple(_aligned(out_shape, t.shape, d) for t in op.inputs),
-                   outputs=tuple(_aligned(out_shape, o.shape, d) for o in op.outputs), work_split=True)
-        for d in range(len(out_shape))
-    ]
-    name = packet(op.target)
-    floats = [i for i, t in enumerate(op.inputs) if is_float(t)]
-    if name in _LINEAR_POINTWISE and floats:
-        if name in ("add", "sub") or len(floats) == 1:
-            partial_ins = tuple(PARTIAL if i in floats else REPLICATE for i in range(len(op.inputs)))
-            found.append(OpStrategy(inputs=partial_ins, outputs=(PARTIAL,) * len(op.outputs), work_split=False))
-        elif name in ("mul", "div"):  # linear in one factor when the other is replicated
-            for i in floats[: 1 if name == "div" else len(floats)]:
-                ins = tuple(PARTIAL if j == i else REPLICATE for j in range(len(op.inputs)))
-                found.append(OpStrategy(inputs=ins, outputs=(PARTIAL,) * len(op.outputs), work_split=False))
-    return found
+    def _add_op(self, op: Op) -> None:
+        srcs = self.graph.sources[op.name]
+        hints = [frozenset(self.plans[self.tensor_node[s]].outs) if s in self.tensor_node else None for s in srcs]
+        strategies = op_strategies(op, tp=self.tp, hints=[h or () for h in hints],
+                                   allow_batch_split=self.allow_batch_split)
+        self.strategies[op.name] = strategies
+        compute = tuple(sum(self.op_cost(op, s.work_split)) for s in strategies)
+        mem = tuple(param_bytes(op, s, self.tp, trainable=self.graph.trainable) for s in strategies)
+        follows, follow_map = self._follow(op, strategies)
+        self.nodes.append(ShardingNode(name=op.name, strategies=tuple(s.name for s in strategies), compute_s=compute,
+                                       comm_s=(0.0,) * len(strategies), mem_bytes=mem, follows=follows,
+                                       follow_map=follow_map))
+        for k, src in enumerate(srcs):
+            if src.kind != "param":
+                self._connect(src, op.name, tuple(s.inputs[k] for s in strategies),
+                              tuple(s.input_grads()[k] for s in strategies), k)
+        for i in range(len(op.outputs)):
+            tensor = Source("op", op.name, i)
+            self.plans[f"{op.name}#{i}"] = NodePlan(name=op.name, outs=tuple(s.outputs[i] for s in strategies),
+                                                    grad_needs=tuple(s.output_grads()[i] for s in strategies))
+            self._register(tensor, f"{op.name}#{i}")
 
+    def _follow(self, op: Op, strategies: tuple[OpStrategy, ...]) -> tuple[str | None, tuple[int, ...]]:
+        """Views follow their producer: the strategy whose input is the producer's output, else R (index 0)."""
+        srcs = self.graph.sources[op.name]
+        if packet(op.target) not in VIEW_TARGETS or len(srcs) != 1 or srcs[0] not in self.tensor_node:
+            return None, ()
+        plan = self.plans[self.tensor_node[srcs[0]]]
+        assert strategies[0].inputs[0].is_replicate, "op_strategies lists the replicated strategy first"
+        exact = {(s.inputs[0], s.input_grads()[0]): i for i, s in reversed(list(enumerate(strategies)))}
+        by_input = {s.inputs[0]: i for i, s in reversed(list(enumerate(strategies)))}
+        return plan.name, tuple(exact.get((out, need), by_input.get(out, 0))
+                                for out, need in zip(plan.outs, plan.grad_needs))
 
-def _all_dims_but(op: Op, excluded: set[int]) -> list[OpStrategy]:
-    """Same-shape ops (softmax, triu) that may shard any dim outside ``excluded``."""
-    out_shape = op.outputs[0].shape
-    return [
-        OpStrategy(inputs=tuple(_aligned(out_shape, t.shape, d) for t in op.inputs),
-                   outputs=tuple(_aligned(out_shape, o.shape, d) for o in op.outputs), work_split=True)
-        for d in range(len(out_shape)) if d not in excluded
-    ]
+    def _register(self, tensor: Source, plan_key: str) -> None:
+        """Make ``tensor`` available to readers, through a fan-out node when several ops read it."""
+        readers = len(self.graph.consumers.get(tensor, ())) + (tensor in self.graph.outputs)
+        if readers <= 1:
+            self.tensor_node[tensor] = plan_key
+            return
+        producer = self.plans[plan_key]
+        name = f"fan:{producer.name}:{tensor.index}"
+        pairs = list(dict.fromkeys(
+            (p, g) for p, need in zip(producer.outs, producer.grad_needs)
+            for g in ((need, PARTIAL) if p.is_replicate and tensor in self.graph.requires_grad else (need,))
+        ))
+        outs, grads = tuple(p for p, _ in pairs), tuple(g for _, g in pairs)
+        self.nodes.append(ShardingNode(
+            name=name, strategies=tuple(f"{p}" if g == grad_placement(p) else f"{p} (grad {g})" for p, g in pairs),
+            compute_s=(0.0,) * len(pairs), comm_s=(0.0,) * len(pairs), mem_bytes=(0.0,) * len(pairs)))
+        self.edges.append(ShardingEdge(src=producer.name, dst=name, cost_s=self._edge_matrix(tensor, producer, outs,
+                                                                                             grads)))
+        self.edge_info.append((producer.name, name, tensor, 0))
+        self.plans[name] = NodePlan(name=name, outs=outs, grad_needs=grads)
+        self.tensor_node[tensor] = name
 
+    def _connect(self, tensor: Source, dst: str, ins: tuple[Placement, ...], grads: tuple[Placement, ...],
+                 k: int = 0) -> None:
+        src = self.plans[self.tensor_node[tensor]]
+        self.edges.append(ShardingEdge(src=src.name, dst=dst, cost_s=self._edge_matrix(tensor, src, ins, grads)))
+        self.edge_info.append((src.name, dst, tensor, k))
 
-def _dim_scalar(op: Op, *, default: int) -> int:
-    ndim = len(op.inputs[0].shape)
-    ints = [s for s in op.scalars if isinstance(s, int) and not isinstance(s, bool)]
-    dim = ints[0] if ints else default
-    return dim + ndim if dim < 0 else dim
+    # ---- reading the solution ----
 
+    def result(self, solution: ShardingSolution, *, sequence_parallel: bool) -> LayerShardingResult:
+        """Collectives on the chosen edges, then the result value."""
+        fwd_calls: list[CollectiveCall] = []
+        bwd_calls: list[CollectiveCall] = []
+        for src, dst, tensor, k in self.edge_info:
+            src_plan = self.plans[src] if src in self.plans else self.plans[f"{src}#{tensor.index}"]
+            i, j = solution.choice[src], solution.choice[dst]
+            dst_in, dst_grad = self._dst_placements(dst, j, k)
+            nbytes = self.graph.metas[tensor].nbytes
+            label = tensor.name if tensor.kind == "op" else "<input>"
+            reader = "<output>" if dst.startswith("out:") else "<readers>" if dst.startswith("fan:") else dst
+            self._record(fwd_calls, src_plan.outs[i], dst_in, nbytes, label, reader, forward=True)
+            if tensor in self.graph.requires_grad:
+                self._record(bwd_calls, dst_grad, src_plan.grad_needs[i], nbytes, label, reader, forward=False)
+        return build_result(self.graph, tp=self.tp, sequence_parallel=sequence_parallel, solution=solution,
+                            strategies=self.strategies, fwd_calls=fwd_calls, bwd_calls=bwd_calls,
+                            forward_time=lambda op, split: self.op_cost(op, split)[0])
 
-def _norm(op: Op) -> list[OpStrategy]:
-    """Layer/RMS norm: shard a leading (not normalised) dim; weight and bias stay replicated."""
-    x = op.inputs[0].shape
-    first = op.scalars[0] if op.scalars else None
-    if isinstance(first, (tuple, list)):
-        normalized = len(first)
-    elif len(op.inputs) > 1:
-        normalized = len(op.inputs[1].shape)
-    else:
-        normalized = 1
-    found = []
-    for d in range(len(x) - normalized):
-        ins = (shard(d),) + (REPLICATE,) * (len(op.inputs) - 1)
-        outs = tuple(shard(d) if len(o.shape) > d and o.shape[d] == x[d] else REPLICATE for o in op.outputs)
-        found.append(OpStrategy(inputs=ins, outputs=outs, work_split=True))
-    return found
+    def _dst_placements(self, dst: str, j: int, k: int) -> tuple[Placement, Placement]:
+        if dst in self.strategies:
+            s = self.strategies[dst][j]
+            return s.inputs[k], s.input_grads()[k]
+        plan = self.plans[dst]
+        return plan.outs[j], plan.grad_needs[j]
 
-
-def _reduced_dims(op: Op) -> tuple[set[int], bool]:
-    x, y = op.inputs[0].shape, op.outputs[0].shape
-    dims: list[int] = []
-    keepdim = len(x) == len(y)
-    for s in op.scalars:
-        if isinstance(s, (tuple, list)):
-            dims = [int(d) for d in s]
-        elif isinstance(s, bool):
-            keepdim = s
-        elif isinstance(s, int) and not dims:
-            dims = [s]
-    if not dims:
-        dims = [d for d in range(len(x)) if keepdim and y[d] == 1 and x[d] != 1] if keepdim else list(range(len(x)))
-    return {d + len(x) if d < 0 else d for d in dims}, keepdim
-
-
-def _reduction(op: Op) -> list[OpStrategy]:
-    """Kept dims stay sharded; a sharded summed dim gives a partial output (sum and mean only)."""
-    reduced, keepdim = _reduced_dims(op)
-    summable = packet(op.target) in ("sum", "mean")
-    found = []
-    for d in range(len(op.inputs[0].shape)):
-        ins = (shard(d),) + (REPLICATE,) * (len(op.inputs) - 1)
-        if d not in reduced:
-            out_dim = d if keepdim else d - sum(1 for r in reduced if r < d)
-            found.append(OpStrategy(inputs=ins, outputs=(shard(out_dim),) * len(op.outputs), work_split=True))
-        elif summable:
-            found.append(OpStrategy(inputs=ins, outputs=(PARTIAL,) * len(op.outputs), work_split=True))
-    if summable:
-        found.append(OpStrategy(inputs=(PARTIAL,) + (REPLICATE,) * (len(op.inputs) - 1),
-                                outputs=(PARTIAL,) * len(op.outputs), work_split=False))
-    return found
-
-
-def _cat(op: Op) -> list[OpStrategy]:
-    """cat/stack: every input sharded alike on a dim that is not joined."""
-    name = packet(op.target)
-    out_ndim = len(op.outputs[0].shape)
-    ints = [s for s in op.scalars if isinstance(s, int) and not isinstance(s, bool)]
-    joined = ints[-1] if ints else 0
-    joined = joined + out_ndim if joined < 0 else joined
-    found = []
-    for d in range(len(op.inputs[0].shape)):
-        out_dim = d + 1 if name == "stack" and d >= joined else d
-        if name == "cat" and d == joined:
-            continue
-        found.append(OpStrategy(inputs=(shard(d),) * len(op.inputs), outputs=(shard(out_dim),), work_split=True))
-    return found
-
-
-def _loss(op: Op) -> list[OpStrategy]:
-    """nll_loss: split the batch (dim 0 of input and target); the summed loss is partial."""
-    ins = tuple(shard(0) if len(t.shape) >= 1 and i < 2 else REPLICATE for i, t in enumerate(op.inputs))
-    return [OpStrategy(inputs=ins, outputs=(PARTIAL,) * len(op.outputs), work_split=True)]
-
-
-# ---- matmul family as einsums ----------------------------------------------------------------
-
-_LEADING = "abcdefgh"
-
-
-def _matmul_spec(op: Op) -> tuple[list[str], str, int | None, bool] | None:
-    """(labels per input, output labels, index of the addend, whether an activation follows)."""
-    name = packet(op.target)
-    ranks = [len(t.shape) for t in op.inputs]
-    match name:
-        case "mm" if ranks == [2, 2]:
-            return ["mk", "kn"], "mn", None, False
-        case "addmm" | "_addmm_activation" if ranks[1:] == [2, 2]:
-            return ["mn"[2 - ranks[0]:], "mk", "kn"], "mn", 0, name != "addmm"
-        case "bmm" if ranks == [3, 3]:
-            return ["bmk", "bkn"], "bmn", None, False
-        case "baddbmm" if ranks[1:] == [3, 3]:
-            return ["bmn"[3 - ranks[0]:], "bmk", "bkn"], "bmn", 0, False
-        case "linear" if len(ranks) >= 2 and ranks[1] == 2:
-            lead = _LEADING[: ranks[0] - 1]
-            labels = [lead + "k", "nk"] + (["n"] if len(ranks) > 2 else [])
-            return labels, lead + "n", 2 if len(ranks) > 2 else None, False
-        case _:
-            return None
-
-
-def _matmul(op: Op) -> list[OpStrategy]:
-    """One strategy per einsum index: shard it everywhere it appears; a contracted index gives P."""
-    spec = _matmul_spec(op)
-    if spec is None:
-        return []
-    labels, out_labels, addend, activation = spec
-    found = []
-    for label in dict.fromkeys("".join(labels)):
-        contracted = label not in out_labels
-        if contracted and activation:
-            continue  # a nonlinear epilogue cannot run on partial sums
-        ins = []
-        for i, (lab, meta) in enumerate(zip(labels, op.inputs)):
-            pos = lab.find(label)
-            if pos >= 0 and meta.shape[pos] > 1:
-                ins.append(shard(pos))
-            else:
-                ins.append(PARTIAL if contracted and i == addend else REPLICATE)
-        out = PARTIAL if contracted else shard(out_labels.index(label))
-        found.append(OpStrategy(inputs=tuple(ins), outputs=(out,) * len(op.outputs), work_split=True))
-    return found
-
-
-def _attention(op: Op) -> list[OpStrategy]:
-    """Fused attention: shard heads (dim 1) of q, k, v and of every (B, H, ...) output; or the batch (dim 0).
-
-    With grouped-query attention k and v have fewer heads than q; they are
-    sharded on dim 1 all the same (each rank keeps its share of the kv heads).
-    A mask/bias input that broadcasts over the sharded dim stays replicated.
-    """
-    q = op.inputs[0].shape
-    found = []
-    for d in (1, 0):
-        ins = tuple(shard(d) if i < 3 or (len(t.shape) == len(q) and t.shape[d] == q[d]) else REPLICATE
-                    for i, t in enumerate(op.inputs))
-        outs = tuple(shard(d) if len(o.shape) > d and o.shape[d] == q[d] else REPLICATE for o in op.outputs)
-        found.append(OpStrategy(inputs=ins, outputs=outs, work_split=True))
-    return found
-
-
-def _embedding(op: Op) -> list[OpStrategy]:
-    """embedding(weight (V, C), indices): vocab split → partial output; embedding-dim split → S(last)."""
-    if packet(op.target) != "embedding" or len(op.inputs) != 2:
-        return []
-    out_ndim = len(op.outputs[0].shape)
-    vocab = OpStrategy(inputs=(shard(0), REPLICATE), outputs=(PARTIAL,), work_split=False)
-    hidden = OpStrategy(inputs=(shard(1), REPLICATE), outputs=(shard(out_ndim - 1),), work_split=True)
-    batch = [OpStrategy(inputs=(REPLICATE, shard(d)), outputs=(shard(d),), work_split=True)
-             for d in range(len(op.inputs[1].shape))]
-    return [vocab, hidden, *batch]
-
-
-# ---- filters and strided variants ------------------------------------------------------------
-
-
-def _shards_fit(op: Op, s: OpStrategy, tp: int) -> bool:
-    metas = itertools.chain(zip(op.inputs, s.inputs), zip(op.outputs, s.outputs))
-    return all(not p.is_shard or (p.dim < len(m.shape) and shard_fits(m.shape[p.dim], p.sf, tp)) for m, p in metas)
-
-
-def _replicated_weight_split(op: Op, s: OpStrategy) -> bool:
-    """A matmul/embedding doing 1/t of the work while a weight (not an addend/bias) stays whole."""
-    if op.op_class not in (OpClass.MATMUL, OpClass.EMBEDDING, OpClass.ATTENTION) or not s.work_split:
-        return False
-    if op.op_class is OpClass.ATTENTION:
-        return any(p.is_shard and p.dim == 0 for p in s.inputs[:1])
-    return any(param is not None and p.is_replicate and len(m.shape) >= 2
-               for param, p, m in zip(op.input_params, s.inputs, op.inputs))
-
-
-def _strided_variants(op: Op, found: Sequence[OpStrategy], hints: Sequence[frozenset[Placement]],
-                      tp: int) -> list[OpStrategy]:
-    """Copies of sharded strategies with the strided split factor a producer delivers (one mesh axis: one factor)."""
-    if packet(op.target) in VIEW_TARGETS:
-        return []
-    out = []
-    for s in found:
-        factors = {h.sf for p, hs in zip(s.inputs, hints) if p.is_shard for h in hs
-                   if h.is_shard and h.dim == p.dim and h.sf > 1}
-        for sf in factors:
-            def widen(p: Placement, sf: int = sf) -> Placement:
-                return shard(p.dim, sf) if p.is_shard else p
-
-            out.append(OpStrategy(inputs=tuple(map(widen, s.inputs)), outputs=tuple(map(widen, s.outputs)),
-                                  work_split=s.work_split))
-    return out
-
-
-def param_bytes(op: Op, strategy: OpStrategy, tp: int, *, trainable: frozenset[str] | None = None) -> float:
-    """Bytes of the parameters this op reads directly (not through a view), divided by t where sharded.
-
-    Example:
-        >>> from autopar.graph.ir import Op, OpClass, TensorMeta
-        >>> m = TensorMeta(shape=(256, 64), dtype="bfloat16")
-        >>> t = Op(name="t", target="aten.t.default", op_class=OpClass.VIEW, inputs=(m,), input_ops=(None,),
-        ...        input_params=("fc.weight",), outputs=(TensorMeta(shape=(64, 256), dtype="bfloat16"),), flops=0,
-        ...        nbytes_moved=0, module_path="fc")
-        >>> param_bytes(t, OpStrategy(inputs=(shard(0),), outputs=(shard(1),), work_split=False), 4)
-        8192.0
-    """
-    total = 0.0
-    for meta, src, param, p in zip(op.inputs, op.input_ops, op.input_params, strategy.inputs):
-        if param is None or src is not None or (trainable is not None and param not in trainable):
-            continue
-        total += meta.nbytes / tp if p.is_shard else meta.nbytes
-    return total
+    def _record(self, calls: list[CollectiveCall], src: Placement, dst: Placement, nbytes: int, tensor: str,
+                reader: str, *, forward: bool) -> None:
+        kind = reshard_collective(src, dst)
+        if kind is not None:
+            time_s = self.comm_time(src, dst, nbytes, forward=forward)
+            calls.append(CollectiveCall(kind=kind.value, nbytes=nccl_size(kind, nbytes, self.tp), time_s=time_s,
+                                        tensor=tensor, reader=reader))
 
 
 __all__ = [
-    "FLOAT_DTYPES",
+    "BACKWARD_COMPUTE_FACTOR",
+    "CollectiveCall",
+    "CollectiveTime",
+    "LayerShardingResult",
     "OpStrategy",
-    "changed_dim",
-    "is_float",
+    "OpCost",
+    "OpTime",
+    "ShardingCache",
     "op_strategies",
-    "param_bytes",
-    "view_strategies",
+    "solve_layer_sharding",
 ]

@@ -23,6 +23,8 @@ import logging
 import warnings
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -33,8 +35,11 @@ from autopar.emit.mesh import DistEnv, MeshAxis, axis_rank, build_mesh
 from autopar.emit.pipeline import build_schedule, cut_stages, validate_schedule
 from autopar.emit.runtime import LossSlot, ParallelModel, StageRole
 from autopar.emit.tp import apply_tp
-from autopar.errors import PlanValidationError
+from autopar.errors import PlanValidationError, UserInputError
 from autopar.plan import Plan, StagePlan
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +51,13 @@ def apply_plan(
     model: nn.Module, example_inputs: Sequence[torch.Tensor], plan: Plan, env: DistEnv, *, seed: int
 ) -> ParallelModel:
     """Build this rank's ``ParallelModel`` (see the module docstring for the order)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
     adapter = adapter_for(model)
     seq_len = int(example_inputs[0].shape[1]) if example_inputs[0].dim() > 1 else 1
     validate_for_model(plan, seq_len)
-    mesh: DeviceMesh = build_mesh(plan.layout, env.device)
+    check_tied_parameters(model, plan)
+    cuts = cut_stages(plan, model, adapter)  # validated before any collective, so every rank fails alike
+    mesh = build_mesh(plan.layout, env.device)
     pp_rank = axis_rank(mesh, MeshAxis.PP)
-    cuts = cut_stages(plan, model, adapter)
     local = [(stage, cut) for stage, cut in zip(plan.stages, cuts, strict=True) if stage.pp_rank == pp_rank]
     parts = [build_part(model, stage, cut, plan, adapter, mesh, env, seed=seed) for stage, cut in local]
     role = StageRole(first=any(c.has_pre for _, c in local), last=any(c.has_post for _, c in local))
@@ -87,21 +91,47 @@ def validate_for_model(plan: Plan, seq_len: int) -> None:
     validate_schedule(lay)
 
 
+def check_tied_parameters(model: nn.Module, plan: Plan) -> None:
+    """Refuse plans that would split a parameter shared by two modules (e.g. tied embeddings).
+
+    Data parallelism keeps a shared parameter in one FSDP unit (the stage root), but
+    pipeline stages and tensor-parallel styles act per module and would untie it.
+
+    Raises:
+        UserInputError: The model shares a parameter and the plan uses pp or tp.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    lay = plan.layout
+    if tied and (len(plan.stages) > 1 or lay.tp > 1):
+        raise UserInputError(
+            f"parameters {tied[0]} are one tensor (tied weights); pipeline and tensor parallelism would untie "
+            f"them (plan {lay.describe()}); untie them or use a data-parallel plan"
+        )
+
+
 def build_part(
-    model: nn.Module, stage: StagePlan, cut: StageCut, plan: Plan, adapter: ModelAdapter, mesh: object,
+    model: nn.Module, stage: StagePlan, cut: StageCut, plan: Plan, adapter: ModelAdapter, mesh: DeviceMesh,
     env: DistEnv, *, seed: int,
 ) -> nn.Module:
     """One stage module of this rank, split and materialised: steps 1–5 of the module docstring."""
     lay = plan.layout
+    # 1. pipeline split: a copy of the model holding only this stage's layers (original names kept)
     module = adapter.build_stage(model, cut, seq_shards=lay.tp if lay.sequence_parallel else 1)
     meta = _is_meta(module)
     if not meta:
         module.to(env.device)
+    # 2. tensor parallelism first: it turns the split weights into DTensors on the tp axis
     if lay.tp > 1:
-        apply_tp(module, mesh[str(MeshAxis.TP)], stage, adapter, sequence_parallel=lay.sequence_parallel)  # type: ignore[index]
+        apply_tp(module, mesh[str(MeshAxis.TP)], stage, adapter, sequence_parallel=lay.sequence_parallel)
+    # 3. activation checkpointing wraps the (already split) blocks
     apply_ac(module, cut.blocks, stage.recompute)
+    # 4. data parallelism last: FSDP units are the wrapped blocks plus the stage root
     if needs_dp_wrapper(lay.dp, plan.dtype):
-        apply_dp(module, mesh[str(MeshAxis.DP)], cut.blocks, zero_stage=lay.zero_stage, dtype=plan.dtype)  # type: ignore[index]
+        apply_dp(module, mesh[str(MeshAxis.DP)], cut.blocks, zero_stage=lay.zero_stage, dtype=plan.dtype)
+    # 5. only now allocate: each rank materialises its own shards
     if meta:
         materialize(module, env.device, adapter, seed=seed * _SEED_STRIDE + stage.index)
     return module

@@ -22,7 +22,7 @@ This module imports nothing from ``torch.distributed`` at import time, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def parallelize(
     model: nn.Module,
-    example_inputs: Sequence[torch.Tensor],
+    example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
     *,
     plan: Plan | None = None,
     cluster: Any = None,
@@ -72,12 +72,30 @@ def parallelize(
     """
     from autopar.emit.mesh import init_distributed
 
+    inputs = _positional(example_inputs)
     if plan is None:
-        plan = _plan_everywhere(model, example_inputs, cluster, global_batch_size, plan_options)
+        plan = _plan_everywhere(model, inputs, cluster, global_batch_size, plan_options)
     env = init_distributed(plan.layout.num_gpus)
     from autopar.emit.build import apply_plan
 
-    return apply_plan(model, tuple(example_inputs), plan, env, seed=seed)
+    return apply_plan(model, inputs, plan, env, seed=seed)
+
+
+def _positional(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors: a tensor, a sequence, or a one-entry mapping (``{"input_ids": x}``)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        if len(example_inputs) != 1:
+            raise UserInputError(
+                f"parallelize runs models on one positional input (token ids); got keyword inputs "
+                f"{sorted(example_inputs)}"
+            )
+        return tuple(example_inputs.values())
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise UserInputError(f"example_inputs must be tensors, got {[type(t).__name__ for t in inputs]}")
+    return inputs
 
 
 def _plan_everywhere(
@@ -97,13 +115,15 @@ def _plan_everywhere(
     if distributed and not dist.is_initialized():
         dist.init_process_group(select_backend()[0])
     rank = dist.get_rank() if distributed else 0
+    logger.info("rank %d: %s", rank, "planning" if rank == 0 else "waiting for rank 0's plan")
     message: tuple[str, str] = ("", "")
     if rank == 0:
         from autopar import api
 
         try:
             made = api.plan(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size, **options)
-            message = ("plan", made.to_json())
+            best = made[0] if isinstance(made, list) else made  # top_k > 1 returns a ranking
+            message = ("plan", best.to_json())
         except AutoparError as e:
             message = ("error", f"{type(e).__name__}: {e}")
     if distributed:

@@ -48,17 +48,16 @@ def cut_stages(plan: Plan, model: nn.Module, adapter: ModelAdapter) -> tuple[Sta
     block_set = set(blocks)
     order = [p for stage in plan.stages for p in stage.module_paths]
     positions = [i for i, p in enumerate(order) if p in block_set]
-    if [order[i] for i in positions] != list(blocks):
+    if not positions or [order[i] for i in positions] != list(blocks):
         raise PlanValidationError(
             f"the plan's layers {order} do not list the model's blocks {list(blocks)} in order; "
             f"was the plan made for this model?"
         )
     first_end, last_start = plan.stages[0].layer_end, plan.stages[-1].layer_start
     for i, path in enumerate(order):
-        before, after = positions and i < positions[0], positions and i > positions[-1]
-        if path in block_set:
-            continue
-        if not ((before and i < first_end) or (after and i >= last_start)):
+        in_first = i < positions[0] and i < first_end  # embeddings, in the first stage
+        in_last = i > positions[-1] and i >= last_start  # head, in the last stage
+        if path not in block_set and not (in_first or in_last):
             raise PlanValidationError(
                 f"layer {i} ({path!r}) is not a block; it must sit in the first stage (before the blocks) "
                 f"or the last stage (after them)"
@@ -76,10 +75,7 @@ def cut_stages(plan: Plan, model: nn.Module, adapter: ModelAdapter) -> tuple[Sta
 
 def validate_schedule(layout: Layout) -> None:
     """Raise ``PlanValidationError`` for micro-batch counts the schedule cannot run."""
-    stages = layout.pp * layout.virtual_stages
     nmb = layout.num_micro_batches
-    if layout.pp > 1 and layout.schedule is Schedule.ONE_F_ONE_B and nmb < stages:
-        raise PlanValidationError(f"1F1B needs at least as many micro-batches as stages: {nmb} < {stages}")
     if layout.schedule is Schedule.INTERLEAVED_1F1B:
         rounds = max(1, nmb // layout.pp)
         if nmb % rounds:
@@ -122,6 +118,12 @@ def build_schedule(
     match layout.schedule:
         case Schedule.GPIPE:
             schedule: _PipelineSchedule = ScheduleGPipe(stages[0], nmb, loss_fn=loss_fn, scale_grads=True)
+        case Schedule.ONE_F_ONE_B if nmb < num_stages:
+            # torch's Schedule1F1B needs a micro-batch per stage. With fewer, 1F1B's warm-up already
+            # holds all of them on the first stage, so GPipe computes the same with the same peak
+            # of in-flight micro-batches (nmb) as 1F1B's first stage.
+            logger.info("1F1B with %d micro-batches < %d stages runs as GPipe", nmb, num_stages)
+            schedule = ScheduleGPipe(stages[0], nmb, loss_fn=loss_fn, scale_grads=True)
         case Schedule.ONE_F_ONE_B:
             schedule = Schedule1F1B(stages[0], nmb, loss_fn=loss_fn, scale_grads=True)
         case Schedule.INTERLEAVED_1F1B:

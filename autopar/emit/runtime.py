@@ -113,6 +113,11 @@ class ParallelModel:
         return self.parts[0] if len(self.parts) == 1 else nn.ModuleList(self.parts)
 
     @property
+    def schedule(self) -> _PipelineSchedule | None:
+        """The pipeline schedule running this rank's stages; None without pipeline parallelism."""
+        return self._schedule
+
+    @property
     def device(self) -> torch.device:
         """This rank's device."""
         return self.env.device
@@ -166,6 +171,7 @@ class ParallelModel:
         return self._global_mean(loss)
 
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This data-parallel rank's rows of ``batch``, on this rank's device."""
         lay = self.plan.layout
         local = lay.micro_batch_size * lay.num_micro_batches
         n = batch.shape[0]

@@ -32,7 +32,7 @@ from torch import nn
 
 from autopar.emit.adapters import ModelAdapter
 from autopar.errors import PlanValidationError
-from autopar.plan import ShardingPlan, StagePlan, TPStyle
+from autopar.plan import StagePlan, TPStyle
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -226,11 +226,8 @@ def apply_tp(
     plan = build_tp_plan(stage_module, styles, adapter, sequence_parallel=sequence_parallel)
     if plan:
         parallelize_module(stage_module, tp_mesh, plan)
-    logger.info("stage %d: tensor parallel over %d ranks: %s", stage.index, tp_mesh.size(),
-                {p: s.value for p, s in styles.items()})
+    counts = {style.value: sum(s is style for s in styles.values()) for style in TPStyle}
+    logger.info("stage %d: tensor parallel over %d ranks, modules per style %s%s", stage.index, tp_mesh.size(),
+                counts, " with sequence parallelism" if sequence_parallel else "")
+    logger.debug("stage %d styles: %s", stage.index, {p: s.value for p, s in styles.items()})
     return styles
-
-
-def styles_of(shardings: tuple[ShardingPlan, ...]) -> dict[str, dict[str, str]]:
-    """Compact ``{layer_kind: {path: style}}`` view of sharding plans, for logs."""
-    return {s.layer_kind: {p: st.value for p, st in s.modules.items()} for s in shardings}

@@ -44,6 +44,8 @@ CHART_SUFFIXES = (".png", ".svg", ".html")
 
 LABEL_PX_PER_CHAR = 4.5
 """Width of one 6-pt digit at the chart's 120 dpi, in pixels."""
+MAX_LABELLED_PASSES = 24
+"""Micro-batch numbers are drawn only when a rank runs at most this many forward passes."""
 AXIS_WIDTH_PX = 1150.0
 """Width of the timeline's axis in the 12-inch, 120-dpi figure, in pixels."""
 
@@ -87,6 +89,7 @@ def draw_timeline(ax: Axes, plan: Plan, timeline: Timeline) -> None:
 
     span = timeline.makespan_s or 1.0
     v = plan.layout.virtual_stages
+    labels = timeline.num_micro_batches * v <= MAX_LABELLED_PASSES  # past that, numbers are noise
     for ev in timeline.events:
         width = ev.end_s - ev.start_s
         if width <= 0:
@@ -94,7 +97,7 @@ def draw_timeline(ax: Axes, plan: Plan, timeline: Timeline) -> None:
         ax.barh(ev.stage, width, left=ev.start_s, height=0.8, color=_shade(KIND_COLORS[ev.kind], ev.chunk, v),
                 edgecolor="white" if ev.kind is not EventKind.BUBBLE else "none", linewidth=0.4)
         text = str(ev.micro_batch)
-        if ev.kind in (EventKind.FORWARD, EventKind.BACKWARD) and width / span > _label_share(text):
+        if labels and ev.kind in (EventKind.FORWARD, EventKind.BACKWARD) and width / span > _label_share(text):
             ax.text(ev.start_s + width / 2, ev.stage, text, ha="center", va="center", fontsize=6, color="white")
     ax.set_ylim(timeline.num_ranks - 0.5, -0.5)
     ax.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in range(timeline.num_ranks)],
@@ -126,7 +129,8 @@ def _label_share(text: str) -> float:
 
 def _timeline_title(plan: Plan, timeline: Timeline) -> str:
     lay = plan.layout
-    title = (f"pipeline: {lay.schedule.value if lay.pp > 1 else "no pipeline"}, pp={lay.pp}"
+    kind = lay.schedule.value if lay.pp > 1 else "no pipeline, gradient accumulation"
+    title = (f"pipeline: {kind}, pp={lay.pp}"
              f"{f', v={lay.virtual_stages}' if lay.virtual_stages > 1 else ''}; simulated "
              f"{timeline.makespan_s:.3f} s for {timeline.num_micro_batches} micro-batches")
     if timeline.capped:

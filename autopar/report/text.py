@@ -10,12 +10,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from autopar.plan import Plan, ShardingPlan, StagePlan
+from autopar.plan import Plan, ShardingPlan
 
 GIB = 2**30
 """Bytes per GiB."""
 MIB = 2**20
 """Bytes per MiB."""
+MAX_STRATEGIES = 6
+"""Op strategies listed per layer kind (most common first)."""
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[bool] = (),
@@ -154,7 +156,9 @@ def _sharding_section(plan: Plan) -> str:
             parts.append(format_table(["module", "style"], module_rows, indent="    "))
         if sp.ops:
             counts = Counter(sp.ops.values()).most_common()
-            parts.append("    ops: " + ", ".join(f"{n} × {strategy}" for strategy, n in counts))
+            shown = ", ".join(f"{n} × {strategy}" for strategy, n in counts[:MAX_STRATEGIES])
+            rest = sum(n for _, n in counts[MAX_STRATEGIES:])
+            parts.append(f"    ops: {shown}" + (f", and {rest} more op(s)" if rest else ""))
         if sp.forward_collectives:
             parts.append("    forward collectives per micro-batch: " + _collectives(sp.forward_collectives))
     return "\n".join(parts)
@@ -202,12 +206,6 @@ def _comm_table(plan: Plan) -> str:
     return format_table(["kind", "time", "of step"], rows, right=[False, True, True])
 
 
-def stage_summary(stage: StagePlan) -> str:
-    """One line per stage, for charts: ``stage 0 (rank 0): layers 0-12, selective``."""
-    return (f"stage {stage.index} (rank {stage.pp_rank}): layers {stage.layer_start}-{stage.layer_end - 1}, "
-            f"{stage.recompute.value}")
-
-
 __all__ = [
     "RANKED_HEADERS",
     "RankedRow",
@@ -216,5 +214,4 @@ __all__ = [
     "format_ranked",
     "format_table",
     "ranked_rows",
-    "stage_summary",
 ]

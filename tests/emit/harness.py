@@ -44,7 +44,7 @@ def _context() -> Any:
     return _CTX
 
 
-def _entry(rank: int, world: int, port: int, target: str, args: Sequence[Any], results: Any) -> None:
+def _entry(rank: int, world: int, port: int | None, target: str, args: Sequence[Any], results: Any) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["TORCH_DISTRIBUTED_DEBUG"] = "OFF"
     os.environ["LOCAL_RANK"] = str(rank)
@@ -53,8 +53,9 @@ def _entry(rank: int, world: int, port: int, target: str, args: Sequence[Any], r
 
     torch.set_num_threads(1)
     try:
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        if port is not None:
+            store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
         module, _, name = target.partition(":")
         value = getattr(importlib.import_module(module), name)(*args)
         results.put((rank, "ok", value))
@@ -65,8 +66,11 @@ def _entry(rank: int, world: int, port: int, target: str, args: Sequence[Any], r
             dist.destroy_process_group()
 
 
-def run_spmd(target: str, world: int, *args: Any, timeout_s: float = 240.0) -> list[Any]:
+def run_spmd(target: str, world: int, *args: Any, timeout_s: float = 240.0, init_group: bool = True) -> list[Any]:
     """Run ``module:function(*args)`` on ``world`` ranks; return the values by rank.
+
+    With ``init_group=False`` (one rank only) no process group is created, as in
+    a plain ``python script.py`` run.
 
     Raises:
         RuntimeError: A rank raised (its traceback is in the message) or the run
@@ -75,9 +79,12 @@ def run_spmd(target: str, world: int, *args: Any, timeout_s: float = 240.0) -> l
     import torch.distributed as dist
 
     ctx = _context()
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    if not init_group and world != 1:
+        raise ValueError(f"init_group=False needs world 1, got {world}")
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False) if init_group else None
+    port = store.port if store is not None else None
     results = ctx.Queue()
-    procs = [ctx.Process(target=_entry, args=(r, world, store.port, target, args, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, target, args, results), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

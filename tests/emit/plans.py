@@ -69,11 +69,11 @@ def even_bounds(num_layers: int, num_stages: int) -> list[int]:
 
 def make_plan(
     layer_paths: Sequence[str], *, family: str = "gpt", dp: int = 1, tp: int = 1, pp: int = 1,
-    schedule: Schedule = Schedule.ONE_F_ONE_B, virtual_stages: int = 1, micro_batch_size: int = 2,
-    num_micro_batches: int = 2, zero_stage: int = 0, recompute: Recompute = Recompute.NONE,
+    schedule: Schedule | str = Schedule.ONE_F_ONE_B, virtual_stages: int = 1, micro_batch_size: int = 2,
+    num_micro_batches: int = 2, zero_stage: int = 0, recompute: Recompute | str = Recompute.NONE,
     sequence_parallel: bool = False, dtype: str = "float32", seq_len: int = 16,
     bounds: Sequence[int] | None = None, sharding: tuple[ShardingPlan, ...] | None = None,
-    stage_recompute: Mapping[int, Recompute] | None = None,
+    stage_recompute: Mapping[int, Recompute | str] | None = None,
 ) -> Plan:
     """A valid ``Plan`` for a model with the given layers, written by hand.
 
@@ -84,6 +84,7 @@ def make_plan(
         sharding: Sharding plans for every stage; the family's defaults when ``tp > 1``.
         stage_recompute: Per-stage override of ``recompute``.
     """
+    schedule, recompute = Schedule(schedule), Recompute(recompute)
     num_stages = pp * virtual_stages
     bounds = list(bounds) if bounds is not None else even_bounds(len(layer_paths), num_stages)
     if sharding is None:
@@ -93,7 +94,7 @@ def make_plan(
                     schedule=schedule, virtual_stages=virtual_stages)
     stages = tuple(
         StagePlan(index=i, pp_rank=i % pp, layer_start=a, layer_end=b, module_paths=tuple(layer_paths[a:b]),
-                  recompute=(stage_recompute or {}).get(i, recompute), sharding=sharding)
+                  recompute=Recompute((stage_recompute or {}).get(i, recompute)), sharding=sharding)
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     )
     memory = tuple(MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, buffers=0, capacity=2**30)

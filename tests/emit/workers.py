@@ -100,66 +100,111 @@ def train(pm: Any, data: list[tuple[torch.Tensor, torch.Tensor]], opt: torch.opt
     return losses
 
 
-def _parallel(family: str, plan_kwargs: dict[str, Any], data: list[tuple[torch.Tensor, torch.Tensor]],
-              init: dict[str, torch.Tensor]) -> tuple[list[float], Any, torch.optim.Optimizer]:
+def _parallelize(family: str, *, seed: int = 7, **kwargs: Any) -> Any:
     from autopar.emit.parallelize import parallelize
 
-    plan = make_plan(layer_paths(family), family=family, **plan_kwargs)
     example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
-    pm = parallelize(build_model(family, meta=True), example, plan=plan, seed=7)
+    return parallelize(build_model(family, meta=True), example, seed=seed, **kwargs)
+
+
+def _parallel(family: str, plan_kwargs: dict[str, Any], data: list[tuple[torch.Tensor, torch.Tensor]],
+              init: dict[str, torch.Tensor]) -> tuple[list[float], Any, torch.optim.Optimizer]:
+    pm = _parallelize(family, plan=make_plan(layer_paths(family), family=family, **plan_kwargs))
     pm.load_state_dict(init)
     opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
     return train(pm, data, opt), pm, opt
 
 
+def _compare(family: str, pm: Any, steps: int) -> dict[str, Any]:
+    """Train ``pm`` from the reference weights and compare with the single-process run."""
+    data = batches(steps, pm.plan.layout.global_batch_size)
+    ref_losses, ref_state = reference(family, data)
+    init = build_model(family).state_dict()
+    pm.load_state_dict(init)
+    losses = train(pm, data, pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM))
+    state = full_local_state(pm)
+    return {
+        "ref_losses": ref_losses, "losses": losses,
+        "max_diff": max((state[k] - ref_state[k]).abs().max().item() for k in state),
+        "moved": max((ref_state[k] - init[k]).abs().max().item() for k in state),
+        "total_numel": sum(v.numel() for v in init.values()),
+        "keys": sorted(state), "ref_keys": sorted(k for k in ref_state if k in init),
+        **describe(pm),
+    }
+
+
 def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
-    """Losses and parameter differences of ``parallelize`` vs. the original module, per family."""
+    """Losses and parameters of ``parallelize`` under a hand-written plan vs. the original module, per family."""
+    return {family: _compare(family, _parallelize(family, plan=make_plan(layer_paths(family), family=family,
+                                                                           **plan_kwargs)), steps)
+            for family in FAMILIES}
+
+
+def check_planned_equivalence(constraints: dict[str, Any], global_batch_size: int, steps: int = 3) -> dict[str, Any]:
+    """As ``check_equivalence``, with the plan made by autopar's planner on rank 0 (``plan=None``)."""
     out: dict[str, Any] = {}
     for family in FAMILIES:
-        plan = make_plan(layer_paths(family), family=family, **plan_kwargs)
-        data = batches(steps, plan.layout.global_batch_size)
-        ref_losses, ref_state = reference(family, data)
-        init = {k: v for k, v in build_model(family).state_dict().items()}
-        losses, pm, _ = _parallel(family, plan_kwargs, data, init)
-        state = full_local_state(pm)
-        diffs = {k: (state[k] - ref_state[k]).abs().max().item() for k in state}
-        moved = max((ref_state[k] - init[k]).abs().max().item() for k in state)
-        out[family] = {
-            "ref_losses": ref_losses, "losses": losses, "max_diff": max(diffs.values()), "moved": moved,
-            "keys": sorted(state), "ref_keys": sorted(k for k in ref_state if k in init),
-            "param_types": sorted({type(p).__name__ for p in pm.parameters()}),
-        }
+        pm = _parallelize(family, cluster="dgx-h100", global_batch_size=global_batch_size, constraints=constraints,
+                          dtype="float32")
+        out[family] = {**_compare(family, pm, steps), "plan": pm.plan.layout.describe(),
+                       "sharded_kinds": len({s.layer_kind for st in pm.plan.stages for s in st.sharding})}
     return out
 
 
-def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int, int] = (2, 2)) -> dict[str, Any]:
-    """Train under plan ``first``, save, load under plan ``second`` (fresh model), continue; compare."""
-    import torch.distributed as dist
+def describe(pm: Any) -> dict[str, Any]:
+    """What was applied on this rank: wrappers, shard sizes, schedule (for the tests' assertions)."""
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
+    modules = [m for part in pm.parts for m in part.modules()]
+    params = list(pm.parameters())
+    return {
+        "param_types": sorted({type(p).__name__ for p in params}),
+        "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params),
+        "checkpointed": sum("CheckpointWrapper" in type(m).__name__ for m in modules),
+        "fsdp_units": sum(isinstance(m, FSDPModule) and not isinstance(m, ReplicateModule) for m in modules),
+        "replicate_units": sum(isinstance(m, ReplicateModule) for m in modules),
+        "schedule": type(pm.schedule).__name__ if pm.schedule is not None else None,
+        "num_parts": len(pm.parts),
+        "blocks": sorted(p for p in pm.state_dict() if p.endswith(("q_proj.weight",))),
+    }
+
+
+def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int, int] = (2, 2)) -> dict[str, Any]:
+    """Train under plan ``first``, save, load under plan ``second`` into a fresh model, continue.
+
+    Also continues once from the same checkpoint without the optimizer state, as a
+    control: its losses must differ, or the comparison proves nothing about momentum.
+    """
     out: dict[str, Any] = {}
     for family in FAMILIES:
         plan = make_plan(layer_paths(family), family=family, **first)
         data = batches(sum(steps), plan.layout.global_batch_size, seed=5)
-        ref_losses, _ = reference(family, data)
-        init = build_model(family).state_dict()
-        losses, pm, opt = _parallel(family, first, data[: steps[0]], init)
+        ref_losses, ref_state = reference(family, data)
+        losses, pm, opt = _parallel(family, first, data[: steps[0]], build_model(family).state_dict())
         path = _shared_tempdir()
         pm.save(path, opt)
-        losses_a = _continue(family, second, path, data[steps[0]:])
-        dist.barrier()
-        out[family] = {"ref_losses": ref_losses, "losses": losses + losses_a}
+        resumed, state = _continue(family, second, path, data[steps[0]:], with_optimizer=True)
+        control, _ = _continue(family, second, path, data[steps[0]:], with_optimizer=False)
+        out[family] = {
+            "ref_losses": ref_losses, "losses": losses + resumed, "control_losses": losses + control,
+            "max_diff": max((state[k] - ref_state[k]).abs().max().item() for k in state), "keys": sorted(state),
+        }
     return out
 
 
-def _continue(family: str, plan_kwargs: dict[str, Any], path: str, data: list[Any]) -> list[float]:
+def _continue(family: str, plan_kwargs: dict[str, Any], path: str, data: list[Any], *,
+              with_optimizer: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
     from autopar.emit.parallelize import parallelize
 
     plan = make_plan(layer_paths(family), family=family, **plan_kwargs)
     example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
     pm = parallelize(build_model(family, meta=True), example, plan=plan, seed=99)
     opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
-    pm.load(path, opt)
-    return train(pm, data, opt)
+    pm.load(path, opt if with_optimizer else None)
+    losses = train(pm, data, opt)
+    return losses, full_local_state(pm)
 
 
 def _shared_tempdir() -> str:
@@ -172,3 +217,85 @@ def _shared_tempdir() -> str:
 
 CHECKS: dict[str, Callable[..., dict[str, Any]]] = {"equivalence": check_equivalence, "resume": check_resume}
 """Entry points the tests call by name."""
+
+
+def check_outside_torchrun() -> dict[str, Any]:
+    """In a plain process: a multi-GPU plan is refused; a one-GPU plan runs here and matches the reference."""
+    import os
+
+    from autopar.emit.parallelize import parallelize
+    from autopar.errors import UserInputError
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+    example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
+    out: dict[str, Any] = {}
+    try:
+        parallelize(build_model("gpt", meta=True), example, plan=make_plan(layer_paths("gpt"), dp=2))
+    except UserInputError as e:
+        out["refused"] = str(e)
+    single = {"num_micro_batches": 4, "recompute": "full"}
+    out["equivalence"] = check_equivalence(single)
+    pm = parallelize(build_model("gpt", meta=True), example, plan=make_plan(layer_paths("gpt"), **single))
+    try:
+        pm.step(torch.zeros(3, SEQ_LEN, dtype=torch.long), torch.zeros(3, SEQ_LEN, dtype=torch.long), loss_fn)
+    except UserInputError as e:
+        out["bad_batch"] = str(e)
+    return out
+
+
+def run_train_gpt(argv: list[str]) -> list[float]:
+    """``examples/train_gpt.py`` on this rank; its losses."""
+    from autopar.examples import train_gpt
+
+    return train_gpt.main(argv)
+
+
+def check_plan_on_rank0() -> dict[str, Any]:
+    """``parallelize`` without a plan: rank 0 plans (a stand-in planner here), every rank gets its plan."""
+    import torch.distributed as dist
+
+    import autopar.api
+    from autopar.emit.parallelize import parallelize
+    from autopar.errors import InfeasiblePlanError, PlanValidationError
+
+    calls: list[int] = []
+
+    def stand_in(model: nn.Module, example_inputs: Any, *, cluster: Any, global_batch_size: int, **kw: Any) -> Any:
+        calls.append(dist.get_rank())
+        return make_plan(layer_paths("gpt"), dp=2, zero_stage=kw["constraints"]["zero_stage"],
+                         micro_batch_size=global_batch_size // 4, num_micro_batches=2)
+
+    def infeasible(*args: Any, **kwargs: Any) -> Any:
+        raise InfeasiblePlanError("nothing fits in 80 GiB; 3 nodes would")
+
+    example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
+    autopar.api.plan = stand_in  # this process only: it is a forked test worker
+    pm = parallelize(build_model("gpt", meta=True), example, cluster="dgx-h100", global_batch_size=8,
+                     constraints={"zero_stage": 3})
+    x, y = batches(1, 8)[0]
+    out: dict[str, Any] = {"calls": calls, "plan": pm.plan.to_json(), "loss": pm.step(x, y, loss_fn).item()}
+    autopar.api.plan = infeasible
+    try:
+        parallelize(build_model("gpt", meta=True), example, cluster="dgx-h100", global_batch_size=8)
+    except PlanValidationError as e:
+        out["error"] = str(e)
+    return out
+
+
+def check_bf16(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
+    """A bfloat16 plan: compute in bf16 (FSDP mixed precision), fp32 master weights; losses near fp32's."""
+    from autopar.emit.parallelize import parallelize
+
+    plan = make_plan(layer_paths("gpt"), dtype="bfloat16", **plan_kwargs)
+    data = batches(steps, plan.layout.global_batch_size)
+    ref_losses, _ = reference("gpt", data)
+    pm = parallelize(build_model("gpt", meta=True), (torch.zeros(2, SEQ_LEN, dtype=torch.long),), plan=plan)
+    pm.load_state_dict(build_model("gpt").state_dict())
+    seen: set[torch.dtype] = set()
+    for module in (m for part in pm.parts for m in part.modules() if isinstance(m, nn.Linear)):
+        module.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    return {"ref_losses": ref_losses, "losses": train(pm, data, opt),
+            "compute_dtypes": sorted(str(d) for d in seen),
+            "param_dtypes": sorted({str(p.dtype) for p in pm.parameters()})}

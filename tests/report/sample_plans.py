@@ -126,3 +126,20 @@ def data_parallel_plan() -> Plan:
         stages=_stages([0, 14], 1, paths, Recompute.NONE, 0.002, 0.004),
         predicted=predicted, num_layers=14,
     )
+
+
+def uneven_plan() -> Plan:
+    """A 24-block GPT on 4 pipeline ranks with uneven stages (5, 7, 7, 5 blocks), ZeRO-3, no TP."""
+    paths = gpt_paths(24)
+    bounds = [0, 6, 13, 20, 26]
+    layout = Layout(dp=4, tp=1, pp=4, micro_batch_size=1, num_micro_batches=16, zero_stage=3,
+                    recompute=Recompute.NONE, sequence_parallel=False, schedule=Schedule.ONE_F_ONE_B)
+    memory = tuple(MemoryBreakdown(params=GB, grads=GB, optimizer=3 * GB, activations=(4 - r) * GB, buffers=GB,
+                                   capacity=80 * GIB) for r in range(4))
+    predicted = Predicted(step_time_s=2.0, model_tflops_per_gpu=100.0, hardware_tflops_per_gpu=100.0, mfu=0.32,
+                          tokens_per_s=32768.0, bubble_fraction=0.158, comm_time_s={"p2p": 0.05}, memory=memory)
+    return Plan(
+        graph_fingerprint="1111222233334444", model_name="gpt:1.3b", cluster_name="dgx-h100 x2",
+        num_gpus_available=16, gpus_per_node=8, seq_len=1024, dtype="bfloat16", layout=layout,
+        stages=_stages(bounds, 4, paths, Recompute.NONE, 0.004, 0.008), predicted=predicted, num_layers=26,
+    )

@@ -1,0 +1,174 @@
+"""Memory model: ZeRO model states, activations against Korthikanti et al., pipelines, buffers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autopar.cost_models.memory import (
+    ALLOCATOR_HEADROOM,
+    RUNTIME_RESERVED_BYTES,
+    estimate_buffer_bytes,
+    estimate_layer_activation_bytes,
+    estimate_model_state_bytes,
+    estimate_stage_memory,
+    inflight_micro_batches,
+)
+from autopar.graph.ir import Layer, OpGraph, SavedTensor, TensorMeta
+from autopar.plan import Recompute, Schedule
+from tests.cost_models.conftest import BATCH, HEADS, HIDDEN, SEQ, block, megatron_region_ops
+
+K = 12  # Adam: fp32 master weights, momentum, variance
+PSI = 7_500_000_000
+
+
+# ---- ZeRO (Rajbhandari et al. 2020, Fig. 1) ---------------------------------------------------
+
+@pytest.mark.parametrize(("stage", "published_gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_stages_reproduce_the_papers_7_5b_numbers(stage: int, published_gb: float) -> None:
+    state = estimate_model_state_bytes(PSI, zero_stage=stage, dp=64)
+    assert round(state.total / 1e9, 1) == published_gb
+
+
+@given(psi=st.integers(min_value=1, max_value=10**12), nd=st.integers(min_value=1, max_value=4096))
+def test_zero_formulas(psi: int, nd: int) -> None:
+    shard = math.ceil(psi / nd)
+    s0, s1, s2, s3 = (estimate_model_state_bytes(psi, zero_stage=z, dp=nd) for z in range(4))
+    assert s0.total == (2 + 2 + K) * psi
+    assert (s1.params, s1.grads, s1.optimizer) == (2 * psi, 2 * psi, K * shard)
+    assert (s2.params, s2.grads, s2.optimizer) == (2 * psi, 2 * shard, K * shard)
+    assert s3.total == (2 + 2 + K) * shard
+    fp32 = estimate_model_state_bytes(psi, zero_stage=0, dp=nd, dtype="float32")
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * psi, 4 * psi, 8 * psi)
+
+
+def test_model_state_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="zero_stage"):
+        estimate_model_state_bytes(10, zero_stage=4, dp=2)
+    with pytest.raises(ValueError, match="dtype"):
+        estimate_model_state_bytes(10, zero_stage=0, dp=2, dtype="int8")
+
+
+# ---- activations (Korthikanti et al. 2022, Table 2) -----------------------------------------
+
+def korthikanti_bytes(*, s: int, b: int, h: int, a: int, t: int, sp: bool, recompute: Recompute,
+                      attention_core: bool = True) -> float:
+    """Table 2 of the paper: bytes per layer in 16-bit activations (``attention_core=False``: no 5as/h term)."""
+    core = 5 * a * s / h if attention_core else 0.0
+    match recompute:
+        case Recompute.FULL:
+            return 2 * s * b * h / (t if sp else 1)
+        case Recompute.SELECTIVE:
+            return s * b * h * (34 / t if sp else 10 + 24 / t)
+        case _:
+            return s * b * h * ((34 + core) / t if sp else 10 + 24 / t + core / t)
+
+
+SETTINGS = [(1, False)] + [(t, sp) for t in (2, 4, 8) for sp in (False, True)]
+
+
+@pytest.mark.parametrize(("tp", "sp"), SETTINGS)
+@pytest.mark.parametrize("recompute", [Recompute.NONE, Recompute.SELECTIVE])
+def test_activations_match_korthikanti_for_explicit_attention(gpt_unfused: OpGraph, tp: int, sp: bool,
+                                                              recompute: Recompute) -> None:
+    layer = block(gpt_unfused)
+    mb = 4  # captured at batch 2, priced at micro-batch 4: activations scale linearly
+    got = estimate_layer_activation_bytes(layer, micro_batch_size=mb, graph_batch_size=gpt_unfused.batch_size,
+                                          recompute=recompute, dtype="bfloat16", tp=tp,
+                                          sharded=megatron_region_ops(layer), sequence_parallel=sp)
+    want = korthikanti_bytes(s=SEQ, b=mb, h=HIDDEN, a=HEADS, t=tp, sp=sp, recompute=recompute)
+    assert got == pytest.approx(want, rel=0.05)
+
+
+@pytest.mark.parametrize(("tp", "sp"), SETTINGS)
+@pytest.mark.parametrize("recompute", list(Recompute))
+def test_fused_attention_keeps_no_s_squared_term(gpt_fused: OpGraph, tp: int, sp: bool, recompute: Recompute) -> None:
+    layer = block(gpt_fused)
+    got = estimate_layer_activation_bytes(layer, micro_batch_size=BATCH, graph_batch_size=gpt_fused.batch_size,
+                                          recompute=recompute, dtype="bfloat16", tp=tp,
+                                          sharded=megatron_region_ops(layer), sequence_parallel=sp)
+    want = korthikanti_bytes(s=SEQ, b=BATCH, h=HIDDEN, a=HEADS, t=tp, sp=sp, recompute=recompute,
+                             attention_core=False)
+    assert got == pytest.approx(want, rel=0.05)
+    assert not any(s.meta.shape[-2:] == (SEQ, SEQ) for s in layer.saved)
+
+
+def test_s_squared_term_grows_quadratically_only_with_explicit_attention(gpt_unfused: OpGraph,
+                                                                         gpt_fused: OpGraph) -> None:
+    def kept(graph: OpGraph, recompute: Recompute) -> int:
+        return estimate_layer_activation_bytes(block(graph), micro_batch_size=BATCH, graph_batch_size=BATCH,
+                                               recompute=recompute, dtype="bfloat16")
+
+    core = kept(gpt_unfused, Recompute.NONE) - kept(gpt_unfused, Recompute.SELECTIVE)
+    assert core == 5 * HEADS * SEQ * SEQ * BATCH  # softmax out (2) + dropout mask (1) + dropout out (2) bytes
+    assert kept(gpt_fused, Recompute.NONE) == kept(gpt_fused, Recompute.SELECTIVE)
+
+
+def test_full_recompute_keeps_only_the_layer_input(gpt_fused: OpGraph) -> None:
+    layer = block(gpt_fused)
+    assert [m.shape for m in layer.input_meta] == [(BATCH, SEQ, HIDDEN)]
+    got = estimate_layer_activation_bytes(layer, micro_batch_size=8, graph_batch_size=BATCH,
+                                          recompute=Recompute.FULL, dtype="bfloat16")
+    assert got == 2 * SEQ * 8 * HIDDEN
+
+
+@pytest.mark.xfail(strict=True, reason="capture: the causal mask built by torch.full(...).triu() in "
+                   "examples/gpt.py has no recorded producer, so it appears in the block's input_meta")
+def test_full_recompute_with_explicit_attention_keeps_only_the_hidden_state(gpt_unfused: OpGraph) -> None:
+    got = estimate_layer_activation_bytes(block(gpt_unfused), micro_batch_size=BATCH, graph_batch_size=BATCH,
+                                          recompute=Recompute.FULL, dtype="bfloat16")
+    assert got == 2 * SEQ * BATCH * HIDDEN
+
+
+def test_dtype_scaling_keeps_masks_and_ids_at_their_width() -> None:
+    x32 = TensorMeta(shape=(2, 16, 8), dtype="float32")
+    mask = TensorMeta(shape=(2, 16, 8), dtype="bool")
+    ids = TensorMeta(shape=(2, 16), dtype="int64")
+    layer = Layer(index=0, module_path="b", kind="k", ops=(), params=(), input_meta=(x32,), saved=(
+        SavedTensor(producer="a", saver="b", meta=x32), SavedTensor(producer="d", saver="d", meta=mask),
+        SavedTensor(producer=None, saver="e", meta=ids)))
+    got = estimate_layer_activation_bytes(layer, micro_batch_size=6, graph_batch_size=2, recompute=Recompute.NONE,
+                                          dtype="bfloat16")
+    assert got == 3 * (x32.numel * 2 + mask.numel * 1 + ids.numel * 8)
+    sharded = estimate_layer_activation_bytes(layer, micro_batch_size=2, graph_batch_size=2,
+                                              recompute=Recompute.NONE, dtype="bfloat16", tp=4,
+                                              sharded=lambda s: s.producer == "a")
+    assert sharded == x32.numel * 2 // 4 + mask.numel + ids.numel * 8
+
+
+# ---- pipelines ------------------------------------------------------------------------------
+
+def test_in_flight_micro_batches_per_schedule() -> None:
+    assert inflight_micro_batches(Schedule.GPIPE, pp=4, stage=0, num_micro_batches=16) == 16
+    assert [inflight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, stage=i, num_micro_batches=16)
+            for i in range(4)] == [4, 3, 2, 1]
+    assert inflight_micro_batches(Schedule.ONE_F_ONE_B, pp=8, stage=0, num_micro_batches=3) == 3
+    for pp, v in ((4, 2), (8, 3), (16, 4)):
+        first = inflight_micro_batches(Schedule.INTERLEAVED_1F1B, pp=pp, stage=0, num_micro_batches=64,
+                                       virtual_stages=v)
+        assert first == pytest.approx(pp * (1 + (pp - 1) / (pp * v)))  # Korthikanti et al. §4.2.3
+        last = inflight_micro_batches(Schedule.INTERLEAVED_1F1B, pp=pp, stage=pp - 1, num_micro_batches=64,
+                                      virtual_stages=v)
+        assert last < first
+    with pytest.raises(ValueError, match="stage=4"):
+        inflight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, stage=4, num_micro_batches=8)
+
+
+# ---- buffers and the stage total ------------------------------------------------------------
+
+def test_buffers_and_stage_breakdown() -> None:
+    assert estimate_buffer_bytes(zero_stage=0, dp=1, largest_layer_params=10**9) == 0
+    assert estimate_buffer_bytes(zero_stage=3, dp=8, largest_layer_params=10**6) == 10**6 * (2 * 2 + 2)
+    assert estimate_buffer_bytes(zero_stage=1, dp=8, largest_layer_params=10**6, pp_boundary_bytes=100) == \
+        2 * 25 * 2**20 + 200
+    mem = estimate_stage_memory(num_params=10**9, zero_stage=1, dp=8, activation_bytes_per_micro_batch=10**8,
+                                inflight=3, buffer_bytes=10**7, capacity_bytes=80 * 2**30)
+    state = estimate_model_state_bytes(10**9, zero_stage=1, dp=8)
+    assert (mem.params, mem.grads, mem.optimizer) == (state.params, state.grads, state.optimizer)
+    assert mem.activations == 3 * 10**8
+    tensors = state.total + 3 * 10**8 + 10**7
+    assert mem.buffers == 10**7 + RUNTIME_RESERVED_BYTES + math.ceil(ALLOCATOR_HEADROOM * tensors)
+    assert mem.fits and mem.total < mem.capacity
