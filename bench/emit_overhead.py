@@ -6,8 +6,8 @@
 Both versions train the same GPT with the same layout and micro-batching: the
 hand-written one calls ``parallelize_module`` and ``fully_shard`` directly, as a
 torchtitan-style script would; the other goes through a ``Plan`` and
-``autopar.parallelize``. Rounds alternate between the two so that machine noise
-hits both alike; the script prints the median step times and the speed ratio
+``autopar.parallelize``. Rounds alternate between the two (A B, B A, ...) so that
+machine noise hits both alike; the script prints the median step times and the speed ratio
 (autopar's speed / hand-written speed; the goal is >= 0.95).
 """
 
@@ -56,7 +56,7 @@ class BenchConfig:
     """Micro-batches per step."""
     steps: int = 5
     """Timed steps per version per round."""
-    rounds: int = 3
+    rounds: int = 4
     """Alternating rounds."""
 
 
@@ -176,9 +176,11 @@ def worker(rank: int, world: int, port: int, cfg: BenchConfig) -> None:
     for step in versions.values():  # warm-up
         _time(step, data[:2])
     times: dict[str, list[float]] = {name: [] for name in versions}
+    order = list(versions)
     for _ in range(cfg.rounds):
-        for name, step in versions.items():
-            times[name] += _time(step, data)
+        for name in order:
+            times[name] += _time(versions[name], data)
+        order.reverse()  # A B, B A, ...: drift in the machine's speed hits both alike
     if rank == 0:
         med = {name: statistics.median(t) for name, t in times.items()}
         logger.warning("layout dp%d tp%d zero%d, GPT %d×%d, seq %d, %d ranks on %s", cfg.dp, cfg.tp, cfg.zero_stage,

@@ -19,9 +19,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from autopar.examples.gpt import GPT
+    from autopar.plan import Plan
 
 logger = logging.getLogger("train_gpt")
 
@@ -91,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
+def build_model(cfg: TrainConfig) -> GPT:
     """The GPT on the meta device (no rank ever allocates all of it)."""
     from autopar.examples.gpt import GPT, GPTConfig
 
@@ -101,7 +106,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         return GPT(config)
 
 
-def planning_args(cfg: TrainConfig) -> dict[str, object]:
+def planning_args(cfg: TrainConfig) -> dict[str, Any]:
     """What ``parallelize`` needs to plan on rank 0: the cluster, the batch and the layout pins."""
     pins = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "micro_batch_size": cfg.micro_batch_size,
             "zero_stage": cfg.zero_stage, "recompute": cfg.recompute, "sequence_parallel": cfg.sequence_parallel,
@@ -110,7 +115,7 @@ def planning_args(cfg: TrainConfig) -> dict[str, object]:
             "constraints": pins, "dtype": cfg.dtype}
 
 
-def given_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> object | None:
+def given_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Plan | None:
     """The plan from a file or written by hand; None to let rank 0 run the planner with the pins."""
     from autopar.plan import Plan
 
@@ -121,7 +126,7 @@ def given_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Te
     return None
 
 
-def hand_written_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> object:
+def hand_written_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> Plan:
     """A plan written by hand from the pins: layers split evenly over stages, Megatron's GPT styles."""
     import autopar
     from autopar.plan import (
@@ -178,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     example = (torch.zeros(cfg.micro_batch_size, cfg.seq_len, dtype=torch.long),)
     plan = given_plan(cfg, model, example)
     if plan is None:  # rank 0 plans with the pins and broadcasts the plan
-        pm = parallelize(model, example, seed=cfg.seed, **planning_args(cfg))  # type: ignore[arg-type]
+        pm = parallelize(model, example, seed=cfg.seed, **planning_args(cfg))
     else:
-        pm = parallelize(model, example, plan=plan, seed=cfg.seed)  # type: ignore[arg-type]
+        pm = parallelize(model, example, plan=plan, seed=cfg.seed)
     lead = dist.get_rank() == 0
     logging.basicConfig(level=logging.INFO if lead else logging.WARNING, stream=sys.stdout, format="%(message)s")
     if lead:

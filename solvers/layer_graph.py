@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import NamedTuple
 
 from autopar.graph.ir import Layer, Op, TensorMeta
@@ -20,11 +21,19 @@ from autopar.solvers.op_rules import is_float
 from autopar.solvers.view_rules import shard_fits
 
 
-class Source(NamedTuple):
-    """Where one op input comes from: ``("op", producer, output index)``, ``("ext", key, 0)`` or ``("param", name, 0)``."""
+class SourceKind(StrEnum):
+    """What an op input reads."""
 
-    kind: str
-    """``"op"``, ``"ext"`` (outside the layer) or ``"param"``."""
+    OP = "op"  # an output of another op of the layer
+    EXT = "ext"  # a tensor from outside the layer (previous layer, graph input, lost constant)
+    PARAM = "param"  # a parameter or buffer, read directly
+
+
+class Source(NamedTuple):
+    """A tensor an op reads: (OP, producer, output index), (EXT, boundary key, 0) or (PARAM, name, 0)."""
+
+    kind: SourceKind
+    """Op output, boundary tensor or parameter."""
     name: str
     """Producer op, boundary key, or parameter name."""
     index: int
@@ -100,28 +109,28 @@ def build_layer_graph(layer: Layer, *, tp: int, sequence_parallel: bool) -> Laye
         srcs = []
         for k, (meta, prod, param) in enumerate(zip(op.inputs, op.input_ops, op.input_params)):
             if param is not None and prod is None:
-                src = Source("param", param, 0)
+                src = Source(SourceKind.PARAM, param, 0)
                 if param not in buffers and is_float(meta):
                     trainable.add(param)
             elif prod is not None and prod in by_name:
-                src = Source("op", prod, _output_index(by_name[prod], meta))
+                src = Source(SourceKind.OP, prod, _output_index(by_name[prod], meta))
             else:
-                src = Source("ext", prod if prod is not None else f"const:{op.name}:{k}", 0)
+                src = Source(SourceKind.EXT, prod if prod is not None else f"const:{op.name}:{k}", 0)
                 is_hidden = prod is not None and is_float(meta) and meta.shape == hidden
                 pins.setdefault(src, boundary_pin(meta, hidden=is_hidden, tp=tp, sequence_parallel=sequence_parallel))
                 if is_hidden:
                     grads.add(src)
             srcs.append(src)
             metas.setdefault(src, meta)
-            if src.kind != "param":
+            if src.kind is not SourceKind.PARAM:
                 consumers.setdefault(src, []).append((op.name, k))
         sources[op.name] = tuple(srcs)
         _propagate_grad(op, srcs, grads, trainable)
     outputs: dict[Source, Placement] = {}
-    read = {s.name for srcs in sources.values() for s in srcs if s.kind == "op"}
+    read = {s.name for srcs in sources.values() for s in srcs if s.kind is SourceKind.OP}
     for op in layer.ops:
         if op.name not in read and op.outputs:
-            out = Source("op", op.name, 0)
+            out = Source(SourceKind.OP, op.name, 0)
             metas.setdefault(out, op.outputs[0])
             is_hidden = is_float(op.outputs[0]) and op.outputs[0].shape == hidden
             outputs[out] = boundary_pin(op.outputs[0], hidden=is_hidden, tp=tp, sequence_parallel=sequence_parallel)
@@ -133,10 +142,10 @@ def build_layer_graph(layer: Layer, *, tp: int, sequence_parallel: bool) -> Laye
 
 def _propagate_grad(op: Op, srcs: list[Source], grads: set[Source], trainable: set[str]) -> None:
     """An op's float outputs need gradients when any input does (a trainable parameter counts)."""
-    if any(s in grads or (s.kind == "param" and s.name in trainable) for s in srcs):
+    if any(s in grads or (s.kind is SourceKind.PARAM and s.name in trainable) for s in srcs):
         for i, out in enumerate(op.outputs):
             if is_float(out):
-                grads.add(Source("op", op.name, i))
+                grads.add(Source(SourceKind.OP, op.name, i))
 
 
-__all__ = ["LayerGraph", "Source", "boundary_pin", "build_layer_graph"]
+__all__ = ["LayerGraph", "Source", "SourceKind", "boundary_pin", "build_layer_graph"]

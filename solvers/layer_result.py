@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from autopar.graph.ir import Layer, Op, SavedTensor
 from autopar.plan import ShardingPlan, TPStyle
-from autopar.solvers.layer_graph import LayerGraph
+from autopar.solvers.layer_graph import LayerGraph, SourceKind
 from autopar.solvers.placement import Placement
 from autopar.solvers.sharding_ilp import ShardingSolution
 from autopar.solvers.op_rules import OpStrategy
@@ -206,7 +206,7 @@ def _modules(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, T
     styles: dict[str, TPStyle] = {}
     for op in graph.layer.ops:
         for meta, src, p in zip(op.inputs, graph.sources[op.name], chosen[op.name].inputs):
-            if src.kind == "param" and len(meta.shape) == 2 and src.name in graph.trainable:
+            if src.kind is SourceKind.PARAM and len(meta.shape) == 2 and src.name in graph.trainable:
                 style = _style(op, p)
                 if style is not None:
                     styles[relative_module(src.name, graph.layer.module_path)] = style
@@ -226,7 +226,7 @@ def build_result(graph: LayerGraph, *, tp: int, sequence_parallel: bool, solutio
     sync = math.fsum(
         meta.nbytes for op in layer.ops
         for meta, src, g in zip(op.inputs, graph.sources[op.name], chosen[op.name].input_grads())
-        if src.kind == "param" and src.name in graph.trainable and g.is_partial
+        if src.kind is SourceKind.PARAM and src.name in graph.trainable and g.is_partial
     )
     return LayerShardingResult(
         layer_kind=layer.kind, layer_path=layer.module_path, tp=tp, sequence_parallel=sequence_parallel,
@@ -234,7 +234,7 @@ def build_result(graph: LayerGraph, *, tp: int, sequence_parallel: bool, solutio
         strategies={n: s.name for n, s in chosen.items()},
         input_placements={n: s.inputs for n, s in chosen.items()},
         output_placements={n: s.outputs for n, s in chosen.items()},
-        input_producers={op.name: tuple(s.name if s.kind == "op" else None for s in graph.sources[op.name])
+        input_producers={op.name: tuple(s.name if s.kind is SourceKind.OP else None for s in graph.sources[op.name])
                          for op in layer.ops},
         input_shapes={op.name: tuple(i.shape for i in op.inputs) for op in layer.ops},
         output_shapes={op.name: tuple(o.shape for o in op.outputs) for op in layer.ops},

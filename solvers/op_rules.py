@@ -90,7 +90,17 @@ def _aligned(ref: Sequence[int], shape: Sequence[int], dim: int, *, bcast: Place
 
 
 def elementwise_strategies(op: Op) -> list[OpStrategy]:
-    """Pointwise ops with broadcasting; linear ones also keep partial sums."""
+    """Pointwise ops with broadcasting; linear ones also keep partial sums.
+
+    Example:
+        >>> from autopar.graph.ir import OpClass
+        >>> m = lambda *s: TensorMeta(shape=s, dtype="float32")
+        >>> add = Op(name="add", target="aten.add.Tensor", op_class=OpClass.ELEMENTWISE, inputs=(m(4, 8), m(8)),
+        ...          input_ops=("x", None), input_params=(None, "bias"), outputs=(m(4, 8),), flops=0,
+        ...          nbytes_moved=0, module_path="")
+        >>> [s.name for s in elementwise_strategies(add)]
+        ['S(0) = S(0) x R', 'S(1) = S(1) x S(0)', 'P = P x P']
+    """
     out_shape = op.outputs[0].shape
     found = [
         OpStrategy(inputs=tuple(_aligned(out_shape, t.shape, d) for t in op.inputs),
@@ -228,7 +238,17 @@ def _matmul_spec(op: Op) -> tuple[list[str], str, int | None, bool] | None:
 
 
 def matmul_strategies(op: Op) -> list[OpStrategy]:
-    """One strategy per einsum index: shard it everywhere it appears; a contracted index gives P."""
+    """One strategy per einsum index: shard it everywhere it appears; a contracted index gives P.
+
+    Example:
+        >>> from autopar.graph.ir import OpClass
+        >>> m = lambda *s: TensorMeta(shape=s, dtype="float32")
+        >>> bmm = Op(name="bmm", target="aten.bmm.default", op_class=OpClass.MATMUL, inputs=(m(8, 16, 4), m(8, 4, 2)),
+        ...          input_ops=("q", "k"), input_params=(None, None), outputs=(m(8, 16, 2),), flops=0,
+        ...          nbytes_moved=0, module_path="attn")
+        >>> [s.name for s in matmul_strategies(bmm)]
+        ['S(0) = S(0) x S(0)', 'S(1) = S(1) x R', 'P = S(2) x S(1)', 'S(2) = R x S(2)']
+    """
     spec = _matmul_spec(op)
     if spec is None:
         return []

@@ -29,6 +29,13 @@ def brute_force_stage_partition(costs: StageCosts, *, num_stages: int, in_flight
 
     Raises:
         InfeasibleStagePartitionError: S > L or no composition fits (with the smallest budget that fits).
+
+    Example:
+        >>> c = StageCosts.uniform(4, forward_s=1, backward_s=2, static_mem_bytes=0, activation_bytes=0,
+        ...                        boundary_send_s=0)
+        >>> brute_force_stage_partition(c, num_stages=2, in_flight=(2, 1), mem_budget_bytes=1, alpha=3,
+        ...                             beta=1).boundaries
+        (0, 2, 4)
     """
     check_stage_count(costs, num_stages, in_flight)
     n = costs.num_layers
@@ -50,6 +57,12 @@ def brute_force_sharding(problem: ShardingProblem) -> ShardingSolution:
 
     Raises:
         InfeasiblePlanError: nothing fits the budget with a finite cost.
+
+    Example:
+        >>> from autopar.solvers.sharding_problem import ShardingNode
+        >>> a = ShardingNode(name="a", strategies=("x", "y"), compute_s=(2, 1), comm_s=(0, 0), mem_bytes=(0, 9))
+        >>> brute_force_sharding(ShardingProblem(nodes=(a,), edges=(), mem_budget_bytes=5)).choice
+        {'a': 0}
     """
     free = [n for n in problem.nodes if n.follows is None]
     best: tuple[float, float, dict[str, int]] | None = None

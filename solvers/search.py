@@ -66,6 +66,9 @@ def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, tupl
             for mbs in space.micro_batch_size:
                 for rc in space.recompute:
                     costs = pricing.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=rc)
+                    if rc is Recompute.SELECTIVE and "recompute" not in space.pinned and costs == pricing.layer_costs(
+                            tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=Recompute.NONE):
+                        continue  # nothing to recompute selectively (fused attention keeps no s×s tensor)
                     total_s = sum(c.forward_s + c.backward_s for c in costs)
                     for pp in space.pp:
                         if pp > len(costs) or tp * pp > space.num_gpus:
@@ -167,7 +170,7 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
         InfeasiblePlanError: nothing fits; the message names the smallest peak found and its dominant term.
     """
     groups = sorted(_groups(space, pricing), key=lambda gc: gc[0].time_bound_s)
-    best: list[tuple[float, int, Evaluation]] = []  # max-heap on step time via negation
+    best: list[tuple[float, int, int, Evaluation]] = []  # max-heap on (step time, memory) via negation
     priced = pruned = pruned_layouts = 0
     min_mem: Evaluation | None = None
     leanest: tuple[float, _Group, tuple[LayerCost, ...]] | None = None
@@ -196,17 +199,17 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                 min_mem = ev
             if not ev.fits:
                 continue
-            item = (-ev.step_time_s, -priced, ev)
+            item = (-ev.step_time_s, -ev.peak_memory_bytes, -priced, ev)  # ties: less memory wins
             if len(best) < top_k:
                 heapq.heappush(best, item)
-            elif ev.step_time_s < -best[0][0]:
+            elif item[:3] > best[0][:3]:
                 heapq.heapreplace(best, item)
     if min_mem is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
         _, group, costs = leanest
         evs = [evaluate_layout(lay, costs, pricing, gpus_per_node=space.gpus_per_node)
                for lay in _layouts(group, space, len(costs))]
         min_mem = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
-    ranked = tuple(ev for _, _, ev in sorted(best, key=lambda t: (-t[0], -t[1])))
+    ranked = tuple(item[-1] for item in sorted(best, key=lambda t: (-t[0], -t[1], -t[2])))
     log.info("search: %d groups, %d pruned by bounds; %d layouts pruned, %d priced", len(groups), pruned,
              pruned_layouts, priced)
     return SearchResult(ranked=ranked, candidates_priced=priced, groups_considered=len(groups),

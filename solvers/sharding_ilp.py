@@ -261,7 +261,15 @@ def _solution(variables: ShardingVars, picks: Mapping[str, int], *, optimal: boo
 
 
 def solve_sharding(problem: ShardingProblem, *, time_limit_s: float = 30.0) -> ShardingSolution:
-    """Build and solve in one call."""
+    """Build and solve in one call.
+
+    Example:
+        >>> a = ShardingNode(name="a", strategies=("R", "S"), compute_s=(4, 1), comm_s=(0, 0), mem_bytes=(8, 2))
+        >>> b = ShardingNode(name="b", strategies=("R", "S"), compute_s=(4, 1), comm_s=(0, 0), mem_bytes=(8, 2))
+        >>> e = ShardingEdge(src="a", dst="b", cost_s=((0, 0), (5, 0)))
+        >>> solve_sharding(ShardingProblem(nodes=(a, b), edges=(e,))).choice
+        {'a': 1, 'b': 1}
+    """
     lp, variables = build_sharding_problem(problem)
     return solve(lp, variables, time_limit_s=time_limit_s)
 

@@ -253,6 +253,12 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
 
     Raises:
         InfeasibleStagePartitionError: S > L, or no partition fits (carries the smallest budget that fits).
+
+    Example:
+        >>> c = StageCosts(forward_s=(1, 1, 10, 1), backward_s=(0, 0, 0, 0), static_mem_bytes=(0, 0, 0, 0),
+        ...                activation_bytes=(0, 0, 0, 0), boundary_send_s=(0, 0, 0, 0))
+        >>> partition_stages(c, num_stages=3, in_flight=(3, 2, 1), mem_budget_bytes=1, alpha=7, beta=1)
+        (0, 2, 3, 4)
     """
     check_stage_count(costs, num_stages, in_flight)
     times = _stage_time_matrices(costs, num_stages)

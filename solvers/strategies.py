@@ -8,7 +8,7 @@ the answer back (``solvers/layer_result.py``).
 Nodes of the problem, in execution order:
 
 * ``in:<key>``  a boundary tensor with its pinned placement (one strategy: a constant);
-* ``<op>``      one per ATen op, with the strategies of ``solvers/strategies.py``;
+* ``<op>``      one per ATen op, with the strategies of ``solvers/op_strategies.py``;
   view-like ops follow their producer (Alpa's follow strategy);
 * ``fan:<op>:<k>`` a tensor read by more than one op: it chooses the placement
   the readers share and where their gradients accumulate, so one all-gather (or
@@ -17,9 +17,10 @@ Nodes of the problem, in execution order:
 
 Costs are per micro-batch and include the backward pass: node cost = forward +
 backward compute of the op at its split (by default backward = 2 × forward, as
-FLOPs go: Narayanan et al. 2021; or the caller's ``op_cost``); edge cost = forward resharding of the tensor plus the
-backward resharding of its gradient (the consumer's input-gradient placement to
-the gradient placement the producer needs). Memory is parameter bytes per GPU.
+FLOPs go: Narayanan et al. 2021; or the caller's ``op_cost``); edge cost =
+forward resharding of the tensor plus the backward resharding of its gradient
+(the consumer's input-gradient placement to the gradient placement the producer
+needs). Memory is parameter bytes per GPU.
 
 In the forward pass a replicated or sharded tensor may not be turned into a
 partial sum (R → P, S → P). DTensor allows it, but Megatron-style TP never does
@@ -42,8 +43,10 @@ from dataclasses import dataclass
 
 from autopar.errors import InfeasiblePlanError
 from autopar.graph.ir import Layer, Op
-from autopar.solvers.layer_graph import LayerGraph, Source, build_layer_graph
+from autopar.solvers.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
 from autopar.solvers.layer_result import CollectiveCall, LayerShardingResult, build_result
+from autopar.solvers.op_rules import OpStrategy
+from autopar.solvers.op_strategies import op_strategies, param_bytes
 from autopar.solvers.placement import (
     PARTIAL,
     REPLICATE,
@@ -55,8 +58,6 @@ from autopar.solvers.placement import (
     shard,
 )
 from autopar.solvers.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
-from autopar.solvers.op_rules import OpStrategy
-from autopar.solvers.op_strategies import op_strategies, param_bytes
 from autopar.solvers.view_rules import VIEW_TARGETS, packet, shard_fits
 
 logger = logging.getLogger(__name__)
@@ -267,11 +268,11 @@ class _ProblemBuilder:
                                        comm_s=(0.0,) * len(strategies), mem_bytes=mem, follows=follows,
                                        follow_map=follow_map))
         for k, src in enumerate(srcs):
-            if src.kind != "param":
+            if src.kind is not SourceKind.PARAM:
                 self._connect(src, op.name, tuple(s.inputs[k] for s in strategies),
                               tuple(s.input_grads()[k] for s in strategies), k)
         for i in range(len(op.outputs)):
-            tensor = Source("op", op.name, i)
+            tensor = Source(SourceKind.OP, op.name, i)
             self.plans[f"{op.name}#{i}"] = NodePlan(name=op.name, outs=tuple(s.outputs[i] for s in strategies),
                                                     grad_needs=tuple(s.output_grads()[i] for s in strategies))
             self._register(tensor, f"{op.name}#{i}")
@@ -327,7 +328,7 @@ class _ProblemBuilder:
             i, j = solution.choice[src], solution.choice[dst]
             dst_in, dst_grad = self._dst_placements(dst, j, k)
             nbytes = self.graph.metas[tensor].nbytes
-            label = tensor.name if tensor.kind == "op" else "<input>"
+            label = tensor.name if tensor.kind is SourceKind.OP else "<input>"
             reader = "<output>" if dst.startswith("out:") else "<readers>" if dst.startswith("fan:") else dst
             self._record(fwd_calls, src_plan.outs[i], dst_in, nbytes, label, reader, forward=True)
             if tensor in self.graph.requires_grad:

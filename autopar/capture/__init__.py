@@ -162,6 +162,7 @@ def _to_op(r: Any) -> Op:
         name=r.name, target=r.target, op_class=classify(r.target), inputs=r.inputs, input_ops=r.input_ops,
         input_params=r.input_params, outputs=r.outputs, flops=count_flops(r.target, r.inputs, r.outputs),
         nbytes_moved=count_bytes(r.target, r.inputs, r.outputs), module_path=r.module_path, scalars=r.scalars,
+        keywords=r.keywords,
     )
 
 

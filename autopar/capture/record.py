@@ -54,6 +54,8 @@ class RecordedOp:
     """Module that issued the op."""
     scalars: tuple[Any, ...]
     """Non-tensor positional arguments (ints, floats, bools, int lists as tuples)."""
+    keywords: tuple[tuple[str, Any], ...]
+    """Non-tensor keyword arguments, e.g. ``("approximate", "tanh")`` of gelu."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,7 +79,7 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def _scalar(a: Any) -> Any:
-    if isinstance(a, (bool, int, float)) or a is None:
+    if isinstance(a, (bool, int, float, str)) or a is None:
         return a
     if isinstance(a, (list, tuple)) and all(isinstance(x, (int, float, bool)) for x in a):
         return tuple(a)
@@ -100,6 +102,14 @@ class _Recorder(TorchDispatchMode):
         self.outputs_by_op: dict[str, list[torch.Tensor]] = {}
         self._counts: dict[str, int] = {}
 
+    def _producer_of(self, t: torch.Tensor) -> str | None:
+        """The op that returned ``t``; failing that (a factory whose output object was re-wrapped),
+        the op that created its storage."""
+        name = self.producer.get(id(t))
+        if name is None:
+            name = self.storage_owner.get(_storage_key(t), (None, None))[0]
+        return name
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -118,11 +128,12 @@ class _Recorder(TorchDispatchMode):
             name=name,
             target=target,
             inputs=tuple(_meta(t) for t in tensors_in),
-            input_ops=tuple(self.producer.get(id(t)) for t in tensors_in),
+            input_ops=tuple(self._producer_of(t) for t in tensors_in),
             input_params=tuple(self.param_storages.get(_storage_key(t)) for t in tensors_in),
             outputs=tuple(_meta(t) for t in tensors_out),
             module_path=self.module_path,
             scalars=tuple(_scalar(a) for a in args if not isinstance(a, torch.Tensor)),
+            keywords=tuple((k, _scalar(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)),
         ))
         for t in tensors_out:
             self.producer.setdefault(id(t), name)

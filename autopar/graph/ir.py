@@ -125,8 +125,10 @@ class Op:
     """Bytes read and written by the forward kernel (0 for views)."""
     module_path: str
     """Fully qualified name of the innermost module that called the op (``""`` for the root)."""
-    scalars: tuple[float | int | bool | None, ...] = ()
-    """Non-tensor arguments that matter for sharding rules (e.g. the dims of a transpose)."""
+    scalars: tuple[object, ...] = ()
+    """Non-tensor positional arguments (e.g. the dims of a transpose, a view's sizes as a tuple)."""
+    keywords: tuple[tuple[str, object], ...] = ()
+    """Non-tensor keyword arguments (e.g. ``("approximate", "tanh")`` of gelu, the ``scale`` of attention)."""
 
     def __post_init__(self) -> None:
         if len(self.input_ops) != len(self.inputs) or len(self.input_params) != len(self.inputs):
