@@ -134,13 +134,16 @@ class GraphPricing:
 
     def _solve_sharding(self, kind: str, tp: int, sequence_parallel: bool) -> LayerShardingResult:
         layer = self._kinds[kind]
-        op_time: Callable[[Op], float] = lambda op: compute.estimate_op_time(  # noqa: E731
-            op, self.cluster, dtype=self.dtype).forward_s
         scale = self._float_scale()
+
+        def op_cost(op: Op, shard: int) -> tuple[float, float]:
+            """(forward, backward) seconds with the op's work split ``shard`` ways (fixed costs are not split)."""
+            t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard)
+            return t.forward_s, t.backward_s
+
         return solve_layer_sharding(
-            layer, tp=tp, sequence_parallel=sequence_parallel, op_time=op_time,
-            collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1),
-            mem_budget_bytes=None)
+            layer, tp=tp, sequence_parallel=sequence_parallel, op_cost=op_cost,
+            collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1))
 
     def _compute_layer_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int,
                              recompute: Recompute) -> tuple[LayerCost, ...]:

@@ -95,14 +95,29 @@ def build_autopar(cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], No
     return step
 
 
+def _tp_by_hand(model: torch.nn.Module, tp_mesh: object) -> None:
+    """Megatron's GPT split, as a torchtitan-style script writes it."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(model, tp_mesh, {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate()),
+        "pos_emb": RowwiseParallel(input_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    })
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {
+            "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(), "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(),
+        })
+
+
 def build_by_hand(cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The same layout written directly with DeviceMesh, parallelize_module and fully_shard."""
     import torch.distributed as dist
     from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from autopar.examples.gpt import GPT
 
@@ -110,16 +125,7 @@ def build_by_hand(cfg: BenchConfig) -> Callable[[torch.Tensor, torch.Tensor], No
     with torch.device("meta"):
         model = GPT(_gpt_config(cfg))
     if cfg.tp > 1:
-        parallelize_module(model, mesh["tp"], {
-            "tok_emb": RowwiseParallel(input_layouts=Replicate()),
-            "pos_emb": RowwiseParallel(input_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),
-        })
-        for block in model.blocks:
-            parallelize_module(block, mesh["tp"], {
-                "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
-                "attn.c_proj": RowwiseParallel(), "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel(),
-            })
+        _tp_by_hand(model, mesh["tp"])
     if cfg.zero_stage == 0:
         replicate(model, mesh=mesh["dp"])
     else:

@@ -148,6 +148,11 @@ def copy_without(model: nn.Module, dropped: Iterable[nn.Module]) -> nn.Module:
     cutting a stage from a real model costs the memory of the stage only. Holes
     left in ``nn.ModuleList``/``nn.ModuleDict`` containers are removed without
     renumbering the rest.
+
+    Example:
+        >>> blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(4))
+        >>> [name for name, _ in copy_without(blocks, [blocks[0], blocks[2]]).named_children()]
+        ['1', '3']
     """
     memo: dict[int, Any] = {id(m): None for m in dropped}
     clone = copy.deepcopy(model, memo)
@@ -166,9 +171,11 @@ class GPTAdapter(ModelAdapter):
     post_paths = ("ln_f", "lm_head")
 
     def block_container(self, model: nn.Module) -> str:
+        """``blocks``."""
         return "blocks"
 
     def build_stage(self, model: nn.Module, cut: StageCut, *, seq_shards: int) -> nn.Module:
+        """The GPT itself with the other stages' blocks deleted and embeddings/head set to None."""
         dropped = [model.get_submodule(p) for p in self.block_paths(model) if p not in cut.blocks]
         if not cut.has_pre:
             dropped += [model.tok_emb, model.pos_emb]
@@ -177,13 +184,15 @@ class GPTAdapter(ModelAdapter):
         return copy_without(model, dropped)
 
     def sizes(self, model: nn.Module) -> tuple[int, int]:
+        """(n_embd, vocab_size) from the config."""
         return int(model.config.n_embd), int(model.config.vocab_size)
 
     def init_weights(self, stage: nn.Module) -> None:
+        """GPT's own ``init_weights`` (GPT-2 initialisation)."""
         stage.init_weights()
 
     def output_sequence_dim(self, path: str) -> int:
-        # pos_emb looks up arange(T): its output is (T, C), broadcast over the batch
+        """1, except ``pos_emb``: it looks up arange(T), so its output is (T, C), broadcast over the batch."""
         return 0 if path == "pos_emb" else 1
 
 
@@ -203,6 +212,7 @@ class CausalLMStage(nn.Module):
         self.seq_shards = seq_shards
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) or hidden states (B, T', C) in; logits (B, T, V) or hidden states out."""
         from transformers.masking_utils import create_causal_mask
 
         inner = self.model
@@ -237,9 +247,11 @@ class HFCausalLMAdapter(ModelAdapter):
     post_paths = ("model.norm", "lm_head")
 
     def block_container(self, model: nn.Module) -> str:
+        """``model.layers``."""
         return "model.layers"
 
     def build_stage(self, model: nn.Module, cut: StageCut, *, seq_shards: int) -> nn.Module:
+        """A ``CausalLMStage`` over a copy of the model without the other stages' layers."""
         dropped = [model.get_submodule(p) for p in self.block_paths(model) if p not in cut.blocks]
         if not cut.has_pre:
             dropped.append(model.model.embed_tokens)
@@ -249,15 +261,17 @@ class HFCausalLMAdapter(ModelAdapter):
         return CausalLMStage(clone.model, clone.lm_head, seq_shards=seq_shards)
 
     def sizes(self, model: nn.Module) -> tuple[int, int]:
+        """(hidden_size, vocab_size) from the config."""
         return int(model.config.hidden_size), int(model.config.vocab_size)
 
     def init_weights(self, stage: nn.Module) -> None:
+        """``PreTrainedModel._init_weights`` on every module (it also recomputes rotary ``inv_freq``)."""
         init_module = stage.model._init_weights  # PreTrainedModel's per-module initialiser
         for module in stage.modules():
             init_module(module)
 
     def hidden_kwarg(self, module: nn.Module) -> str | None:
-        # HF decoder layers call self_attn(hidden_states=..., ...) and mlp(hidden_states)
+        """``hidden_states`` for attention (HF decoder layers call ``self_attn(hidden_states=...)``), else None."""
         return "hidden_states" if "Attention" in type(module).__name__ else None
 
 

@@ -45,7 +45,12 @@ _NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` normalises over the hidden dim (LayerNorm, RMSNorm and look-alikes)."""
+    """Whether ``module`` normalises over the hidden dim (LayerNorm, RMSNorm and look-alikes).
+
+    Example:
+        >>> is_norm(nn.LayerNorm(8)), is_norm(nn.Linear(8, 8))
+        (True, False)
+    """
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(_NORM_SUFFIXES)
 
 

@@ -241,7 +241,26 @@ def check_outside_torchrun() -> dict[str, Any]:
         pm.step(torch.zeros(3, SEQ_LEN, dtype=torch.long), torch.zeros(3, SEQ_LEN, dtype=torch.long), loss_fn)
     except UserInputError as e:
         out["bad_batch"] = str(e)
+    out["meta_init"] = {family: _meta_init_summary(family) for family in FAMILIES}
     return out
+
+
+def _meta_init_summary(family: str) -> dict[str, Any]:
+    """Weights of a meta-built model materialised by ``parallelize`` (no state loaded), against a real build."""
+    pm = _parallelize(family, plan=make_plan(layer_paths(family), family=family), seed=3)
+    real = build_model(family)
+    x, y = batches(1, 4)[0]
+    with torch.no_grad():
+        loss = loss_fn(pm.module(x), y).item()
+    stds = {name: p.std().item() for name, p in pm.named_parameters() if p.dim() == 2}
+    real_stds = {name: p.std().item() for name, p in real.named_parameters() if p.dim() == 2}
+    buffers = {n: (b, dict(real.named_buffers())[n]) for n, b in pm.module.named_buffers()}
+    return {
+        "loss": loss,
+        "std_ratio": max(abs(stds[n] / real_stds[n] - 1) for n in stds),
+        "buffers_equal": all(torch.equal(a, b) for a, b in buffers.values()),
+        "num_buffers": len(buffers),
+    }
 
 
 def run_train_gpt(argv: list[str]) -> list[float]:

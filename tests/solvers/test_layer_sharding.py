@@ -175,9 +175,8 @@ def test_cache_rebinds_to_other_layers_of_the_same_kind(gpt: OpGraph) -> None:
     assert first.kind == second.kind
     cache = ShardingCache()
     a = solve(first, 8, cache=cache)
-    start = time.perf_counter()
     b = solve(second, 8, cache=cache)
-    assert time.perf_counter() - start < 0.05 and len(cache) == 1
+    assert len(cache) == 1  # solved once, rebound for the second block
     assert b.layer_path == "blocks.1"
     assert list(b.strategies) == [op.name for op in second.ops]
     assert list(b.strategies.values()) == list(a.strategies.values())
