@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from autopar._callable import make_callable
 from autopar.errors import PlanValidationError
 
 SCHEMA_VERSION = 1
@@ -464,3 +465,5 @@ __all__ = [
     "StagePlan",
     "TPStyle",
 ]
+
+make_callable(__name__, "autopar.api:plan")  # autopar.plan(...) stays the planner after `import autopar.plan`

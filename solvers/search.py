@@ -20,6 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Layout, Recompute, Schedule
@@ -47,8 +48,12 @@ class SearchResult:
     """The priced layout with the smallest peak memory (for infeasibility reports)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Group:
+class _Group(NamedTuple):
+    """Layouts sharing (tp, pp, dp, micro-batch, recompute, sp): one price table, one time bound.
+
+    A NamedTuple rather than a frozen dataclass: tens of thousands are built per search.
+    """
+
     time_bound_s: float
     tp: int
     pp: int
@@ -59,6 +64,7 @@ class _Group:
 
 
 def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, tuple[LayerCost, ...]]]:
+    dp_sizes = {(tp, pp): tuple(space.dp_sizes(tp, pp)) for tp in space.tp for pp in space.pp}
     for tp in space.tp:
         for sp in space.sequence_parallel:
             if sp and tp == 1:
@@ -73,12 +79,11 @@ def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, tupl
                     for pp in space.pp:
                         if pp > len(costs) or tp * pp > space.num_gpus:
                             continue
-                        for dp in space.dp_sizes(tp, pp):
+                        for dp in dp_sizes[tp, pp]:
                             if space.global_batch_size % (dp * mbs):
                                 continue
                             m = space.global_batch_size // (dp * mbs)
-                            yield _Group(time_bound_s=m * total_s / pp, tp=tp, pp=pp, dp=dp, micro_batch_size=mbs,
-                                         recompute=rc, sequence_parallel=sp), costs
+                            yield _Group(m * total_s / pp, tp, pp, dp, mbs, rc, sp), costs
 
 
 def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
@@ -149,8 +154,10 @@ def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Lay
                     pass  # a pinned GPipe with pp = 1 is plain gradient accumulation
                 else:
                     continue
-            if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1:
+            if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1 and m >= group.pp:
                 continue  # dominated by 1F1B: same time, more activations in flight
+            if schedule is Schedule.ONE_F_ONE_B and group.pp > 1 and m < group.pp:
+                continue  # 1F1B needs at least pp micro-batches (torch refuses fewer); it is GPipe then
             for v in space.virtual_stages:
                 interleaved = schedule is Schedule.INTERLEAVED_1F1B
                 if (v > 1) != interleaved or group.pp * v > num_layers:

@@ -15,8 +15,9 @@ from autopar.errors import PlanValidationError
 from autopar.plan import Recompute, Schedule
 
 PIN_NAMES = ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel",
-             "schedule", "virtual_stages")
-"""Names ``constraints`` may pin (the ``Layout`` fields a person sets by hand)."""
+             "schedule", "virtual_stages", "num_gpus")
+"""Names ``constraints`` may pin: the ``Layout`` fields a person sets by hand, and ``num_gpus``
+(dp·tp·pp exactly, e.g. a torchrun job's world size)."""
 
 MAX_VIRTUAL_STAGES = 4
 """Largest interleaving degree searched: Narayanan et al. (2021) report diminishing returns past 4
@@ -77,6 +78,12 @@ class SearchSpace:
         Using fewer GPUs than available is allowed; it can win only when the batch does not
         divide over more replicas, so the largest feasible size and a few smaller ones suffice.
         """
+        exact = self.pinned.get("num_gpus")
+        if exact is not None:
+            d, rest = divmod(exact, tp * pp)
+            if not rest and self.global_batch_size % d == 0 and (self.dp is None or d in self.dp):
+                yield d
+            return
         if self.dp is not None:
             yield from (d for d in self.dp if d * tp * pp <= self.num_gpus)
             return
@@ -167,6 +174,11 @@ def _check_pins_against_model(pins: Mapping[str, Any], shape: ModelShape, num_gp
     if pp is not None and pp > shape.num_layers:
         raise PlanValidationError(f"pp={pp} is larger than the model's {shape.num_layers} layers")
     used = (tp or 1) * (pp or 1) * (dp or 1)
+    exact = pins.get("num_gpus")
+    if exact is not None and exact > num_gpus:
+        raise PlanValidationError(f"num_gpus={exact} is more than the cluster's {num_gpus} GPUs")
+    if exact is not None and (exact % used or (tp and pp and dp and used != exact)):
+        raise PlanValidationError(f"num_gpus={exact} is not dp·tp·pp = {dp or '?'}·{tp or '?'}·{pp or '?'}")
     if used > num_gpus:
         raise PlanValidationError(f"dp·tp·pp = {dp or 1}·{tp or 1}·{pp or 1} = {used} is larger than the cluster's "
                                   f"{num_gpus} GPUs")

@@ -25,3 +25,10 @@ def test_solvers_never_import_torch():
     assert {"search", "stage_dp", "evaluate", "space"} <= set(names)
     imports = "; ".join(f"import autopar.solvers.{n}" for n in names)
     assert _run(f"import sys; {imports}; print('torch' in sys.modules)") == "False"
+
+
+def test_function_names_survive_submodule_imports():
+    """``autopar.plan`` and ``autopar.capture`` are callables even after their submodules load."""
+    code = ("import autopar, autopar.plan, autopar.capture.trace, inspect; "
+            "print(callable(autopar.plan), callable(autopar.capture), autopar.plan.Plan.__name__)")
+    assert _run(code) == "True True Plan"

@@ -10,14 +10,13 @@ captured without allocating its weights, and the caller's module is not changed.
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from autopar._callable import make_callable
 from autopar.capture.record import record
 from autopar.capture.trace import trace_module
 from autopar.errors import CaptureError
@@ -198,18 +197,6 @@ def _hyperparameters(model: nn.Module, inputs: tuple) -> dict[str, int]:
     return info
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``autopar.capture(model, inputs)`` work even after ``autopar.capture.*`` was imported.
-
-    Importing a submodule binds the package ``autopar.capture`` as an attribute of
-    ``autopar``, shadowing the function of the same name; calling the package
-    calls the function.
-    """
-
-    def __call__(self, model: nn.Module, example_inputs: ExampleInputs) -> OpGraph:
-        return capture(model, example_inputs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, "autopar.capture:capture")  # autopar.capture(...) after `import autopar.capture.x`
 
 __all__ = ["capture", "ExampleInputs"]

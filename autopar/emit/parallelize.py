@@ -120,8 +120,11 @@ def _plan_everywhere(
     if rank == 0:
         from autopar import api
 
+        world = dist.get_world_size() if distributed else 1
+        pins = {"num_gpus": world, **(options.pop("constraints", None) or {})}  # the plan must fill this job
         try:
-            made = api.plan(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size, **options)
+            made = api.plan(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
+                            constraints=pins, **options)
             best = made[0] if isinstance(made, list) else made  # top_k > 1 returns a ranking
             message = ("plan", best.to_json())
         except AutoparError as e:

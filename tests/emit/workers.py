@@ -8,6 +8,7 @@ numbers for the test process to compare.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -177,6 +178,8 @@ def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int
     Also continues once from the same checkpoint without the optimizer state, as a
     control: its losses must differ, or the comparison proves nothing about momentum.
     """
+    import torch.distributed as dist
+
     out: dict[str, Any] = {}
     for family in FAMILIES:
         plan = make_plan(layer_paths(family), family=family, **first)
@@ -187,6 +190,9 @@ def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int
         pm.save(path, opt)
         resumed, state = _continue(family, second, path, data[steps[0]:], with_optimizer=True)
         control, _ = _continue(family, second, path, data[steps[0]:], with_optimizer=False)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path)
         out[family] = {
             "ref_losses": ref_losses, "losses": losses + resumed, "control_losses": losses + control,
             "max_diff": max((state[k] - ref_state[k]).abs().max().item() for k in state), "keys": sorted(state),

@@ -74,6 +74,21 @@ def test_faster_fabric_never_slower():
     assert all(a >= b for a, b in zip(times, times[1:]))
 
 
+def test_num_gpus_pin_fixes_the_world_size():
+    pricing = SyntheticPricing(hidden=512, blocks=4, mem=80e9)
+    best = search(_space(pricing, gpus=16, batch=64, num_gpus=4), pricing).ranked[0]
+    assert best.layout.num_gpus == 4
+    with pytest.raises(PlanValidationError, match="more than the cluster"):
+        _space(pricing, gpus=16, num_gpus=32)
+
+
+def test_one_f_one_b_needs_pp_micro_batches():
+    pricing = SyntheticPricing()
+    for ev in search(_space(pricing, gpus=16, batch=4, pp=4), pricing, top_k=5).ranked:
+        if ev.layout.num_micro_batches < 4:
+            assert ev.layout.schedule is not Schedule.ONE_F_ONE_B
+
+
 def test_pins_are_respected():
     pricing = SyntheticPricing()
     best = search(_space(pricing, tp=2, pp=2, schedule="gpipe", recompute="full"), pricing).ranked[0]
