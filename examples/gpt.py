@@ -74,7 +74,7 @@ GPT_SIZES: dict[str, tuple[int, int, int]] = {
     "1.3b": (24, 2048, 32),  # GPT-3 XL uses 24 heads of 128; 32 heads of 64 keeps 2048 = 32 × 64
     "2.7b": (32, 2560, 32),
     "6.7b": (32, 4096, 32),
-    "13b": (40, 5140, 40),
+    "13b": (40, 5120, 40),  # the paper lists d_model 5140, not divisible by 40 heads of 128; the model used 5120
     "15b": (48, 5120, 40),  # Alpa's 15B
     "22b": (48, 6144, 64),  # Korthikanti et al.'s 22B
     "39b": (48, 8192, 64),  # Alpa's 39B
