@@ -11,9 +11,7 @@ Heavy submodules (torch, torch.distributed, pulp) load on first use, so
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from autopar._modules import lazy_attributes
 from autopar.errors import (
     AutoparError,
     CaptureError,
@@ -39,18 +37,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'autopar' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "AutoparError",

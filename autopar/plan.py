@@ -18,7 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from autopar._callable import make_callable
+from autopar._modules import make_callable
 from autopar.errors import PlanValidationError
 
 SCHEMA_VERSION = 1

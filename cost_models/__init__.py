@@ -9,9 +9,7 @@ the local-device probe, which need torch, load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from autopar._modules import lazy_attributes
 from autopar.cost_models.calibration import CalibrationTable, op_key, op_key_for
 from autopar.cost_models.cluster import Cluster, GPUSpec, LinkKind, LinkSpec, list_presets
 from autopar.cost_models.comm import (
@@ -46,6 +44,8 @@ from autopar.cost_models.memory import (
     summarize_layer_activations,
 )
 
+
+
 # name -> module, imported on first attribute access (these import torch)
 _LAZY: dict[str, str] = {
     "profile_graph": "autopar.cost_models.profiler",
@@ -56,17 +56,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'autopar.cost_models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -235,7 +235,9 @@ def require_plans(result: SearchResult, *, capacity_bytes: int, num_gpus: int, s
         term = lowest.dominant_memory_term
         detail = (f"the leanest layout ({lowest.layout.describe()}) needs {peak / 2**30:.1f} GiB per GPU, "
                   f"dominated by {term}, but a GPU has {capacity_bytes / 2**30:.1f} GiB")
-    hint = f"; it would fit on {smallest_fit}" if smallest_fit else ""
+    hint = (f"; it would fit on {smallest_fit}" if smallest_fit else
+            "; no cluster of up to 64× as many nodes fits either: relax the pins, lower the micro-batch or "
+            "sequence length, or use GPUs with more memory")
     raise InfeasiblePlanError(f"no plan fits on {num_gpus} GPUs: {detail}{hint}")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopar._callable import make_callable
+from autopar._modules import make_callable
 from autopar.capture.record import record
 from autopar.capture.trace import trace_module
 from autopar.errors import CaptureError

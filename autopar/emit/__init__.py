@@ -8,8 +8,7 @@ first use, so importing this package does not import ``torch.distributed``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from autopar._modules import lazy_attributes
 
 _LAZY: dict[str, str] = {
     "ParallelModel": "autopar.emit.runtime",
@@ -20,11 +19,6 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'autopar.emit' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = list(_LAZY)
