@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from enum import StrEnum
+from autopar._compat import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+from autopar._compat import StrEnum
 from pathlib import Path
 from typing import Any
 

@@ -16,7 +16,7 @@ import importlib.resources
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any

@@ -26,7 +26,7 @@ shares (NCCL runs one ring per NIC), so busbw = min(intra, (n/k) · inter per GP
 from __future__ import annotations
 
 import math
-from enum import StrEnum
+from autopar._compat import StrEnum
 
 from autopar.cost_models.cluster import Cluster
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 
 from autopar.cost_models.calibration import FLOAT_DTYPES, CalibrationTable
 from autopar.cost_models.cluster import Cluster, GPUSpec

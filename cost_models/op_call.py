@@ -169,7 +169,8 @@ def _view_of(producer: Op, base: torch.Tensor, device: torch.device, dtype: str 
 def _sdpa_call(op: Op, tensors: tuple[torch.Tensor, ...]) -> OpCall:
     drop_at, causal_at = _FUSED_ATTENTION_SCALARS[op_name(op.target)]
     scalars = op.scalars
-    dropout_p = scalars[drop_at] if len(scalars) > drop_at and isinstance(scalars[drop_at], float) else 0.0
+    raw = scalars[drop_at] if len(scalars) > drop_at else None
+    dropout_p = raw if isinstance(raw, float) else 0.0
     causal = len(scalars) > causal_at and scalars[causal_at] is True
     if len(tensors) != 3:
         raise RebuildError(f"{op.target} with an attention bias is not rebuilt on CPU")

@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import Any
 
 import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from enum import StrEnum
+from autopar._compat import StrEnum
 
 from autopar.errors import ClusterSpecError
 

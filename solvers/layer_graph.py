@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import NamedTuple
 
 from autopar.graph.ir import Layer, Op, TensorMeta
@@ -36,8 +36,8 @@ class Source(NamedTuple):
     """Op output, boundary tensor or parameter."""
     name: str
     """Producer op, boundary key, or parameter name."""
-    index: int
-    """Output index of the producer op (0 otherwise)."""
+    output: int
+    """Output index of the producer op (0 otherwise); not ``index``, which tuples already define."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

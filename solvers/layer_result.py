@@ -8,6 +8,8 @@ the TP style of every parameterised module (for the emitter), and
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -22,6 +24,9 @@ from autopar.solvers.sharding_ilp import ShardingSolution
 from autopar.solvers.op_rules import OpStrategy
 from autopar.solvers.op_strategies import param_bytes
 from autopar.solvers.view_rules import packet
+
+V = TypeVar("V")
+"""Value type of a mapping being re-keyed by ``rename``."""
 
 
 class CollectiveCall(NamedTuple):
@@ -154,7 +159,7 @@ class LayerShardingResult:
         if all(a == b for a, b in names.items()):
             return self
 
-        def rename(mapping: Mapping[str, object]) -> dict[str, object]:
+        def rename(mapping: Mapping[str, V]) -> dict[str, V]:
             return {names[k]: v for k, v in mapping.items()}
 
         def calls(cs: tuple[CollectiveCall, ...]) -> tuple[CollectiveCall, ...]:

@@ -33,7 +33,7 @@ S(d)     P         none (zero-pad the local slice)
 from __future__ import annotations
 
 import re
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import NamedTuple
 
 

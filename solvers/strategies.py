@@ -296,7 +296,7 @@ class _ProblemBuilder:
             self.tensor_node[tensor] = plan_key
             return
         producer = self.plans[plan_key]
-        name = f"fan:{producer.name}:{tensor.index}"
+        name = f"fan:{producer.name}:{tensor.output}"
         pairs = list(dict.fromkeys(
             (p, g) for p, need in zip(producer.outs, producer.grad_needs)
             for g in ((need, PARTIAL) if p.is_replicate and tensor in self.graph.requires_grad else (need,))
@@ -324,7 +324,7 @@ class _ProblemBuilder:
         fwd_calls: list[CollectiveCall] = []
         bwd_calls: list[CollectiveCall] = []
         for src, dst, tensor, k in self.edge_info:
-            src_plan = self.plans[src] if src in self.plans else self.plans[f"{src}#{tensor.index}"]
+            src_plan = self.plans[src] if src in self.plans else self.plans[f"{src}#{tensor.output}"]
             i, j = solution.choice[src], solution.choice[dst]
             dst_in, dst_grad = self._dst_placements(dst, j, k)
             nbytes = self.graph.metas[tensor].nbytes

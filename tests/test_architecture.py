@@ -32,3 +32,15 @@ def test_function_names_survive_submodule_imports():
     code = ("import autopar, autopar.plan, autopar.capture.trace, inspect; "
             "print(callable(autopar.plan), callable(autopar.capture), autopar.plan.Plan.__name__)")
     assert _run(code) == "True True Plan"
+
+
+def test_typed_rooms_pass_mypy():
+    """solvers/, cost_models/ and plan.py are fully annotated and type-check (config in pyproject.toml)."""
+    import pytest
+
+    pytest.importorskip("mypy")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -30,7 +30,7 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import Any
 
 import torch

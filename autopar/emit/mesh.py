@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import TYPE_CHECKING
 
 import torch

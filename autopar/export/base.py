@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+from autopar._compat import StrEnum
 
 from autopar.errors import UserInputError
 from autopar.plan import Plan, Recompute

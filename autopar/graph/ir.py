@@ -14,7 +14,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+from autopar._compat import StrEnum
 
 
 class OpClass(StrEnum):

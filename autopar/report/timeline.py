@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
+from autopar._compat import StrEnum
 from typing import NamedTuple
 
 from autopar.plan import Plan, Schedule
