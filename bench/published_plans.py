@@ -64,6 +64,37 @@ def llama_405b() -> None:
         _row(f"{gpus} GPUs", plan, published, time.perf_counter() - start)
 
 
+def _llama(hidden: int, ffn: int, layers: int, heads: int, kv: int, seq: int) -> autopar.OpGraph:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=128256)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return autopar.capture(model, {"input_ids": torch.zeros(1, seq, dtype=torch.long, device="meta")})
+
+
+def torchtitan() -> None:
+    """torchtitan's H100 runs (benchmarks/llama3_h100_202412_torchtitan.md), layouts pinned, seq 8192."""
+    print("torchtitan on H100, layouts pinned, seq 8192: predicted vs published tokens/s per GPU")
+    cases = [
+        ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), 8, 16, dict(dp=8, tp=1, pp=1, zero_stage=3), 5762),
+        ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), 512, 256,
+         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="1f1b", micro_batch_size=1), 100),
+        ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), 512, 256,
+         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="interleaved-1f1b", micro_batch_size=1), 128),
+    ]
+    graphs: dict[tuple[int, ...], autopar.OpGraph] = {}
+    for label, shape, gpus, batch, pins, published in cases:
+        graph = graphs.setdefault(shape, _llama(*shape, seq=8192))
+        plan = plan_graph(graph, cluster=autopar.Cluster.preset("dgx-h100", nodes=gpus // 8), global_batch_size=batch,
+                          constraints=pins)
+        per_gpu = plan.predicted.tokens_per_s / plan.layout.num_gpus
+        print(f"  {label}: {plan.layout.describe()}  predicted {per_gpu:,.0f} tok/s/GPU, published {published:,}, "
+              f"ratio {per_gpu / published:.2f}, MFU {plan.predicted.mfu:.1%}")
+
+
 if __name__ == "__main__":
     alpa()
     llama_405b()
+    torchtitan()

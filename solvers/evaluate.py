@@ -119,7 +119,7 @@ def _partition(layout: Layout, stage_costs: StageCosts, budget: float, cache: Pa
             return fastest, True
     try:
         part = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
-                                     schedule=schedule, virtual_stages=v)
+                                     schedule=schedule, virtual_stages=v, report_min_budget=False)
         return part, True
     except InfeasibleStagePartitionError:
         n = stage_costs.num_layers

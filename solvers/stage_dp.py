@@ -219,7 +219,7 @@ def _min_max_memory(costs: StageCosts, in_flight: Sequence[int]) -> float:
 
 
 def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int], mem_budget_bytes: float,
-                     alpha: float, beta: float) -> tuple[int, ...]:
+                     alpha: float, beta: float, report_min_budget: bool = True) -> tuple[int, ...]:
     """The kernel: boundaries minimising ``alpha · max_j t_j + beta · Σ_j t_j`` under the memory budget.
 
     Stage j covering layers [i, k) costs ``t_j = Σ_{l∈[i,k)} (f_l + b_l) + [j > 0]·c_i + [j < S−1]·c_k``
@@ -247,6 +247,8 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
         mem_budget_bytes: per-stage memory budget.
         alpha: weight of the bottleneck (``m − 1`` for GPipe/1F1B).
         beta: weight of the sum (1 for GPipe/1F1B).
+        report_min_budget: on failure, compute the smallest budget that fits (one more DP pass) for the
+            error; a caller that only needs to know that nothing fits passes False.
 
     Returns:
         S + 1 boundaries.
@@ -266,18 +268,20 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
     times = [np.where(o, t, np.inf) for t, o in zip(times, ok)]
     lower, arg = _min_sum_dp(times, math.inf)
     if not math.isfinite(lower):
-        need = _min_max_memory(costs, in_flight)
+        need = _min_max_memory(costs, in_flight) if report_min_budget else None
         raise InfeasibleStagePartitionError(
             f"no split of {costs.num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
-            f"per stage; the smallest budget that fits is {need:.4g} bytes",
+            f"per stage" + (f"; the smallest budget that fits is {need:.4g} bytes" if need is not None else ""),
             min_budget_bytes=need,
         )
     best = _score(times, _boundaries_from(arg), alpha, beta)
     if alpha == 0.0:
         return best[1]
-    candidates = np.unique(np.concatenate([t[np.isfinite(t)] for t in times]))
-    start = _first_feasible(times, candidates)
-    for limit in candidates[start:]:
+    # only bottlenecks from the smallest feasible one up to where alpha·T alone loses can win; the
+    # window only shrinks as ``best`` improves, so collecting it once up front is exact
+    low, high = _min_bottleneck(times), (best[0] - beta * lower) / alpha
+    candidates = np.unique(np.concatenate([t[(t >= low) & (t < high)] for t in times]))
+    for limit in candidates:
         if alpha * limit + beta * lower >= best[0]:
             break
         total, arg = _min_sum_dp(times, float(limit))
@@ -304,18 +308,17 @@ def _score(times: Sequence[FloatArray], bounds: tuple[int, ...], alpha: float,
     return alpha * max(stage) + beta * sum(stage), bounds
 
 
-def _first_feasible(times: Sequence[FloatArray], candidates: FloatArray) -> int:
-    """Index of the smallest candidate bottleneck that admits a partition.
+def _min_bottleneck(times: Sequence[FloatArray]) -> float:
+    """The smallest bottleneck that admits a partition.
 
-    The smallest feasible bottleneck is itself a min-max DP:
-    ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``, one O(L²·S) pass.
+    It is itself a min-max DP: ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``, one O(L²·S) pass.
     """
     size = times[0].shape[0]
     best = np.full(size, np.inf)
     best[0] = 0.0
     for t in times:
         best = np.min(np.maximum(best[:, None], t), axis=0)
-    return int(np.searchsorted(candidates, best[-1]))
+    return float(best[-1])
 
 
 # ---- wrapper, evaluation and oracle ----------------------------------------------------------
@@ -352,7 +355,8 @@ def evaluate_partition(costs: StageCosts, boundaries: Sequence[int], *, in_fligh
 
 
 def solve_stage_partition(costs: StageCosts, *, num_stages: int, num_micro_batches: int, mem_budget_bytes: float,
-                          schedule: Schedule = Schedule.ONE_F_ONE_B, virtual_stages: int = 1) -> StagePartition:
+                          schedule: Schedule = Schedule.ONE_F_ONE_B, virtual_stages: int = 1,
+                          report_min_budget: bool = True) -> StagePartition:
     """Best contiguous partition of the layers into ``num_stages`` stages for a pipeline schedule.
 
     For interleaved 1F1B pass ``num_stages = pp · virtual_stages`` chunks; chunk j
@@ -389,7 +393,7 @@ def solve_stage_partition(costs: StageCosts, *, num_stages: int, num_micro_batch
     chunk_budget = mem_budget_bytes / virtual_stages
     try:
         bounds = partition_stages(costs, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=chunk_budget,
-                                  alpha=alpha, beta=beta)
+                                  alpha=alpha, beta=beta, report_min_budget=report_min_budget)
     except InfeasibleStagePartitionError as e:
         if e.min_budget_bytes is None or virtual_stages == 1:
             raise
