@@ -16,7 +16,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from autopar._compat import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from autopar._compat import StrEnum
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
 from autopar.plan import Plan, Recompute, Schedule

@@ -30,6 +30,10 @@ class UserInputError(AutoparError, ValueError):
     """Any other bad user input: a model spec that does not import, a factory that raises, bad flags."""
 
 
+class ExportError(UserInputError):
+    """A plan uses a feature the target library cannot express; says which and what to do instead."""
+
+
 __all__ = [
     "AutoparError",
     "CaptureError",
@@ -37,4 +41,5 @@ __all__ = [
     "PlanValidationError",
     "ClusterSpecError",
     "UserInputError",
+    "ExportError",
 ]

@@ -14,10 +14,10 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from autopar._compat import StrEnum
 from pathlib import Path
 from typing import Any
 
+from autopar._compat import StrEnum
 from autopar._modules import make_callable
 from autopar.errors import PlanValidationError
 

@@ -16,15 +16,15 @@ import importlib.resources
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from autopar._compat import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
-
-from autopar.errors import ClusterSpecError
 from autopar.cost_models.units import UnitKind, format_bytes, parse_quantity
+
+from autopar._compat import StrEnum
+from autopar.errors import ClusterSpecError
 
 PRESET_FILE = "presets.yaml"
 """Package data file (in ``cost_models/``) holding the presets."""

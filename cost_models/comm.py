@@ -26,9 +26,10 @@ shares (NCCL runs one ring per NIC), so busbw = min(intra, (n/k) · inter per GP
 from __future__ import annotations
 
 import math
-from autopar._compat import StrEnum
 
 from autopar.cost_models.cluster import Cluster
+
+from autopar._compat import StrEnum
 
 RING_BASE_LATENCY_S = 3.6e-6
 """Fixed cost of one ring collective: NCCL tuning.cc ``baseLat[RING][LL]`` = 3.6 µs."""

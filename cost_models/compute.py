@@ -27,12 +27,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from autopar._compat import StrEnum
 
 from autopar.cost_models.calibration import FLOAT_DTYPES, CalibrationTable
 from autopar.cost_models.cluster import Cluster, GPUSpec
-from autopar.cost_models.efficiency import CAUSAL_WORK_FRACTION, OP_CLASS_COSTS, PASS_THROUGH_BACKWARD
+from autopar.cost_models.efficiency import (
+    CAUSAL_WORK_FRACTION,
+    OP_CLASS_COSTS,
+    PASS_THROUGH_BACKWARD,
+)
 from autopar.cost_models.layer_info import attention_core_ops
+
+from autopar._compat import StrEnum
 from autopar.graph.flops import op_name
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpClass, TensorMeta
 from autopar.plan import Recompute

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from autopar._compat import StrEnum
 
+from autopar._compat import StrEnum
 from autopar.errors import ClusterSpecError
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from autopar._compat import StrEnum
 from typing import NamedTuple
 
-from autopar.graph.ir import Layer, Op, TensorMeta
-from autopar.solvers.placement import REPLICATE, Placement, shard
 from autopar.solvers.op_rules import is_float
+from autopar.solvers.placement import REPLICATE, Placement, shard
 from autopar.solvers.view_rules import shard_fits
+
+from autopar._compat import StrEnum
+from autopar.graph.ir import Layer, Op, TensorMeta
 
 
 class SourceKind(StrEnum):

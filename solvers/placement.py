@@ -33,8 +33,9 @@ S(d)     P         none (zero-pad the local slice)
 from __future__ import annotations
 
 import re
-from autopar._compat import StrEnum
 from typing import NamedTuple
+
+from autopar._compat import StrEnum
 
 
 class PlacementKind(StrEnum):

@@ -30,12 +30,12 @@ import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from autopar._compat import StrEnum
 from typing import Any
 
 import torch
 from torch import nn
 
+from autopar._compat import StrEnum
 from autopar.errors import UserInputError
 
 

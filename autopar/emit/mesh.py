@@ -12,11 +12,11 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from autopar._compat import StrEnum
 from typing import TYPE_CHECKING
 
 import torch
 
+from autopar._compat import StrEnum
 from autopar.errors import UserInputError
 from autopar.plan import Layout
 

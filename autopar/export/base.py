@@ -13,14 +13,10 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from autopar._compat import StrEnum
-
-from autopar.errors import UserInputError
+from autopar.errors import ExportError
 from autopar.plan import Plan, Recompute
-
-
-class ExportError(UserInputError):
-    """The plan uses a feature the target library cannot express; says which and what to do instead."""
 
 
 class ExportTarget(StrEnum):

@@ -14,6 +14,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from autopar._compat import StrEnum
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from autopar._compat import StrEnum
 from typing import NamedTuple
 
+from autopar._compat import StrEnum
 from autopar.plan import Plan, Schedule
 
 
