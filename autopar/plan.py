@@ -400,6 +400,8 @@ def _to_jsonable(value: Any) -> Any:
         out = {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, Plan):
             out = {"schema_version": out.pop("schema_version"), **out}
+        if isinstance(value, MemoryBreakdown):
+            out["total"] = value.total  # derived, written for readers of the JSON; checked on load
         return out
     if isinstance(value, StrEnum):
         return value.value
@@ -418,6 +420,13 @@ _NESTED: Mapping[str, type] = {
 
 
 def _from_jsonable(cls: type, data: Mapping[str, Any]) -> Any:
+    if cls is MemoryBreakdown and "total" in data:
+        data = dict(data)
+        total = data.pop("total")
+        built = _from_jsonable(cls, data)
+        if total != built.total:
+            raise PlanValidationError(f"memory total {total} is not the sum of its terms ({built.total})")
+        return built
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:

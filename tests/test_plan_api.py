@@ -104,3 +104,15 @@ def test_public_entry_point_captures_then_plans():
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
     plan = autopar.plan(model, (torch.randn(4, 64),), cluster="l40s-pcie", global_batch_size=64)
     assert isinstance(plan, Plan) and plan.layout.num_gpus >= 1
+
+
+def test_plan_json_carries_memory_totals_and_checks_them(small):
+    import json
+
+    plan = plan_graph(small, cluster="dgx-h100", global_batch_size=64)
+    data = json.loads(plan.to_json())
+    mem = data["predicted"]["memory"][0]
+    assert mem["total"] == sum(mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers"))
+    mem["total"] += 1
+    with pytest.raises(autopar.PlanValidationError, match="not the sum of its terms"):
+        Plan.from_dict(data)
