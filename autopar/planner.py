@@ -19,7 +19,7 @@ def _stages(ev: Evaluation, graph: OpGraph, pricing: Pricing) -> tuple[StagePlan
         kinds = dict.fromkeys(layer.kind for layer in layers)
         stages.append(StagePlan(
             index=j, pp_rank=j % lay.pp, layer_start=part.boundaries[j], layer_end=part.boundaries[j + 1],
-            module_paths=tuple(layer.module_path for layer in layers), recompute=lay.recompute,
+            module_paths=tuple(layer.module_path for layer in layers), recompute=ev.stage_recompute[j],
             sharding=tuple(shardings[k] for k in kinds if k in shardings),
             forward_time_s=part.forward_time_s[j], backward_time_s=part.backward_time_s[j],
         ))

@@ -19,11 +19,12 @@ Step time of a layout (seconds)::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from autopar.plan import Layout, MemoryBreakdown
+from autopar.plan import Layout, MemoryBreakdown, Recompute
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.stage_dp import (
     InfeasibleStagePartitionError,
@@ -32,8 +33,8 @@ from autopar.solvers.stage_dp import (
     evaluate_partition,
     in_flight_micro_batches,
     schedule_weights,
-    solve_stage_partition,
 )
+from autopar.solvers.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,6 +63,8 @@ class Evaluation:
     """Model FLOPs plus recomputed forward FLOPs."""
     fits: bool
     """Every rank's memory fits."""
+    stage_recompute: tuple[Recompute, ...]
+    """Recomputation policy of each stage (``layout.recompute`` is the most recomputing of them)."""
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -92,13 +95,18 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p
                       boundary_send_s=send)
 
 
-PartitionCache = dict[tuple[object, ...], tuple[int, ...]]
-"""Time-optimal stage boundaries keyed by what they depend on (not memory): see ``_partition``."""
+PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...]]]
+"""Time-optimal (boundaries, per-stage policy) keyed by what they depend on (not memory): see ``_partition``."""
+
+Variants = Mapping[Recompute, Sequence[LayerCost]]
+"""Per-layer costs under each recomputation policy the layout may use (one entry when pinned)."""
+
+_RECOMPUTE_ORDER = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 
 
-def _partition(layout: Layout, stage_costs: StageCosts, budget: float, cache: PartitionCache | None,
-               key: tuple[object, ...]) -> tuple[StagePartition, bool]:
-    """The stage partition of ``layout`` and whether it fits ``budget`` per pipeline rank.
+def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
+               key: tuple[object, ...]) -> tuple[PolicyPartition, bool]:
+    """The stage partition and per-stage policies of ``layout``, and whether they fit ``budget`` per rank.
 
     The time-optimal partition depends on the stage times only, not on the ZeRO stage or dp
     (those change memory), so it is computed once per ``key`` with no memory limit and reused;
@@ -108,24 +116,27 @@ def _partition(layout: Layout, stage_costs: StageCosts, budget: float, cache: Pa
     m, schedule = layout.num_micro_batches, layout.schedule
     in_flight = in_flight_micro_batches(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+
+    def priced(bounds: Sequence[int], policies: Sequence[int]) -> PolicyPartition:
+        part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
+                                  alpha=alpha, beta=beta, virtual_stages=v)
+        return PolicyPartition(partition=part, policies=tuple(policies))
+
     if cache is not None:
         if key not in cache:
-            cache[key] = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=m,
-                                               mem_budget_bytes=math.inf, schedule=schedule,
-                                               virtual_stages=v).boundaries
-        fastest = evaluate_partition(stage_costs, cache[key], in_flight=in_flight, alpha=alpha, beta=beta,
-                                     virtual_stages=v)
-        if max(fastest.rank_mem_bytes) <= budget:
-            return fastest, True
+            fastest = solve_stage_policies(variants, num_stages=stages, num_micro_batches=m, mem_budget_bytes=math.inf,
+                                           schedule=schedule, virtual_stages=v)
+            cache[key] = (fastest.partition.boundaries, fastest.policies)
+        candidate = priced(*cache[key])
+        if max(candidate.partition.rank_mem_bytes) <= budget:
+            return candidate, True
     try:
-        part = solve_stage_partition(stage_costs, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
-                                     schedule=schedule, virtual_stages=v, report_min_budget=False)
-        return part, True
+        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
+                                    schedule=schedule, virtual_stages=v), True
     except InfeasibleStagePartitionError:
-        n = stage_costs.num_layers
-        bounds = [round(j * n / stages) for j in range(stages + 1)]
-        return evaluate_partition(stage_costs, bounds, in_flight=in_flight, alpha=alpha, beta=beta,
-                                  virtual_stages=v), False
+        n = variants[0].num_layers
+        leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
+        return priced([round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
@@ -154,47 +165,57 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
     return {"reduce_scatter": reduce, "all_gather": exposed}
 
 
-def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, *, gpus_per_node: int,
+def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
                     overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None) -> Evaluation:
-    """Price ``layout`` given per-layer costs at its (tp, sp, micro-batch, recompute) setting.
+    """Price ``layout`` at its (tp, sp, micro-batch) setting, each stage with the fastest policy that fits.
 
-    ``partition_cache`` (owned by the caller, e.g. one search) memoises time-optimal stage partitions;
-    ``costs`` must then stay alive as long as the cache (it is keyed by identity).
+    ``variants`` maps each recomputation policy the layout may use to its per-layer costs (one
+    entry when the policy is pinned). ``partition_cache`` (owned by the caller, e.g. one search)
+    memoises time-optimal partitions; ``variants`` values must then stay alive as long as the cache
+    (it is keyed by their identity).
     """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
-    stage_costs = _stage_costs(layout, costs, pricing, p2p_nodes)
-    largest = max(c.param_count for c in costs)
+    policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
+    per_policy = [variants[rc] for rc in policies]
+    stage_variants = [_stage_costs(layout, costs, pricing, p2p_nodes) for costs in per_policy]
+    largest = max(c.param_count for c in per_policy[0])
     fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
     headroom = pricing.allocator_headroom
     # total = (states + activations + fixed buffers) · (1 + headroom) must fit the GPU
-    key = (id(costs), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
-    part, solved = _partition(layout, stage_costs, pricing.gpu_mem_bytes / (1 + headroom) - fixed,
-                              partition_cache, key)
+    key = (tuple(id(c) for c in per_policy), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
+           layout.num_micro_batches)
+    chosen, solved = _partition(layout, stage_variants, pricing.gpu_mem_bytes / (1 + headroom) - fixed,
+                                partition_cache, key)
+    part = chosen.partition
+    stage_policy = tuple(policies[p] for p in chosen.policies)
+    costs = [per_policy[chosen.policies[j]][i] for j in range(part.num_stages) for i in part.stage_layers(j)]
+    stage_static = composite_costs(stage_variants, part.boundaries, chosen.policies).static_mem_bytes
+    layout = dataclasses.replace(layout, recompute=max(stage_policy, key=_RECOMPUTE_ORDER.index))
     pp, m = layout.pp, layout.num_micro_batches
     comm: dict[str, float] = {}
     for c in costs:
         for kind, s in c.tp_comm_s.items():
             comm[kind] = comm.get(kind, 0.0) + s * m / pp  # per rank, roughly even over the pipeline
     comm["p2p"] = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_exposed, opt_time = [], 0.0, 0.0
+    memory, dp_exposed, dp_by_kind, opt_time = [], 0.0, {}, 0.0
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
         by_kind = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
-        if sum(by_kind.values()) >= dp_exposed:
-            dp_exposed = sum(by_kind.values())
-            for kind, s in by_kind.items():
-                comm[kind] = comm.get(kind, 0.0) + s
+        if sum(by_kind.values()) >= dp_exposed:  # the step waits for the slowest rank's reduction
+            dp_exposed, dp_by_kind = sum(by_kind.values()), by_kind
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, pricing.optimizer_step_time(owned))
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
-        acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_costs.static_mem_bytes[i] for i in layers))
+        acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         buffers = fixed + headroom * (p + g + o + acts + fixed)
         memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
                                       buffers=int(buffers), capacity=int(pricing.gpu_mem_bytes)))
+    for kind, seconds in dp_by_kind.items():
+        comm[kind] = comm.get(kind, 0.0) + seconds
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_exposed + opt_time
@@ -205,4 +226,5 @@ def evaluate_layout(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing
         bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
         comm_time_s=comm, optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
+        stage_recompute=stage_policy,
     )

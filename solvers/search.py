@@ -49,7 +49,7 @@ class SearchResult:
 
 
 class _Group(NamedTuple):
-    """Layouts sharing (tp, pp, dp, micro-batch, recompute, sp): one price table, one time bound.
+    """Layouts sharing (tp, pp, dp, micro-batch, sp): one set of price tables, one time bound.
 
     A NamedTuple rather than a frozen dataclass: tens of thousands are built per search.
     """
@@ -59,31 +59,49 @@ class _Group(NamedTuple):
     pp: int
     dp: int
     micro_batch_size: int
-    recompute: Recompute
     sequence_parallel: bool
 
 
-def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, tuple[LayerCost, ...]]]:
+class _Prices(NamedTuple):
+    """Per-layer costs of one (tp, sp, micro-batch) setting under each recomputation policy allowed."""
+
+    variants: dict[Recompute, tuple[LayerCost, ...]]
+    """Policy → per-layer costs (each stage picks the fastest that fits: ``stage_policies``)."""
+    fastest: tuple[LayerCost, ...]
+    """The costs with the least time (for time bounds)."""
+    leanest: tuple[LayerCost, ...]
+    """The costs with the least activation memory (for memory bounds)."""
+
+
+def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -> _Prices:
+    variants: dict[Recompute, tuple[LayerCost, ...]] = {}
+    for rc in space.recompute:
+        costs = pricing.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=rc)
+        if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
+            variants[rc] = costs
+    tables = list(variants.values())
+    return _Prices(variants=variants,
+                   fastest=min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs)),
+                   leanest=min(tables, key=lambda cs: sum(c.activation_bytes for c in cs)))
+
+
+def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, _Prices]]:
     dp_sizes = {(tp, pp): tuple(space.dp_sizes(tp, pp)) for tp in space.tp for pp in space.pp}
     for tp in space.tp:
         for sp in space.sequence_parallel:
             if sp and tp == 1:
                 continue
             for mbs in space.micro_batch_size:
-                for rc in space.recompute:
-                    costs = pricing.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=rc)
-                    if rc is Recompute.SELECTIVE and "recompute" not in space.pinned and costs == pricing.layer_costs(
-                            tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=Recompute.NONE):
-                        continue  # nothing to recompute selectively (fused attention keeps no s×s tensor)
-                    total_s = sum(c.forward_s + c.backward_s for c in costs)
-                    for pp in space.pp:
-                        if pp > len(costs) or tp * pp > space.num_gpus:
+                prices = _prices(space, pricing, tp, sp, mbs)
+                total_s = sum(c.forward_s + c.backward_s for c in prices.fastest)
+                for pp in space.pp:
+                    if pp > len(prices.fastest) or tp * pp > space.num_gpus:
+                        continue
+                    for dp in dp_sizes[tp, pp]:
+                        if space.global_batch_size % (dp * mbs):
                             continue
-                        for dp in dp_sizes[tp, pp]:
-                            if space.global_batch_size % (dp * mbs):
-                                continue
-                            m = space.global_batch_size // (dp * mbs)
-                            yield _Group(m * total_s / pp, tp, pp, dp, mbs, rc, sp), costs
+                        m = space.global_batch_size // (dp * mbs)
+                        yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), prices
 
 
 def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
@@ -143,7 +161,9 @@ def _repeated_block_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing:
     return n / sum(1.0 / (s + kr * block.activation_bytes) for kr in k)
 
 
-def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Layout]:
+def _layouts(group: _Group, space: SearchSpace, num_layers: int,
+             recompute: Recompute = Recompute.NONE) -> Iterator[Layout]:
+    """Layouts of a group; ``recompute`` is provisional (evaluation sets the policy its stages use)."""
     m = space.global_batch_size // (group.dp * group.micro_batch_size)
     zeros = [z for z in space.zero_stage if group.dp > 1 or z == 0] or [0]
     pinned_schedule = "schedule" in space.pinned
@@ -165,7 +185,7 @@ def _layouts(group: _Group, space: SearchSpace, num_layers: int) -> Iterator[Lay
                 if interleaved and m % group.pp:
                     continue  # Megatron's interleaved schedule needs micro-batches in multiples of pp
                 yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
-                             num_micro_batches=m, zero_stage=zero, recompute=group.recompute,
+                             num_micro_batches=m, zero_stage=zero, recompute=recompute,
                              sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
 
 
@@ -180,26 +200,26 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     best: list[tuple[float, int, int, Evaluation]] = []  # max-heap on (step time, memory) via negation
     priced = pruned = pruned_layouts = 0
     min_mem: Evaluation | None = None
-    leanest: tuple[float, _Group, tuple[LayerCost, ...]] | None = None
+    leanest: tuple[float, _Group, _Prices] | None = None
     partitions: PartitionCache = {}  # keyed by id(costs): every costs tuple stays alive in ``groups``
-    for i, (group, costs) in enumerate(groups):
+    for i, (group, prices) in enumerate(groups):
         if progress is not None and i % 64 == 0:
             progress(i / max(1, len(groups)))
         if len(best) >= top_k and group.time_bound_s >= -best[0][0]:
             pruned += len(groups) - i  # sorted by bound: nothing later can win
             break
-        bound = _memory_bound(group, costs, pricing)
+        bound = _memory_bound(group, prices.leanest, pricing)
         if bound > pricing.gpu_mem_bytes:
             pruned += 1
             if leanest is None or bound < leanest[0]:
-                leanest = (bound, group, costs)
+                leanest = (bound, group, prices)
             continue
-        for layout in _layouts(group, space, len(costs)):
-            if (len(best) >= top_k and _layout_bound(layout, costs, pricing) >= -best[0][0]) or \
-                    _layout_memory_bound(layout, costs, pricing) > pricing.gpu_mem_bytes:
+        for layout in _layouts(group, space, len(prices.fastest)):
+            if (len(best) >= top_k and _layout_bound(layout, prices.fastest, pricing) >= -best[0][0]) or \
+                    _layout_memory_bound(layout, prices.leanest, pricing) > pricing.gpu_mem_bytes:
                 pruned_layouts += 1
                 continue
-            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node,
+            ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
                                  overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions)
             priced += 1
             if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
@@ -212,9 +232,9 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
             elif item[:3] > best[0][:3]:
                 heapq.heapreplace(best, item)
     if min_mem is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
-        _, group, costs = leanest
-        evs = [evaluate_layout(lay, costs, pricing, gpus_per_node=space.gpus_per_node)
-               for lay in _layouts(group, space, len(costs))]
+        _, group, prices = leanest
+        evs = [evaluate_layout(lay, prices.variants, pricing, gpus_per_node=space.gpus_per_node)
+               for lay in _layouts(group, space, len(prices.fastest))]
         min_mem = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
     ranked = tuple(item[-1] for item in sorted(best, key=lambda t: (-t[0], -t[1], -t[2])))
     log.info("search: %d groups, %d pruned by bounds; %d layouts pruned, %d priced", len(groups), pruned,

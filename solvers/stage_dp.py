@@ -263,17 +263,31 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
         (0, 2, 3, 4)
     """
     check_stage_count(costs, num_stages, in_flight)
-    times = _stage_time_matrices(costs, num_stages)
-    ok = _memory_ok(costs, in_flight, mem_budget_bytes)
-    times = [np.where(o, t, np.inf) for t, o in zip(times, ok)]
-    lower, arg = _min_sum_dp(times, math.inf)
-    if not math.isfinite(lower):
+    times = masked_stage_times(costs, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes)
+    bounds = partition_times(times, alpha=alpha, beta=beta)
+    if bounds is None:
         need = _min_max_memory(costs, in_flight) if report_min_budget else None
         raise InfeasibleStagePartitionError(
             f"no split of {costs.num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
             f"per stage" + (f"; the smallest budget that fits is {need:.4g} bytes" if need is not None else ""),
             min_budget_bytes=need,
         )
+    return bounds
+
+
+def masked_stage_times(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int],
+                       mem_budget_bytes: float) -> list[FloatArray]:
+    """t_j[i, k] per stage j, +inf where the range [i, k) does not fit the budget on stage j."""
+    times = _stage_time_matrices(costs, num_stages)
+    ok = _memory_ok(costs, in_flight, mem_budget_bytes)
+    return [np.where(o, t, np.inf) for t, o in zip(times, ok)]
+
+
+def partition_times(times: Sequence[FloatArray], *, alpha: float, beta: float) -> tuple[int, ...] | None:
+    """The scan of ``partition_stages`` on ready stage-time matrices (+inf = not allowed); None if none fits."""
+    lower, arg = _min_sum_dp(times, math.inf)
+    if not math.isfinite(lower):
+        return None
     best = _score(times, _boundaries_from(arg), alpha, beta)
     if alpha == 0.0:
         return best[1]
@@ -414,7 +428,9 @@ __all__ = [
     "StagePartition",
     "evaluate_partition",
     "in_flight_micro_batches",
+    "masked_stage_times",
     "partition_stages",
+    "partition_times",
     "schedule_weights",
     "solve_stage_partition",
 ]

@@ -25,9 +25,9 @@ def _space(pricing, gpus=16, batch=32, **pins):
 def _exhaustive(space, pricing):
     """Every layout the search may consider, all priced; the fastest that fits."""
     best = None
-    for group, costs in _groups(space, pricing):
-        for layout in _layouts(group, space, len(costs)):
-            ev = evaluate_layout(layout, costs, pricing, gpus_per_node=space.gpus_per_node)
+    for group, prices in _groups(space, pricing):
+        for layout in _layouts(group, space, len(prices.fastest)):
+            ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node)
             if ev.fits and (best is None or ev.step_time_s < best.step_time_s):
                 best = ev
     return best
@@ -120,3 +120,15 @@ def test_infeasible_reports_memory():
     assert not result.ranked
     with pytest.raises(InfeasiblePlanError, match=r"needs \d+\.\d GiB per GPU, dominated by"):
         require_plans(result, capacity_bytes=pricing.gpu_mem_bytes, num_gpus=8, smallest_fit="64 GPUs")
+
+
+def test_recompute_is_chosen_per_stage():
+    """Under 1F1B the first stage holds the most micro-batches: it recomputes, later stages need not."""
+    pricing = SyntheticPricing(hidden=2048, blocks=16, mem=4e9, seq=4096)
+    pins = dict(pp=4, tp=2, dp=1, micro_batch_size=1, schedule="1f1b", zero_stage=0)
+    mixed = search(_space(pricing, gpus=8, batch=32, **pins), pricing).ranked[0]
+    assert len(set(mixed.stage_recompute)) > 1 and mixed.stage_recompute[0] is Recompute.FULL
+    assert mixed.layout.recompute is Recompute.FULL  # the layout names the most recomputing stage's policy
+    uniform = search(_space(pricing, gpus=8, batch=32, recompute="full", **pins), pricing).ranked[0]
+    assert set(uniform.stage_recompute) == {Recompute.FULL}
+    assert mixed.step_time_s < uniform.step_time_s

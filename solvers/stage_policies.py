@@ -1,0 +1,127 @@
+"""Stage partition with a recomputation policy chosen per stage.
+
+Each policy p (none, selective, full recompute) gives every layer its own times and
+memory (``StageCosts``). For a fixed stage range [i, k) on stage j the objective
+``alpha · max_j t_j + beta · Σ_j t_j`` only grows with t_j, so the best policy for
+that stage is the fastest one whose memory fits:
+
+    t_j(i, k) = min { t_j^p(i, k) : mem_j^p(i, k) <= budget }
+
+which turns the problem back into the single-policy DP of ``stage_dp`` on these
+element-wise minima — exact, at the cost of one O(L²·S) masking pass per policy.
+Memory-hungry stages near the pipeline's start (which hold more micro-batches under
+1F1B) can then recompute while later stages do not (Korthikanti et al. 2022 §5
+recompute only as many layers as memory requires; this is the per-stage form).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from autopar.plan import Schedule
+from autopar.solvers.stage_dp import (
+    InfeasibleStagePartitionError,
+    StageCosts,
+    StagePartition,
+    check_stage_count,
+    evaluate_partition,
+    in_flight_micro_batches,
+    masked_stage_times,
+    partition_times,
+    schedule_weights,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PolicyPartition:
+    """A partition and the policy each stage uses."""
+
+    partition: StagePartition
+    """Boundaries, times and memory, priced with each stage's policy."""
+    policies: tuple[int, ...]
+    """Per stage, the index of its policy in the ``variants`` given."""
+
+
+def composite_costs(variants: Sequence[StageCosts], boundaries: Sequence[int], policies: Sequence[int]) -> StageCosts:
+    """Per-layer costs where each layer takes the values of its stage's policy."""
+    chosen: list[int] = []
+    for j, p in enumerate(policies):
+        chosen.extend([p] * (boundaries[j + 1] - boundaries[j]))
+
+    def pick(name: str) -> tuple[float, ...]:
+        return tuple(getattr(variants[p], name)[i] for i, p in enumerate(chosen))
+
+    return StageCosts(forward_s=pick("forward_s"), backward_s=pick("backward_s"),
+                      static_mem_bytes=pick("static_mem_bytes"), activation_bytes=pick("activation_bytes"),
+                      boundary_send_s=pick("boundary_send_s"))
+
+
+def solve_stage_policies(variants: Sequence[StageCosts], *, num_stages: int, num_micro_batches: int,
+                         mem_budget_bytes: float, schedule: Schedule = Schedule.ONE_F_ONE_B,
+                         virtual_stages: int = 1) -> PolicyPartition:
+    """Best partition into ``num_stages`` stages, each with its fastest policy that fits.
+
+    Args:
+        variants: per-layer costs under each policy (same layers, same order).
+        num_stages: S (chunks, pp · v for interleaved schedules).
+        num_micro_batches: m per step.
+        mem_budget_bytes: memory per GPU of one pipeline rank (each of a rank's v chunks gets 1/v).
+        schedule: pipeline schedule.
+        virtual_stages: chunks per rank v.
+
+    Raises:
+        InfeasibleStagePartitionError: no partition fits under any mix of policies.
+
+    Example:
+        >>> fast = StageCosts.uniform(4, forward_s=1, backward_s=2, static_mem_bytes=0, activation_bytes=10,
+        ...                           boundary_send_s=0)
+        >>> lean = StageCosts.uniform(4, forward_s=1, backward_s=3, static_mem_bytes=0, activation_bytes=1,
+        ...                           boundary_send_s=0)
+        >>> solve_stage_policies([fast, lean], num_stages=2, num_micro_batches=4, mem_budget_bytes=25).policies
+        (1, 0)
+    """
+    if not variants:
+        raise ValueError("solve_stage_policies needs at least one policy's costs")
+    if num_stages % virtual_stages:
+        raise ValueError(f"num_stages={num_stages} is not a multiple of virtual_stages={virtual_stages}")
+    check_stage_count(variants[0], num_stages, [0] * num_stages)
+    m, v = num_micro_batches, virtual_stages
+    in_flight = in_flight_micro_batches(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
+    alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+    per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes / v)
+                  for c in variants]
+    stacked = [np.stack([times[j] for times in per_policy]) for j in range(num_stages)]
+    best = [s.min(axis=0) for s in stacked]
+    bounds = partition_times(best, alpha=alpha, beta=beta)
+    if bounds is None:
+        raise InfeasibleStagePartitionError(
+            f"no split of {variants[0].num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
+            f"per rank under any recomputation policy", min_budget_bytes=None)
+    policies = tuple(int(np.argmin(stacked[j][:, bounds[j], bounds[j + 1]])) for j in range(num_stages))
+    partition = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
+                                   alpha=alpha, beta=beta, virtual_stages=v)
+    return PolicyPartition(partition=partition, policies=policies)
+
+
+def brute_force_stage_policies(variants: Sequence[StageCosts], *, num_stages: int, num_micro_batches: int,
+                               mem_budget_bytes: float, schedule: Schedule = Schedule.ONE_F_ONE_B,
+                               virtual_stages: int = 1) -> float:
+    """Oracle for tests: the best step time over every composition and every policy per stage (inf if none fits)."""
+    import itertools
+
+    n, m, v = variants[0].num_layers, num_micro_batches, virtual_stages
+    in_flight = in_flight_micro_batches(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
+    alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+    best = math.inf
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = (0, *cuts, n)
+        for policies in itertools.product(range(len(variants)), repeat=num_stages):
+            part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
+                                      alpha=alpha, beta=beta, virtual_stages=v)
+            if max(part.mem_bytes) <= mem_budget_bytes / v:
+                best = min(best, part.step_time_s)
+    return best
