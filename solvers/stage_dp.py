@@ -284,23 +284,44 @@ def masked_stage_times(costs: StageCosts, *, num_stages: int, in_flight: Sequenc
 
 
 def partition_times(times: Sequence[FloatArray], *, alpha: float, beta: float) -> tuple[int, ...] | None:
-    """The scan of ``partition_stages`` on ready stage-time matrices (+inf = not allowed); None if none fits."""
-    lower, arg = _min_sum_dp(times, math.inf)
-    if not math.isfinite(lower):
+    """The scan of ``partition_stages`` on ready stage-time matrices (+inf = not allowed); None if none fits.
+
+    Over the sorted candidate bottlenecks T_0 < … < T_n in the window that can win, G(T) (the
+    least Σ t_j with every t_j ≤ T) does not increase with T. An index interval [a, b] can hold
+    nothing better than ``alpha · T_a + beta · G(T_b)``, and nothing new when G(T_a) = G(T_b)
+    (the DP at T_a already found that sum with a bottleneck ≤ T_a); other intervals are split
+    at their middle. Exact, with one DP per visited candidate.
+    """
+    total, arg = _min_sum_dp(times, math.inf)
+    if not math.isfinite(total):
         return None
     best = _score(times, _boundaries_from(arg), alpha, beta)
     if alpha == 0.0:
         return best[1]
-    # only bottlenecks from the smallest feasible one up to where alpha·T alone loses can win; the
-    # window only shrinks as ``best`` improves, so collecting it once up front is exact
-    low, high = _min_bottleneck(times), (best[0] - beta * lower) / alpha
+    # only bottlenecks from the smallest feasible one up to where alpha·T alone loses can win
+    low, high = _min_bottleneck(times), (best[0] - beta * total) / alpha
     candidates = np.unique(np.concatenate([t[(t >= low) & (t < high)] for t in times]))
-    for limit in candidates:
-        if alpha * limit + beta * lower >= best[0]:
-            break
-        total, arg = _min_sum_dp(times, float(limit))
-        if math.isfinite(total):
-            best = min(best, _score(times, _boundaries_from(arg), alpha, beta))
+    if candidates.size == 0:
+        return best[1]
+    sums: dict[int, float] = {}
+
+    def g(index: int) -> float:
+        nonlocal best
+        if index not in sums:
+            value, argmin = _min_sum_dp(times, float(candidates[index]))
+            sums[index] = value
+            if math.isfinite(value):
+                best = min(best, _score(times, _boundaries_from(argmin), alpha, beta))
+        return sums[index]
+
+    stack = [(0, candidates.size - 1)]
+    while stack:
+        a, b = stack.pop()
+        g_a, g_b = g(a), g(b)
+        if b - a <= 1 or g_a == g_b or alpha * float(candidates[a]) + beta * g_b >= best[0]:
+            continue
+        mid = (a + b) // 2
+        stack.extend(((a, mid), (mid, b)))
     return best[1]
 
 
