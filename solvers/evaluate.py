@@ -33,6 +33,7 @@ from autopar.solvers.stage_dp import (
     evaluate_partition,
     in_flight_micro_batches,
     schedule_weights,
+    solve_stage_partition,
 )
 from autopar.solvers.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
 
@@ -123,10 +124,11 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
         return PolicyPartition(partition=part, policies=tuple(policies))
 
     if cache is not None:
-        if key not in cache:
-            fastest = solve_stage_policies(variants, num_stages=stages, num_micro_batches=m, mem_budget_bytes=math.inf,
-                                           schedule=schedule, virtual_stages=v)
-            cache[key] = (fastest.partition.boundaries, fastest.policies)
+        if key not in cache:  # without a memory limit every stage takes the fastest policy
+            quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
+            fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
+                                            mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
+            cache[key] = (fastest.boundaries, (quick,) * stages)
         candidate = priced(*cache[key])
         if max(candidate.partition.rank_mem_bytes) <= budget:
             return candidate, True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -112,17 +113,73 @@ def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing)
     return (states + acts) / group.pp
 
 
-def _layout_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
-    """Lower bound on a layout's step time, valid for every stage partition.
+def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing) -> float:
+    """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``(m·v − 1)·max_j t_j + Σ_j t_j / v`` (``stage_dp``) and
-    ``max_j t_j ≥ Σ_j t_j / S``, so it takes at least ``(m + (pp − 1)/v) · Σ / pp``; the optimizer
-    update of the most loaded rank takes at least that of an even share of the parameters.
+    ``max_j t_j ≥ Σ_j t_j / S``, so it takes at least ``(m + (pp − 1)/v) · Σ / pp``, where Σ is at
+    least the fastest policy's total plus the recomputation memory forces (``_forced_recompute_s``);
+    the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
     """
-    total = sum(c.forward_s + c.backward_s for c in costs)
+    costs = prices.fastest
+    total = sum(c.forward_s + c.backward_s for c in costs) + _forced_recompute_s(layout, prices, pricing)
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
     owned = sum(c.param_count for c in costs) / pp / (layout.dp if layout.zero_stage >= 1 else 1)
     return (m + (pp - 1) / v) * total / pp + pricing.optimizer_step_time(owned)
+
+
+def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing) -> float:
+    """Least extra time (summed over layers) that recomputation must add for the layout to fit.
+
+    Every rank holds at least k_min micro-batches, so any feasible choice of policies keeps
+    ``Σ_i (w_i + k_min · a_i) ≤ pp · budget``. Relaxing the choice per layer to fractions gives the
+    LP of a multiple-choice knapsack; its optimum takes, in order of time added per byte saved,
+    the segments of each layer's lower convex hull of (bytes saved, time added) until the excess
+    is covered (Sinha & Zoltners 1979). Returns inf when even the leanest policies do not fit.
+    """
+    if len(prices.variants) == 1:
+        return 0.0
+    k = min(in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                    virtual_stages=layout.virtual_stages))
+    base = prices.fastest
+    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in base),
+                                 zero_stage=layout.zero_stage, dp=layout.dp)
+    budget = layout.pp * (pricing.gpu_mem_bytes / (1 + pricing.allocator_headroom) - fixed)
+    states = sum(pricing.model_state_bytes(sum(c.param_count for c in base), zero_stage=layout.zero_stage,
+                                           dp=layout.dp))
+    excess = states + k * sum(c.activation_bytes for c in base) - budget
+    if excess <= 0:
+        return 0.0
+    tables = list(prices.variants.values())
+    layers = Counter(tuple(id(t[i]) for t in tables) for i in range(len(base)))  # repeated layers share costs
+    first = {tuple(id(t[i]) for t in tables): i for i in reversed(range(len(base)))}
+    segments: list[tuple[float, float]] = []  # (seconds per byte, bytes) of every hull segment, all layers
+    for key, count in layers.items():
+        i = first[key]
+        segments.extend((rate, count * nbytes) for rate, nbytes in _hull_segments(
+            [(k * (base[i].activation_bytes - t[i].activation_bytes),
+              (t[i].forward_s + t[i].backward_s) - (base[i].forward_s + base[i].backward_s)) for t in tables]))
+    extra = 0.0
+    for rate, nbytes in sorted(segments):
+        take = min(nbytes, excess)
+        extra += rate * take
+        excess -= take
+        if excess <= 0:
+            return extra
+    return math.inf
+
+
+def _hull_segments(options: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Segments (slope, width) of the lower convex hull from (0, 0) through (bytes saved, time added) options."""
+    hull = [(0.0, 0.0)]
+    for saved, added in sorted(set(options)):
+        if saved <= hull[-1][0]:
+            continue
+        while len(hull) >= 2 and (added - hull[-2][1]) * (hull[-1][0] - hull[-2][0]) <= \
+                (hull[-1][1] - hull[-2][1]) * (saved - hull[-2][0]):
+            hull.pop()
+        hull.append((saved, added))
+    return [((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]) for a, b in zip(hull, hull[1:])]
 
 
 def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
@@ -215,7 +272,7 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                 leanest = (bound, group, prices)
             continue
         for layout in _layouts(group, space, len(prices.fastest)):
-            if (len(best) >= top_k and _layout_bound(layout, prices.fastest, pricing) >= -best[0][0]) or \
+            if (len(best) >= top_k and _layout_bound(layout, prices, pricing) >= -best[0][0]) or \
                     _layout_memory_bound(layout, prices.leanest, pricing) > pricing.gpu_mem_bytes:
                 pruned_layouts += 1
                 continue
