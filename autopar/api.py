@@ -11,7 +11,6 @@ from torch import nn
 
 from autopar.capture import ExampleInputs, capture
 from autopar.cost_models.cluster import Cluster
-from autopar.errors import ClusterSpecError
 from autopar.graph.ir import OpGraph
 from autopar.plan import Plan
 from autopar.planner import build_plans
@@ -22,19 +21,6 @@ from autopar.solvers.space import build_space
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-
-
-def resolve_cluster(cluster: Cluster | str | Path, *, nodes: int | None = None) -> Cluster:
-    """A ``Cluster`` from a value, a preset name or a YAML path; ``nodes`` overrides the node count."""
-    if isinstance(cluster, Cluster):
-        resolved = cluster
-    elif isinstance(cluster, (str, Path)) and str(cluster).endswith((".yaml", ".yml")):
-        resolved = Cluster.from_yaml(cluster)
-    elif isinstance(cluster, str):
-        resolved = Cluster.preset(cluster)
-    else:
-        raise ClusterSpecError(f"cluster must be a Cluster, a preset name or a YAML path, got {cluster!r}")
-    return resolved.with_nodes(nodes) if nodes is not None else resolved
 
 
 def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | str | Path,
@@ -80,7 +66,7 @@ def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_si
                progress: Progress | None = None) -> Plan | list[Plan]:
     """``plan`` for an already captured graph (steps 2–5); same arguments and errors."""
     report = progress or (lambda phase, done: None)
-    resolved = resolve_cluster(cluster)  # 2. the hardware
+    resolved = Cluster.resolve(cluster)  # 2. the hardware
     report("price", 0.0)
     pricing = GraphPricing(graph, resolved, dtype=dtype, calibration=calibration)  # 3. cost models
 

@@ -137,13 +137,7 @@ def load_cluster(spec: str, nodes: int | None) -> Cluster:
     """A preset name or a YAML file (``.yaml``/``.yml`` or an existing file), with ``nodes`` if given."""
     from autopar.cost_models.cluster import Cluster
 
-    is_file = spec.endswith((".yaml", ".yml")) or Path(spec).is_file()
-    cluster = Cluster.from_yaml(spec) if is_file else Cluster.preset(spec)
-    if nodes is not None:
-        if nodes < 1:
-            raise UserInputError(f"--nodes must be positive, got {nodes}")
-        cluster = cluster.with_nodes(nodes)
-    return cluster
+    return Cluster.resolve(spec, nodes=nodes)
 
 
 def _fingerprint(model: str, seq: int | None) -> str:

@@ -21,9 +21,9 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
-from autopar.cost_models.units import UnitKind, format_bytes, parse_quantity
 
 from autopar._compat import StrEnum
+from autopar.cost_models.units import UnitKind, format_bytes, parse_quantity
 from autopar.errors import ClusterSpecError
 
 PRESET_FILE = "presets.yaml"
@@ -175,6 +175,31 @@ class Cluster:
     def with_nodes(self, nodes: int) -> Cluster:
         """The same cluster with another node count."""
         return dataclasses.replace(self, nodes=nodes)
+
+    @classmethod
+    def resolve(cls, spec: Cluster | str | Path, *, nodes: int | None = None) -> Cluster:
+        """A cluster from a value, a preset name, or a YAML file (``.yaml``/``.yml`` or an existing file).
+
+        Args:
+            spec: what the user gave.
+            nodes: overrides the node count when given.
+
+        Raises:
+            ClusterSpecError: unknown preset, bad file, or a non-positive ``nodes``.
+        """
+        if isinstance(spec, Cluster):
+            cluster = spec
+        elif isinstance(spec, (str, Path)):
+            text = str(spec)
+            is_file = text.endswith((".yaml", ".yml")) or Path(text).is_file()
+            cluster = cls.from_yaml(text) if is_file else cls.preset(text)
+        else:
+            raise ClusterSpecError(f"cluster must be a Cluster, a preset name or a YAML path, got {spec!r}")
+        if nodes is None:
+            return cluster
+        if nodes < 1:
+            raise ClusterSpecError(f"nodes must be positive, got {nodes}")
+        return cluster.with_nodes(nodes)
 
     def describe(self) -> str:
         """One line: GPUs, memory, peak bf16/fp16, links.
