@@ -113,7 +113,29 @@ def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing)
     return (states + acts) / group.pp
 
 
-def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing) -> float:
+class _Footprint(NamedTuple):
+    """Memory terms of a layout that do not depend on the stage partition or the recompute policy."""
+
+    states: float
+    """Model-state bytes of the whole model on one (tp, dp) slice, summed over pipeline ranks."""
+    fixed: float
+    """Communication buffers and runtime reservation per GPU (before headroom)."""
+    k: list[int]
+    """Per pipeline rank, the fewest micro-batches in flight on any of its chunks."""
+
+
+def _footprint(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> _Footprint:
+    """Computed once per layout for both bounds (parameters do not depend on the recompute policy)."""
+    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=layout.zero_stage,
+                                           dp=layout.dp))
+    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
+                                 zero_stage=layout.zero_stage, dp=layout.dp)
+    in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                        virtual_stages=layout.virtual_stages)
+    return _Footprint(states=states, fixed=fixed, k=[min(in_flight[r::layout.pp]) for r in range(layout.pp)])
+
+
+def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``(m·v − 1)·max_j t_j + Σ_j t_j / v`` (``stage_dp``) and
@@ -122,13 +144,13 @@ def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing) -> float:
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
     """
     costs = prices.fastest
-    total = sum(c.forward_s + c.backward_s for c in costs) + _forced_recompute_s(layout, prices, pricing)
+    total = sum(c.forward_s + c.backward_s for c in costs) + _forced_recompute_s(layout, prices, pricing, foot)
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
     owned = sum(c.param_count for c in costs) / pp / (layout.dp if layout.zero_stage >= 1 else 1)
     return (m + (pp - 1) / v) * total / pp + pricing.optimizer_step_time(owned)
 
 
-def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing) -> float:
+def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
     """Least extra time (summed over layers) that recomputation must add for the layout to fit.
 
     Every rank holds at least k_min micro-batches, so any feasible choice of policies keeps
@@ -139,15 +161,10 @@ def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing) -> fl
     """
     if len(prices.variants) == 1:
         return 0.0
-    k = min(in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
-                                    virtual_stages=layout.virtual_stages))
+    k = min(foot.k)
     base = prices.fastest
-    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in base),
-                                 zero_stage=layout.zero_stage, dp=layout.dp)
-    budget = layout.pp * (pricing.gpu_mem_bytes / (1 + pricing.allocator_headroom) - fixed)
-    states = sum(pricing.model_state_bytes(sum(c.param_count for c in base), zero_stage=layout.zero_stage,
-                                           dp=layout.dp))
-    excess = states + k * sum(c.activation_bytes for c in base) - budget
+    budget = layout.pp * (pricing.gpu_mem_bytes / (1 + pricing.allocator_headroom) - foot.fixed)
+    excess = foot.states + k * sum(c.activation_bytes for c in base) - budget
     if excess <= 0:
         return 0.0
     tables = list(prices.variants.values())
@@ -182,7 +199,7 @@ def _hull_segments(options: list[tuple[float, float]]) -> list[tuple[float, floa
     return [((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]) for a, b in zip(hull, hull[1:])]
 
 
-def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
+def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing, foot: _Footprint) -> float:
     """Lower bound on the fullest rank's memory over every stage partition.
 
     Rank r holds its states S_r and k_r micro-batches of its activations A_r (k_r: the fewest
@@ -191,15 +208,9 @@ def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: 
     uniform weights give ``(S + k_min·A)/pp``; the larger of the two holds. Buffers and headroom are
     added as ``evaluate_layout`` adds them.
     """
-    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=layout.zero_stage,
-                                           dp=layout.dp))
+    states, fixed, k = foot
     acts = sum(c.activation_bytes for c in costs)
-    in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
-                                        virtual_stages=layout.virtual_stages)
-    k = [min(in_flight[r::layout.pp]) for r in range(layout.pp)]
     h = sum(1.0 / kr for kr in k)
-    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
-                                 zero_stage=layout.zero_stage, dp=layout.dp)
     spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
                  _repeated_block_bound(layout, costs, pricing, k))
     return (spread + fixed) * (1 + pricing.allocator_headroom)
@@ -272,8 +283,9 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                 leanest = (bound, group, prices)
             continue
         for layout in _layouts(group, space, len(prices.fastest)):
-            if (len(best) >= top_k and _layout_bound(layout, prices, pricing) >= -best[0][0]) or \
-                    _layout_memory_bound(layout, prices.leanest, pricing) > pricing.gpu_mem_bytes:
+            foot = _footprint(layout, prices.leanest, pricing)
+            if (len(best) >= top_k and _layout_bound(layout, prices, pricing, foot) >= -best[0][0]) or \
+                    _layout_memory_bound(layout, prices.leanest, pricing, foot) > pricing.gpu_mem_bytes:
                 pruned_layouts += 1
                 continue
             ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
