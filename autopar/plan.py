@@ -10,6 +10,7 @@ model, or another schema, fails with a ``PlanValidationError`` that says so.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -333,22 +334,35 @@ class Plan:
     # ---- serialization -----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (enums as their values)."""
-        return _to_jsonable(self)
+        """Plain JSON-ready dict (enums as their values), ending with the ``digest`` of the rest."""
+        out: dict[str, Any] = _to_jsonable(self)
+        out[DIGEST_KEY] = content_digest(out)
+        return out
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """JSON text with ``schema_version`` first."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as JSON."""
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the plan as JSON (with its digest) through a temporary file and a rename.
+
+        Raises:
+            UserInputError: ``path`` cannot be written (no such directory, a directory, no permission).
+        """
+        from autopar._io import write_atomic
+
+        write_atomic(path, self.to_json() + "\n")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        """Build a plan from ``to_dict`` output; raises ``PlanValidationError`` on any mismatch."""
+    def from_dict(cls, data: Mapping[str, Any], *, require_digest: bool = False) -> Plan:
+        """Build a plan from ``to_dict`` output; raises ``PlanValidationError`` on any mismatch.
+
+        A ``digest`` entry, when present (``require_digest``: it must be), must match the
+        content: a plan edited by hand is refused, since its predictions no longer hold.
+        """
         if not isinstance(data, Mapping):
             raise PlanValidationError(f"a plan must be a JSON object, got {type(data).__name__}")
+        data = _checked_digest(data, required=require_digest)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanValidationError(
@@ -364,12 +378,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Parse JSON text; raises ``PlanValidationError`` for corrupt text."""
+        """Parse JSON text written by ``to_json``; raises ``PlanValidationError`` for corrupt or edited text."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanValidationError(f"plan file is not valid JSON ({e}); it may be truncated or corrupt") from e
-        return cls.from_dict(data)
+        return cls.from_dict(data, require_digest=True)
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str | None = None) -> Plan:
@@ -378,7 +392,12 @@ class Plan:
             text = Path(path).read_text()
         except OSError as e:
             raise PlanValidationError(f"cannot read plan file {path}: {e.strerror}") from e
-        plan = cls.from_json(text)
+        except UnicodeDecodeError as e:
+            raise PlanValidationError(f"plan file {path} is not text; it is corrupt or not a plan") from e
+        try:
+            plan = cls.from_json(text)
+        except PlanValidationError as e:
+            raise PlanValidationError(f"plan file {path}: {e}") from e
         if fingerprint is not None:
             plan.validate_for(fingerprint)
         return plan
@@ -392,6 +411,43 @@ class Plan:
             )
 
 
+# ---- digest ---------------------------------------------------------------------------------
+
+DIGEST_KEY = "digest"
+"""Key of the content digest in a plan's JSON object."""
+
+
+def content_digest(data: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of the canonical JSON (sorted keys, no spaces) of ``data`` without its digest.
+
+    Example:
+        >>> content_digest({"b": 1, "a": [1.5, "x"]}) == content_digest({"a": [1.5, "x"], "b": 1, "digest": "?"})
+        True
+    """
+    body = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _checked_digest(data: Mapping[str, Any], *, required: bool) -> Mapping[str, Any]:
+    """``data`` without its digest, after checking the digest against the content."""
+    if DIGEST_KEY not in data:
+        if required:
+            raise PlanValidationError(
+                "plan has no content digest, so a hand edit cannot be told from the planner's output; "
+                "write plan files with `autopar plan ... --out FILE` (or Plan.save)"
+            )
+        return data
+    recorded, actual = data[DIGEST_KEY], content_digest(data)
+    if recorded != actual:
+        raise PlanValidationError(
+            f"plan content does not match its digest ({recorded} recorded, {actual} computed): it was "
+            f"edited or damaged after it was written, and its predictions no longer hold; make a changed "
+            f"plan with `autopar plan ... --pin KEY=VALUE --out FILE`"
+        )
+    return {k: v for k, v in data.items() if k != DIGEST_KEY}
+
+
 # ---- JSON helpers ---------------------------------------------------------------------------
 
 
@@ -402,6 +458,8 @@ def _to_jsonable(value: Any) -> Any:
             out = {"schema_version": out.pop("schema_version"), **out}
         if isinstance(value, MemoryBreakdown):
             out["total"] = value.total  # derived, written for readers of the JSON; checked on load
+        if isinstance(value, Layout):
+            out["global_batch_size"] = value.global_batch_size  # derived as above: dp · mb · micro-batches
         return out
     if isinstance(value, StrEnum):
         return value.value
@@ -419,13 +477,18 @@ _NESTED: Mapping[str, type] = {
 }
 
 
+_DERIVED: Mapping[type, str] = {MemoryBreakdown: "total", Layout: "global_batch_size"}
+"""Derived values written into the JSON for its readers, and checked against their terms on load."""
+
+
 def _from_jsonable(cls: type, data: Mapping[str, Any]) -> Any:
-    if cls is MemoryBreakdown and "total" in data:
+    derived = _DERIVED.get(cls)
+    if derived is not None and derived in data:
         data = dict(data)
-        total = data.pop("total")
+        recorded = data.pop(derived)
         built = _from_jsonable(cls, data)
-        if total != built.total:
-            raise PlanValidationError(f"memory total {total} is not the sum of its terms ({built.total})")
+        if recorded != getattr(built, derived):
+            raise PlanValidationError(_derived_mismatch(built, derived, recorded))
         return built
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -435,6 +498,13 @@ def _from_jsonable(cls: type, data: Mapping[str, Any]) -> Any:
     for name, raw in data.items():
         kwargs[name] = _field_from_json(cls, name, raw)
     return cls(**kwargs)
+
+
+def _derived_mismatch(built: Any, name: str, recorded: Any) -> str:
+    if isinstance(built, Layout):
+        return (f"plan is inconsistent: global batch {recorded} but dp {built.dp} × micro-batch "
+                f"{built.micro_batch_size} × {built.num_micro_batches} micro-batches = {built.global_batch_size}")
+    return f"memory total {recorded} is not the sum of its terms ({getattr(built, name)})"
 
 
 def _field_from_json(cls: type, name: str, raw: Any) -> Any:
@@ -463,6 +533,7 @@ def _field_from_json(cls: type, name: str, raw: Any) -> Any:
 
 
 __all__ = [
+    "DIGEST_KEY",
     "SCHEMA_VERSION",
     "Layout",
     "MemoryBreakdown",
@@ -473,6 +544,7 @@ __all__ = [
     "ShardingPlan",
     "StagePlan",
     "TPStyle",
+    "content_digest",
 ]
 
 make_callable(__name__, "autopar.api:plan")  # autopar.plan(...) stays the planner after `import autopar.plan`

@@ -110,7 +110,9 @@ class CalibrationTable:
         if path.exists():
             tables = dict(_read_file(path))
         tables[table_id(self.device_name, self.torch_version)] = self.to_dict()
-        path.write_text(json.dumps({"format": CALIBRATION_FORMAT, "tables": tables}, indent=1) + "\n")
+        from autopar._io import write_atomic  # temporary file and rename: an interrupt leaves the old table
+
+        write_atomic(path, json.dumps({"format": CALIBRATION_FORMAT, "tables": tables}, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, *, device_name: str | None = None,

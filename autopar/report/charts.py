@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autopar._io import write_atomic
 from autopar.errors import PlanValidationError, UserInputError
 from autopar.plan import Plan
 from autopar.report.timeline import EventKind, Timeline, timeline_from_plan
@@ -199,11 +200,7 @@ def save_chart(plan: Plan, path: str | Path) -> Path:
         data = render_html(plan, figure_bytes(fig, "svg").decode()).encode()
     else:
         data = figure_bytes(fig, suffix[1:])
-    try:
-        out.write_bytes(data)
-    except OSError as e:
-        raise UserInputError(f"cannot write chart {str(out)!r}: {e.strerror}") from e
-    return out
+    return write_atomic(out, data)  # temporary file and rename: never half a chart
 
 
 __all__ = ["CHART_SUFFIXES", "build_figure", "draw_memory", "draw_timeline", "figure_bytes", "save_chart"]
