@@ -354,21 +354,22 @@ class Plan:
         write_atomic(path, self.to_json() + "\n")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, require_digest: bool = False) -> Plan:
+    def from_dict(cls, data: Mapping[str, Any], *, verify_digest: bool = False) -> Plan:
         """Build a plan from ``to_dict`` output; raises ``PlanValidationError`` on any mismatch.
 
-        A ``digest`` entry, when present (``require_digest``: it must be), must match the
-        content: a plan edited by hand is refused, since its predictions no longer hold.
+        With ``verify_digest`` (files and JSON text), the ``digest`` entry must be present and
+        match the content: a plan edited by hand is refused, since its predictions no longer
+        hold. Without it (a dict built in Python), the digest is ignored.
         """
         if not isinstance(data, Mapping):
             raise PlanValidationError(f"a plan must be a JSON object, got {type(data).__name__}")
-        data = _checked_digest(data, required=require_digest)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanValidationError(
                 f"plan schema version {version!r} is not supported (this autopar reads version "
                 f"{SCHEMA_VERSION}); re-run `autopar plan` to make a new plan file"
             )
+        data = _without_digest(data, verify=verify_digest)
         try:
             return _from_jsonable(cls, data)
         except PlanValidationError:
@@ -383,7 +384,7 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanValidationError(f"plan file is not valid JSON ({e}); it may be truncated or corrupt") from e
-        return cls.from_dict(data, require_digest=True)
+        return cls.from_dict(data, verify_digest=True)
 
     @classmethod
     def load(cls, path: str | Path, *, fingerprint: str | None = None) -> Plan:
@@ -429,15 +430,15 @@ def content_digest(data: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _checked_digest(data: Mapping[str, Any], *, required: bool) -> Mapping[str, Any]:
-    """``data`` without its digest, after checking the digest against the content."""
+def _without_digest(data: Mapping[str, Any], *, verify: bool) -> Mapping[str, Any]:
+    """``data`` without its digest, after (with ``verify``) checking the digest against the content."""
+    if not verify:
+        return {k: v for k, v in data.items() if k != DIGEST_KEY}
     if DIGEST_KEY not in data:
-        if required:
-            raise PlanValidationError(
-                "plan has no content digest, so a hand edit cannot be told from the planner's output; "
-                "write plan files with `autopar plan ... --out FILE` (or Plan.save)"
-            )
-        return data
+        raise PlanValidationError(
+            "plan has no content digest, so a hand edit cannot be told from the planner's output; "
+            "write plan files with `autopar plan ... --out FILE` (or Plan.save)"
+        )
     recorded, actual = data[DIGEST_KEY], content_digest(data)
     if recorded != actual:
         raise PlanValidationError(
