@@ -60,6 +60,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
 def _temporary(out: Path) -> Iterator[tuple[BinaryIO, str]]:
     """An open temporary file next to ``out``, removed unless it was renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=out.suffix, dir=out.parent if str(out.parent) else ".")
+    os.fchmod(fd, _file_mode(out))  # mkstemp makes 0600; give the mode a plain open() would
     handle = os.fdopen(fd, "wb")
     try:
         yield handle, tmp
@@ -68,6 +69,16 @@ def _temporary(out: Path) -> Iterator[tuple[BinaryIO, str]]:
             handle.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _file_mode(out: Path) -> int:
+    """The replaced file's permission bits, or 0666 less the umask for a new file."""
+    try:
+        return out.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def check_writable(path: str | Path, *, what: str = "output file") -> Path:

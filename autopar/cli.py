@@ -2,20 +2,27 @@
 
 Exit status: 0 success; 1 no plan fits (``InfeasiblePlanError``); 2 bad usage or input
 (``PlanValidationError``, ``ClusterSpecError``, ``UserInputError``, ``CaptureError``, and
-command-line usage errors); 3 an internal error (a bug: ``--debug`` shows the traceback).
+command-line usage errors); 3 an internal error (a bug: ``--debug`` shows the traceback);
+130 / 143 interrupted by SIGINT / SIGTERM (128 + the signal's number, as shells report it).
+Output paths are checked before any work, and files are written through a temporary file and a
+rename, so an interrupted command leaves the old file or none, never half of one. Prints from
+user model code go to stderr, so stdout holds only autopar's output (``--json``: JSON alone).
 Errors go to stderr as one red line; ``--json`` output on stdout is documented in
 ``docs/cli-json.md``. The logic lives in the library; this file only parses and prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from autopar._compat import StrEnum
+from autopar._io import check_writable, write_atomic
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
 from autopar.plan import Plan, Recompute, Schedule
@@ -35,6 +43,12 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 """Exit statuses (see the module docstring)."""
+
+EXIT_SIGNAL_BASE = 128
+"""An interrupted command exits with this plus the signal's number (SIGINT 130, SIGTERM 143)."""
+
+PLAN_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+"""Training precisions ``plan --dtype`` accepts (those ``autopar/pricing.py`` prices), or their aliases."""
 
 RICH_TABLE_EXTRA_COLUMNS = 12
 """Width the rich table's borders and padding add to the plain table's."""
@@ -144,8 +158,9 @@ def _fingerprint(model: str, seq: int | None) -> str:
     from autopar.capture import capture
     from autopar.models import resolve_model
 
-    resolved = resolve_model(model, seq_len=seq)
-    return capture(resolved.module, resolved.example_inputs).fingerprint()
+    with _user_prints_to_stderr():
+        resolved = resolve_model(model, seq_len=seq)
+        return capture(resolved.module, resolved.example_inputs).fingerprint()
 
 
 def load_plan(path: Path, *, model: str | None, seq: int | None) -> Plan:
@@ -208,9 +223,12 @@ def plan(
     Example: autopar plan gpt:175b -c dgx-a100-80gb --nodes 8 -b 64 --seq 2048 --pin tp=8 --out plan.json
     """
     pins = parse_pins(pin or [])  # cheap checks first: no torch import before they pass
+    dtype = check_dtype(dtype)
+    if out is not None:
+        check_writable(out, what="--out")
     target = load_cluster(cluster, nodes)
     table = _load_calibration(calibration)
-    with _Progress(enabled=not json_out) as progress:
+    with _Progress(enabled=not json_out) as progress, _user_prints_to_stderr():
         progress("model", 0.0)
         from autopar import api
         from autopar.models import resolve_model
@@ -221,7 +239,7 @@ def plan(
     plans = [dataclasses.replace(p, model_name=resolved.name)
              for p in (result if isinstance(result, list) else [result])]
     if out is not None:
-        plans[0].save(out)
+        plans[0].save(out)  # atomic: an interrupt leaves no partial file
     if json_out:
         typer.echo(json.dumps([p.to_dict() for p in plans], indent=2))
         return
@@ -229,6 +247,35 @@ def plan(
     typer.echo("\n" + plans[0].explain())
     if out is not None:
         typer.echo(f"\nbest plan written to {out}; see it with: autopar show {out}")
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    """The training dtype's canonical name (``bf16`` → ``bfloat16``), before any planning; None stays None.
+
+    Raises:
+        UserInputError: Not one of ``PLAN_DTYPES`` or their aliases.
+
+    Example:
+        >>> check_dtype("bf16")
+        'bfloat16'
+    """
+    from autopar.cost_models.cluster import DTYPE_ALIASES
+
+    if dtype is None:  # the library picks its default
+        return None
+    name = DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+    if name not in PLAN_DTYPES:
+        aliases = ", ".join(f"{a}={n}" for a, n in DTYPE_ALIASES.items() if n in PLAN_DTYPES)
+        raise UserInputError(f"--dtype {dtype!r} is not a training precision; use one of {', '.join(PLAN_DTYPES)} "
+                             f"(aliases: {aliases})")
+    return name
+
+
+@contextlib.contextmanager
+def _user_prints_to_stderr() -> Iterator[None]:
+    """Send what user model code prints (at import, build or trace time) to stderr, keeping stdout clean."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _load_calibration(path: Path | None) -> Any:
@@ -265,6 +312,8 @@ def show(
     """Explain one plan: stages, sharding, memory, communication, and why it won."""
     from autopar.report.text import format_plan
 
+    if chart is not None:
+        check_writable(chart, what="--chart")
     loaded = load_plan(plan_file, model=model, seq=seq)
     if json_out:
         typer.echo(json.dumps(loaded.to_dict(), indent=2))
@@ -289,6 +338,8 @@ def export(
     """Write a plan as Megatron-LM arguments, a DeepSpeed config, torchtitan settings, or JSON."""
     from autopar.export import export_plan
 
+    if out is not None:
+        check_writable(out, what="--out")
     result = export_plan(load_plan(plan_file, model=model, seq=seq), to)
     err = _err()
     if out is None:
@@ -306,10 +357,7 @@ def export(
 
 
 def _write(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as e:
-        raise UserInputError(f"cannot write {path}: {e.strerror}") from e
+    write_atomic(path, text)  # temporary file and rename; raises UserInputError with the OS reason
 
 
 @app.command()
@@ -332,8 +380,10 @@ def profile(
     from autopar.cost_models.profiler import profile_graph
     from autopar.models import resolve_model
 
-    resolved = resolve_model(model, seq_len=seq, batch=batch)
-    graph = capture(resolved.module, resolved.example_inputs)
+    check_writable(out, what="--out")
+    with _user_prints_to_stderr():
+        resolved = resolve_model(model, seq_len=seq, batch=batch)
+        graph = capture(resolved.module, resolved.example_inputs)
     kwargs: dict[str, Any] = {"device": device, "dtype": dtype} | ({"repeats": repeats} if repeats else {})
     with Progress(console=_err(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -370,15 +420,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("AUTOPAR_DEBUG", "") not in ("", "0")
     err = _err()
     try:
-        app(args=args, prog_name="autopar", standalone_mode=False)
+        with _signals_raise():
+            status = app(args=args, prog_name="autopar", standalone_mode=False)
     except _EXIT as e:  # --help, --version, completion
         return int(getattr(e, "exit_code", 0))
     except _USAGE as e:  # bad flags or arguments: the parser's own message
         e.show()  # type: ignore[attr-defined]
         return EXIT_USAGE
+    except Interrupted as e:
+        err.print(f"[red]interrupted by {e.name}; no output was written[/]")
+        return EXIT_SIGNAL_BASE + e.signum
     except (KeyboardInterrupt, *_ABORT):
-        err.print("[red]aborted[/]")
-        return 130
+        err.print("[red]interrupted by SIGINT; no output was written[/]")
+        return EXIT_SIGNAL_BASE + signal.SIGINT
     except AutoparError as e:
         if debug:
             err.print(escape(traceback.format_exc()), markup=True)
@@ -391,7 +445,40 @@ def run(argv: Sequence[str] | None = None) -> int:
         err.print("this is a bug in autopar; please file an issue with the command you ran"
                   + ("" if debug else " (re-run with --debug to see the traceback)"))
         return EXIT_INTERNAL
-    return EXIT_OK
+    return status if isinstance(status, int) else EXIT_OK  # typer returns Exit(code)'s code here
+
+
+class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop, like KeyboardInterrupt)
+    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks and atomic writes unwind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        """The signal's number."""
+        self.name = signal.Signals(signum).name
+        """The signal's name, e.g. ``"SIGINT"``."""
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``Interrupted`` while a command runs (main thread only).
+
+    typer would turn ``KeyboardInterrupt`` into a silent ``Exit(130)``, and SIGTERM would kill
+    the process without unwinding; raising our own exception gives one line and exit 128 + N.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
@@ -417,5 +504,5 @@ def main() -> None:
     sys.exit(run())
 
 
-__all__ = ["PIN_ALIASES", "PIN_TYPES", "app", "load_cluster", "load_plan", "main", "parse_pins",
-           "run"]
+__all__ = ["PIN_ALIASES", "PIN_TYPES", "PLAN_DTYPES", "Interrupted", "app", "check_dtype", "load_cluster",
+           "load_plan", "main", "parse_pins", "run"]

@@ -159,8 +159,18 @@ def _resolve_mlp(size: str, seq_len: int | None, batch: int) -> ResolvedModel:
     return ResolvedModel(name=f"mlp:{size}", module=module, example_inputs=(x,), seq_len=1)
 
 
+def _transformers(spec: str) -> Any:
+    """The ``transformers`` package, or a ``UserInputError`` naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UserInputError(f"{spec} models are built with Hugging Face transformers, which is not installed; "
+                             f"install it with: pip install 'autopar[hf]'") from e
+    return transformers
+
+
 def _resolve_llama(size: str, seq_len: int | None, batch: int) -> ResolvedModel:
-    from transformers import LlamaConfig
+    LlamaConfig = _transformers("llama:").LlamaConfig  # noqa: N806 (a class)
 
     shape = LLAMA_SHAPES.get(size.lower())
     if shape is None:
@@ -183,7 +193,7 @@ def _resolve_llama(size: str, seq_len: int | None, batch: int) -> ResolvedModel:
 
 
 def _resolve_hf(path_text: str, seq_len: int | None, batch: int) -> ResolvedModel:
-    from transformers import AutoConfig
+    AutoConfig = _transformers("hf:").AutoConfig  # noqa: N806 (a class)
 
     path = Path(path_text)
     if not path.exists():
