@@ -15,6 +15,7 @@ from autopar._modules import lazy_attributes
 from autopar.errors import (
     AutoparError,
     CaptureError,
+    CheckpointError,
     ClusterSpecError,
     ExportError,
     InfeasiblePlanError,
@@ -43,6 +44,7 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 __all__ = [
     "AutoparError",
     "CaptureError",
+    "CheckpointError",
     "ClusterSpecError",
     "ExportError",
     "InfeasiblePlanError",

@@ -34,6 +34,14 @@ class ExportError(UserInputError):
     """A plan uses a feature the target library cannot express; says which and what to do instead."""
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint is missing, incomplete, corrupt or truncated, or cannot resume this run; names the file.
+
+    Raised on every rank alike (the ranks agree on the verdict before raising), so a
+    launcher reports it once, from rank 0.
+    """
+
+
 __all__ = [
     "AutoparError",
     "CaptureError",
@@ -42,4 +50,5 @@ __all__ = [
     "ClusterSpecError",
     "UserInputError",
     "ExportError",
+    "CheckpointError",
 ]

@@ -1,5 +1,7 @@
 """Train the GPT example for a few steps under any plan: build, plan, print, emit, train.
 
+    autopar plan examples/train_gpt.py:build --cluster dgx-h100 --global-batch 8 --pin dp=2 --pin tp=2 \
+        --dtype float32 --out plan.json
     torchrun --nproc-per-node 4 examples/train_gpt.py --plan plan.json
     torchrun --nproc-per-node 4 examples/train_gpt.py --dp 2 --tp 2            # rank 0 plans, layout pinned
     torchrun --nproc-per-node 4 examples/train_gpt.py --dp 2 --pp 2 --hand-written --schedule gpipe
@@ -8,17 +10,24 @@
 Runs on CPU (gloo) or CUDA (NCCL). The model is built on the meta device and
 each rank materialises only its shards. The data is a synthetic corpus with a
 learnable pattern (each token determines the next), so the loss visibly falls.
-Passing ``--save DIR`` / ``--resume DIR`` checkpoints through
-``torch.distributed.checkpoint``; a run can resume under a different plan.
+
+``--save DIR`` writes a checkpoint to ``DIR/step_NNNNNNNN`` after the last step
+(and every ``--save-every`` steps); ``--resume DIR`` continues from the newest one
+in ``DIR``: the same step, data position, learning-rate schedule and RNG states, so
+the loss curve continues exactly. A run can resume under another plan; it keeps the
+checkpoint's global batch (``--num-micro-batches`` is derived from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,10 +86,16 @@ class TrainConfig:
     """Model chunks per pipeline rank (interleaved 1F1B)."""
     dtype: str = "float32"
     """Training precision: float32 or bfloat16."""
+    warmup_steps: int = 3
+    """Linear learning-rate warm-up (a scheduler whose state the checkpoint carries)."""
     save: str | None = None
-    """Directory to save a checkpoint to after the last step."""
+    """Directory to save checkpoints in (``step_NNNNNNNN`` after the last step)."""
+    save_every: int = 0
+    """Also save every this many steps (0: only after the last)."""
     resume: str | None = None
-    """Directory of a checkpoint to resume from."""
+    """A checkpoint, or a directory of them (the newest is used), to continue from."""
+    loss_log: str | None = None
+    """Rank 0 appends ``{"step": k, "loss": x}`` lines here (exact floats, for comparing runs)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
@@ -106,6 +121,60 @@ def build_model(cfg: TrainConfig) -> GPT:
         return GPT(config)
 
 
+def build(batch_size: int = 2, seq_len: int | None = None) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """The model this script trains by default, for ``autopar plan examples/train_gpt.py:build``."""
+    cfg = TrainConfig(seq_len=seq_len or TrainConfig.seq_len)
+    return build_model(cfg), (torch.zeros(batch_size, cfg.seq_len, dtype=torch.long),)
+
+
+class SyntheticCorpus:
+    """Sequences t, t+s, t+2s, ... (mod vocab), random start t and stride s ∈ {1, 2, 3}: learnable.
+
+    One stream of samples drawn from one generator, the same on every rank; each step
+    takes the next global batch. The generator's state and ``samples_drawn`` are the
+    data position a checkpoint keeps.
+    """
+
+    def __init__(self, *, seed: int, seq_len: int, vocab: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        """Draws every sample (its state is saved in checkpoints)."""
+        self.samples_drawn = 0
+        """Samples handed out so far."""
+        self._seq_len, self._vocab = seq_len, vocab
+
+    def next_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``batch`` samples: (inputs, targets), each (batch, seq_len)."""
+        start = torch.randint(0, self._vocab, (batch, 1), generator=self.generator)
+        stride = torch.randint(1, 4, (batch, 1), generator=self.generator)
+        tokens = (start + stride * torch.arange(self._seq_len + 1)) % self._vocab
+        self.samples_drawn += batch
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def resume_point(cfg: TrainConfig) -> tuple[TrainConfig, Path | None, dict[str, Any]]:
+    """The checkpoint to resume from, its run state, and ``cfg`` with the checkpoint's global batch kept.
+
+    Raises:
+        UserInputError: The checkpoint's global batch cannot be split over this layout's
+            ``dp · micro_batch_size``.
+    """
+    from autopar.emit.checkpoint import read_train_state
+    from autopar.emit.manifest import latest_checkpoint
+    from autopar.errors import UserInputError
+
+    if cfg.resume is None:
+        return cfg, None, {}
+    checkpoint = latest_checkpoint(cfg.resume)
+    state = read_train_state(checkpoint)
+    batch, per_step = int(state["global_batch_size"]), cfg.dp * cfg.micro_batch_size
+    if cfg.plan is None:
+        if batch % per_step:
+            raise UserInputError(f"the checkpoint's global batch {batch} is not a multiple of dp {cfg.dp} × "
+                                 f"micro-batch {cfg.micro_batch_size}; pick sizes that divide it")
+        cfg = dataclasses.replace(cfg, num_micro_batches=batch // per_step)
+    return cfg, checkpoint, state
+
+
 def planning_args(cfg: TrainConfig) -> dict[str, Any]:
     """What ``parallelize`` needs to plan on rank 0: the cluster, the batch and the layout pins."""
     pins = {"dp": cfg.dp, "tp": cfg.tp, "pp": cfg.pp, "micro_batch_size": cfg.micro_batch_size,
@@ -120,7 +189,11 @@ def given_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[torch.Te
     from autopar.plan import Plan
 
     if cfg.plan is not None:
-        return Plan.load(cfg.plan)
+        import autopar
+
+        plan = Plan.load(cfg.plan)
+        plan.validate_for(autopar.capture(model, example).fingerprint())  # refuse a plan made for another model
+        return plan
     if cfg.hand_written:
         return hand_written_plan(cfg, model, example)
     return None
@@ -158,27 +231,19 @@ def hand_written_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[t
                 explanation=("written by hand from the command-line pins",))
 
 
-def synthetic_batch(step: int, batch: int, seq_len: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences t, t+s, t+2s, ... (mod vocab) with a random start t and stride s ∈ {1, 2, 3}: learnable."""
-    g = torch.Generator().manual_seed(seed * 100_003 + step)
-    start = torch.randint(0, vocab, (batch, 1), generator=g)
-    stride = torch.randint(1, 4, (batch, 1), generator=g)
-    tokens = (start + stride * torch.arange(seq_len + 1)) % vocab
-    return tokens[:, :-1], tokens[:, 1:]
-
-
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of one micro-batch."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def main(argv: Sequence[str] | None = None) -> list[float]:
-    """Train; returns the loss of every step (the same on every rank)."""
+    """Train; returns the loss of every step run here (the same on every rank)."""
     import torch.distributed as dist
 
+    from autopar.emit.checkpoint import load_checkpoint
     from autopar.emit.parallelize import parallelize
 
-    cfg = parse_args(argv)
+    cfg, checkpoint, state = resume_point(parse_args(argv))
     model = build_model(cfg)
     example = (torch.zeros(cfg.micro_batch_size, cfg.seq_len, dtype=torch.long),)
     plan = given_plan(cfg, model, example)
@@ -191,22 +256,58 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     if lead:
         logger.info("%s", pm.plan.explain())
     opt = pm.optimizer(torch.optim.AdamW, lr=cfg.lr, weight_decay=0.0)
-    if cfg.resume:
-        pm.load(cfg.resume, opt)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    corpus = SyntheticCorpus(seed=cfg.seed, seq_len=cfg.seq_len, vocab=model.config.vocab_size)
+    batch = pm.plan.layout.global_batch_size
+    if checkpoint is not None:
+        _check_batch(batch, state, pm.plan.layout.describe())
+        state = load_checkpoint(pm, checkpoint, opt, scheduler=scheduler, generators={"data": corpus.generator})
+        corpus.samples_drawn = int(state["samples_seen"])
+        logger.info("resumed from %s at step %d", checkpoint, state["step"])
     losses = []
-    vocab = model.config.vocab_size
-    for step in range(cfg.steps):
-        x, y = synthetic_batch(step, pm.plan.layout.global_batch_size, cfg.seq_len, vocab, cfg.seed)
+    for step in range(int(state.get("step", 0)), cfg.steps):
+        x, y = corpus.next_batch(batch)
         loss = pm.step(x, y, loss_fn)
         opt.step()
+        scheduler.step()
         opt.zero_grad()
         losses.append(loss.item())
         if lead:
             logger.info("step %d loss %.4f", step, losses[-1])
-    if cfg.save:
-        pm.save(cfg.save, opt)
+            _log_loss(cfg.loss_log, step, losses[-1])
+        if cfg.save and (step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            _save(pm, cfg, opt, scheduler, corpus, step + 1)
     return losses
 
 
+def _check_batch(batch: int, state: dict[str, Any], layout: str) -> None:
+    from autopar.errors import CheckpointError
+
+    if batch != int(state["global_batch_size"]):
+        raise CheckpointError(f"the checkpoint was trained with global batch {state['global_batch_size']} but "
+                              f"the plan ({layout}) has {batch}; resuming would change the run: use a plan "
+                              f"with global batch {state['global_batch_size']}")
+
+
+def _save(pm: Any, cfg: TrainConfig, opt: torch.optim.Optimizer, scheduler: Any, corpus: SyntheticCorpus,
+          step: int) -> None:
+    from autopar.emit.checkpoint import save_checkpoint
+
+    assert cfg.save is not None
+    state = {"step": step, "samples_seen": corpus.samples_drawn, "global_batch_size": pm.plan.layout.global_batch_size,
+             "seed": cfg.seed}
+    path = save_checkpoint(pm, Path(cfg.save) / f"step_{step:08d}", opt, scheduler=scheduler, train_state=state,
+                           generators={"data": corpus.generator})
+    logger.info("checkpoint %s", path)
+
+
+def _log_loss(path: str | None, step: int, loss: float) -> None:
+    if path is not None:
+        with open(path, "a") as handle:  # a log, appended line by line: a killed run keeps every finished step
+            handle.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    from autopar.emit.launch import run_main
+
+    sys.exit(run_main(main))

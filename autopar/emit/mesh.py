@@ -28,6 +28,40 @@ logger = logging.getLogger(__name__)
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 """Environment variables torchrun (and ``torch.distributed.launch``) sets for every worker."""
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 120.0
+"""Collective timeout of the process groups autopar creates, unless ``AUTOPAR_COLLECTIVE_TIMEOUT_S`` says
+otherwise. Short, for training: PyTorch's default (600 s, 10 min) leaves a job whose rank died hanging; the
+heartbeat watchdog (``autopar.emit.watchdog``) reports a silent rank after half of it."""
+
+
+def collective_timeout_s() -> float:
+    """The collective timeout: ``AUTOPAR_COLLECTIVE_TIMEOUT_S`` if set, else ``DEFAULT_COLLECTIVE_TIMEOUT_S``.
+
+    Raises:
+        UserInputError: The variable is not a positive number.
+    """
+    raw = os.environ.get("AUTOPAR_COLLECTIVE_TIMEOUT_S", "")
+    if not raw:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserInputError(f"AUTOPAR_COLLECTIVE_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def init_process_group(backend: str, **kwargs: object) -> None:
+    """``torch.distributed.init_process_group`` with autopar's collective timeout and heartbeat watchdog."""
+    import torch.distributed as dist
+
+    timeout_s = collective_timeout_s()
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)  # type: ignore[arg-type]
+    from autopar.emit.watchdog import start_watchdog
+
+    start_watchdog(timeout_s)
+
 
 class MeshAxis(StrEnum):
     """Named axes of the device mesh, outermost first."""
@@ -67,7 +101,7 @@ def select_backend() -> tuple[str, str]:
     return "gloo", "cpu"
 
 
-def init_distributed(num_gpus: int, *, timeout_s: float = 600.0) -> DistEnv:
+def init_distributed(num_gpus: int, *, timeout_s: float | None = None) -> DistEnv:
     """Join (or start) the process group for a plan that uses ``num_gpus`` ranks.
 
     Inside a ``torchrun`` job the default process group is created from the
@@ -77,7 +111,8 @@ def init_distributed(num_gpus: int, *, timeout_s: float = 600.0) -> DistEnv:
 
     Args:
         num_gpus: Ranks the plan needs (``dp · tp · pp``).
-        timeout_s: Collective timeout for a group created here.
+        timeout_s: Collective timeout for a group created here (default: ``collective_timeout_s()``).
+            Every multi-rank job also gets the heartbeat watchdog, whoever made its group.
 
     Returns:
         The rank, world size, device and backend of this process.
@@ -89,6 +124,7 @@ def init_distributed(num_gpus: int, *, timeout_s: float = 600.0) -> DistEnv:
     import torch.distributed as dist
 
     backend, device_type = select_backend()
+    timeout_s = collective_timeout_s() if timeout_s is None else timeout_s
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if all(name in os.environ for name in _TORCHRUN_ENV):
@@ -102,6 +138,9 @@ def init_distributed(num_gpus: int, *, timeout_s: float = 600.0) -> DistEnv:
                 f"`torchrun --nproc-per-node {num_gpus} your_script.py` (or call "
                 f"torch.distributed.init_process_group first)"
             )
+    from autopar.emit.watchdog import start_watchdog
+
+    start_watchdog(timeout_s)
     world = dist.get_world_size()
     if world != num_gpus:
         raise UserInputError(

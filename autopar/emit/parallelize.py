@@ -107,13 +107,13 @@ def _plan_everywhere(
 
     import torch.distributed as dist
 
-    from autopar.emit.mesh import select_backend
+    from autopar.emit.mesh import init_process_group, select_backend
 
     if cluster is None or global_batch_size is None:
         raise UserInputError("parallelize needs either plan= or both cluster= and global_batch_size=")
     distributed = dist.is_initialized() or "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
-        dist.init_process_group(select_backend()[0])
+        init_process_group(select_backend()[0])  # autopar's collective timeout and heartbeat watchdog
     rank = dist.get_rank() if distributed else 0
     logger.info("rank %d: %s", rank, "planning" if rank == 0 else "waiting for rank 0's plan")
     message: tuple[str, str] = ("", "")
