@@ -98,7 +98,9 @@ class Watchdog:
         return self
 
     def stop(self, *, done: bool = True) -> None:
-        """Stop the thread; with ``done``, tell the watchers this rank finished on purpose."""
+        """Stop the thread; with ``done``, tell the watchers this rank finished on purpose (once)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if done:
             with contextlib.suppress(Exception):  # the store may already be gone at exit
@@ -202,10 +204,19 @@ def active_watchdog() -> Watchdog | None:
     return next(iter(_ACTIVE.values()), None)
 
 
-def stop_watchdog() -> None:
-    """Mark this rank done and stop its watchdog (before exiting on purpose)."""
+def stop_watchdog(*, grace_s: float = 5.0) -> None:
+    """Mark this rank done and stop its watchdog (before exiting on purpose).
+
+    Rank 0 then waits (up to ``grace_s``) for the other ranks to be done too: it usually
+    hosts the rendezvous store, and leaving first would make their last store calls fail
+    with a C++ stack trace each.
+    """
     for watchdog in _ACTIVE.values():
         watchdog.stop()
+        if watchdog.rank == 0:
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and not watchdog.peers_settled():
+                time.sleep(0.02)
     _ACTIVE.clear()
 
 
