@@ -234,7 +234,7 @@ def plan(
 def _load_calibration(path: Path | None) -> Any:
     if path is None:
         return None
-    from autopar.cost_models.calibration import CalibrationTable
+    from autopar.cost_models.profiling.calibration import CalibrationTable
 
     return CalibrationTable.load(path)
 
@@ -329,7 +329,7 @@ def profile(
     from rich.progress import Progress
 
     from autopar.capture import capture
-    from autopar.cost_models.profiler import profile_graph
+    from autopar.cost_models.profiling.profiler import profile_graph
     from autopar.models import resolve_model
 
     resolved = resolve_model(model, seq_len=seq, batch=batch)

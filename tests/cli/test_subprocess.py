@@ -88,7 +88,7 @@ def test_bad_plan_files(tmp_path: Path) -> None:
 
 
 def test_profile_writes_a_calibration_table(tmp_path: Path) -> None:
-    from autopar.cost_models.calibration import CalibrationTable
+    from autopar.cost_models.profiling.calibration import CalibrationTable
 
     out = tmp_path / "calib.json"
     r = autopar("profile", "mlp:tiny", "--device", "cpu", "--repeats", "1", "--out", str(out))
