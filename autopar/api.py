@@ -67,6 +67,8 @@ def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_si
     """``plan`` for an already captured graph (steps 2–5); same arguments and errors."""
     report = progress or (lambda phase, done: None)
     resolved = Cluster.resolve(cluster)  # 2. the hardware
+    if calibration is not None:  # a table measured on one device kind never prices another
+        calibration.require_device(resolved.gpu.name)
     report("price", 0.0)
     pricing = GraphPricing(graph, resolved, dtype=dtype, calibration=calibration)  # 3. cost models
 

@@ -281,7 +281,7 @@ def _user_prints_to_stderr() -> Iterator[None]:
 def _load_calibration(path: Path | None) -> Any:
     if path is None:
         return None
-    from autopar.cost_models.calibration import CalibrationTable
+    from autopar.cost_models.profiling.calibration import CalibrationTable
 
     return CalibrationTable.load(path)
 
@@ -372,18 +372,25 @@ def profile(
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per op (default: the profiler's).")
                        ] = None,
     dtype: Annotated[str | None, typer.Option(help="Cast floating inputs to this dtype (e.g. bfloat16).")] = None,
+    ranks: Annotated[int | None, typer.Option(min=2, help="Measure this machine as a cluster of N gloo ranks "
+                                              "(one thread each, all at once) and write --cluster-out too.")] = None,
+    cluster_out: Annotated[Path, typer.Option(help="Cluster YAML to write with --ranks (for `plan --cluster`).")
+                           ] = Path("local-cluster.yaml"),
 ) -> None:
     """Time MODEL's ops on this machine's device and write a calibration table for `plan --calibration`."""
     from rich.progress import Progress
 
     from autopar.capture import capture
-    from autopar.cost_models.profiler import profile_graph
+    from autopar.cost_models.profiling.profiler import profile_graph
     from autopar.models import resolve_model
 
     check_writable(out, what="--out")
     with _user_prints_to_stderr():
         resolved = resolve_model(model, seq_len=seq, batch=batch)
         graph = capture(resolved.module, resolved.example_inputs)
+    if ranks is not None:
+        _profile_local_cluster(graph, ranks=ranks, out=out, cluster_out=cluster_out)
+        return
     kwargs: dict[str, Any] = {"device": device, "dtype": dtype} | ({"repeats": repeats} if repeats else {})
     with Progress(console=_err(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
@@ -392,6 +399,18 @@ def profile(
     table.save(out)
     typer.echo(f"{len(table.entries)} ops timed on {table.device_name} ({len(table.skipped)} skipped); "
                f"calibration written to {out}")
+
+
+def _profile_local_cluster(graph: Any, *, ranks: int, out: Path, cluster_out: Path) -> None:
+    """``profile --ranks N``: the machine as N gloo ranks; cluster YAML plus the op table, same device name."""
+    from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster
+
+    measured = measure_local_cluster(ranks, graph=graph)
+    assert measured.calibration is not None  # a graph was given
+    measured.calibration.save(out)
+    _write(cluster_out, cluster_yaml(measured, name=cluster_out.stem))
+    typer.echo(f"{ranks} ranks of {measured.device_name} measured; cluster written to {cluster_out}, "
+               f"{len(measured.calibration.entries)} ops timed, calibration written to {out}")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import Any
 
 from autopar.cost_models import comm, compute, memory
 from autopar.cost_models.cluster import Cluster
+from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
 from autopar.plan import Recompute, ShardingPlan
 from autopar.solvers.costs import LayerCost
@@ -118,9 +119,12 @@ class GraphPricing:
     def sources(self) -> dict[str, str]:
         """Where the prices come from, for ``Predicted.sources``."""
         calib = getattr(self.calibration, "device_name", None)
-        return {"compute": "profiled table + roofline" if calib else "roofline",
-                "calibration": str(calib or "none"), "communication": "alpha-beta (NCCL tuning model)",
-                "memory": "saved tensors measured on meta + ZeRO formulas"}
+        found = {"compute": "profiled table + roofline" if calib else "roofline",
+                 "calibration": str(calib or "none"), "communication": "alpha-beta (NCCL tuning model)",
+                 "memory": "saved tensors measured on meta + ZeRO formulas"}
+        if has_routed_experts([op.target for op in self.graph.ops]):
+            found["experts"] = MOE_ROUTING_SOURCE
+        return found
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from torch import nn
 import autopar
 from autopar.cost_models import estimate_layer_time, probe_local_device, profile_graph
 from autopar.cost_models.cluster import GPUSpec
-from autopar.cost_models.calibration import CalibrationTable
-from autopar.cost_models.profiler import Clock, Statistic, Timing, time_call
+from autopar.cost_models.profiling.calibration import CalibrationTable
+from autopar.cost_models.profiling.profiler import Clock, Statistic, Timing, time_call
 from autopar.examples.gpt import GPT, GPTConfig, example_inputs
 from autopar.examples.mlp import MLP, MLPConfig
 from autopar.graph.ir import OpGraph

@@ -10,7 +10,7 @@ the local-device probe, which need torch, load on first use.
 from __future__ import annotations
 
 from autopar._modules import lazy_attributes
-from autopar.cost_models.calibration import CalibrationTable, op_key, op_key_for
+from autopar.cost_models.profiling.calibration import CalibrationTable, op_key, op_key_for
 from autopar.cost_models.cluster import Cluster, GPUSpec, LinkKind, LinkSpec, list_presets
 from autopar.cost_models.comm import (
     Algorithm,
@@ -48,11 +48,11 @@ from autopar.cost_models.memory import (
 
 # name -> module, imported on first attribute access (these import torch)
 _LAZY: dict[str, str] = {
-    "profile_graph": "autopar.cost_models.profiler",
-    "device_name": "autopar.cost_models.profiler",
-    "time_call": "autopar.cost_models.profiler",
-    "Timing": "autopar.cost_models.profiler",
-    "probe_local_device": "autopar.cost_models.probe",
+    "profile_graph": "autopar.cost_models.profiling.profiler",
+    "device_name": "autopar.cost_models.profiling.profiler",
+    "time_call": "autopar.cost_models.profiling.profiler",
+    "Timing": "autopar.cost_models.profiling.profiler",
+    "probe_local_device": "autopar.cost_models.profiling.probe",
 }
 
 

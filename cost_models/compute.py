@@ -28,7 +28,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from autopar.cost_models.calibration import FLOAT_DTYPES, CalibrationTable
+from autopar.cost_models.profiling.calibration import FLOAT_DTYPES, CalibrationTable
 from autopar.cost_models.cluster import Cluster, GPUSpec
 from autopar.cost_models.efficiency import (
     CAUSAL_WORK_FRACTION,

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from autopar.cost_models.calibration import FLOAT_DTYPES
+from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
 from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.plan import MemoryBreakdown, Recompute, Schedule

@@ -26,8 +26,14 @@ POINTWISE_FLOPS_PER_ELEMENT = 1
 REDUCTION_FLOPS_PER_ELEMENT = 1  # one add/max per input element
 CROSS_ENTROPY_FLOPS_PER_ELEMENT = 6  # log-softmax (5) + gather/negate (1)
 
+GROUPED_MATMUL = frozenset({"_grouped_mm", "grouped_mm", "grouped_mm_fallback"})
+"""Mixture-of-experts GEMMs over tokens sorted by expert: ``torch._grouped_mm`` / ``F.grouped_mm`` and
+transformers' custom op ``transformers::grouped_mm_fallback`` (its per-expert ``torch.mm`` loop, opaque to
+capture). Input (S, K) holds every routed (token, expert) pair, S = tokens · top-k, so the shapes alone
+give the routed FLOPs; the weight (E, K, N) is read whole, which is the uniform-load case (every expert
+receives tokens)."""
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "addbmm",
-           "_addmm_activation"}
+           "_addmm_activation", *GROUPED_MATMUL}
 _ATTENTION = {
     "scaled_dot_product_attention",
     "_scaled_dot_product_efficient_attention",
@@ -45,7 +51,9 @@ _SOFTMAX = {"_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax
 _DROPOUT = {"native_dropout", "dropout", "bernoulli", "bernoulli_"}
 _LOSS = {"nll_loss_forward", "nll_loss", "cross_entropy_loss", "nll_loss2d_forward", "mse_loss"}
 _REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean", "std", "prod", "norm",
-              "linalg_vector_norm", "logsumexp", "argmax", "argmin", "cumsum", "topk", "sort", "all", "any"}
+              "linalg_vector_norm", "logsumexp", "argmax", "argmin", "cumsum", "topk", "sort", "all", "any",
+              # MoE routers: tokens per expert (histc/bincount), sorting tokens by expert
+              "histc", "bincount", "argsort", "searchsorted"}
 _VIEW = {"view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze",
          "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "narrow", "as_strided",
          "alias", "detach", "lift_fresh", "view_as", "flatten", "unflatten", "movedim", "expand_as",
@@ -56,7 +64,10 @@ _COPY = {"clone", "contiguous", "_to_copy", "to", "copy", "copy_", "cat", "stack
          "full_like", "arange", "new_zeros", "new_ones", "new_empty", "new_full", "scalar_tensor",
          "empty_strided", "fill", "fill_", "zero_", "_assert_tensor_metadata", "lift", "triu", "tril",
          "_local_scalar_dense", "item", "where", "masked_fill", "masked_fill_", "index_put", "index_put_",
-         "_unsafe_index", "flip", "roll", "resize_", "set_"}
+         "_unsafe_index", "flip", "roll", "resize_", "set_",
+         # MoE dispatch/combine: moving routed rows and weights, no arithmetic beyond an add per element
+         "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "index_add",
+         "index_add_", "index_copy", "index_copy_", "nonzero", "one_hot"}
 _ELEMENTWISE = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "exp", "log", "sqrt", "rsqrt", "pow",
     "tanh", "sigmoid", "relu", "relu_", "gelu", "silu", "silu_", "mish", "hardswish", "leaky_relu", "elu",
@@ -70,6 +81,25 @@ _ELEMENTWISE = {
 }
 
 
+OP_NAMESPACES = ("aten", "prims", "transformers")
+"""Operator namespaces whose targets read ``namespace.packet.overload`` (transformers registers its
+MoE fallback as a custom op)."""
+
+
+MOE_ROUTING_SOURCE = "top-k routing, uniform expert load (grouped-GEMM shapes)"
+"""What ``Predicted.sources["experts"]`` says for a model with routed experts."""
+
+
+def has_routed_experts(targets: Sequence[str]) -> bool:
+    """Whether any op is a routed-expert grouped GEMM (priced at top-k routing, uniform load).
+
+    Example:
+        >>> has_routed_experts(["aten.mm.default", "transformers.grouped_mm_fallback.default"])
+        True
+    """
+    return any(op_name(t) in GROUPED_MATMUL for t in targets)
+
+
 def op_name(target: str) -> str:
     """The packet name of an ATen target: ``"aten.addmm.default"`` → ``"addmm"``.
 
@@ -78,9 +108,11 @@ def op_name(target: str) -> str:
         'addmm'
         >>> op_name("aten.add.Tensor")
         'add'
+        >>> op_name("transformers.grouped_mm_fallback.default")
+        'grouped_mm_fallback'
     """
     parts = target.split(".")
-    return parts[1] if len(parts) >= 2 and parts[0] in ("aten", "prims") else parts[0]
+    return parts[1] if len(parts) >= 2 and parts[0] in OP_NAMESPACES else parts[0]
 
 
 def classify(target: str) -> OpClass:
@@ -162,6 +194,8 @@ def _matmul_flops(name: str, inputs: Sequence[TensorMeta], outputs: Sequence[Ten
         k = a.shape[-1]
         batch = a.shape[0] if name == "addbmm" else 1
         return 2 * out.numel * k * batch + out.numel
+    if name in GROUPED_MATMUL:
+        return _grouped_matmul_flops(inputs)
     if name == "linear":
         return 2 * out.numel * inputs[0].shape[-1] + (out.numel if len(inputs) > 2 else 0)
     a = inputs[0]
@@ -174,3 +208,25 @@ def _attention_flops(inputs: Sequence[TensorMeta]) -> int:
     *batch_heads, s_q, d_qk = q.shape
     s_k, d_v = k.shape[-2], v.shape[-1]
     return 2 * math.prod(batch_heads) * s_q * s_k * (d_qk + d_v)
+
+
+def _grouped_matmul_flops(inputs: Sequence[TensorMeta]) -> int:
+    """2·S·K·N for a grouped GEMM; S counts each routed (token, expert) pair once, whatever the load.
+
+    Shapes (``torch._grouped_mm``): (S, K) x (E, K, N) → (S, N), groups along the rows; (E, M, K) x
+    (E, K, N) → (E, M, N), a batched GEMM; (M, S) x (S, N) → (E, M, N), groups along the contraction
+    (the weight gradient), still 2·M·S·N in all.
+
+    Example:
+        >>> x, w = TensorMeta(shape=(32, 64), dtype="float32"), TensorMeta(shape=(8, 64, 16), dtype="float32")
+        >>> _grouped_matmul_flops([x, w]) == 2 * 32 * 64 * 16
+        True
+    """
+    a, b = inputs[0], inputs[1]
+    if len(a.shape) == 2 and len(b.shape) == 3:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[2]
+    if len(a.shape) == 3 and len(b.shape) == 3:
+        return 2 * math.prod(a.shape) * b.shape[2]
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return 2 * math.prod(a.shape) * b.shape[-1]  # (E, M, K) x (K_total, N) variants: rows x contraction x cols

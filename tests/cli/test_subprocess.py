@@ -88,7 +88,7 @@ def test_bad_plan_files(tmp_path: Path) -> None:
 
 
 def test_profile_writes_a_calibration_table(tmp_path: Path) -> None:
-    from autopar.cost_models.calibration import CalibrationTable
+    from autopar.cost_models.profiling.calibration import CalibrationTable
 
     out = tmp_path / "calib.json"
     r = autopar("profile", "mlp:tiny", "--device", "cpu", "--repeats", "1", "--out", str(out))
@@ -96,7 +96,23 @@ def test_profile_writes_a_calibration_table(tmp_path: Path) -> None:
     table = CalibrationTable.load(out)
     assert r.out.startswith(f"{len(table.entries)} ops timed on {table.device_name}")
     assert len(table.entries) >= 3  # mlp:tiny has 3 distinct matmuls, GELU, ...
+    # a table measured on this CPU never prices an H100 (it once gave 729 s/step, labelled "profiled")
     r = autopar("plan", "mlp:tiny", "-c", "dgx-h100", "-b", "8", "--calibration", str(out), "--json")
+    assert r.rc == 2 and table.device_name in r.err and "H100-SXM5-80GB" in r.err, (r.rc, r.err)
+
+
+def test_profile_local_cluster_writes_a_cluster_the_planner_reads(tmp_path: Path) -> None:
+    from autopar.cost_models.cluster import Cluster
+    from autopar.cost_models.profiling.calibration import CalibrationTable
+
+    out, yaml_file = tmp_path / "calib.json", tmp_path / "here.yaml"
+    r = autopar("profile", "mlp:tiny", "--ranks", "2", "--out", str(out), "--cluster-out", str(yaml_file))
+    assert r.rc == 0, r.err
+    table, cluster = CalibrationTable.load(out), Cluster.from_yaml(yaml_file)
+    assert cluster.num_gpus == 2 and cluster.gpu.name == table.device_name and table.device_name.endswith(":1threads")
+    assert "all_reduce" in yaml_file.read_text() and "p2p" in yaml_file.read_text()  # per-kind fits recorded
+    r = autopar("plan", "mlp:tiny", "-c", str(yaml_file), "-b", "8", "--calibration", str(out), "--json",
+                "--dtype", "float32")
     assert r.rc == 0, r.err
     sources = json.loads(r.out)[0]["predicted"]["sources"]
     assert sources["calibration"] == table.device_name and "profiled" in sources["compute"]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from autopar.cost_models.calibration import CalibrationTable, op_key_for
+from autopar.cost_models.profiling.calibration import CalibrationTable, op_key_for
 from autopar.cost_models.cluster import Cluster
 from autopar.cost_models.compute import (
     TimeSource,

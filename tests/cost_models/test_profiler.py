@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import autopar
-from autopar.cost_models.calibration import CalibrationTable, op_key, op_key_for
+from autopar.cost_models.profiling.calibration import CalibrationTable, op_key, op_key_for
 from autopar.cost_models.cluster import GPUSpec
 from autopar.cost_models.compute import estimate_layer_time
-from autopar.cost_models.op_call import RebuildError, build_call
-from autopar.cost_models.profiler import Clock, Statistic, Timing, profile_graph, time_call
+from autopar.cost_models.profiling.op_call import RebuildError, build_call
+from autopar.cost_models.profiling.profiler import Clock, Statistic, Timing, profile_graph, time_call
 from autopar.errors import UserInputError
 from autopar.graph.ir import Op, OpClass, OpGraph, TensorMeta
 from tests.cost_models.conftest import capture_gpt

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from autopar.cost_models.calibration import CalibrationTable, cast_float_inputs, op_key
+from autopar.cost_models.profiling.calibration import CalibrationTable, cast_float_inputs, op_key
 from autopar.cost_models.compute import layer_grad_inputs
-from autopar.cost_models.op_call import OpCall, RebuildError, build_call
+from autopar.cost_models.profiling.op_call import OpCall, RebuildError, build_call
 
 from autopar._compat import StrEnum
 from autopar.graph.ir import Op, OpGraph

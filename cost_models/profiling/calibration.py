@@ -11,6 +11,7 @@ This module is torch-free: it only knows op keys, numbers and JSON.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,28 @@ def cast_float_inputs(inputs: Sequence[TensorMeta], dtype: str | None) -> tuple[
     return tuple(TensorMeta(shape=t.shape, dtype=dtype) if t.dtype in FLOAT_DTYPES else t for t in inputs)
 
 
+_GPU_FAMILY = re.compile(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b")
+"""A GPU product family in a name: A100, H100, H200, L40S, V100, B200, MI300X (data-sheet names)."""
+
+
+def device_kind(name: str) -> str:
+    """The kind of device a name denotes: the GPU family when the name has one, else the whole name.
+
+    torch names a GPU ``"NVIDIA H100 80GB HBM3"`` and a cluster preset calls it ``"H100-SXM5-80GB"``;
+    both are one kind. A CPU (``cpu:<model>:<threads>threads``) is its own kind.
+
+    Example:
+        >>> device_kind("NVIDIA H100 80GB HBM3"), device_kind("H100-SXM5-80GB"), device_kind("L40S-48GB")
+        ('H100', 'H100', 'L40S')
+        >>> device_kind("cpu:Intel(R) Xeon(R) CPU @ 2.20GHz:1threads")
+        'cpu:Intel(R) Xeon(R) CPU @ 2.20GHz:1threads'
+    """
+    if name.startswith("cpu:"):
+        return name
+    found = _GPU_FAMILY.search(name.upper().replace("-", " ").replace("_", " "))
+    return found.group(1) if found else name
+
+
 def table_id(device_name: str, torch_version: str) -> str:
     """The key a table is stored under in a calibration file."""
     return f"{device_name} | torch {torch_version}"
@@ -85,6 +108,21 @@ class CalibrationTable:
         Keys carry the dtypes the op ran in, so an fp32 measurement never prices bf16 training.
         """
         return self.entries.get(op_key_for(op, dtype))
+
+    def require_device(self, gpu_name: str) -> None:
+        """Refuse to price a cluster of another device kind with this table.
+
+        Raises:
+            UserInputError: the table was measured on another kind of device; names both.
+
+        Example:
+            >>> CalibrationTable(device_name="NVIDIA H100 80GB HBM3", torch_version="2.5", entries={}
+            ...                  ).require_device("H100-SXM5-80GB")
+        """
+        if device_kind(self.device_name) != device_kind(gpu_name):
+            raise UserInputError(
+                f"calibration table was measured on {self.device_name!r} but the cluster's GPU is {gpu_name!r}: "
+                "its times do not apply there; profile on that kind of device, or plan without --calibration")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -149,5 +187,5 @@ def _read_file(path: Path) -> Mapping[str, Mapping[str, Any]]:
     return tables
 
 
-__all__ = ["CALIBRATION_FORMAT", "CalibrationTable", "FLOAT_DTYPES", "cast_float_inputs", "op_key", "op_key_for",
-           "table_id"]
+__all__ = ["CALIBRATION_FORMAT", "CalibrationTable", "FLOAT_DTYPES", "cast_float_inputs", "device_kind", "op_key",
+           "op_key_for", "table_id"]

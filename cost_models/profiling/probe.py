@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from autopar.cost_models.cluster import GPUSpec
-from autopar.cost_models.profiler import Clock, Statistic, Timing, device_name, time_call
+from autopar.cost_models.profiling.profiler import Clock, Statistic, Timing, device_name, time_call
 
 PROBE_MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}
 """Square GEMM size for the peak-rate probe (8192³ is the size autopar's H100 reference figure uses)."""

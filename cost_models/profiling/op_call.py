@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from autopar.cost_models.calibration import cast_float_inputs
+from autopar.cost_models.profiling.calibration import cast_float_inputs
 from autopar.graph.flops import op_name
 from autopar.graph.ir import Op, OpClass, TensorMeta
 

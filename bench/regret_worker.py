@@ -1,0 +1,146 @@
+"""One rank of ``bench/plan_regret.py``: runs every given plan with ``autopar.parallelize`` and times it.
+
+Step time: each step starts and ends at a barrier, and the step's time is the slowest rank's
+(an all-reduce MAX), so every rank sees the same samples and stops at the same step. Steps
+repeat until the median of the last ``WINDOW`` is within ``TOLERANCE`` of the one before (or
+``MAX_STEPS``).
+
+Peak memory per rank: live heap bytes, read from glibc's allocator (``mallinfo2``:
+``uordblks + hblkhd``, the bytes malloc has handed out and not had back, small and mmapped
+blocks) after every ATen op of one extra step, by a ``TorchDispatchMode``; minus the level
+just before the model was materialised. PyTorch's CPU allocator is plain malloc, so this counts
+every tensor (weights, gradients, optimizer states, activations, communication buffers, the
+optimizer's temporaries) at op granularity; a kernel's internal scratch freed within one op
+is not seen.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from autopar.cost_models.profiling.fidelity import is_stable, spread
+
+WARMUP_STEPS = 2
+"""Untimed steps first (allocator warm-up, gloo connections of new groups)."""
+WINDOW = 5
+"""Samples per median in the stability test."""
+TOLERANCE = 0.03
+"""Median change that counts as stable (3 %)."""
+MAX_STEPS = 20
+"""Cap on timed steps per layout."""
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not had back (glibc ``mallinfo2``)."""
+    info = _LIBC.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+class PeakHeap(TorchDispatchMode):
+    """Highest ``heap_in_use`` seen after any ATen op while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = heap_in_use()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return out
+
+
+def build_model(spec: dict[str, Any]) -> torch.nn.Module:
+    """The bench model on the meta device (``spec["family"]``: gpt or llama)."""
+    with torch.device("meta"):
+        if spec["family"] == "gpt":
+            from autopar.examples.gpt import GPT, GPTConfig
+
+            return GPT(GPTConfig(**spec["config"]))
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**spec["config"]))
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list[str], queue: Any) -> None:
+    """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue``."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from autopar.plan import Plan
+
+    try:
+        for text in plans:
+            plan = Plan.from_json(text)
+            try:
+                result = _measure(plan, spec)
+            except Exception as e:  # a layout the emitter refuses is reported, not fatal
+                result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            if rank == 0:
+                queue.put({"layout": plan.layout.describe(), **result})
+            gc.collect()
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    from autopar.emit.parallelize import parallelize
+
+    gc.collect()
+    base = heap_in_use()
+    seq, vocab = spec["seq_len"], spec["vocab"]
+    example = (torch.zeros(2, seq, dtype=torch.long),)
+    pm = parallelize(build_model(spec), example, plan=plan, seed=0)
+    opt = pm.optimizer(torch.optim.AdamW, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (plan.layout.global_batch_size, seq), generator=g)
+    y = torch.randint(0, vocab, (plan.layout.global_batch_size, seq), generator=g)
+
+    def step() -> None:
+        pm.step(x, y, loss_fn)
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    samples: list[float] = []
+    while len(samples) < MAX_STEPS and not is_stable(samples, window=WINDOW, tolerance=TOLERANCE):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        dist.barrier()
+        took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        samples.append(float(took.item()))
+    with PeakHeap() as peak:
+        step()
+    peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, torch.tensor([float(peak.peak - base)], dtype=torch.float64))
+    del pm, opt
+    return {"median_s": statistics.median(samples[-WINDOW:]), "spread": spread(samples[-WINDOW:]),
+            "steps": len(samples), "peak_bytes": max(float(p.item()) for p in peaks)}

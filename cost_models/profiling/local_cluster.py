@@ -1,0 +1,276 @@
+"""This machine as a cluster of N ranks: per-rank compute, gloo collectives and send/recv, measured.
+
+A planner's predictions can only be checked against runs on hardware at hand. On a CPU
+machine that hardware is N gloo processes of one thread each, so this module measures
+exactly that:
+
+* compute per rank with all N processes running at once (one thread each), so the rates
+  include the memory-bandwidth and cache contention of N busy ranks: a GEMM rate, a copy
+  bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``);
+* for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
+  (2, 4, ... up to N), the time over message sizes, fitted as t = alpha + beta · S (Hockney's
+  alpha-beta model) by least squares;
+* point-to-point send/recv between two ranks, fitted the same way.
+
+``cluster_yaml`` turns the measurement into a cluster file that ``autopar plan --cluster``
+reads: the "GPU" is one single-threaded rank, and the one intra-node link's latency and bus
+bandwidth are the least-squares fit of the collective model (``comm.py``: ring steps × latency
+plus bus bytes / bandwidth) to every measured sample. The per-kind fits are written into the
+file as comments, so a reader sees how far each kind departs from the single link.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, bus_bandwidth_factor
+from autopar.cost_models.profiling.calibration import CalibrationTable
+from autopar.graph.ir import OpGraph
+
+log = logging.getLogger(__name__)
+
+MESSAGE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
+"""Logical sizes (NCCL "size") each collective is timed at: 4 KiB (latency) to 4 MiB (bandwidth)."""
+COLLECTIVE_REPEATS = 5
+"""Timed runs per (kind, group, size); the median is kept (other processes add outliers)."""
+FITTED_KINDS = (Collective.ALL_REDUCE, Collective.ALL_GATHER, Collective.REDUCE_SCATTER, Collective.BROADCAST)
+"""Collectives the emitted programs issue on gloo (DDP/FSDP: all-reduce, all-gather, reduce-scatter)."""
+MIN_LATENCY_S = 1e-7
+"""Floor on a fitted per-step latency (the cluster schema needs it positive)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AlphaBetaFit:
+    """t = alpha_s + nbytes · beta_s_per_byte for one collective kind at one group size."""
+
+    kind: Collective
+    """The collective."""
+    group_size: int
+    """Ranks in the group (2 for send/recv)."""
+    alpha_s: float
+    """Fixed cost per call (fitted intercept, clamped at 0)."""
+    beta_s_per_byte: float
+    """Seconds per byte of logical size S (fitted slope)."""
+    samples: tuple[tuple[int, float], ...]
+    """(nbytes, median seconds) that were fitted."""
+
+    def time_s(self, nbytes: float) -> float:
+        """The fitted time of one call of logical size ``nbytes``."""
+        return self.alpha_s + nbytes * self.beta_s_per_byte
+
+    @property
+    def bus_bytes_per_s(self) -> float:
+        """Bus bandwidth the slope implies: busbw factor / beta (nccl-tests convention)."""
+        factor = bus_bandwidth_factor(self.kind, self.group_size)
+        return factor / self.beta_s_per_byte if self.beta_s_per_byte > 0 else math.inf
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankCompute:
+    """What one single-threaded rank reaches while every rank computes at once."""
+
+    gemm_flops_per_s: float
+    """fp32 GEMM rate (median over ranks)."""
+    copy_bytes_per_s: float
+    """Copy bandwidth, read + write (median over ranks)."""
+    op_floor_s: float
+    """Time of a one-element eager op (median over ranks)."""
+    half_efficiency_s: float
+    """Excess time of a small GEMM over the peak rate (Hockney's n½ as time)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalClusterProfile:
+    """The measured local machine as N ranks."""
+
+    device_name: str
+    """One rank's device as calibration tables name it (``cpu:<model>:1threads``)."""
+    ranks: int
+    """N, the ranks measured at once."""
+    compute: RankCompute
+    """Per-rank compute, all ranks busy."""
+    collectives: tuple[AlphaBetaFit, ...]
+    """One fit per (collective kind, group size), plus send/recv."""
+    host_mem_bytes: int
+    """Memory of the machine (each rank's share is host_mem_bytes / ranks)."""
+    calibration: CalibrationTable | None = None
+    """The model's ops timed on rank 0 while every rank profiled them at once (None: no model given)."""
+
+
+def fit_alpha_beta(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (alpha, beta) of t = alpha + beta · S, each sample weighted by 1/t².
+
+    Relative weights keep the 4 KiB samples (which fix alpha) from being drowned by the
+    large ones (which fix beta). Alpha is clamped at 0 (a negative intercept is noise).
+
+    Example:
+        >>> a, b = fit_alpha_beta([(0, 1e-5), (1e6, 1e-5 + 1e-3), (2e6, 1e-5 + 2e-3)])
+        >>> round(a * 1e6, 3), round(b * 1e9, 3)
+        (10.0, 1.0)
+    """
+    if len(samples) < 2:
+        raise ValueError(f"an alpha-beta fit needs at least 2 samples, got {len(samples)}")
+    w = [1.0 / (t * t) for _, t in samples]
+    sw = sum(w)
+    sx = sum(wi * s for wi, (s, _) in zip(w, samples))
+    sy = sum(wi * t for wi, (_, t) in zip(w, samples))
+    sxx = sum(wi * s * s for wi, (s, _) in zip(w, samples))
+    sxy = sum(wi * s * t for wi, (s, t) in zip(w, samples))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        raise ValueError("alpha-beta fit needs at least two distinct message sizes")
+    beta = (sw * sxy - sx * sy) / det
+    alpha = (sy - beta * sx) / sw
+    if alpha < 0:  # refit through the origin
+        alpha, beta = 0.0, sxy / sxx
+    return alpha, max(beta, 0.0)
+
+
+def fit_link(fits: Sequence[AlphaBetaFit]) -> tuple[float, float]:
+    """(latency_s per ring step, bus bytes/s) of one link that best explains every collective sample.
+
+    ``comm.py`` prices a ring collective as RING_BASE_LATENCY_S + steps · latency + busbw-factor · S
+    / bandwidth; that is linear in (latency, 1 / bandwidth), so a relative least-squares fit over all
+    samples gives the link. Send/recv is one step with factor 1.
+
+    Example:
+        >>> f = AlphaBetaFit(kind=Collective.ALL_REDUCE, group_size=2, alpha_s=0.0, beta_s_per_byte=0.0,
+        ...                  samples=((1000, RING_BASE_LATENCY_S + 2 * 1e-5 + 1000 / 1e9),
+        ...                           (10**6, RING_BASE_LATENCY_S + 2 * 1e-5 + 10**6 / 1e9)))
+        >>> lat, bw = fit_link([f])
+        >>> round(lat * 1e6, 3), round(bw / 1e9, 3)
+        (10.0, 1.0)
+    """
+    rows = []  # (steps, bus bytes, seconds)
+    for fit in fits:
+        steps = _ring_steps(fit.kind, fit.group_size)
+        factor = bus_bandwidth_factor(fit.kind, fit.group_size)
+        rows += [(steps, factor * s, t - RING_BASE_LATENCY_S) for s, t in fit.samples]
+    w = [1.0 / max(abs(y), 1e-9) ** 2 for *_, y in rows]
+    a11 = sum(wi * p * p for wi, (p, _, _) in zip(w, rows))
+    a12 = sum(wi * p * q for wi, (p, q, _) in zip(w, rows))
+    a22 = sum(wi * q * q for wi, (_, q, _) in zip(w, rows))
+    b1 = sum(wi * p * y for wi, (p, _, y) in zip(w, rows))
+    b2 = sum(wi * q * y for wi, (_, q, y) in zip(w, rows))
+    det = a11 * a22 - a12 * a12
+    if det <= 0:
+        raise ValueError("link fit needs samples of at least two sizes")
+    latency = (a22 * b1 - a12 * b2) / det
+    inv_bw = (a11 * b2 - a12 * b1) / det
+    if latency < MIN_LATENCY_S:  # refit the bandwidth alone with the latency at its floor
+        latency = MIN_LATENCY_S
+        inv_bw = sum(wi * q * (y - p * latency) for wi, (p, q, y) in zip(w, rows)) / a22
+    if inv_bw <= 0:
+        raise ValueError(f"collective times do not grow with message size (slope {inv_bw}); measure again")
+    return latency, 1.0 / inv_bw
+
+
+def _ring_steps(kind: Collective, group_size: int) -> int:
+    """Ring steps comm.py charges a latency for (inside one node)."""
+    if kind is Collective.SEND_RECV:
+        return 1
+    return 2 * (group_size - 1) if kind is Collective.ALL_REDUCE else group_size - 1
+
+
+def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
+    """The cluster file ``Cluster.from_yaml`` reads: one node of N single-threaded "GPUs"."""
+    latency, bus_bw = fit_link(profile.collectives)
+    c = profile.compute
+    lines = [
+        f"# {name}: this machine measured as {profile.ranks} gloo ranks of one thread each",
+        "# (autopar profile --ranks). Compute was timed with every rank busy at once.",
+        f"# link = least-squares fit of comm.py's ring model to all samples: "
+        f"latency {latency * 1e6:.1f} us/step, bus {bus_bw / 1e6:.0f} MB/s",
+        "# per-kind alpha-beta fits (t = alpha + S * beta; busbw = factor / beta):",
+        *(f"#   {f.kind.value:15s} n={f.group_size}: alpha {f.alpha_s * 1e6:9.1f} us, "
+          f"busbw {f.bus_bytes_per_s / 1e6:9.1f} MB/s" for f in profile.collectives),
+        f"name: {name}",
+        f"description: {profile.ranks} local gloo ranks, 1 thread each ({profile.device_name})",
+        "gpu:",
+        f"  name: {_quote(profile.device_name)}",
+        f"  peak_flops_per_s: {{float32: {c.gemm_flops_per_s:.6g}}}",
+        f"  mem_bytes: {profile.host_mem_bytes // profile.ranks}",
+        f"  mem_bytes_per_s: {c.copy_bytes_per_s:.6g}",
+        "  matmul_efficiency: 1.0  # measured rates are what a rank reaches",
+        "  memory_efficiency: 1.0",
+        f"  kernel_launch_s: {c.op_floor_s:.6g}",
+        f"  half_efficiency_s: {c.half_efficiency_s:.6g}",
+        f"gpus_per_node: {profile.ranks}",
+        "nodes: 1",
+        *_link_lines("intra_node", latency, bus_bw),
+        *_link_lines("inter_node", latency, bus_bw),
+        f"host_mem_bytes: {profile.host_mem_bytes}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _link_lines(key: str, latency: float, bus_bw: float) -> list[str]:
+    return [f"{key}:", "  kind: ethernet  # TCP over loopback", f"  bytes_per_s: {bus_bw:.6g}",
+            f"  latency_s: {latency:.6g}", "  efficiency: 1.0"]
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# ---- measurement (torch from here on) -----------------------------------------------------------
+
+
+def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None, message_bytes: Sequence[int] = MESSAGE_BYTES,
+                          repeats: int = COLLECTIVE_REPEATS) -> LocalClusterProfile:
+    """Start ``ranks`` gloo processes on this machine and measure them (takes ~10-60 s).
+
+    Args:
+        ranks: N, the processes started at once (one thread each).
+        graph: a captured model whose ops every rank profiles at once; rank 0's table is kept.
+        message_bytes: the sizes each collective is timed at.
+        repeats: timed calls per size.
+
+    Raises:
+        ValueError: fewer than 2 ranks.
+    """
+    if ranks < 2:
+        raise ValueError(f"a local cluster needs at least 2 ranks, got {ranks}")
+    import torch.multiprocessing as mp
+
+    from autopar.cost_models.profiling import local_worker
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    port = local_worker.free_port()
+    mp.start_processes(local_worker.run_rank, args=(ranks, port, tuple(message_bytes), repeats, queue, graph),
+                       nprocs=ranks, join=True, start_method="spawn")
+    results = [queue.get() for _ in range(ranks)]
+    return _combine(results, ranks)
+
+
+def _combine(results: Sequence[Mapping[str, Any]], ranks: int) -> LocalClusterProfile:
+    first = next(r for r in results if r["rank"] == 0)
+
+    def med(key: str) -> float:
+        return statistics.median(r["compute"][key] for r in results)
+
+    compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
+                          op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"))
+    fits = []
+    for (kind, group), samples in sorted(first["collectives"].items()):
+        alpha, beta = fit_alpha_beta(samples)
+        fits.append(AlphaBetaFit(kind=Collective(kind), group_size=group, alpha_s=alpha, beta_s_per_byte=beta,
+                                 samples=tuple(samples)))
+    table = CalibrationTable.from_dict(first["table"]) if first["table"] is not None else None
+    return LocalClusterProfile(device_name=first["device_name"], ranks=ranks, compute=compute,
+                               collectives=tuple(fits), host_mem_bytes=first["host_mem_bytes"], calibration=table)
+
+
+def default_ranks() -> int:
+    """A rank per CPU core."""
+    return max(2, os.cpu_count() or 2)
+
+
+__all__ = ["AlphaBetaFit", "LocalClusterProfile", "RankCompute", "cluster_yaml", "fit_alpha_beta", "fit_link",
+           "measure_local_cluster"]

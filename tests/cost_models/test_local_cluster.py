@@ -1,0 +1,66 @@
+"""The local-cluster measurement's arithmetic: alpha-beta fits, the link fit, the YAML round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autopar.cost_models.cluster import Cluster
+from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, estimate_collective_time
+from autopar.cost_models.profiling.local_cluster import (
+    AlphaBetaFit,
+    LocalClusterProfile,
+    RankCompute,
+    cluster_yaml,
+    fit_alpha_beta,
+    fit_link,
+)
+
+SIZES = (4096, 65536, 2**20, 2**22)
+
+
+def _fit(kind: Collective, n: int, latency: float, bw: float) -> AlphaBetaFit:
+    """Samples made by comm.py's own ring formula on a link of (latency, bw)."""
+    steps = 1 if kind is Collective.SEND_RECV else (2 * (n - 1) if kind is Collective.ALL_REDUCE else n - 1)
+    factor = {Collective.ALL_REDUCE: 2 * (n - 1) / n, Collective.SEND_RECV: 1.0}.get(kind, (n - 1) / n)
+    samples = tuple((s, RING_BASE_LATENCY_S + steps * latency + factor * s / bw) for s in SIZES)
+    alpha, beta = fit_alpha_beta(samples)
+    return AlphaBetaFit(kind=kind, group_size=n, alpha_s=alpha, beta_s_per_byte=beta, samples=samples)
+
+
+def test_alpha_beta_fit_recovers_a_line_and_clamps_a_negative_intercept():
+    alpha, beta = fit_alpha_beta([(s, 5e-5 + s * 2e-9) for s in SIZES])
+    assert alpha == pytest.approx(5e-5, rel=1e-6) and beta == pytest.approx(2e-9, rel=1e-6)
+    alpha, beta = fit_alpha_beta([(1000, 1e-6), (2000, 3e-6)])  # the line crosses below 0
+    assert alpha == 0.0 and beta > 0
+    with pytest.raises(ValueError):
+        fit_alpha_beta([(1000, 1e-6)])
+
+
+def test_link_fit_recovers_the_link_that_made_the_samples():
+    latency, bw = 40e-6, 2e9
+    fits = [_fit(k, n, latency, bw) for k in (Collective.ALL_REDUCE, Collective.ALL_GATHER) for n in (2, 4)]
+    fits.append(_fit(Collective.SEND_RECV, 2, latency, bw))
+    got_latency, got_bw = fit_link(fits)
+    assert got_latency == pytest.approx(latency, rel=1e-6) and got_bw == pytest.approx(bw, rel=1e-6)
+
+
+def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
+    latency, bw = 40e-6, 2e9
+    fits = tuple(_fit(k, n, latency, bw) for k in (Collective.ALL_REDUCE, Collective.REDUCE_SCATTER) for n in (2, 4))
+    profile = LocalClusterProfile(
+        device_name='cpu:Some "CPU" @ 2GHz:1threads', ranks=4,
+        compute=RankCompute(gemm_flops_per_s=3e10, copy_bytes_per_s=5e9, op_floor_s=4e-6, half_efficiency_s=1e-6),
+        collectives=fits, host_mem_bytes=16 * 2**30)
+    path = tmp_path / "here.yaml"
+    path.write_text(cluster_yaml(profile, name="here"))
+    cluster = Cluster.from_yaml(path)
+    assert cluster.name == "here" and cluster.num_gpus == 4 and cluster.gpu.name == profile.device_name
+    assert cluster.gpu.peak_flops("float32") == pytest.approx(3e10, rel=1e-5)
+    assert cluster.gpu.mem_bytes == 4 * 2**30
+    # the planner's collective model, on the written link, reproduces the measured samples
+    for fit in fits:
+        for nbytes, seconds in fit.samples:
+            got = estimate_collective_time(fit.kind, nbytes, fit.group_size, cluster=cluster, algorithm="ring")
+            assert got == pytest.approx(seconds, rel=1e-4)
