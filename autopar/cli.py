@@ -202,6 +202,10 @@ def plan(
                         ] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table from `autopar profile`.")] = None,
     dtype: Annotated[str, typer.Option(help="Training precision: bfloat16 or float32.")] = "bfloat16",
+    objective: Annotated[str, typer.Option(help="Rank by throughput, or by goodput (throughput once failures, "
+                                           "restarts and checkpoints are paid for).")] = "throughput",
+    contingency: Annotated[int, typer.Option(min=0, help="Precompute plans for losing 1 … N nodes, so that "
+                                             "`autopar replan` answers at once.")] = 0,
 ) -> None:
     """Find the fastest plans for MODEL on a cluster and print them ranked.
 
@@ -209,6 +213,9 @@ def plan(
     """
     pins = parse_pins(pin or [])  # cheap checks first: no torch import before they pass
     target = load_cluster(cluster, nodes)
+    from autopar.goodput import parse_objective
+
+    goal = parse_objective(objective)
     table = _load_calibration(calibration)
     with _Progress(enabled=not json_out) as progress:
         progress("model", 0.0)
@@ -217,9 +224,16 @@ def plan(
 
         resolved = resolve_model(model, seq_len=seq)
         result = api.plan(resolved.module, resolved.example_inputs, cluster=target, global_batch_size=global_batch,
-                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress)
+                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress,
+                          objective=goal.value)
     plans = [dataclasses.replace(p, model_name=resolved.name)
              for p in (result if isinstance(result, list) else [result])]
+    if contingency:
+        from autopar.replanning import precompute_contingencies
+
+        plans[0] = precompute_contingencies(plans[0], max_lost_nodes=contingency, cluster=target,
+                                            model=resolved.module, example_inputs=resolved.example_inputs,
+                                            templates=[p.layout for p in plans], calibration=table)
     if out is not None:
         plans[0].save(out)
     if json_out:
@@ -227,6 +241,9 @@ def plan(
         return
     _print_ranked(plans)
     typer.echo("\n" + plans[0].explain())
+    from autopar.report.text import format_goodput
+
+    typer.echo("\n" + format_goodput(plans))
     if out is not None:
         typer.echo(f"\nbest plan written to {out}; see it with: autopar show {out}")
 
