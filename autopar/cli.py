@@ -295,6 +295,46 @@ def show(
 
 
 @app.command()
+def replan(
+    plan_file: Annotated[Path, typer.Argument(help="Plan JSON from `autopar plan --out`.", show_default=False)],
+    lost_nodes: Annotated[int, typer.Option("--lost-nodes", "-k", min=1, help="Nodes that failed.",
+                                            show_default=False)],
+    model: Annotated[str | None, typer.Option(help="The plan's model, when the plan has no contingency for this "
+                                              "failure (default: the model named in the plan).")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="The cluster the plan was made for "
+                                                "(default: the preset named in the plan).")] = None,
+    exhaustive: Annotated[bool, typer.Option(help="Run the full search instead of re-pricing templates.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the new plan to this JSON file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the new plan as JSON.")] = False,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration table the plan was made with.")] = None,
+) -> None:
+    """The best plan for the cluster left after losing nodes: same model, same global batch where possible.
+
+    Example: autopar replan plan.json --lost-nodes 2 --out plan-2.json
+    """
+    from autopar.replanning import contingency_for, replan as replan_plan
+    from autopar.report.text import format_plan
+
+    loaded = Plan.load(plan_file)
+    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "calibration": _load_calibration(calibration),
+                              "cluster": load_cluster(cluster, None) if cluster is not None else None}
+    if exhaustive or contingency_for(loaded, lost_nodes) is None:
+        from autopar.models import resolve_model
+
+        resolved = resolve_model(model or loaded.model_name, seq_len=loaded.seq_len)
+        kwargs.update(model=resolved.module, example_inputs=resolved.example_inputs)
+    new = replan_plan(loaded, lost_nodes=lost_nodes, **kwargs)
+    if out is not None:
+        new.save(out)
+    if json_out:
+        typer.echo(json.dumps(new.to_dict(), indent=2))
+        return
+    typer.echo(format_plan(new))
+    if out is not None:
+        typer.echo(f"\nnew plan written to {out}")
+
+
+@app.command()
 def export(
     plan_file: Annotated[Path, typer.Argument(help="Plan JSON from `autopar plan --out`.", show_default=False)],
     to: Annotated[ExportTarget, typer.Option("--to", "-t", help="Target library.", show_default=False)],

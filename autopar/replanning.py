@@ -72,12 +72,11 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
     if not 1 <= lost_nodes < nodes:
         raise UserInputError(f"lost_nodes must be between 1 and {nodes - 1} (the plan's cluster has {nodes} nodes), "
                              f"got {lost_nodes}")
-    survivors_gpus = plan.num_gpus_available - lost_nodes * plan.gpus_per_node
-    for c in plan.contingencies:
-        if c.num_gpus_available == survivors_gpus and c.replanned_from is not None and not exhaustive:
-            record = dataclasses.replace(c.replanned_from, method=f"contingency ({c.replanned_from.method})",
-                                         solve_time_s=time.perf_counter() - start)
-            return dataclasses.replace(c, replanned_from=record)
+    cached = None if exhaustive else contingency_for(plan, lost_nodes)
+    if cached is not None and cached.replanned_from is not None:
+        record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
+                                     solve_time_s=time.perf_counter() - start)
+        return dataclasses.replace(cached, replanned_from=record)
     full = _resolve_cluster(plan, cluster)
     pricing = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
                        calibration=calibration)
@@ -117,6 +116,12 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
             log.warning("no plan fits after losing %d node(s): %s", k, e)
             break
     return dataclasses.replace(plan, contingencies=tuple(found))
+
+
+def contingency_for(plan: Plan, lost_nodes: int) -> Plan | None:
+    """The plan precomputed for losing ``lost_nodes`` nodes, if ``plan`` carries one."""
+    survivors = plan.num_gpus_available - lost_nodes * plan.gpus_per_node
+    return next((c for c in plan.contingencies if c.num_gpus_available == survivors), None)
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -271,4 +276,4 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-__all__ = ["LAYOUT_KNOBS", "precompute_contingencies", "replan", "survivor_layouts"]
+__all__ = ["LAYOUT_KNOBS", "contingency_for", "precompute_contingencies", "replan", "survivor_layouts"]
