@@ -27,17 +27,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autopar.cost_models.cluster import Cluster
+from typing import TYPE_CHECKING
+
 from autopar.errors import ClusterSpecError, InfeasiblePlanError, PlanValidationError, UserInputError
-from autopar.goodput import plan_goodput
-from autopar.graph.ir import OpGraph
 from autopar.plan import Layout, Plan, Recompute, Schedule
-from autopar.planner import build_plans
-from autopar.pricing import GraphPricing, model_shape
 from autopar.replan_record import ReplanRecord
-from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
-from autopar.solvers.search import search
-from autopar.solvers.space import build_space
+
+if TYPE_CHECKING:  # the solver side loads on first use: a contingency lookup stays an import of plan.py
+    from autopar.cost_models.cluster import Cluster
+    from autopar.graph.ir import OpGraph
+    from autopar.pricing import GraphPricing
+    from autopar.solvers.evaluate import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
                                      solve_time_s=time.perf_counter() - start)
         return dataclasses.replace(cached, replanned_from=record)
+    from autopar.goodput import plan_goodput
+    from autopar.planner import build_plans
+
     full = _resolve_cluster(plan, cluster)
     pricing = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
                        calibration=calibration)
@@ -128,6 +131,8 @@ def contingency_for(plan: Plan, lost_nodes: int) -> Plan | None:
 
 
 def _resolve_cluster(plan: Plan, cluster: Cluster | str | Path | None) -> Cluster:
+    from autopar.cost_models.cluster import Cluster
+
     nodes = plan.num_gpus_available // plan.gpus_per_node
     try:
         resolved = Cluster.resolve(cluster if cluster is not None else plan.cluster_name, nodes=nodes)
@@ -142,6 +147,8 @@ def _resolve_cluster(plan: Plan, cluster: Cluster | str | Path | None) -> Cluste
 
 def _pricing(plan: Plan, cluster: Cluster, *, graph: OpGraph | None, model: Any, example_inputs: Any,
              pricing: GraphPricing | None, calibration: Any) -> GraphPricing:
+    from autopar.pricing import GraphPricing
+
     if pricing is None:
         if graph is None:
             if model is None:
@@ -215,6 +222,8 @@ def _variants(pricing: GraphPricing, layout: Layout) -> dict[Recompute, Any]:
 def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing,
                      survivors: Cluster) -> list[Evaluation]:
     """Fitting evaluations of every template on the survivors, best first (same global batch before others)."""
+    from autopar.solvers.evaluate import PartitionCache, evaluate_layout
+
     seen: set[Layout] = set()
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
@@ -235,6 +244,10 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
 
 
 def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster) -> list[Evaluation]:
+    from autopar.pricing import model_shape
+    from autopar.solvers.search import search
+    from autopar.solvers.space import build_space
+
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size)
     result = search(space, pricing, top_k=2)
