@@ -18,11 +18,11 @@ from typing import Any
 from autopar._compat import StrEnum
 from autopar.cost_models.cluster import Cluster
 from autopar.cost_models.reliability import (
+    SECONDS_PER_HOUR,
     GoodputEstimate,
     estimate_checkpoint_size,
     estimate_checkpoint_times,
     estimate_goodput,
-    job_mtbf_s,
 )
 from autopar.errors import UserInputError
 from autopar.graph.ir import OpGraph
@@ -77,9 +77,11 @@ def goodput_bound_outside(ranked: Sequence[Any], *, complete: bool, cluster: Clu
                           peak_flops_per_s: float) -> float:
     """Upper bound on the goodput (tokens/s) of any layout the search did not return (0 if it returned all).
 
-    With K-th throughput T and c tokens/s per GPU at peak FLOP/s, a layout on n GPUs gets at most
-    ``min(T, n·c) · M(n) / (M(n) + restart)``; the first factor grows with n and the second falls,
-    so the bound is largest where n·c reaches T.
+    A layout outside the K fastest has throughput at most T (the K-th), and at most n·c on n GPUs
+    (c: tokens/s of one GPU at peak FLOP/s); it keeps at most ``M(n) / (M(n) + restart)`` of it.
+    Counting n/gpus_per_node nodes (not the whole nodes it occupies) only raises M(n) and makes
+    n·M(n) constant, so ``n·c·M(n)/(M(n) + restart)`` grows with n while ``T·M(n)/(M(n) + restart)``
+    falls: the bound is ``T · M(n₀)/(M(n₀) + restart)`` with n₀ = ⌊T/c⌋.
     """
     if complete or not ranked:
         return 0.0
@@ -87,9 +89,10 @@ def goodput_bound_outside(ranked: Sequence[Any], *, complete: bool, cluster: Clu
     tokens_per_step = last.layout.global_batch_size * seq_len
     throughput = tokens_per_step / last.step_time_s
     per_gpu_peak = peak_flops_per_s / (last.model_flops / tokens_per_step)
-    n = max(1, min(cluster.num_gpus, math.ceil(throughput / per_gpu_peak)))
-    mtbf = job_mtbf_s(cluster.reliability, num_gpus=n, gpus_per_node=cluster.gpus_per_node)
-    return min(throughput, n * per_gpu_peak) * mtbf / (mtbf + cluster.reliability.restart_s)
+    n = max(1.0, math.floor(throughput / per_gpu_peak))
+    spec = cluster.reliability
+    mtbf = SECONDS_PER_HOUR / (n / spec.gpu_mtbf_hours + n / cluster.gpus_per_node / spec.node_mtbf_hours)
+    return throughput * mtbf / (mtbf + spec.restart_s)
 
 
 def rank_by_goodput(ranked: Sequence[Any], *, cluster: Cluster, seq_len: int) -> list[tuple[Any, GoodputEstimate]]:

@@ -148,3 +148,21 @@ def test_cli_plan_goodput_then_replan(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert rc == 0 and "re-planned (templates" in out
     assert run(["replan", str(path), "--lost-nodes", "4"]) == 2
+
+
+def test_goodput_bound_holds_for_every_layout_outside_the_top_k(graph, cluster) -> None:
+    from autopar.goodput import goodput_bound_outside, rank_by_goodput
+    from autopar.pricing import model_shape
+    from autopar.solvers.search import search
+    from autopar.solvers.space import build_space
+
+    pricing = GraphPricing(graph, cluster)
+    space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=8, global_batch_size=BATCH)
+    every = search(space, pricing, top_k=10_000).ranked  # all layouts that fit, fastest first
+    assert len(every) > 20
+    for k in (1, 3, 10):
+        bound = goodput_bound_outside(every[:k], complete=False, cluster=cluster, seq_len=512,
+                                      peak_flops_per_s=pricing.peak_flops_per_s)
+        outside = rank_by_goodput(every[k:], cluster=cluster, seq_len=512)
+        assert outside[0][1].goodput_tokens_per_s <= bound
+    assert goodput_bound_outside(every, complete=True, cluster=cluster, seq_len=512, peak_flops_per_s=1.0) == 0.0
