@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 LAYOUT_KNOBS = ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "zero_stage", "recompute",
                 "sequence_parallel", "schedule", "virtual_stages")
 """Layout fields a re-plan reports when they change."""
+RESTAGED_PER_TEMPLATE = 3
+"""Other pipeline depths tried per template (``restaged_layouts``): each costs one stage DP (~0.1 s at 70B)."""
 
 
 def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None = None, graph: OpGraph | None = None,
@@ -104,8 +107,12 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
 def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluster | str | Path | None = None,
                              graph: OpGraph | None = None, model: Any = None, example_inputs: Any = None,
                              pricing: GraphPricing | None = None, templates: Sequence[Layout] = (),
-                             calibration: Any = None) -> Plan:
-    """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``)."""
+                             calibration: Any = None, exhaustive: bool = True) -> Plan:
+    """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``).
+
+    Done ahead of any failure, so by default each is a full search on the survivors (``exhaustive``);
+    ``exhaustive=False`` re-prices templates instead (seconds rather than minutes for large models).
+    """
     full = _resolve_cluster(plan, cluster)
     warm = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
                     calibration=calibration)
@@ -114,7 +121,8 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
     found = []
     for k in range(1, min(max_lost_nodes, nodes - 1) + 1):
         try:
-            found.append(replan(base, lost_nodes=k, cluster=full, pricing=warm, templates=templates))
+            found.append(replan(base, lost_nodes=k, cluster=full, pricing=warm, templates=templates,
+                                exhaustive=exhaustive))
         except InfeasiblePlanError as e:
             log.warning("no plan fits after losing %d node(s): %s", k, e)
             break
@@ -197,6 +205,42 @@ def survivor_layouts(template: Layout, *, num_gpus: int, global_batch_size: int,
     return out
 
 
+def restaged_layouts(template: Layout, *, num_gpus: int, global_batch_size: int, num_layers: int,
+                     keep: int = RESTAGED_PER_TEMPLATE) -> list[Layout]:
+    """``template`` with another pipeline depth: the ``keep`` that promise most, keeping the global batch.
+
+    A failure can leave a GPU count that no power-of-two layout fills (1,016 = 8 · 127); a deeper
+    or shallower pipeline often fills it better. Each pipeline size pp′ gets the largest data-parallel
+    size that divides the batch and fits; they are ordered by the GPUs they keep busy,
+    ``dp′ · tp · pp′ · m′ / (m′ + (pp′ − 1) / v) / imbalance`` (1F1B's bubble; ``imbalance`` =
+    ⌈L / S⌉ / (L / S) for L layers on S stages, as the fullest stage sets the pace), and the best
+    ``keep`` are returned for pricing.
+
+    Example:
+        >>> t = Layout(dp=512, tp=2, pp=1, micro_batch_size=1, num_micro_batches=2, zero_stage=3,
+        ...            recompute=Recompute.NONE, sequence_parallel=True, schedule=Schedule.ONE_F_ONE_B)
+        >>> [(lay.dp, lay.pp) for lay in restaged_layouts(t, num_gpus=1016, global_batch_size=1024, num_layers=83)]
+        [(64, 7), (32, 14), (16, 28)]
+    """
+    mbs, v = template.micro_batch_size, template.virtual_stages
+    scored: list[tuple[float, int, Layout]] = []
+    for pp in range(1, min(num_layers // v, num_gpus // template.tp) + 1):
+        limit = num_gpus // (template.tp * pp)
+        dp = next((d for d in range(limit, 0, -1) if global_batch_size % (d * mbs) == 0), None)
+        if dp is None or (pp == 1) != (template.pp == 1) and v > 1:
+            continue
+        m = global_batch_size // (dp * mbs)
+        schedule = template.schedule if pp > 1 else Schedule.ONE_F_ONE_B
+        shaped = dataclasses.replace(template, pp=pp, schedule=schedule, virtual_stages=v if pp > 1 else 1)
+        layout = _layout_like(shaped, dp=dp, num_micro_batches=m, num_layers=num_layers)
+        if layout is not None and pp != template.pp:
+            stages = pp * layout.virtual_stages
+            imbalance = math.ceil(num_layers / stages) * stages / num_layers
+            busy = dp * template.tp * pp * m / (m + (pp - 1) / layout.virtual_stages) / imbalance
+            scored.append((-busy, pp, layout))
+    return [lay for *_, lay in sorted(scored, key=lambda t: t[:2])[:keep]]
+
+
 def _layout_like(t: Layout, *, dp: int, num_micro_batches: int, num_layers: int) -> Layout | None:
     """``t`` with another dp and micro-batch count, or None where its schedule cannot run them."""
     pp, m = t.pp, num_micro_batches
@@ -227,14 +271,15 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     seen: set[Layout] = set()
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
+    batch, gpus, layers = plan.layout.global_batch_size, survivors.num_gpus, plan.num_layers
     for shape in shapes:
-        key = dataclasses.replace(shape, dp=1, num_micro_batches=1, recompute=Recompute.NONE)
-        if key in seen:
-            continue
-        seen.add(key)
-        for layout, keeps in survivor_layouts(shape, num_gpus=survivors.num_gpus,
-                                              global_batch_size=plan.layout.global_batch_size,
-                                              num_layers=plan.num_layers):
+        options = survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch, num_layers=layers)
+        options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                            num_layers=layers)]
+        for layout, keeps in options:
+            if layout in seen:
+                continue
+            seen.add(layout)
             ev = evaluate_layout(layout, _variants(pricing, layout), pricing, gpus_per_node=survivors.gpus_per_node,
                                  partition_cache=cache)
             if ev.fits:
@@ -289,4 +334,5 @@ def _text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-__all__ = ["LAYOUT_KNOBS", "contingency_for", "precompute_contingencies", "replan", "survivor_layouts"]
+__all__ = ["LAYOUT_KNOBS", "RESTAGED_PER_TEMPLATE", "contingency_for", "precompute_contingencies", "replan",
+           "restaged_layouts", "survivor_layouts"]

@@ -18,7 +18,14 @@ from autopar.examples.gpt import GPT, GPTConfig
 from autopar.goodput import plan_goodput
 from autopar.plan import Layout, Plan, Recompute, Schedule
 from autopar.pricing import GraphPricing
-from autopar.replanning import _variants, contingency_for, precompute_contingencies, replan, survivor_layouts
+from autopar.replanning import (
+    _variants,
+    contingency_for,
+    precompute_contingencies,
+    replan,
+    restaged_layouts,
+    survivor_layouts,
+)
 from autopar.solvers.evaluate import evaluate_layout
 
 BATCH = 48
@@ -100,10 +107,14 @@ def test_replan_is_the_best_template_on_the_survivors(graph, cluster, ranked) ->
     assert new.layout.global_batch_size == BATCH and new.predicted.peak_memory_bytes <= new.predicted.memory[0].capacity
     # brute force: every template × every survivor layout, priced directly
     on = pricing.for_cluster(survivors)
+    def options(t: Layout) -> list[Layout]:
+        same = [lay for lay, keeps in survivor_layouts(t, num_gpus=24, global_batch_size=BATCH,
+                                                       num_layers=plan.num_layers) if keeps]
+        return same + restaged_layouts(t, num_gpus=24, global_batch_size=BATCH, num_layers=plan.num_layers)
+
     best = max((evaluate_layout(lay, _variants(on, lay), on, gpus_per_node=8)
-                for t in [plan.layout, *(p.layout for p in ranked)]
-                for lay, keeps in survivor_layouts(t, num_gpus=24, global_batch_size=BATCH, num_layers=plan.num_layers)
-                if keeps), key=lambda ev: (ev.fits, -ev.step_time_s))
+                for t in [plan.layout, *(p.layout for p in ranked)] for lay in options(t)),
+               key=lambda ev: (ev.fits, -ev.step_time_s))
     assert new.predicted.step_time_s == pytest.approx(best.step_time_s, rel=1e-9)
     rec = new.replanned_from
     assert rec.method == "templates" and rec.lost_nodes == 1 and rec.previous_layout == plan.layout.describe()
@@ -123,10 +134,12 @@ def test_contingencies_answer_without_the_model(graph, cluster, ranked) -> None:
                                       templates=[p.layout for p in ranked])
     loaded = Plan.from_json(with_c.to_json())
     assert loaded == with_c and [c.num_gpus_available for c in loaded.contingencies] == [24, 16]
-    direct = replan(ranked[0], lost_nodes=2, pricing=pricing, templates=[p.layout for p in ranked])
+    direct = replan(ranked[0], lost_nodes=2, pricing=pricing, exhaustive=True)  # precomputed: full searches
     cached = replan(loaded, lost_nodes=2, cluster=cluster)  # no model, no pricing: a lookup
     assert cached.layout == direct.layout and cached.predicted == direct.predicted
-    assert cached.replanned_from.method == "contingency (templates)"
+    assert cached.replanned_from.method == "contingency (search)"
+    quick = precompute_contingencies(ranked[0], max_lost_nodes=1, pricing=pricing, exhaustive=False)
+    assert quick.contingencies[0].replanned_from.method == "templates"
     assert contingency_for(loaded, 3) is None
     with pytest.raises(UserInputError, match="give the model"):
         replan(loaded, lost_nodes=3, cluster=cluster)
@@ -166,3 +179,17 @@ def test_goodput_bound_holds_for_every_layout_outside_the_top_k(graph, cluster) 
         outside = rank_by_goodput(every[k:], cluster=cluster, seq_len=512)
         assert outside[0][1].goodput_tokens_per_s <= bound
     assert goodput_bound_outside(every, complete=True, cluster=cluster, seq_len=512, peak_flops_per_s=1.0) == 0.0
+
+
+@pytest.mark.parametrize(("gpus", "batch"), [(1016, 1024), (120, 96), (56, 48)])
+def test_restaged_layouts_keep_the_batch_and_fill_the_survivors(gpus: int, batch: int) -> None:
+    t = _template(dp=16, tp=2, pp=1, num_micro_batches=2)
+    got = restaged_layouts(t, num_gpus=gpus, global_batch_size=batch, num_layers=83, keep=100)
+    assert {lay.pp for lay in got} == {pp for pp in range(2, min(83, gpus // 2) + 1)
+                                       if any(batch % (d * 2) == 0 for d in range(1, gpus // (2 * pp) + 1))
+                                       and batch // (2 * max(d for d in range(1, gpus // (2 * pp) + 1)
+                                                             if batch % (d * 2) == 0)) >= pp}
+    for lay in got:
+        assert lay.global_batch_size == batch and lay.num_gpus <= gpus and lay.tp == 2
+        # brute force: the largest data-parallel size that divides the batch on these GPUs
+        assert lay.dp == max(d for d in range(1, gpus // (2 * lay.pp) + 1) if batch % (d * 2) == 0)
