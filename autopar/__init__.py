@@ -36,6 +36,7 @@ _LAZY: dict[str, str] = {
     "Cluster": "autopar.cost_models.cluster",
     "plan": "autopar.api",
     "parallelize": "autopar.api",
+    "replan": "autopar.replanning",
 }
 
 

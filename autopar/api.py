@@ -11,9 +11,9 @@ from torch import nn
 
 from autopar.capture import ExampleInputs, capture
 from autopar.cost_models.cluster import Cluster
+from autopar.goodput import GOODPUT_CANDIDATES, Objective, parse_objective, rank_plans
 from autopar.graph.ir import OpGraph
 from autopar.plan import Plan
-from autopar.planner import build_plans
 from autopar.pricing import GraphPricing, model_shape
 from autopar.solvers.search import require_plans, search
 from autopar.solvers.space import build_space
@@ -26,7 +26,8 @@ Progress = Callable[[str, float], None]
 def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | str | Path,
          global_batch_size: int, constraints: Mapping[str, Any] | None = None, top_k: int = 1,
          dtype: str = "bfloat16", calibration: Any = None, allow_cross_node_tp: bool = False,
-         overlap_grad_reduce: bool = True, progress: Progress | None = None) -> Plan | list[Plan]:
+         overlap_grad_reduce: bool = True, progress: Progress | None = None,
+         objective: str = "throughput") -> Plan | list[Plan]:
     """Find the fastest plan for ``model`` on ``cluster`` that fits in memory.
 
     Args:
@@ -43,6 +44,9 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | 
         allow_cross_node_tp: let tensor-parallel groups span nodes.
         overlap_grad_reduce: model gradient reduction as overlapping the last backward pass.
         progress: called with (phase, fraction done).
+        objective: ``"throughput"`` ranks by step time; ``"goodput"`` by expected throughput once
+            failures, restarts and checkpoints are paid for (``autopar/goodput.py``). Every plan
+            carries its goodput estimate and checkpoint interval in ``Plan.reliability`` either way.
 
     Returns:
         The best ``Plan``, or a list of ``top_k`` plans, best first.
@@ -57,14 +61,15 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | 
     graph = capture(model, example_inputs)  # 1. capture the forward pass on meta
     return plan_graph(graph, cluster=cluster, global_batch_size=global_batch_size, constraints=constraints,
                       top_k=top_k, dtype=dtype, calibration=calibration, allow_cross_node_tp=allow_cross_node_tp,
-                      overlap_grad_reduce=overlap_grad_reduce, progress=progress)
+                      overlap_grad_reduce=overlap_grad_reduce, progress=progress, objective=objective)
 
 
 def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_size: int,
                constraints: Mapping[str, Any] | None = None, top_k: int = 1, dtype: str = "bfloat16",
                calibration: Any = None, allow_cross_node_tp: bool = False, overlap_grad_reduce: bool = True,
-               progress: Progress | None = None) -> Plan | list[Plan]:
+               progress: Progress | None = None, objective: str = "throughput") -> Plan | list[Plan]:
     """``plan`` for an already captured graph (steps 2–5); same arguments and errors."""
+    goal = parse_objective(objective)
     report = progress or (lambda phase, done: None)
     resolved = Cluster.resolve(cluster)  # 2. the hardware
     if calibration is not None:  # a table measured on one device kind never prices another
@@ -80,13 +85,13 @@ def plan_graph(graph: OpGraph, *, cluster: Cluster | str | Path, global_batch_si
                       progress=lambda done: report("search", done))
 
     report("search", 0.0)
-    result = solve(resolved, top_k + 1, pricing)  # 4. solve (one extra: the last plan's runner-up)
+    wanted = top_k + 1 if goal is Objective.THROUGHPUT else max(top_k + 1, GOODPUT_CANDIDATES)
+    result = solve(resolved, wanted, pricing)  # 4. solve (one extra: the last plan's runner-up)
     if not result.ranked:
         require_plans(result, capacity_bytes=resolved.gpu.mem_bytes, num_gpus=resolved.num_gpus,
                       smallest_fit=_smallest_fit(resolved, lambda c: solve(c, 1, pricing.for_cluster(c))))
-    plans = build_plans(result.ranked, graph, pricing, cluster_name=resolved.name, keep=top_k,  # 5. the plan
-                        num_gpus=resolved.num_gpus, gpus_per_node=resolved.gpus_per_node, dtype=dtype,
-                        sources=pricing.sources())
+    plans = rank_plans(goal, result.ranked, graph, pricing, cluster=resolved, keep=top_k,  # 5. the plan
+                       complete=len(result.ranked) < wanted, dtype=dtype)
     report("done", 1.0)
     return plans if top_k > 1 else plans[0]
 

@@ -217,6 +217,10 @@ def plan(
                         ] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table from `autopar profile`.")] = None,
     dtype: Annotated[str, typer.Option(help="Training precision: bfloat16 or float32.")] = "bfloat16",
+    objective: Annotated[str, typer.Option(help="Rank by throughput, or by goodput (throughput once failures, "
+                                           "restarts and checkpoints are paid for).")] = "throughput",
+    contingency: Annotated[int, typer.Option(min=0, help="Precompute plans for losing 1 … N nodes, so that "
+                                             "`autopar replan` answers at once.")] = 0,
 ) -> None:
     """Find the fastest plans for MODEL on a cluster and print them ranked.
 
@@ -227,6 +231,9 @@ def plan(
     if out is not None:
         check_writable(out, what="--out")
     target = load_cluster(cluster, nodes)
+    from autopar.goodput import parse_objective
+
+    goal = parse_objective(objective)
     table = _load_calibration(calibration)
     with _Progress(enabled=not json_out) as progress, _user_prints_to_stderr():
         progress("model", 0.0)
@@ -235,9 +242,16 @@ def plan(
 
         resolved = resolve_model(model, seq_len=seq)
         result = api.plan(resolved.module, resolved.example_inputs, cluster=target, global_batch_size=global_batch,
-                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress)
+                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress,
+                          objective=goal.value)
     plans = [dataclasses.replace(p, model_name=resolved.name)
              for p in (result if isinstance(result, list) else [result])]
+    if contingency:
+        from autopar.replanning import precompute_contingencies
+
+        plans[0] = precompute_contingencies(plans[0], max_lost_nodes=contingency, cluster=target,
+                                            model=resolved.module, example_inputs=resolved.example_inputs,
+                                            templates=[p.layout for p in plans], calibration=table)
     if out is not None:
         plans[0].save(out)  # atomic: an interrupt leaves no partial file
     if json_out:
@@ -245,6 +259,9 @@ def plan(
         return
     _print_ranked(plans)
     typer.echo("\n" + plans[0].explain())
+    from autopar.report.text import format_goodput
+
+    typer.echo("\n" + format_goodput(plans))
     if out is not None:
         typer.echo(f"\nbest plan written to {out}; see it with: autopar show {out}")
 
@@ -324,6 +341,46 @@ def show(
 
         save_chart(loaded, chart)
         _err().print(f"chart written to {escape(str(chart))}")
+
+
+@app.command()
+def replan(
+    plan_file: Annotated[Path, typer.Argument(help="Plan JSON from `autopar plan --out`.", show_default=False)],
+    lost_nodes: Annotated[int, typer.Option("--lost-nodes", "-k", min=1, help="Nodes that failed.",
+                                            show_default=False)],
+    model: Annotated[str | None, typer.Option(help="The plan's model, when the plan has no contingency for this "
+                                              "failure (default: the model named in the plan).")] = None,
+    cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="The cluster the plan was made for "
+                                                "(default: the preset named in the plan).")] = None,
+    exhaustive: Annotated[bool, typer.Option(help="Run the full search instead of re-pricing templates.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the new plan to this JSON file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the new plan as JSON.")] = False,
+    calibration: Annotated[Path | None, typer.Option(help="Calibration table the plan was made with.")] = None,
+) -> None:
+    """The best plan for the cluster left after losing nodes: same model, same global batch where possible.
+
+    Example: autopar replan plan.json --lost-nodes 2 --out plan-2.json
+    """
+    from autopar.replanning import contingency_for, replan as replan_plan
+    from autopar.report.text import format_plan
+
+    loaded = Plan.load(plan_file)
+    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "calibration": _load_calibration(calibration),
+                              "cluster": load_cluster(cluster, None) if cluster is not None else None}
+    if exhaustive or contingency_for(loaded, lost_nodes) is None:
+        from autopar.models import resolve_model
+
+        resolved = resolve_model(model or loaded.model_name, seq_len=loaded.seq_len)
+        kwargs.update(model=resolved.module, example_inputs=resolved.example_inputs)
+    new = replan_plan(loaded, lost_nodes=lost_nodes, **kwargs)
+    if out is not None:
+        new.save(out)
+    if json_out:
+        typer.echo(json.dumps(new.to_dict(), indent=2))
+        return
+    typer.echo(format_plan(new))
+    if out is not None:
+        typer.echo(f"\nnew plan written to {out}")
 
 
 @app.command()

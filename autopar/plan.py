@@ -16,11 +16,15 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autopar._compat import StrEnum
 from autopar._modules import make_callable
 from autopar.errors import PlanValidationError
+
+if TYPE_CHECKING:  # cost_models imports this module's vocabulary: load the record classes on use
+    from autopar.cost_models.reliability import GoodputEstimate
+    from autopar.replan_record import ReplanRecord
 
 SCHEMA_VERSION = 1
 """Bumped whenever a field changes meaning; older files are refused, not guessed at."""
@@ -289,6 +293,12 @@ class Plan:
     """Lines saying why this plan won against the runner-up (filled by the planner)."""
     schema_version: int = SCHEMA_VERSION
     """Schema of this value; see ``SCHEMA_VERSION``."""
+    reliability: GoodputEstimate | None = None
+    """Checkpoint costs, checkpoint interval and expected goodput (None: not estimated; optional in files)."""
+    contingencies: tuple[Plan, ...] = ()
+    """Plans precomputed for this cluster minus 1, 2, … nodes, for ``autopar replan`` (optional in files)."""
+    replanned_from: ReplanRecord | None = None
+    """Set on a re-planned plan: what changed from the plan that lost nodes, and why (optional in files)."""
 
     def __post_init__(self) -> None:
         lay = self.layout
@@ -530,6 +540,13 @@ def _field_from_json(cls: type, name: str, raw: Any) -> Any:
         return tuple(_from_jsonable(MemoryBreakdown, m) for m in raw)
     if name == "explanation":
         return tuple(raw)
+    if cls is Plan and name in ("reliability", "replanned_from") and raw is not None:
+        from autopar.cost_models.reliability import GoodputEstimate
+        from autopar.replan_record import ReplanRecord
+
+        return (GoodputEstimate if name == "reliability" else ReplanRecord).from_dict(raw)
+    if cls is Plan and name == "contingencies":
+        return tuple(Plan.from_dict(c) for c in raw)
     return raw
 
 

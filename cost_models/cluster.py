@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from autopar._compat import StrEnum
+from autopar.cost_models.reliability import ReliabilitySpec, build_reliability_spec
 from autopar.cost_models.units import UnitKind, format_bytes, parse_quantity
 from autopar.errors import ClusterSpecError
 
@@ -155,6 +156,8 @@ class Cluster:
     """CPU memory of one node (for offloading and data loading)."""
     description: str = ""
     """One line for people (``autopar clusters``)."""
+    reliability: ReliabilitySpec = dataclasses.field(default_factory=ReliabilitySpec)
+    """Failure rates, restart time and checkpoint storage bandwidth (``cost_models/reliability.py``)."""
 
     def __post_init__(self) -> None:
         for name in ("gpus_per_node", "nodes"):
@@ -278,7 +281,7 @@ def list_presets() -> tuple[str, ...]:
 # ---- parsing --------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "preset", "nodes", "gpus_per_node", "host_mem_bytes", "gpu",
-                       "intra_node", "inter_node"})
+                       "intra_node", "inter_node", "reliability"})
 _GPU_KEYS = frozenset({f.name for f in dataclasses.fields(GPUSpec)})
 _LINK_KEYS = frozenset({f.name for f in dataclasses.fields(LinkSpec)})
 
@@ -328,6 +331,7 @@ def _build_cluster(data: Mapping[str, Any], *, default_name: str) -> Cluster:
         intra_node=_build_link(intra, "intra_node."),
         inter_node=_build_link(inter, "inter_node."),
         host_mem_bytes=int(_positive(_get(data, "host_mem_bytes", ""), UnitKind.BYTES, "host_mem_bytes")),
+        reliability=build_reliability_spec(data.get("reliability")),
     )
 
 

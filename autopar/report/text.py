@@ -97,6 +97,18 @@ def format_ranked(plans: Sequence[Plan]) -> str:
     return f"{title}\n{table}"
 
 
+def format_goodput(plans: Sequence[Plan]) -> str:
+    """Throughput, goodput and checkpoint interval of each ranked plan ('' when none was estimated)."""
+    rows = [[str(i), f"{p.predicted.tokens_per_s:,.0f}", f"{r.goodput_tokens_per_s:,.0f}", f"{r.goodput_fraction:.1%}",
+             f"{r.interval_steps} steps = {r.interval_s / 60:.1f} min", r.mode.value, f"{r.mtbf_s / 3600:.2f} h"]
+            for i, p in enumerate(plans, start=1) if (r := p.reliability) is not None]
+    if not rows:
+        return ""
+    headers = ("#", "tokens/s", "goodput tokens/s", "kept", "checkpoint every", "save", "job MTBF")
+    return "Goodput (failures, restarts and checkpoints paid for)\n" + format_table(
+        headers, rows, right=[True, True, True, True, False, False, True])
+
+
 def format_plan(plan: Plan) -> str:
     """The full account of one plan: headline, stages, sharding, memory, communication, and why it won."""
     headline = plan.explain().splitlines()
@@ -108,6 +120,7 @@ def format_plan(plan: Plan) -> str:
         _sharding_section(plan),
         "Memory per GPU (GiB)\n" + _memory_table(plan),
         "Communication per step (exposed)\n" + _comm_table(plan),
+        *([_reliability_section(plan)] if plan.reliability is not None else []),
         "Why this plan\n" + ("\n".join(f"  {line.rstrip()}" for line in plan.explanation)
                              if plan.explanation else "  (no runner-up was recorded)"),
     ]
@@ -115,6 +128,25 @@ def format_plan(plan: Plan) -> str:
         sources = ", ".join(f"{k}={v}" for k, v in sorted(plan.predicted.sources.items()))
         sections.append(f"Numbers from: {sources}")
     return "\n\n".join(sections)
+
+
+def _reliability_section(plan: Plan) -> str:
+    r = plan.reliability
+    assert r is not None
+    lines = [f"  job MTBF {r.mtbf_s / 3600:.2f} h; checkpoint {r.checkpoint_total_bytes / 1e9:,.1f} GB "
+             f"({r.checkpoint_bytes_per_gpu / GIB:.2f} GiB on the fullest GPU)",
+             f"  save: sync {r.save_sync_s:.1f} s, async stall {r.save_async_stall_s:.1f} s (durable after "
+             f"{r.save_async_s:.1f} s); load {r.load_s:.1f} s",
+             f"  {r.mode.value} checkpoint every {r.interval_steps} steps ({r.interval_s / 60:.1f} min; Young/Daly "
+             f"{r.young_daly_interval_s / 60:.1f} min); {r.loss_per_failure_s / 60:.1f} min lost per failure",
+             f"  throughput {r.throughput_tokens_per_s:,.0f} tokens/s, goodput {r.goodput_tokens_per_s:,.0f} "
+             f"({r.goodput_fraction:.1%})"]
+    if plan.replanned_from is not None:
+        rec = plan.replanned_from
+        lines.append(f"  re-planned ({rec.method}, {rec.solve_time_s:.3f} s) from {rec.previous_layout} after losing "
+                     f"{rec.lost_nodes} node(s): " + "; ".join(rec.changes or ("no layout change",)))
+        lines.extend(f"    {why}" for why in rec.reasons)
+    return "Failures and checkpoints\n" + "\n".join(lines)
 
 
 def compress_paths(paths: Sequence[str]) -> str:
