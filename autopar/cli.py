@@ -20,7 +20,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from rich.markup import escape
 
 from autopar._compat import StrEnum
 from autopar._io import check_writable, write_atomic
+from autopar._signals import Interrupted, signals_raise
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
 from autopar.plan import Plan, Recompute, Schedule
@@ -496,7 +496,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("AUTOPAR_DEBUG", "") not in ("", "0")
     err = _err()
     try:
-        with _signals_raise():
+        with signals_raise():
             status = app(args=args, prog_name="autopar", standalone_mode=False)
     except _EXIT as e:  # --help, --version, completion
         return int(getattr(e, "exit_code", 0))
@@ -524,39 +524,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     return status if isinstance(status, int) else EXIT_OK  # typer returns Exit(code)'s code here
 
 
-class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop, like KeyboardInterrupt)
-    """SIGINT or SIGTERM arrived; raised in the main thread so ``finally`` blocks and atomic writes unwind."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = int(signum)
-        """The signal's number."""
-        self.name = signal.Signals(signum).name
-        """The signal's name, e.g. ``"SIGINT"``."""
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into ``Interrupted`` while a command runs (main thread only).
-
-    typer would turn ``KeyboardInterrupt`` into a silent ``Exit(130)``, and SIGTERM would kill
-    the process without unwinding; raising our own exception gives one line and exit 128 + N.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _parser_exceptions() -> tuple[tuple[type[BaseException], ...], ...]:
     """(exit, usage, abort) exception classes of typer, and of click when typer still uses it (typer < 0.29)."""
     exits: list[type[BaseException]] = [typer.Exit]
@@ -580,5 +547,5 @@ def main() -> None:
     sys.exit(run())
 
 
-__all__ = ["PIN_ALIASES", "PIN_TYPES", "PLAN_DTYPES", "Interrupted", "app", "check_dtype", "load_cluster",
+__all__ = ["PIN_ALIASES", "PIN_TYPES", "PLAN_DTYPES", "app", "check_dtype", "load_cluster",
            "load_plan", "main", "parse_pins", "run"]

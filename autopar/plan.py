@@ -4,7 +4,12 @@ A solved plan and a hand-written (pinned) plan have the same type. Plans are
 frozen, validated when built, and round-trip through JSON (never pickle):
 ``Plan.from_json(plan.to_json()) == plan``. A plan file carries a schema version
 and the fingerprint of the graph it was made for, so loading it against another
-model, or another schema, fails with a ``PlanValidationError`` that says so.
+model, or another schema, fails with a ``PlanValidationError`` that says so. It also
+carries a digest of its content, checked when a file or JSON text is read: a plan
+edited by hand (say dp4·tp2 turned into dp2·tp4, whose global batch and predictions
+differ) is refused, and a changed plan comes from ``autopar plan --pin``. Derived
+values written for readers (each memory ``total``, the layout's ``global_batch_size``)
+are checked against their terms on load, and the stages must cover every layer once.
 """
 
 from __future__ import annotations

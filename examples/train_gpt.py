@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig) -> GPT:
 
 def build(batch_size: int = 2, seq_len: int | None = None) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """The model this script trains by default, for ``autopar plan examples/train_gpt.py:build``."""
-    cfg = TrainConfig(seq_len=seq_len or TrainConfig.seq_len)
+    cfg = TrainConfig() if seq_len is None else TrainConfig(seq_len=seq_len)
     return build_model(cfg), (torch.zeros(batch_size, cfg.seq_len, dtype=torch.long),)
 
 

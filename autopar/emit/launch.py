@@ -104,13 +104,14 @@ def _leave(status: int, line: str | None) -> int:
     """Print ``line`` (if any, plus the traceback under AUTOPAR_DEBUG) and exit now with ``status``."""
     from autopar.emit.watchdog import stop_watchdog
 
-    stop_watchdog()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's SIGTERM may end the wait below, not the report
     if os.environ.get("AUTOPAR_DEBUG", "") not in ("", "0"):
         traceback.print_exc()
     if line is not None:
         sys.stderr.write(line + "\n")
     sys.stdout.flush()
     sys.stderr.flush()
+    stop_watchdog()  # mark this rank done; rank 0 (the store's host) waits for the others first
     os._exit(status)
 
 

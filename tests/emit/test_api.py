@@ -77,4 +77,4 @@ def test_train_gpt_under_torchrun(tmp_path: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 0 loss" in out.stdout and "step 1 loss" in out.stdout
-    assert (tmp_path / "ckpt" / ".metadata").is_file()
+    assert (tmp_path / "ckpt" / "step_00000002" / ".metadata").is_file()  # a published checkpoint per save

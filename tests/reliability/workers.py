@@ -28,7 +28,21 @@ def _zero_fill(path: Path) -> None:
     path.write_bytes(bytes(path.stat().st_size))
 
 
+def _flip_exp_avg_sq(path: Path) -> None:
+    """Flip 64 bytes inside the first Adam ``exp_avg_sq`` tensor stored in ``path`` (located through DCP's metadata)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path.parent)).read_metadata()
+    offset = min(info.offset for index, info in metadata.storage_data.items()
+                 if index.fqn.endswith(".exp_avg_sq") and info.relative_path == path.name)
+    data = bytearray(path.read_bytes())
+    for i in range(offset + 16, offset + 80):  # past the record's start, inside the tensor's bytes
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 CORRUPTIONS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "64 flipped bytes in an exp_avg_sq": ("__0_0.distcp", _flip_exp_avg_sq),
     "flipped byte in rank 1's shard": ("__1_0.distcp", _flip),
     "64 flipped bytes in rank 0's shard": ("__0_0.distcp", lambda p: _flip(p, 64)),
     "truncated shard": ("__0_0.distcp", _truncate),
