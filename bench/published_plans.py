@@ -120,6 +120,9 @@ def breakdown_8b() -> None:
     plan = plan_graph(_llama(4096, 14336, 32, 32, 8, seq=8192), cluster=cluster, global_batch_size=16,
                       constraints=dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2))
     p = plan.predicted
+    layer_terms = sum(terms.values())
+    terms[f"recompute ({plan.layout.recompute.value}): forward again"] = (
+        p.compute_time_s - p.bubble_fraction * p.step_time_s - layer_terms)
     terms["optimizer step (AdamW, 1/8 of 8.0B params)"] = p.step_time_s - p.compute_time_s - sum(p.comm_time_s.values())
     terms["exposed FSDP all-gather + reduce-scatter"] = sum(p.comm_time_s.values())
     terms["pipeline bubble"] = p.bubble_fraction * p.step_time_s

@@ -23,7 +23,7 @@ graph does not hold (a micro-batch of 2 × 8,192 tokens at V = 128,256 saves 8.4
 from __future__ import annotations
 
 from autopar.cost_models.cluster import GPUSpec
-from autopar.graph.ir import DTYPE_BYTES, OpClass, OpGraph
+from autopar.graph.ir import DTYPE_BYTES, Op, OpClass, OpGraph
 
 FP32_BYTES = 4
 """The loss runs in fp32 whatever the training dtype."""
@@ -73,10 +73,13 @@ def cross_entropy_saved_bytes(tokens: float, vocab: int) -> float:
     return float(tokens) * vocab * FP32_BYTES
 
 
-def uncaptured_logits(graph: OpGraph) -> tuple[int, int] | None:
-    """(tokens at the captured batch, vocabulary) when the graph ends in logits and holds no loss op, else None.
+def uncaptured_logits(graph: OpGraph) -> tuple[Op, int, int] | None:
+    """(the logits' op, tokens at the captured batch, vocabulary) when the graph ends in logits and holds
+    no loss op, else None.
 
-    The logits are the last matmul's output of the graph's last layer, (..., V).
+    The logits are the last matmul's output of the graph's last layer, (..., V). When tensor parallelism
+    leaves them split over the vocabulary, the loss runs on each rank's V/t columns (Megatron-LM's
+    vocab-parallel cross-entropy; torch's ``loss_parallel``), so callers divide by t then.
     """
     if any(op.op_class is OpClass.LOSS for op in graph.ops) or not graph.layers:
         return None
@@ -87,7 +90,7 @@ def uncaptured_logits(graph: OpGraph) -> tuple[int, int] | None:
     if len(out.shape) < 2:
         return None
     vocab = out.shape[-1]
-    return out.numel // vocab, vocab
+    return matmuls[-1], out.numel // vocab, vocab
 
 
 __all__ = ["cross_entropy_bytes", "cross_entropy_saved_bytes", "estimate_cross_entropy_time", "uncaptured_logits"]
