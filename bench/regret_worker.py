@@ -33,11 +33,11 @@ from autopar.cost_models.profiling.fidelity import min_is_stable, spread
 
 WARMUP_STEPS = 2
 """Untimed steps first (allocator warm-up, gloo connections of new groups)."""
-WINDOW = 5
+WINDOW = 4
 """Samples that must fail to lower the minimum before timing stops."""
 TOLERANCE = 0.03
 """Improvement of the minimum that still counts (3 %)."""
-MAX_STEPS = 20
+MAX_STEPS = 12
 """Cap on timed steps per layout."""
 
 
