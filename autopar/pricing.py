@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from autopar.cost_models import comm, compute, memory
+from autopar.cost_models import comm, compute, loss, memory
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
@@ -182,11 +182,27 @@ class GraphPricing:
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
         tp_comm = {k: fwd_comm.get(k, 0.0) + bwd_comm.get(k, 0.0) for k in set(fwd_comm) | set(bwd_comm)}
+        loss_fwd, loss_bwd, loss_acts = self._loss_terms(layer, scale, sharding)
         return LayerCost(
-            forward_s=t.forward_s + sum(fwd_comm.values()), backward_s=t.backward_s + sum(bwd_comm.values()),
-            forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts),
+            forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd,
+            backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd,
+            forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts) + loss_acts,
             param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp), tp_comm_s=tp_comm,
         )
+
+    def _loss_terms(self, layer: Layer, scale: float,
+                    sharding: LayerShardingResult | None) -> tuple[float, float, float]:
+        """(forward_s, backward_s, saved bytes) of the fp32 cross-entropy on the last layer's logits (loss.py)."""
+        logits = loss.uncaptured_logits(self.graph)
+        if logits is None or layer.kind != self.graph.layers[-1].kind:
+            return 0.0, 0.0, 0.0
+        op, tokens, vocab = logits
+        out = sharding.output_placements.get(op.name, ()) if sharding is not None else ()
+        if out and out[0].is_shard and out[0].dim == len(op.outputs[0].shape) - 1:
+            vocab //= sharding.tp if sharding is not None else 1  # vocab-parallel logits: V/t per rank
+        fwd, bwd = loss.estimate_cross_entropy_time(tokens * scale, vocab, logits_dtype=self.dtype,
+                                                    gpu=self.cluster.gpu)
+        return fwd, bwd, loss.cross_entropy_saved_bytes(tokens * scale, vocab)
 
     def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,
                  recompute: Recompute) -> tuple[dict[str, float], dict[str, float]]:

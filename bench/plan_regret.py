@@ -9,8 +9,9 @@ For each model and rank count N:
    compute with N processes busy, gloo alpha-beta fits) and time the model's ops the same way;
 2. plan on that cluster with the op table (fp32, the CPU's dtype) and keep every ranked layout
    (dp/tp/pp, micro-batch, ZeRO stage, recompute, SP, schedule);
-3. run each layout with ``autopar.parallelize`` (AdamW), steps repeated until the median is
-   stable, and take each rank's peak live bytes (see ``regret_worker.py`` for both mechanisms);
+3. run each layout with ``autopar.parallelize`` (AdamW), steps repeated until their minimum is
+   stable (the step alone, on a shared machine; the median and spread are printed too), and take
+   each rank's peak live bytes (see ``regret_worker.py`` for both mechanisms);
 4. print predicted vs measured step time and memory per layout, Spearman's rho, the regret of
    autopar's own choice (its measured time over the fastest measured, minus 1), the memory error,
    and save a scatter chart.
@@ -108,13 +109,13 @@ def _run_group(world: int, spec: dict[str, Any], plans: list[Any]) -> dict[str, 
 
 
 def summarize(case: dict[str, Any]) -> dict[str, float]:
-    ok = [r for r in case["rows"] if "median_s" in r]
-    pred, meas = [r["predicted_s"] for r in ok], [r["median_s"] for r in ok]
+    ok = [r for r in case["rows"] if "min_s" in r]
+    pred, meas = [r["predicted_s"] for r in ok], [r["min_s"] for r in ok]
     chosen = next((r for r in ok if r["layout"] == case["chosen"]), None)
     mem_err = [abs(relative_error(r["predicted_bytes"], r["peak_bytes"])) for r in ok if r["peak_bytes"] > 0]
     return {"layouts": len(case["rows"]), "ran": len(ok),
             "spearman": spearman(pred, meas) if len(ok) >= 2 else math.nan,
-            "regret": regret(chosen["median_s"], meas) if chosen else math.nan,
+            "regret": regret(chosen["min_s"], meas) if chosen else math.nan,
             "time_err_median": statistics.median(relative_error(p, m) for p, m in zip(pred, meas)) if ok else math.nan,
             "mem_err_median": statistics.median(mem_err) if mem_err else math.nan,
             "mem_err_max": max(mem_err) if mem_err else math.nan}
@@ -122,12 +123,12 @@ def summarize(case: dict[str, Any]) -> dict[str, float]:
 
 def print_case(case: dict[str, Any], summary: dict[str, float]) -> None:
     print(f"\n== {case['model']} on {case['ranks']} gloo ranks: autopar's choice {case['chosen']}")
-    print(f"{'layout':44s} {'pred s':>8s} {'meas s':>8s} {'spread':>7s} {'pred MB':>8s} {'meas MB':>8s}")
+    print(f"{'layout':44s} {'pred s':>8s} {'min s':>8s} {'median':>8s} {'spread':>7s} {'pred MB':>8s} {'meas MB':>8s}")
     for r in case["rows"]:
-        if "median_s" not in r:
+        if "min_s" not in r:
             print(f"{r['layout']:44s} {r['predicted_s']:8.3f}  not run: {r['error']}")
             continue
-        print(f"{r['layout']:44s} {r['predicted_s']:8.3f} {r['median_s']:8.3f} {r['spread']:7.1%} "
+        print(f"{r['layout']:44s} {r['predicted_s']:8.3f} {r['min_s']:8.3f} {r['median_s']:8.3f} {r['spread']:7.1%} "
               f"{r['predicted_bytes'] / 1e6:8.1f} {r['peak_bytes'] / 1e6:8.1f}")
     print(f"ran {summary['ran']}/{summary['layouts']}: Spearman {summary['spearman']:.3f}, regret of autopar's "
           f"choice {summary['regret']:.1%}, time error median {summary['time_err_median']:+.1%}, memory error "
@@ -142,11 +143,11 @@ def chart(cases: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 6))
     for case in cases:
-        ok = [r for r in case["rows"] if "median_s" in r]
-        ax.scatter([r["median_s"] for r in ok], [r["predicted_s"] for r in ok], s=14,
+        ok = [r for r in case["rows"] if "min_s" in r]
+        ax.scatter([r["min_s"] for r in ok], [r["predicted_s"] for r in ok], s=14,
                    label=f"{case['model']}, {case['ranks']} ranks")
         chosen = [r for r in ok if r["layout"] == case["chosen"]]
-        ax.scatter([r["median_s"] for r in chosen], [r["predicted_s"] for r in chosen], s=80, facecolors="none",
+        ax.scatter([r["min_s"] for r in chosen], [r["predicted_s"] for r in chosen], s=80, facecolors="none",
                    edgecolors="black")
     lim = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
     ax.plot(lim, lim, "k--", lw=0.8)

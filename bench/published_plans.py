@@ -1,6 +1,7 @@
 """Sanity check against published layouts: Alpa's GPT plans on V100s and Llama 3 405B on H100s.
 
-    python bench/published_plans.py
+    python bench/published_plans.py                          # everything (~10 min on 2 busy cores)
+    python bench/published_plans.py torchtitan breakdown     # the torchtitan runs and the 8B term by term
 
 Plans each setting of ../shared/reference/published-results.md freely (nothing pinned
 but the GPU count and batch) and prints the chosen layout and predicted throughput next
@@ -94,7 +95,47 @@ def torchtitan() -> None:
               f"ratio {per_gpu / published:.2f}, MFU {plan.predicted.mfu:.1%}")
 
 
+def breakdown_8b() -> None:
+    """torchtitan Llama 3 8B, FSDP 8, local batch 2 × 8,192: the predicted step term by term (ms per GPU).
+
+    Per-layer terms come from a 2-layer capture of the real widths (every decoder layer is priced the
+    same); the step's exposed communication and optimizer come from the pinned plan of the full model.
+    """
+    from autopar.cost_models import loss
+    from autopar.cost_models.compute import estimate_op_time, layer_grad_inputs
+
+    layers, tokens_per_gpu = 32, 2 * 8192
+    cluster = autopar.Cluster.preset("dgx-h100")
+    graph = _llama(4096, 14336, 2, 32, 8, seq=8192)
+    terms: dict[str, float] = {}
+    for layer in graph.layers:
+        repeat = layers / 2 if layer.kind == graph.layers[1].kind else 1
+        grads = layer_grad_inputs(layer)
+        for op in layer.ops:
+            t = estimate_op_time(op, cluster, dtype="bfloat16", batch_scale=2, grad_inputs=grads.get(op.name))
+            key = {"matmul": "GEMMs", "attention": "attention"}.get(op.op_class.value, "eager elementwise/norm/rotary")
+            terms[key] = terms.get(key, 0.0) + repeat * (t.forward_s + t.backward_s)
+    ce = loss.estimate_cross_entropy_time(tokens_per_gpu, 128256, logits_dtype="bfloat16", gpu=cluster.gpu)
+    terms["cross-entropy (fp32, V=128,256)"] = sum(ce)
+    plan = plan_graph(_llama(4096, 14336, 32, 32, 8, seq=8192), cluster=cluster, global_batch_size=16,
+                      constraints=dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2))
+    p = plan.predicted
+    layer_terms = sum(terms.values())
+    terms[f"recompute ({plan.layout.recompute.value}): forward again"] = (
+        p.compute_time_s - p.bubble_fraction * p.step_time_s - layer_terms)
+    terms["optimizer step (AdamW, 1/8 of 8.0B params)"] = p.step_time_s - p.compute_time_s - sum(p.comm_time_s.values())
+    terms["exposed FSDP all-gather + reduce-scatter"] = sum(p.comm_time_s.values())
+    terms["pipeline bubble"] = p.bubble_fraction * p.step_time_s
+    published_s = 16 * 8192 / 8 / 5762
+    print(f"torchtitan Llama 3 8B FSDP 8 ({plan.layout.describe()}): predicted {p.step_time_s * 1e3:,.0f} ms/step, "
+          f"published {published_s * 1e3:,.0f} ms (5,762 tok/s/GPU)")
+    for name, seconds in terms.items():
+        print(f"  {name:45s} {seconds * 1e3:9.1f} ms")
+
+
 if __name__ == "__main__":
-    alpa()
-    llama_405b()
-    torchtitan()
+    import sys
+
+    parts = {"alpa": alpa, "llama_405b": llama_405b, "torchtitan": torchtitan, "breakdown": breakdown_8b}
+    for name in sys.argv[1:] or list(parts):
+        parts[name]()

@@ -158,6 +158,17 @@ class Cluster:
     """One line for people (``autopar clusters``)."""
     reliability: ReliabilitySpec = dataclasses.field(default_factory=ReliabilitySpec)
     """Failure rates, restart time and checkpoint storage bandwidth (``cost_models/reliability.py``)."""
+    measured_collectives: tuple[tuple[str, int, float, float], ...] = ()
+    """Measured alpha-beta fits inside one node, (collective kind, group size, alpha_s, beta_s_per_byte):
+    they replace the link model for that kind and size (``autopar profile --ranks``; gloo's kinds differ
+    by 10× on one machine, which one link cannot describe). Empty for presets."""
+
+    def measured_collective(self, kind: str, group_size: int) -> tuple[float, float] | None:
+        """(alpha_s, beta_s_per_byte) measured for ``kind`` over ``group_size`` ranks of one node, or None."""
+        for k, n, alpha, beta in self.measured_collectives:
+            if k == kind and n == group_size:
+                return alpha, beta
+        return None
 
     def __post_init__(self) -> None:
         for name in ("gpus_per_node", "nodes"):
@@ -281,7 +292,7 @@ def list_presets() -> tuple[str, ...]:
 # ---- parsing --------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "preset", "nodes", "gpus_per_node", "host_mem_bytes", "gpu",
-                       "intra_node", "inter_node", "reliability"})
+                       "intra_node", "inter_node", "reliability", "measured_collectives"})
 _GPU_KEYS = frozenset({f.name for f in dataclasses.fields(GPUSpec)})
 _LINK_KEYS = frozenset({f.name for f in dataclasses.fields(LinkSpec)})
 
@@ -332,7 +343,26 @@ def _build_cluster(data: Mapping[str, Any], *, default_name: str) -> Cluster:
         inter_node=_build_link(inter, "inter_node."),
         host_mem_bytes=int(_positive(_get(data, "host_mem_bytes", ""), UnitKind.BYTES, "host_mem_bytes")),
         reliability=build_reliability_spec(data.get("reliability")),
+        measured_collectives=_measured_collectives(data.get("measured_collectives", {})),
     )
+
+
+def _measured_collectives(data: object) -> tuple[tuple[str, int, float, float], ...]:
+    """``{kind: {group_size: [alpha_s, beta_s_per_byte]}}`` → sorted tuples; refuses malformed entries."""
+    if not isinstance(data, Mapping):
+        raise ClusterSpecError(f"measured_collectives must map a collective kind to {{group size: [alpha, beta]}}, "
+                               f"got {data!r}")
+    out = []
+    for kind, sizes in data.items():
+        if not isinstance(sizes, Mapping):
+            raise ClusterSpecError(f"measured_collectives.{kind} must map group sizes to [alpha_s, beta_s_per_byte]")
+        for n, fit in sizes.items():
+            if not (isinstance(fit, (list, tuple)) and len(fit) == 2
+                    and all(isinstance(v, (int, float)) and v >= 0 for v in fit)):
+                raise ClusterSpecError(f"measured_collectives.{kind}.{n} must be [alpha_s, beta_s_per_byte] >= 0, "
+                                       f"got {fit!r}")
+            out.append((str(kind), _count(n, f"measured_collectives.{kind} group size"), float(fit[0]), float(fit[1])))
+    return tuple(sorted(out))
 
 
 def _build_gpu(data: Mapping[str, Any]) -> GPUSpec:

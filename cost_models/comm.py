@@ -150,6 +150,9 @@ def estimate_collective_time(kind: Collective, nbytes: float, group_size: int, *
         return 0.0
     if algo is Algorithm.TREE and kind not in TREE_COLLECTIVES:
         raise ValueError(f"NCCL runs {kind.value} only as a ring; tree is available for all_reduce only")
+    measured = cluster.measured_collective(kind.value, group_size) if nodes_spanned == 1 else None
+    if measured is not None:  # this machine's own fit for the kind and size (autopar profile --ranks)
+        return measured[0] + measured[1] * nbytes
     if kind is Collective.ALL_TO_ALL:
         return _all_to_all_time(nbytes, group_size, nodes_spanned, cluster)
     if kind is Collective.SEND_RECV:

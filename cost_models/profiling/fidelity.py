@@ -95,6 +95,24 @@ def is_stable(samples: Sequence[float], *, window: int, tolerance: float) -> boo
     return abs(now - before) <= tolerance * now
 
 
+def min_is_stable(samples: Sequence[float], *, window: int, tolerance: float) -> bool:
+    """Whether the last ``window`` samples failed to lower the minimum by more than ``tolerance``.
+
+    On a machine shared with other processes every sample is the step's own time plus whatever
+    the others stole, so the minimum is the best estimate of the step alone (as the op profiler's
+    ``Statistic.MIN``); it is settled when more samples stop improving it.
+
+    Example:
+        >>> min_is_stable([1.3, 1.0, 1.2, 1.1, 1.02, 1.5], window=3, tolerance=0.03)
+        True
+        >>> min_is_stable([1.3, 1.2, 1.1, 1.0], window=2, tolerance=0.03)
+        False
+    """
+    if len(samples) < window + 1:
+        return False
+    return min(samples[-window:]) >= (1 - tolerance) * min(samples[:-window])
+
+
 def spread(samples: Sequence[float]) -> float:
     """Interquartile range over the median: the relative scatter of timed steps.
 
@@ -108,4 +126,4 @@ def spread(samples: Sequence[float]) -> float:
     return float((q3 - q1) / statistics.median(samples))
 
 
-__all__ = ["is_stable", "ranks_of", "regret", "relative_error", "spearman", "spread"]
+__all__ = ["is_stable", "min_is_stable", "ranks_of", "regret", "relative_error", "spearman", "spread"]

@@ -13,10 +13,10 @@ exactly that:
 * point-to-point send/recv between two ranks, fitted the same way.
 
 ``cluster_yaml`` turns the measurement into a cluster file that ``autopar plan --cluster``
-reads: the "GPU" is one single-threaded rank, and the one intra-node link's latency and bus
-bandwidth are the least-squares fit of the collective model (``comm.py``: ring steps × latency
-plus bus bytes / bandwidth) to every measured sample. The per-kind fits are written into the
-file as comments, so a reader sees how far each kind departs from the single link.
+reads: the "GPU" is one single-threaded rank; the per-kind fits go in ``measured_collectives``,
+which the collective model uses for those kinds and sizes; the one intra-node link (for
+anything not measured) is the least-squares fit of the ring model (``comm.py``: ring steps ×
+latency plus bus bytes / bandwidth) to every sample.
 """
 
 from __future__ import annotations
@@ -206,8 +206,18 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         *_link_lines("intra_node", latency, bus_bw),
         *_link_lines("inter_node", latency, bus_bw),
         f"host_mem_bytes: {profile.host_mem_bytes}",
+        "measured_collectives:  # kind: {group size: [alpha_s, beta_s_per_byte]}; these replace the link",
+        *_fit_lines(profile.collectives),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fit_lines(fits: Sequence[AlphaBetaFit]) -> list[str]:
+    lines = []
+    for kind in dict.fromkeys(f.kind for f in fits):
+        sizes = ", ".join(f"{f.group_size}: [{f.alpha_s:.6e}, {f.beta_s_per_byte:.6e}]" for f in fits if f.kind is kind)
+        lines.append(f"  {kind.value}: {{{sizes}}}")
+    return lines
 
 
 def _link_lines(key: str, latency: float, bus_bw: float) -> list[str]:

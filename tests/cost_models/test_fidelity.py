@@ -44,3 +44,11 @@ def test_stopping_rule_and_spread():
     assert is_stable([1.0] * 6, window=5, tolerance=0.03)
     assert not is_stable([1.0, 1.0, 1.0, 1.0, 2.0, 3.0], window=3, tolerance=0.03)
     assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx((4.5 - 1.5) / 3.0)
+
+
+def test_minimum_stopping_rule():
+    from autopar.cost_models.profiling.fidelity import min_is_stable
+
+    assert not min_is_stable([1.0, 1.0], window=2, tolerance=0.03)  # needs a sample before the window
+    assert min_is_stable([1.0, 1.5, 1.2], window=2, tolerance=0.03)
+    assert not min_is_stable([1.0, 1.5, 0.9], window=2, tolerance=0.03)  # the last window lowered it by 10 %

@@ -64,3 +64,20 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
         for nbytes, seconds in fit.samples:
             got = estimate_collective_time(fit.kind, nbytes, fit.group_size, cluster=cluster, algorithm="ring")
             assert got == pytest.approx(seconds, rel=1e-4)
+
+
+def test_measured_fits_in_the_yaml_replace_the_link_for_their_kind(tmp_path: Path):
+    fits = (_fit(Collective.ALL_REDUCE, 2, 40e-6, 2e9),
+            AlphaBetaFit(kind=Collective.ALL_GATHER, group_size=2, alpha_s=7e-4, beta_s_per_byte=3e-9,
+                         samples=((4096, 7e-4 + 4096 * 3e-9), (2**20, 7e-4 + 2**20 * 3e-9))))
+    profile = LocalClusterProfile(
+        device_name="cpu:x:1threads", ranks=2,
+        compute=RankCompute(gemm_flops_per_s=3e10, copy_bytes_per_s=5e9, op_floor_s=4e-6, half_efficiency_s=1e-6),
+        collectives=fits, host_mem_bytes=2**30)
+    path = tmp_path / "m.yaml"
+    path.write_text(cluster_yaml(profile))
+    cluster = Cluster.from_yaml(path)
+    assert estimate_collective_time(Collective.ALL_GATHER, 2**20, 2, cluster=cluster) == pytest.approx(
+        7e-4 + 2**20 * 3e-9)
+    assert cluster.measured_collective("broadcast", 2) is None  # not measured: the link prices it
+    assert estimate_collective_time(Collective.BROADCAST, 2**20, 2, cluster=cluster) > 0
