@@ -1,4 +1,4 @@
-"""The ``autopar`` command: plan, show, export, profile, clusters.
+"""The ``autopar`` command: plan, show, replan, export, profile, clusters.
 
 Exit status: 0 success; 1 no plan fits (``InfeasiblePlanError``); 2 bad usage or input
 (``PlanValidationError``, ``ClusterSpecError``, ``UserInputError``, ``CaptureError``, and
