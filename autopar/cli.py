@@ -233,7 +233,8 @@ def plan(
 
         plans[0] = precompute_contingencies(plans[0], max_lost_nodes=contingency, cluster=target,
                                             model=resolved.module, example_inputs=resolved.example_inputs,
-                                            templates=[p.layout for p in plans], calibration=table)
+                                            templates=[p.layout for p in plans], calibration=table,
+                                            objective=objective)
     if out is not None:
         plans[0].save(out)
     if json_out:
@@ -304,6 +305,7 @@ def replan(
     cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="The cluster the plan was made for "
                                                 "(default: the preset named in the plan).")] = None,
     exhaustive: Annotated[bool, typer.Option(help="Run the full search instead of re-pricing templates.")] = False,
+    objective: Annotated[str, typer.Option(help="Rank by throughput or by goodput.")] = "throughput",
     out: Annotated[Path | None, typer.Option(help="Write the new plan to this JSON file.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the new plan as JSON.")] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table the plan was made with.")] = None,
@@ -316,7 +318,8 @@ def replan(
     from autopar.report.text import format_plan
 
     loaded = Plan.load(plan_file)
-    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "calibration": _load_calibration(calibration),
+    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "objective": objective,
+                              "calibration": _load_calibration(calibration),
                               "cluster": load_cluster(cluster, None) if cluster is not None else None}
     if exhaustive or contingency_for(loaded, lost_nodes) is None:
         from autopar.models import resolve_model

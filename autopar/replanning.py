@@ -51,7 +51,8 @@ RESTAGED_PER_TEMPLATE = 3
 
 def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None = None, graph: OpGraph | None = None,
            model: Any = None, example_inputs: Any = None, pricing: GraphPricing | None = None,
-           templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None) -> Plan:
+           templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None,
+           objective: str = "throughput") -> Plan:
     """The best plan for ``plan``'s cluster minus ``lost_nodes`` nodes: same model, same global batch if possible.
 
     Args:
@@ -64,6 +65,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         templates: more layouts to try (e.g. the other ranked plans); the plan's own always is.
         exhaustive: run the full search instead of re-pricing templates.
         calibration: the calibration table the plan was made with.
+        objective: ``"throughput"`` or ``"goodput"`` (``autopar.goodput``), as for ``autopar.plan``.
 
     Raises:
         UserInputError: a bad ``lost_nodes``, or no model was given and the plan has no contingency.
@@ -80,8 +82,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
                                      solve_time_s=time.perf_counter() - start)
         return dataclasses.replace(cached, replanned_from=record)
-    from autopar.goodput import plan_goodput
+    from autopar.goodput import Objective, parse_objective, plan_goodput, rank_by_goodput
     from autopar.planner import build_plans
+
+    goal = parse_objective(objective)
 
     full = _resolve_cluster(plan, cluster)
     pricing = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
@@ -92,7 +96,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
     ranked, method = ([], "search") if exhaustive else (_price_templates(shapes, plan, on_survivors, survivors),
                                                          "templates")
     if not ranked:
-        ranked, method = _search(plan, on_survivors, survivors), "search"
+        ranked, method = _search(plan, on_survivors, survivors, many=goal is Objective.GOODPUT), "search"
+    if goal is Objective.GOODPUT:  # among layouts that keep the batch (if any do), the best goodput first
+        same = [ev for ev in ranked if ev.layout.global_batch_size == plan.layout.global_batch_size] or ranked
+        ranked = [ev for ev, _ in rank_by_goodput(same, cluster=survivors, seq_len=plan.seq_len)]
     new = build_plans(ranked, pricing.graph, on_survivors, cluster_name=plan.cluster_name, keep=1,
                       num_gpus=survivors.num_gpus, gpus_per_node=survivors.gpus_per_node, dtype=plan.dtype,
                       sources=on_survivors.sources())[0]
@@ -107,7 +114,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
 def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluster | str | Path | None = None,
                              graph: OpGraph | None = None, model: Any = None, example_inputs: Any = None,
                              pricing: GraphPricing | None = None, templates: Sequence[Layout] = (),
-                             calibration: Any = None, exhaustive: bool = True) -> Plan:
+                             calibration: Any = None, exhaustive: bool = True, objective: str = "throughput") -> Plan:
     """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``).
 
     Done ahead of any failure, so by default each is a full search on the survivors (``exhaustive``);
@@ -122,7 +129,7 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
     for k in range(1, min(max_lost_nodes, nodes - 1) + 1):
         try:
             found.append(replan(base, lost_nodes=k, cluster=full, pricing=warm, templates=templates,
-                                exhaustive=exhaustive))
+                                exhaustive=exhaustive, objective=objective))
         except InfeasiblePlanError as e:
             log.warning("no plan fits after losing %d node(s): %s", k, e)
             break
@@ -288,14 +295,16 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]
 
 
-def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster) -> list[Evaluation]:
+def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster, *, many: bool) -> list[Evaluation]:
     from autopar.pricing import model_shape
     from autopar.solvers.search import search
     from autopar.solvers.space import build_space
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size)
-    result = search(space, pricing, top_k=2)
+    from autopar.goodput import GOODPUT_CANDIDATES
+
+    result = search(space, pricing, top_k=GOODPUT_CANDIDATES if many else 2)
     if not result.ranked:
         raise InfeasiblePlanError(f"no plan for {plan.model_name} fits on the {survivors.num_gpus} GPUs left "
                                   f"with global batch {plan.layout.global_batch_size}")
