@@ -11,8 +11,10 @@ Three ways, fastest first:
    as Oobleck keeps pipeline templates for N−1 … N−k nodes (Jang et al., SOSP 2023).
 2. **templates** — the plan's own layout and its runners-up keep their tensor/pipeline shape,
    micro-batch, ZeRO stage and schedule; only data parallelism shrinks to the GPUs left (keeping
-   the global batch whenever a data-parallel size divides it). Each template gets the stage DP
-   and a full price on the survivors; the layer prices are reused (``GraphPricing.for_cluster``).
+   the global batch whenever a data-parallel size divides it), and a few other pipeline depths
+   are tried (``restaged_layouts``). Each gets the stage DP and a full price on the survivors; the
+   layer prices are reused (``GraphPricing.for_cluster``). A template whose shape already fits,
+   differing only in its ZeRO stage, is skipped. A heuristic: the search may find better.
 3. **search** — the full search on the survivors (when no template fits, or ``exhaustive=True``).
 
 The re-planned plan's ``replanned_from`` says what changed and why.
@@ -279,10 +281,15 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
     batch, gpus, layers = plan.layout.global_batch_size, survivors.num_gpus, plan.num_layers
-    for shape in shapes:
-        options = survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch, num_layers=layers)
-        options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
-                                                            num_layers=layers)]
+    fitted: set[tuple[Any, ...]] = set()  # shapes (ZeRO stage aside) that already have a layout that fits
+    for shape in shapes:  # best first: a later template with a fitted shape differs only in its ZeRO stage
+        pipeline = (shape.tp, shape.sequence_parallel, shape.micro_batch_size, shape.virtual_stages > 1)
+        exact = (*pipeline, shape.pp, shape.virtual_stages, shape.schedule)
+        options = [] if exact in fitted else survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                              num_layers=layers)
+        if pipeline not in fitted:
+            options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                                num_layers=layers)]
         for layout, keeps in options:
             if layout in seen:
                 continue
@@ -290,6 +297,7 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
             ev = evaluate_layout(layout, _variants(pricing, layout), pricing, gpus_per_node=survivors.gpus_per_node,
                                  partition_cache=cache)
             if ev.fits:
+                fitted.update({pipeline, exact} if layout.pp == shape.pp else {pipeline})
                 tokens = layout.global_batch_size / ev.step_time_s  # throughput in samples/s
                 scored.append((not keeps, -tokens, len(scored), ev))
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]
