@@ -1,4 +1,4 @@
-"""The ``autopar`` command: plan, show, export, profile, clusters.
+"""The ``autopar`` command: plan, show, replan, export, profile, clusters.
 
 Exit status: 0 success; 1 no plan fits (``InfeasiblePlanError``); 2 bad usage or input
 (``PlanValidationError``, ``ClusterSpecError``, ``UserInputError``, ``CaptureError``, and
@@ -251,7 +251,8 @@ def plan(
 
         plans[0] = precompute_contingencies(plans[0], max_lost_nodes=contingency, cluster=target,
                                             model=resolved.module, example_inputs=resolved.example_inputs,
-                                            templates=[p.layout for p in plans], calibration=table)
+                                            templates=[p.layout for p in plans], calibration=table,
+                                            objective=objective)
     if out is not None:
         plans[0].save(out)  # atomic: an interrupt leaves no partial file
     if json_out:
@@ -353,6 +354,7 @@ def replan(
     cluster: Annotated[str | None, typer.Option("--cluster", "-c", help="The cluster the plan was made for "
                                                 "(default: the preset named in the plan).")] = None,
     exhaustive: Annotated[bool, typer.Option(help="Run the full search instead of re-pricing templates.")] = False,
+    objective: Annotated[str, typer.Option(help="Rank by throughput or by goodput.")] = "throughput",
     out: Annotated[Path | None, typer.Option(help="Write the new plan to this JSON file.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the new plan as JSON.")] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table the plan was made with.")] = None,
@@ -365,7 +367,8 @@ def replan(
     from autopar.report.text import format_plan
 
     loaded = Plan.load(plan_file)
-    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "calibration": _load_calibration(calibration),
+    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "objective": objective,
+                              "calibration": _load_calibration(calibration),
                               "cluster": load_cluster(cluster, None) if cluster is not None else None}
     if exhaustive or contingency_for(loaded, lost_nodes) is None:
         from autopar.models import resolve_model

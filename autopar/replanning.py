@@ -11,8 +11,10 @@ Three ways, fastest first:
    as Oobleck keeps pipeline templates for N−1 … N−k nodes (Jang et al., SOSP 2023).
 2. **templates** — the plan's own layout and its runners-up keep their tensor/pipeline shape,
    micro-batch, ZeRO stage and schedule; only data parallelism shrinks to the GPUs left (keeping
-   the global batch whenever a data-parallel size divides it). Each template gets the stage DP
-   and a full price on the survivors; the layer prices are reused (``GraphPricing.for_cluster``).
+   the global batch whenever a data-parallel size divides it), and a few other pipeline depths
+   are tried (``restaged_layouts``). Each gets the stage DP and a full price on the survivors; the
+   layer prices are reused (``GraphPricing.for_cluster``). A template whose shape already fits,
+   differing only in its ZeRO stage, is skipped. A heuristic: the search may find better.
 3. **search** — the full search on the survivors (when no template fits, or ``exhaustive=True``).
 
 The re-planned plan's ``replanned_from`` says what changed and why.
@@ -51,7 +53,8 @@ RESTAGED_PER_TEMPLATE = 3
 
 def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None = None, graph: OpGraph | None = None,
            model: Any = None, example_inputs: Any = None, pricing: GraphPricing | None = None,
-           templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None) -> Plan:
+           templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None,
+           objective: str = "throughput") -> Plan:
     """The best plan for ``plan``'s cluster minus ``lost_nodes`` nodes: same model, same global batch if possible.
 
     Args:
@@ -64,6 +67,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         templates: more layouts to try (e.g. the other ranked plans); the plan's own always is.
         exhaustive: run the full search instead of re-pricing templates.
         calibration: the calibration table the plan was made with.
+        objective: ``"throughput"`` or ``"goodput"`` (``autopar.goodput``), as for ``autopar.plan``.
 
     Raises:
         UserInputError: a bad ``lost_nodes``, or no model was given and the plan has no contingency.
@@ -80,8 +84,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
                                      solve_time_s=time.perf_counter() - start)
         return dataclasses.replace(cached, replanned_from=record)
-    from autopar.goodput import plan_goodput
+    from autopar.goodput import Objective, parse_objective, plan_goodput, rank_by_goodput
     from autopar.planner import build_plans
+
+    goal = parse_objective(objective)
 
     full = _resolve_cluster(plan, cluster)
     pricing = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
@@ -92,7 +98,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
     ranked, method = ([], "search") if exhaustive else (_price_templates(shapes, plan, on_survivors, survivors),
                                                          "templates")
     if not ranked:
-        ranked, method = _search(plan, on_survivors, survivors), "search"
+        ranked, method = _search(plan, on_survivors, survivors, many=goal is Objective.GOODPUT), "search"
+    if goal is Objective.GOODPUT:  # among layouts that keep the batch (if any do), the best goodput first
+        same = [ev for ev in ranked if ev.layout.global_batch_size == plan.layout.global_batch_size] or ranked
+        ranked = [ev for ev, _ in rank_by_goodput(same, cluster=survivors, seq_len=plan.seq_len)]
     new = build_plans(ranked, pricing.graph, on_survivors, cluster_name=plan.cluster_name, keep=1,
                       num_gpus=survivors.num_gpus, gpus_per_node=survivors.gpus_per_node, dtype=plan.dtype,
                       sources=on_survivors.sources())[0]
@@ -107,7 +116,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
 def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluster | str | Path | None = None,
                              graph: OpGraph | None = None, model: Any = None, example_inputs: Any = None,
                              pricing: GraphPricing | None = None, templates: Sequence[Layout] = (),
-                             calibration: Any = None, exhaustive: bool = True) -> Plan:
+                             calibration: Any = None, exhaustive: bool = True, objective: str = "throughput") -> Plan:
     """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``).
 
     Done ahead of any failure, so by default each is a full search on the survivors (``exhaustive``);
@@ -122,7 +131,7 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
     for k in range(1, min(max_lost_nodes, nodes - 1) + 1):
         try:
             found.append(replan(base, lost_nodes=k, cluster=full, pricing=warm, templates=templates,
-                                exhaustive=exhaustive))
+                                exhaustive=exhaustive, objective=objective))
         except InfeasiblePlanError as e:
             log.warning("no plan fits after losing %d node(s): %s", k, e)
             break
@@ -272,10 +281,15 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
     batch, gpus, layers = plan.layout.global_batch_size, survivors.num_gpus, plan.num_layers
-    for shape in shapes:
-        options = survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch, num_layers=layers)
-        options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
-                                                            num_layers=layers)]
+    fitted: set[tuple[Any, ...]] = set()  # shapes (ZeRO stage aside) that already have a layout that fits
+    for shape in shapes:  # best first: a later template with a fitted shape differs only in its ZeRO stage
+        pipeline = (shape.tp, shape.sequence_parallel, shape.micro_batch_size, shape.virtual_stages > 1)
+        exact = (*pipeline, shape.pp, shape.virtual_stages, shape.schedule)
+        options = [] if exact in fitted else survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                              num_layers=layers)
+        if pipeline not in fitted:
+            options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                                num_layers=layers)]
         for layout, keeps in options:
             if layout in seen:
                 continue
@@ -283,19 +297,22 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
             ev = evaluate_layout(layout, _variants(pricing, layout), pricing, gpus_per_node=survivors.gpus_per_node,
                                  partition_cache=cache)
             if ev.fits:
+                fitted.update({pipeline, exact} if layout.pp == shape.pp else {pipeline})
                 tokens = layout.global_batch_size / ev.step_time_s  # throughput in samples/s
                 scored.append((not keeps, -tokens, len(scored), ev))
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]
 
 
-def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster) -> list[Evaluation]:
+def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster, *, many: bool) -> list[Evaluation]:
     from autopar.pricing import model_shape
     from autopar.solvers.search import search
     from autopar.solvers.space import build_space
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size)
-    result = search(space, pricing, top_k=2)
+    from autopar.goodput import GOODPUT_CANDIDATES
+
+    result = search(space, pricing, top_k=GOODPUT_CANDIDATES if many else 2)
     if not result.ranked:
         raise InfeasiblePlanError(f"no plan for {plan.model_name} fits on the {survivors.num_gpus} GPUs left "
                                   f"with global batch {plan.layout.global_batch_size}")

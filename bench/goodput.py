@@ -1,6 +1,6 @@
 """Peak-throughput plan vs goodput plan: GPT-3 175B and Llama 3 405B on 1,024 → 16,384 H100s.
 
-    python bench/goodput.py [--gpu-mtbf-hours H] [--sizes 1024,4096,16384]
+    python bench/goodput.py [--gpu-mtbf-hours H] [--sizes 1024,4096,16384] [--models gpt:175b]
 
 For each cluster size it plans once (the search's 64 fastest layouts, re-ranked by goodput)
 and prints the fastest plan and the plan with the highest expected goodput, each with its
@@ -43,9 +43,12 @@ def main() -> None:
     parser.add_argument("--gpu-mtbf-hours", type=float, default=None)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--candidates", type=int, default=64)
+    parser.add_argument("--models", default=",".join(spec for _, spec, _, _ in MODELS))
     args = parser.parse_args()
     reliability = {} if args.gpu_mtbf_hours is None else {"gpu_mtbf_hours": args.gpu_mtbf_hours}
     for name, spec, seq, batch in MODELS:
+        if spec not in args.models.split(","):
+            continue
         start = time.perf_counter()
         resolved = resolve_model(spec, seq_len=seq)
         graph = autopar.capture(resolved.module, resolved.example_inputs)

@@ -1,6 +1,6 @@
 """Re-plan time: Llama-3-70B-shaped model on 1,024 H100s losing 1, 2 and 8 nodes.
 
-    python bench/replan.py [--no-search]
+    python bench/replan.py [--no-search] [--template-contingencies]
 
 Prints, for each failure, the time and result of the three ways ``autopar.replan`` answers:
 
@@ -47,6 +47,8 @@ def _line(how: str, seconds: float, plan: autopar.Plan) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-search", action="store_true", help="skip the full-search comparison")
+    parser.add_argument("--template-contingencies", action="store_true",
+                        help="precompute contingencies from templates (seconds) instead of full searches (minutes)")
     args = parser.parse_args()
     resolved = resolve_model("llama:70b", seq_len=SEQ)
     start = time.perf_counter()
@@ -64,7 +66,8 @@ def main() -> None:
     plan, templates = plans[0], [p.layout for p in plans]
     print(f"  plan: {plan.layout.describe()} ({time.perf_counter() - start:.1f} s to plan)")
     start = time.perf_counter()
-    with_c = precompute_contingencies(plan, max_lost_nodes=max(LOST), pricing=pricing, templates=templates)
+    with_c = precompute_contingencies(plan, max_lost_nodes=max(LOST), pricing=pricing, templates=templates,
+                                      exhaustive=not args.template_contingencies)
     print(f"  contingencies for 1 … {max(LOST)} lost nodes precomputed in {time.perf_counter() - start:.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "plan.json"

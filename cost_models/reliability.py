@@ -321,8 +321,8 @@ class GoodputEstimate:
 
 def _best_steps(interval_s: float, step_time_s: float, floor_s: float,
                 score: Any) -> tuple[int, float]:
-    """Whole steps near ``interval_s`` (at least ``floor_s``) with the best score, and that score."""
-    least = max(1, math.ceil(floor_s / step_time_s - 1e-9))
+    """Whole steps near ``interval_s`` (more than ``floor_s``) with the best score, and that score."""
+    least = math.floor(floor_s / step_time_s) + 1
     guess = interval_s / step_time_s
     options = {max(least, math.floor(guess)), max(least, math.ceil(guess))}
     return max(((n, score(n * step_time_s)) for n in sorted(options)), key=lambda t: t[1])

@@ -193,3 +193,13 @@ def test_restaged_layouts_keep_the_batch_and_fill_the_survivors(gpus: int, batch
         assert lay.global_batch_size == batch and lay.num_gpus <= gpus and lay.tp == 2
         # brute force: the largest data-parallel size that divides the batch on these GPUs
         assert lay.dp == max(d for d in range(1, gpus // (2 * lay.pp) + 1) if batch % (d * 2) == 0)
+
+
+def test_replan_by_goodput_keeps_the_best_goodput(graph, cluster, ranked) -> None:
+    pricing = GraphPricing(graph, cluster)
+    kwargs = dict(lost_nodes=1, pricing=pricing, templates=[p.layout for p in ranked])
+    fast = replan(ranked[0], **kwargs)
+    good = replan(ranked[0], objective="goodput", **kwargs)
+    assert good.reliability.goodput_tokens_per_s >= fast.reliability.goodput_tokens_per_s
+    assert fast.predicted.tokens_per_s >= good.predicted.tokens_per_s
+    assert good.layout.global_batch_size == BATCH

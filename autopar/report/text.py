@@ -141,6 +141,10 @@ def _reliability_section(plan: Plan) -> str:
              f"{r.young_daly_interval_s / 60:.1f} min); {r.loss_per_failure_s / 60:.1f} min lost per failure",
              f"  throughput {r.throughput_tokens_per_s:,.0f} tokens/s, goodput {r.goodput_tokens_per_s:,.0f} "
              f"({r.goodput_fraction:.1%})"]
+    if plan.contingencies:
+        lines.append("  precomputed for lost nodes: " + ", ".join(
+            f"{(plan.num_gpus_available - c.num_gpus_available) // plan.gpus_per_node} → {c.layout.describe()}"
+            for c in plan.contingencies))
     if plan.replanned_from is not None:
         rec = plan.replanned_from
         lines.append(f"  re-planned ({rec.method}, {rec.solve_time_s:.3f} s) from {rec.previous_layout} after losing "
