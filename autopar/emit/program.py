@@ -48,6 +48,16 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TiedGroup:
+    """One tensor that the model reads under several parameter names."""
+
+    names: tuple[str, ...]
+    """Its parameter names."""
+    shape: tuple[int, ...]
+    """Its (global) shape."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Program:
     """The exported program of a model, split into the plan's stages."""
 
@@ -59,8 +69,8 @@ class Program:
     """Keyword names of the model inputs, in the order stage 0 takes them."""
     block_paths: tuple[tuple[str, ...], ...]
     """Per stage, module paths of the repeated blocks it runs (its FSDP and checkpointing units)."""
-    tied: tuple[tuple[str, ...], ...]
-    """Groups of parameter names that are one tensor in the model (e.g. embedding and LM head)."""
+    tied: tuple[TiedGroup, ...]
+    """Parameters that are one tensor under several names (e.g. embedding and LM head)."""
 
     def stage_module(self, index: int) -> nn.Module:
         """Stage ``index``'s module (parameters under their original names)."""
@@ -138,12 +148,14 @@ def _split(model: nn.Module, exported: Any, policy: Any) -> Pipe:
     return pipe
 
 
-def tied_groups(model: nn.Module) -> tuple[tuple[str, ...], ...]:
-    """Parameter names that share one tensor, grouped (only groups of two or more)."""
+def tied_groups(model: nn.Module) -> tuple[TiedGroup, ...]:
+    """Parameters that share one tensor under several names (only groups of two or more)."""
     owners: dict[int, list[str]] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
-    return tuple(tuple(names) for names in owners.values() if len(names) > 1)
+        shapes[id(param)] = tuple(param.shape)
+    return tuple(TiedGroup(names=tuple(names), shape=shapes[key]) for key, names in owners.items() if len(names) > 1)
 
 
 def _stage_blocks(plan: Plan) -> tuple[tuple[str, ...], ...]:
@@ -170,6 +182,9 @@ def _insert_splits(gm: fx.GraphModule, plan: Plan, stage_blocks: Sequence[tuple[
     """Put ``pipe_split`` before each stage's first node; route inputs that later stages read through stage 0."""
     from torch.distributed.pipelining._IR import aten_pipe_split_alias
 
+    for n in list(gm.graph.nodes):  # export-time dtype/device assertions: the device changes, DTensor has no rule
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)
     nodes = list(gm.graph.nodes)
     block_of = {n: _node_block(n) for n in nodes}
     owner = {b: i for i, blocks in enumerate(stage_blocks) for b in blocks}
@@ -252,6 +267,35 @@ def _restore_non_persistent(pipe: Pipe, model: nn.Module) -> None:
             if name not in saved:
                 parent, _, leaf = name.rpartition(".")
                 stage.get_submodule(parent)._non_persistent_buffers_set.add(leaf)
+
+
+def retarget_device(stage_module: nn.Module, device: torch.device) -> int:
+    """Point the program's factory and copy ops (``arange``, ``to(device=...)``) at ``device``.
+
+    The export ran on the model's device (often ``meta``), and the graph records
+    it as a constant argument. Returns the number of arguments changed.
+    """
+    import torch.fx as fx
+
+    def fix(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a != device else a
+
+    changed = 0
+    for module in stage_module.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            args, kwargs = fx.node.map_aggregate(node.args, fix), fx.node.map_aggregate(node.kwargs, fix)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        for owner in (module, getattr(module, "graph_module", None)):
+            if isinstance(owner, fx.GraphModule) and owner.graph is graph:
+                owner.recompile()
+    return changed
 
 
 def flat_outputs(output: Any) -> list[Any]:

@@ -1,0 +1,47 @@
+"""DTensor sharding rules for ATen ops that torch registers none for, but that exported programs contain.
+
+The exported program is run on DTensors (``autopar.emit.tp``); an op without a
+sharding rule would stop it. ``register_rules`` adds the missing ones through
+``torch.distributed.tensor.experimental.register_sharding`` (it never overrides
+an op DTensor already handles):
+
+- ``_scaled_dot_product_flash_attention_for_cpu`` (+ backward): what
+  ``F.scaled_dot_product_attention`` becomes when exported on CPU. Like the CUDA
+  flash kernel (which DTensor supports), it is exact when query, key, value,
+  output and log-sum-exp are all sharded on the heads dim (1), or all replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+@functools.cache
+def register_rules() -> None:
+    """Register the rules once per process."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    aten = torch.ops.aten
+
+    def heads(*tensors: Any) -> list[Any]:
+        return [Shard(1) if t is not None else None for t in tensors]
+
+    @register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)
+    def _sdpa_cpu(query: Any, key: Any, value: Any, dropout_p: float = 0.0, is_causal: bool = False,
+                  *, attn_mask: Any = None, scale: Any = None) -> list[Any]:
+        rest = [None, None] + ([] if attn_mask is None else [Replicate()])
+        replicated = ([Replicate(), Replicate()], [Replicate()] * 3 + rest)
+        sharded = ([Shard(1), Shard(1)], heads(query, key, value) + rest)
+        return [replicated, sharded]
+
+    @register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    def _sdpa_cpu_backward(grad_out: Any, query: Any, key: Any, value: Any, out: Any, logsumexp: Any,
+                           dropout_p: float, is_causal: bool, *, attn_mask: Any = None,
+                           scale: Any = None) -> list[Any]:
+        rest = [None, None] + ([] if attn_mask is None else [Replicate()])
+        replicated = ([Replicate()] * 3, [Replicate()] * 6 + rest)
+        sharded = ([Shard(1)] * 3, [Shard(1)] * 6 + rest)
+        return [replicated, sharded]
