@@ -77,8 +77,10 @@ def resolve_styles(model: nn.Module, stage: StagePlan) -> dict[str, TPStyle]:
     as ``model.norm+lm_head``, is rooted at the model itself). This applies a plan
     to every repeated layer of its kind.
 
-    Raises:
-        PlanValidationError: Two plans give one module different styles.
+    A module two layers read (a tied embedding also used as the LM head) may get
+    two styles. One tensor has one placement, and DTensor computes both uses
+    exactly under either, so the split style wins over ``replicate`` (the planner
+    counted its memory split) and, between two splits, the first layer's.
     """
     names = {name for name, _ in model.named_modules()}
     styles: dict[str, TPStyle] = {}
@@ -89,11 +91,12 @@ def resolve_styles(model: nn.Module, stage: StagePlan) -> dict[str, TPStyle]:
             if not targets or not all(t in names for t in targets):
                 continue
             for path, style in targets.items():
-                if styles.setdefault(path, style) is not style:
-                    raise PlanValidationError(
-                        f"stage {stage.index}: module {path!r} is {styles[path].value} in one sharding "
-                        f"plan and {style.value} in {sharding.layer_kind!r}"
-                    )
+                if styles.get(path, TPStyle.REPLICATE) is TPStyle.REPLICATE:
+                    styles[path] = style
+                elif style not in (styles[path], TPStyle.REPLICATE):
+                    logger.info("stage %d: module %r is %s in one sharding plan and %s in %r; keeping %s",
+                                stage.index, path, styles[path].value, style.value, sharding.layer_kind,
+                                styles[path].value)
     return styles
 
 
