@@ -45,7 +45,9 @@ WEIGHT_DIMS: Mapping[str, Mapping[TPStyle, int]] = {
     "Conv1D": {TPStyle.COLWISE: 1, TPStyle.ROWWISE: 0},
 }
 """Weight layout → the dim each style splits. ``Linear`` also covers its subclasses
-(e.g. Falcon's ``FalconLinear``); ``Conv1D`` is ``transformers.pytorch_utils.Conv1D``,
+(e.g. Falcon's ``FalconLinear``) and other modules with a 2-D weight that ``F.linear``
+reads (an MoE router), the layout the planner assumes for them
+(``solvers/layer_result._style``); ``Conv1D`` is ``transformers.pytorch_utils.Conv1D``,
 whose weight is stored transposed (``x @ W + b``)."""
 
 
@@ -60,9 +62,12 @@ def weight_kind(module: nn.Module) -> str | None:
         return "Linear"
     if isinstance(module, nn.Embedding):
         return "Embedding"
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    if type(module).__name__ == "Conv1D":
         return "Conv1D"
-    return None
+    return "Linear"  # any other 2-D weight (e.g. an MoE router's) is read as F.linear reads it: (out, in)
 
 
 def _join(root: str, rel: str) -> str:
@@ -120,7 +125,7 @@ def param_placements(model: nn.Module, styles: Mapping[str, TPStyle], names: Seq
         if kind is None:
             raise PlanValidationError(
                 f"module {module_path!r} ({type(model.get_submodule(module_path)).__name__}) is {style.value} "
-                f"in the plan, but only {sorted(WEIGHT_DIMS)} weights can be split; pin tp=1"
+                f"in the plan, but it has no 2-D weight to split ({sorted(WEIGHT_DIMS)} layouts); pin tp=1"
             )
         if leaf == "weight":
             dims[name] = WEIGHT_DIMS[kind][style]

@@ -113,7 +113,7 @@ def test_a_module_with_two_styles_gets_one_split_style() -> None:
 def test_a_style_on_a_module_without_a_known_weight_layout_is_refused_before_any_process_group() -> None:
     model = build_model("gpt", meta=True)
     odd = (ShardingPlan(layer_kind="a", modules={"ln_1": TPStyle.COLWISE}, ops={}),)
-    with pytest.raises(PlanValidationError, match=r"'blocks.0.ln_1' \(LayerNorm\).*pin tp=1"):
+    with pytest.raises(PlanValidationError, match=r"'blocks.0.ln_1' \(LayerNorm\).*no 2-D weight.*pin tp=1"):
         prepare(model, {"idx": torch.zeros(2, 16, dtype=torch.long)}, make_plan(layer_paths("gpt"), tp=2,
                                                                                  sharding=odd))
 
