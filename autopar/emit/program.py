@@ -205,6 +205,8 @@ def _insert_splits(gm: fx.GraphModule, plan: Plan, stage_blocks: Sequence[tuple[
             raise PlanValidationError(f"stage {s} of the plan holds no node of the program")
     _check_blocks_whole(nodes, block_of, owner, starts)
     _route_inputs_through_stage0(gm, nodes, starts[0] if starts else len(nodes))
+    if starts:
+        _route_outputs_through_last_stage(gm, nodes, starts[-1])
     positions = set(starts)
     for pos, n in enumerate(list(nodes)):
         if pos in positions:
@@ -256,6 +258,25 @@ def _route_inputs_through_stage0(gm: fx.GraphModule, nodes: Sequence[fx.Node], s
         copy.meta = dict(ph.meta)
         for u in users:
             u.replace_input_with(ph, copy)
+
+
+def _route_outputs_through_last_stage(gm: fx.GraphModule, nodes: Sequence[fx.Node], last_start: int) -> None:
+    """Model outputs made by earlier stages (an encoder's last hidden state) are cloned in the last stage,
+    so the last stage returns the whole output."""
+    import torch.fx as fx
+
+    earlier = set(nodes[:last_start])
+    output = nodes[-1]
+
+    def route(a: Any) -> Any:
+        if isinstance(a, fx.Node) and a in earlier:
+            with gm.graph.inserting_before(output):
+                copy = gm.graph.call_function(torch.ops.aten.clone.default, (a,))
+            copy.meta = dict(a.meta)
+            return copy
+        return a
+
+    output.args = fx.node.map_aggregate(output.args, route)
 
 
 def _restore_non_persistent(pipe: Pipe, model: nn.Module) -> None:

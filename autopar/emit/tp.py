@@ -149,9 +149,15 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
     Returns:
         Parameter name → sharded dim (None: replicated), for logging and tests.
     """
-    from autopar.emit.dtensor_rules import register_rules
+    import torch.fx as fx
+
+    from autopar.emit.dtensor_rules import register_rules, replicate_unruled_ops
 
     register_rules()
+    graphs = [m for m in stage_module.modules() if isinstance(getattr(m, "graph", None), fx.Graph)]
+    replicated = replicate_unruled_ops(graphs)
+    if replicated:
+        logger.info("stage %d: ops without a DTensor rule run replicated: %s", stage.index, replicated)
     styles = resolve_styles(model, stage)
     names = [n for n, _ in stage_module.named_parameters(remove_duplicate=False)]
     dims = param_placements(model, styles, names)

@@ -73,7 +73,7 @@ def reference(arch: Arch, data: list[tuple[dict[str, torch.Tensor], torch.Tensor
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
 
 
 def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
@@ -97,10 +97,18 @@ def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
     return {
         "losses": losses, "ref_losses": ref_losses,
         "max_diff": max((full[k] - ref_state[k]).abs().max().item() for k in full if k in ref_state),
-        "keys": sorted(k for k in full if k in ref_state), "ref_keys": sorted(ref_state),
+        "keys": sorted(k for k in full if k in ref_state), "ref_groups": _alias_groups(build(arch)),
         "tp_sharded": sorted(_tp_sharded(pm)), "plan": plan.layout.describe(),
         "stages": [list(s.module_paths) for s in plan.stages],
     }
+
+
+def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The model's parameters as groups of names (a tied tensor is one group of several names)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return list(groups.values())
 
 
 def _tp_sharded(pm: Any) -> list[str]:
