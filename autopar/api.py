@@ -106,8 +106,35 @@ def _smallest_fit(cluster: Cluster, solve: Callable[[Cluster], Any]) -> str | No
 
 
 def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan | None = None,
-                **plan_kwargs: Any) -> Any:
-    """Apply a plan to ``model`` inside a ``torchrun`` job; see ``autopar.emit.parallelize``."""
-    from autopar.emit.parallelize import parallelize as _parallelize
+                cluster: Cluster | str | Path | None = None, global_batch_size: int | None = None, seed: int = 0,
+                **plan_options: Any) -> Any:
+    """Apply a plan to ``model`` inside a ``torchrun`` job (see ``autopar.emit.parallelize``).
 
-    return _parallelize(model, example_inputs, plan=plan, **plan_kwargs)
+    With no ``plan``, rank 0 plans with ``autopar.plan(model, example_inputs, cluster=...,
+    global_batch_size=..., **plan_options)`` for this job's world size and every rank
+    receives that plan; a planning error reaches every rank with its own class.
+
+    Raises:
+        UserInputError: Neither a plan nor a cluster and batch size were given.
+        AutoparError: Whatever planning or emission raised (same class on every rank).
+    """
+    import os
+
+    from autopar.emit.parallelize import parallelize as emit, share_from_rank0
+    from autopar.errors import UserInputError
+
+    if plan is None:
+        if cluster is None or global_batch_size is None:
+            raise UserInputError("parallelize needs either plan= or both cluster= and global_batch_size=")
+
+        def make() -> str:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+            pins = {"num_gpus": world, **(plan_options.pop("constraints", None) or {})}  # fill this job
+            made = globals()["plan"](model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
+                                     constraints=pins, **plan_options)
+            return (made[0] if isinstance(made, list) else made).to_json()  # a ranking: its best (globals(): the parameter `plan` shadows the function)
+
+        plan = Plan.from_json(share_from_rank0(make))
+    return emit(model, example_inputs, plan=plan, seed=seed)

@@ -193,11 +193,22 @@ def relative_module(param: str, layer_path: str) -> str:
     return module
 
 
-def _style(op: Op, placement: Placement) -> TPStyle | None:
-    """TP style from where a weight is split: Linear (out, in) or Embedding (vocab, dim)."""
+# [emit, issue 10] A weight that a matmul reads directly as its right operand is stored (in, out),
+# as Hugging Face's Conv1D (GPT-2's c_attn, c_fc, c_proj) keeps it: ``x @ W (+ b)``. Naming its style
+# lets the emitter split it (autopar/emit/tp.py WEIGHT_DIMS["Conv1D"]); before, such weights got no
+# style and were run replicated although the ILP priced them split.
+_IN_OUT_WEIGHT_READERS = frozenset({"mm", "addmm"})
+"""Ops whose last operand, when it is a parameter, is a weight stored (in, out)."""
+
+
+def _style(op: Op, placement: Placement, position: int = 0) -> TPStyle | None:
+    """TP style from where a weight is split: Linear (out, in), Embedding (vocab, dim), or (in, out) for
+    a weight a matmul reads directly (``position``: the weight's index among the op's tensor inputs)."""
     name = packet(op.target)
     if name == "embedding":
         split_vocab, split_other = TPStyle.ROWWISE, TPStyle.COLWISE
+    elif name in _IN_OUT_WEIGHT_READERS and position == len(op.inputs) - 1:  # [emit, issue 10]
+        split_vocab, split_other = TPStyle.ROWWISE, TPStyle.COLWISE  # dim 1 of an (in, out) weight = out-features
     elif name in _LINEAR_WEIGHT_READERS:
         split_vocab, split_other = TPStyle.COLWISE, TPStyle.ROWWISE  # dim 0 of a Linear weight = out-features
     else:
@@ -210,9 +221,9 @@ def _style(op: Op, placement: Placement) -> TPStyle | None:
 def _modules(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, TPStyle]:
     styles: dict[str, TPStyle] = {}
     for op in graph.layer.ops:
-        for meta, src, p in zip(op.inputs, graph.sources[op.name], chosen[op.name].inputs):
+        for position, (meta, src, p) in enumerate(zip(op.inputs, graph.sources[op.name], chosen[op.name].inputs)):
             if src.kind is SourceKind.PARAM and len(meta.shape) == 2 and src.name in graph.trainable:
-                style = _style(op, p)
+                style = _style(op, p, position)
                 if style is not None:
                     styles[relative_module(src.name, graph.layer.module_path)] = style
     return styles

@@ -80,8 +80,9 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
     ops = tuple(_to_op(r) for r in recording.ops)
     unknown = tuple(sorted({op.target for op in ops if op.op_class is OpClass.UNKNOWN}))
     batch = _batch_size(recording.input_metas)
+    layers = build_layers(ops, params, recording.saved, recording.input_metas)
     return OpGraph(
-        layers=build_layers(ops, params, recording.saved, recording.input_metas),
+        layers=layers,
         params=params,
         inputs=recording.input_metas,
         batch_size=batch,
@@ -90,7 +91,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> OpGraph:
         model_name=type(model).__name__,
         unknown_ops=unknown,
         tied_params=_tied(model),
-        info=_hyperparameters(model, recording.input_metas),
+        info=_hyperparameters(model, recording.input_metas, layers, batch),
     )
 
 
@@ -182,8 +183,9 @@ _HPARAM_NAMES = {
 }
 
 
-def _hyperparameters(model: nn.Module, inputs: tuple) -> dict[str, int]:
-    """Hyper-parameters readable from ``model.config`` (GPTConfig, HF PretrainedConfig), if any."""
+def _hyperparameters(model: nn.Module, inputs: tuple, layers: tuple = (), batch: int = 1) -> dict[str, int]:
+    """Hyper-parameters readable from ``model.config`` (GPTConfig, HF PretrainedConfig), if any,
+    and the tokens per sample read from the graph (``token_count``)."""
     config = getattr(model, "config", None)
     info: dict[str, int] = {}
     for key, names in _HPARAM_NAMES.items():
@@ -192,9 +194,33 @@ def _hyperparameters(model: nn.Module, inputs: tuple) -> dict[str, int]:
             if isinstance(value, int) and not isinstance(value, bool):
                 info[key] = value
                 break
-    if inputs and len(inputs[0].shape) >= 2:
+    tokens = token_count(layers, batch, info.get("hidden"))
+    if tokens is not None:
+        info["seq_len"] = tokens
+    elif inputs and len(inputs[0].shape) >= 2:
         info["seq_len"] = int(inputs[0].shape[1])
     return info
+
+
+def token_count(layers: tuple, batch: int, hidden: int | None) -> int | None:
+    """Tokens per sample: the sequence dim of the hidden states entering the first repeated block.
+
+    The first input's second dim is the token count only for token ids: for
+    ViT it is the colour channels (the blocks see patches + 1), for Whisper the
+    mel bins (the blocks see frames). The graph says what the blocks see: a
+    (batch, tokens, hidden) tensor. None when no block takes one.
+    """
+    from autopar.graph.layers import block_prefix
+
+    for layer in layers:
+        if block_prefix(layer.module_path) != layer.module_path:
+            continue
+        for meta in layer.input_meta:
+            shape = meta.shape
+            if len(shape) == 3 and shape[0] == batch and (hidden is None or shape[2] == hidden):
+                return int(shape[1])
+        return None
+    return None
 
 
 make_callable(__name__, "autopar.capture:capture")  # autopar.capture(...) after `import autopar.capture.x`

@@ -21,14 +21,17 @@ This module imports nothing from ``torch.distributed`` at import time, so
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from autopar.errors import AutoparError, PlanValidationError, UserInputError
+from autopar import errors
+from autopar.errors import AutoparError, UserInputError
 from autopar.plan import Plan
 
 if TYPE_CHECKING:
@@ -36,105 +39,93 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+ExampleInputs = Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor
+"""A tensor, positional tensors, or keyword tensors (``{"input_ids": ..., "attention_mask": ...}``)."""
 
-def parallelize(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | torch.Tensor,
-    *,
-    plan: Plan | None = None,
-    cluster: Any = None,
-    global_batch_size: int | None = None,
-    seed: int = 0,
-    **plan_options: Any,
-) -> ParallelModel:
-    """Split ``model`` over this job's ranks as ``plan`` says, or plan first.
+
+def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan, seed: int = 0) -> ParallelModel:
+    """Split ``model`` over this job's ranks as ``plan`` says.
 
     Args:
         model: The full model, preferably on the meta device. It is not modified.
-        example_inputs: Inputs of one example batch (batch dim first); their
-            sequence length and dtype shape the pipeline's buffers.
-        plan: The plan to apply. When None, rank 0 plans with
-            ``autopar.api.plan(model, example_inputs, cluster=..., global_batch_size=...,
-            **plan_options)`` and broadcasts the plan, so every rank applies the same one.
-        cluster: The cluster to plan for (only when ``plan`` is None).
-        global_batch_size: Samples per optimizer step (only when ``plan`` is None).
+        example_inputs: Inputs of one example batch (batch dim first), positional or
+            keyword; the program is exported at these shapes with the plan's micro-batch size.
+        plan: The plan to apply (``autopar.parallelize`` plans first when given none).
         seed: Seed for initialising the weights of a meta-device model.
-        **plan_options: More arguments for ``autopar.api.plan``.
 
     Returns:
         This rank's ``ParallelModel``.
 
     Raises:
         UserInputError: Not launched as a distributed job of the plan's size, or the
-            model is of an unsupported family.
-        PlanValidationError: The plan does not fit the model (layers, divisibility,
-            micro-batches).
+            model cannot be exported.
+        PlanValidationError: The plan does not fit the model (stage boundaries,
+            shardings, micro-batches). Both are raised before any process-group work.
     """
+    from autopar.emit.build import apply_plan, prepare
     from autopar.emit.mesh import init_distributed
 
-    inputs = _positional(example_inputs)
-    if plan is None:
-        plan = _plan_everywhere(model, inputs, cluster, global_batch_size, plan_options)
+    inputs = keyword_inputs(model, example_inputs)
+    program = prepare(model, inputs, plan)  # everything that can refuse, before any collective
     env = init_distributed(plan.layout.num_gpus)
-    from autopar.emit.build import apply_plan
-
-    return apply_plan(model, inputs, plan, env, seed=seed)
+    return apply_plan(model, inputs, plan, env, seed=seed, program=program)
 
 
-def _positional(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Example inputs as a tuple of tensors: a tensor, a sequence, or a one-entry mapping (``{"input_ids": x}``)."""
+def keyword_inputs(model: nn.Module, example_inputs: ExampleInputs) -> dict[str, torch.Tensor]:
+    """Example inputs as keyword tensors, positional ones named after ``model.forward``'s parameters.
+
+    Raises:
+        UserInputError: Not tensors, or more positional inputs than ``forward`` takes.
+    """
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        example_inputs = (example_inputs,)
     if isinstance(example_inputs, Mapping):
-        if len(example_inputs) != 1:
-            raise UserInputError(
-                f"parallelize runs models on one positional input (token ids); got keyword inputs "
-                f"{sorted(example_inputs)}"
-            )
-        return tuple(example_inputs.values())
-    inputs = tuple(example_inputs)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise UserInputError(f"example_inputs must be tensors, got {[type(t).__name__ for t in inputs]}")
+        inputs = dict(example_inputs)
+    else:
+        values = tuple(example_inputs)
+        names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(values) > len(names):
+            raise UserInputError(f"{len(values)} positional example inputs, but {type(model).__name__}.forward "
+                                 f"takes {len(names)} ({names})")
+        inputs = dict(zip(names, values))
+    bad = {k: type(v).__name__ for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+    if not inputs or bad:
+        raise UserInputError(f"example_inputs must be tensors, got {bad or 'nothing'}")
     return inputs
 
 
-def _plan_everywhere(
-    model: nn.Module, example_inputs: Sequence[torch.Tensor], cluster: Any, global_batch_size: int | None,
-    options: dict[str, Any],
-) -> Plan:
-    """Plan on rank 0 and broadcast the plan's JSON (or rank 0's error) to every rank."""
-    import os
+def share_from_rank0(compute: Callable[[], str]) -> str:
+    """Run ``compute`` on rank 0 only and hand its text (or its autopar error) to every rank.
 
+    Outside a distributed job it just runs ``compute``. An ``AutoparError`` raised
+    on rank 0 is raised on every rank with its original class and message, so no
+    rank waits forever for a plan that never comes.
+    """
     import torch.distributed as dist
 
     from autopar.emit.mesh import init_process_group, select_backend
 
-    if cluster is None or global_batch_size is None:
-        raise UserInputError("parallelize needs either plan= or both cluster= and global_batch_size=")
     distributed = dist.is_initialized() or "WORLD_SIZE" in os.environ
     if distributed and not dist.is_initialized():
         init_process_group(select_backend()[0])  # autopar's collective timeout and heartbeat watchdog
     rank = dist.get_rank() if distributed else 0
-    logger.info("rank %d: %s", rank, "planning" if rank == 0 else "waiting for rank 0's plan")
     message: tuple[str, str] = ("", "")
     if rank == 0:
-        from autopar import api
-
-        world = dist.get_world_size() if distributed else 1
-        pins = {"num_gpus": world, **(options.pop("constraints", None) or {})}  # the plan must fill this job
         try:
-            made = api.plan(model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
-                            constraints=pins, **options)
-            best = made[0] if isinstance(made, list) else made  # top_k > 1 returns a ranking
-            message = ("plan", best.to_json())
+            message = ("ok", compute())
         except AutoparError as e:
-            message = ("error", f"{type(e).__name__}: {e}")
+            message = (type(e).__name__, str(e))
+            if not distributed:
+                raise
     if distributed:
         box: list[Any] = [message]
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         dist.broadcast_object_list(box, src=0, device=device)
         message = box[0]
     kind, text = message
-    if kind == "error":
-        raise PlanValidationError(f"planning on rank 0 failed: {text}")
-    return Plan.from_json(text)
+    if kind != "ok":
+        cls = getattr(errors, kind, AutoparError)
+        raise (cls if isinstance(cls, type) and issubclass(cls, AutoparError) else AutoparError)(
+            f"on rank 0: {text}")
+    return text

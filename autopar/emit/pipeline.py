@@ -1,76 +1,35 @@
-"""Pipeline parallelism: the plan's stage boundaries and schedule, on ``torch.distributed.pipelining``.
+"""Pipeline parallelism: the split program's stages on ``torch.distributed.pipelining``.
 
-``cut_stages`` maps the plan's stages (ranges of layers named by module path) to
-what each stage module keeps; ``build_schedule`` wraps this rank's stage modules
-in ``PipelineStage`` objects and picks the schedule the plan named:
-GPipe → ``ScheduleGPipe``, 1F1B → ``Schedule1F1B``, interleaved 1F1B →
+``build_schedule`` wraps this rank's stage modules (cut from the exported
+program by ``autopar.emit.program``) in ``_PipelineStage`` objects, which read
+the shapes of what crosses each boundary from the program itself (values may
+travel to any later stage, not only the next), and picks the schedule the plan
+named: GPipe → ``ScheduleGPipe``, 1F1B → ``Schedule1F1B``, interleaved 1F1B →
 ``ScheduleInterleaved1F1B`` over ``virtual_stages`` stages per rank.
-
-Stage input/output shapes are given statically (from the model's sizes and the
-plan's micro-batch), so no metadata-inference pass runs before the first step.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from autopar.emit.adapters import ModelAdapter, StageCut
 from autopar.errors import PlanValidationError
-from autopar.plan import Layout, Plan, Schedule
+from autopar.plan import Layout, Schedule
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
     from torch.distributed.pipelining.schedules import _PipelineSchedule
 
+    from autopar.emit.program import Program
+
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss_fn(output, target) -> scalar``: the mean loss of one micro-batch."""
-
-
-def cut_stages(plan: Plan, model: nn.Module, adapter: ModelAdapter) -> tuple[StageCut, ...]:
-    """What each of the plan's stages keeps of ``model``.
-
-    Layers whose paths are the model's blocks go to their stage; every other layer
-    must precede all blocks (embeddings: the first stage) or follow them (head:
-    the last stage).
-
-    Raises:
-        PlanValidationError: The plan's block paths are not the model's blocks in
-            order, or an embedding/head layer sits in a middle stage.
-    """
-    blocks = adapter.block_paths(model)
-    block_set = set(blocks)
-    order = [p for stage in plan.stages for p in stage.module_paths]
-    positions = [i for i, p in enumerate(order) if p in block_set]
-    if not positions or [order[i] for i in positions] != list(blocks):
-        raise PlanValidationError(
-            f"the plan's layers {order} do not list the model's blocks {list(blocks)} in order; "
-            f"was the plan made for this model?"
-        )
-    first_end, last_start = plan.stages[0].layer_end, plan.stages[-1].layer_start
-    for i, path in enumerate(order):
-        in_first = i < positions[0] and i < first_end  # embeddings, in the first stage
-        in_last = i > positions[-1] and i >= last_start  # head, in the last stage
-        if path not in block_set and not (in_first or in_last):
-            raise PlanValidationError(
-                f"layer {i} ({path!r}) is not a block; it must sit in the first stage (before the blocks) "
-                f"or the last stage (after them)"
-            )
-    n = len(plan.stages)
-    return tuple(
-        StageCut(
-            blocks=tuple(p for p in stage.module_paths if p in block_set),
-            has_pre=stage.index == 0,
-            has_post=stage.index == n - 1,
-        )
-        for stage in plan.stages
-    )
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+"""``loss_fn(output, target) -> scalar``: the mean loss of one micro-batch (output as ``model.forward`` returns it)."""
 
 
 def validate_schedule(layout: Layout) -> None:
@@ -85,16 +44,21 @@ def validate_schedule(layout: Layout) -> None:
             )
 
 
+def _only_received(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Later stages take what earlier stages send, not the model's inputs."""
+    return args, {}
+
+
 def build_schedule(
-    modules: Sequence[tuple[int, nn.Module, torch.Tensor, torch.Tensor]], *, layout: Layout, device: torch.device,
+    program: Program, modules: Sequence[tuple[int, nn.Module]], *, layout: Layout, device: torch.device,
     group: ProcessGroup, loss_fn: LossFn,
 ) -> _PipelineSchedule:
-    """``PipelineStage`` objects for this rank's stage modules, run by the plan's schedule.
+    """``_PipelineStage`` objects for this rank's stage modules, run by the plan's schedule.
 
     Args:
-        modules: (stage index, stage module, example input, example output) for
-            each local stage, in stage order; examples are meta tensors shaped like
-            one micro-batch.
+        program: The split program (its ``pipe`` describes how stages connect).
+        modules: (stage index, stage module) for each local stage, in stage order,
+            after TP, AC and FSDP were applied.
         layout: The plan's layout (schedule, pp, virtual stages, micro-batches).
         device: This rank's device.
         group: The ``pp`` process group.
@@ -102,18 +66,15 @@ def build_schedule(
             the number of micro-batches (``scale_grads``), so a mean loss per
             micro-batch gives the mean over the whole batch.
     """
-    from torch.distributed.pipelining import (
-        PipelineStage,
-        Schedule1F1B,
-        ScheduleGPipe,
-        ScheduleInterleaved1F1B,
-    )
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining.stage import _PipelineStage
 
+    info = program.pipe.info()
+    for index, module in modules:
+        if index > 0:  # multi-stage schedules hand the model's keyword inputs to every local stage
+            module.register_forward_pre_hook(_only_received, with_kwargs=True, prepend=True)
+    stages = [_PipelineStage(module, index, info, device, group) for index, module in modules]
     num_stages = layout.pp * layout.virtual_stages
-    stages = [
-        PipelineStage(module, index, num_stages, device, input_args=(x,), output_args=(y,), group=group)
-        for index, module, x, y in modules
-    ]
     nmb = layout.num_micro_batches
     match layout.schedule:
         case Schedule.GPIPE:

@@ -10,8 +10,9 @@ the global batch, as in a single-process run. The caller then steps its optimize
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +30,12 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.pipelining.schedules import _PipelineSchedule
 
+    from autopar.emit.program import Program
+
 logger = logging.getLogger(__name__)
 
-Batch = torch.Tensor | Sequence[torch.Tensor]
-"""Model inputs: one tensor, or a tuple of tensors (batch dim first)."""
+Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+"""Model inputs: one tensor, a tuple of positional tensors, or keyword tensors (batch dim first)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,16 +52,21 @@ class LossSlot:
     """The loss function the pipeline schedule calls: whichever ``step`` was last given.
 
     The schedule is built once with a fixed ``loss_fn``; this indirection lets
-    every ``ParallelModel.step`` pass its own.
+    every ``ParallelModel.step`` pass its own. The last stage's flat outputs are
+    nested back into what ``model.forward`` returns (a ``ModelOutput``, a dict, a
+    tensor) before the loss sees them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, out_spec: Any) -> None:
         self.fn: LossFn | None = None
+        self.out_spec = out_spec
 
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        from autopar.emit.program import unflatten_output
+
         if self.fn is None:
             raise UserInputError("the pipeline computed a loss outside ParallelModel.step()")
-        return self.fn(output, target)
+        return self.fn(unflatten_output(output, self.out_spec), target)
 
 
 class PartsOptimizer(torch.optim.Optimizer):
@@ -91,7 +99,8 @@ class ParallelModel:
 
     def __init__(
         self, *, plan: Plan, mesh: DeviceMesh, env: DistEnv, parts: Sequence[nn.Module],
-        schedule: _PipelineSchedule | None, role: StageRole, loss_slot: LossSlot,
+        schedule: _PipelineSchedule | None, role: StageRole, loss_slot: LossSlot, program: Program,
+        seed: int = 0,
     ) -> None:
         self.plan = plan
         """The plan this model runs."""
@@ -104,6 +113,9 @@ class ParallelModel:
         self._schedule = schedule
         self._role = role
         self._loss_slot = loss_slot
+        self._program = program
+        self._seed = seed
+        self._steps = 0
 
     # ---- modules and parameters -----------------------------------------------------------------
 
@@ -154,21 +166,53 @@ class ParallelModel:
         Args:
             inputs: The global batch (leading dim ``layout.global_batch_size``; each
                 data-parallel rank takes its slice) or this rank's slice (leading dim
-                ``micro_batch_size · num_micro_batches``). The same on every rank.
+                ``micro_batch_size · num_micro_batches``): a tensor, positional
+                tensors, or keyword tensors such as ``{"input_ids": ..., "attention_mask": ...}``.
+                The same on every rank.
             targets: Targets, batched like ``inputs``.
             loss_fn: ``loss_fn(output, target)`` → mean loss of one micro-batch; the
-                output is what the model returns (logits for the supported models).
+                output is what the model's forward returns (logits, a dict, a ``ModelOutput``).
 
         Returns:
             The global-batch mean loss (a detached scalar, the same on every rank).
         """
-        xs = tuple(self._local(t) for t in _as_tuple(inputs))
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        xs = {k: self._local(v) for k, v in self._keywords(inputs).items()}
         y = self._local(targets)
-        if self._schedule is None:
-            loss = self._accumulate(xs, y, loss_fn)
-        else:
-            loss = self._pipeline(xs, y, loss_fn)
+        with self._step_rng(), implicit_replication():  # tensors the program makes (masks) act as replicated
+            loss = self._accumulate(xs, y, loss_fn) if self._schedule is None else self._pipeline(xs, y, loss_fn)
+        from autopar.emit.tied import sum_tied_grads
+
+        sum_tied_grads(self.parts, self._program.tied, self.mesh)
+        self._steps += 1
         return self._global_mean(loss)
+
+    def _keywords(self, inputs: Batch) -> dict[str, torch.Tensor]:
+        names = self._program.input_names
+        if isinstance(inputs, Mapping):
+            if set(inputs) != set(names):
+                raise UserInputError(f"inputs {sorted(inputs)} differ from the example inputs {sorted(names)}")
+            return dict(inputs)
+        values = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        if len(values) != len(names):
+            raise UserInputError(f"{len(values)} inputs given, the example inputs had {len(names)} ({list(names)})")
+        return dict(zip(names, values, strict=True))
+
+    @contextlib.contextmanager
+    def _step_rng(self) -> Iterator[None]:
+        """Seed this step's randomness (dropout) alike on every tp rank of a (pp, dp) position.
+
+        Replicated activations then get identical dropout masks across the
+        tensor-parallel group, and a seed replays the same masks run after run.
+        On CUDA meshes DTensor's offset-based tracker also keeps sharded
+        activations' masks independent. The caller's RNG state is restored.
+        """
+        seed = hash((self._seed, self._steps, axis_rank(self.mesh, MeshAxis.PP),
+                     axis_rank(self.mesh, MeshAxis.DP))) % (2**63)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
         """This data-parallel rank's rows of ``batch``, on this rank's device."""
@@ -186,28 +230,29 @@ class ParallelModel:
             )
         return batch.to(self.device, non_blocking=True)
 
-    def _accumulate(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def _accumulate(self, xs: dict[str, torch.Tensor], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
         from torch.distributed.fsdp import FSDPModule
 
         module = self.parts[0]
         nmb = self.plan.layout.num_micro_batches
-        x_chunks = [x.chunk(nmb) for x in xs]
+        x_chunks = {k: v.chunk(nmb) for k, v in xs.items()}
         total = torch.zeros((), device=self.device)
         for i, y_mb in enumerate(y.chunk(nmb)):
             if isinstance(module, FSDPModule):  # reduce gradients once, after the last micro-batch
                 module.set_requires_gradient_sync(i == nmb - 1)
-            loss = loss_fn(module(*(c[i] for c in x_chunks)), y_mb)
+            self._loss_slot.fn = loss_fn
+            loss = self._loss_slot(module(**{k: c[i] for k, c in x_chunks.items()}), y_mb)
             (loss / nmb).backward()
             total += loss.detach().float()
         return total / nmb
 
-    def _pipeline(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def _pipeline(self, xs: dict[str, torch.Tensor], y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
         assert self._schedule is not None
         self._loss_slot.fn = loss_fn
         losses: list[torch.Tensor] = []
-        args = xs if self._role.first else ()
+        kwargs = xs if self._role.first else {}
         target = y if self._role.last else None
-        self._schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        self._schedule.step(target=target, losses=losses, return_outputs=False, **kwargs)
         if not self._role.last:
             return torch.zeros((), device=self.device)
         return torch.stack([loss.detach().float() for loss in losses]).mean()
@@ -256,7 +301,3 @@ class ParallelModel:
         from autopar.emit.checkpoint import load_checkpoint
 
         load_checkpoint(self, path, optimizer)
-
-
-def _as_tuple(inputs: Batch) -> tuple[torch.Tensor, ...]:
-    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)

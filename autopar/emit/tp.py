@@ -1,238 +1,263 @@
-"""Tensor (and sequence) parallelism: the plan's module styles as a ``parallelize_module`` plan.
+"""Tensor (and sequence) parallelism: the plan's shardings as DTensor placements on the stage's parameters.
 
-The plan says, per layer kind, which modules are split column-wise, row-wise or
-kept whole (``ShardingPlan.modules``, paths relative to the layer). This file
-turns that into torch's ``ParallelStyle`` objects, choosing input/output layouts
-by where the module runs (after torchtitan's ``apply_tp``):
+The ILP decides, per layer kind, which parameterised modules are split and how
+(``ShardingPlan.modules``: ``colwise``, ``rowwise``, ``replicate``). Every
+parameter of the stage becomes a DTensor on the ``tp`` axis with the placement
+that decision implies, and the stage's exported program then runs on DTensors:
+DTensor's sharding propagation computes every op (views with global shapes,
+attention on head shards, slices of fused projections) exactly, inserting the
+collectives where an op's operands disagree. So whatever the plan shards, the
+program computes the original function; no head count is rewritten and no
+family's forward is restated.
 
-=========  ============================  ===========================================
-region     without sequence parallelism  with sequence parallelism (residual stream
-                                         sharded on the sequence dim, ``Shard(1)``)
-=========  ============================  ===========================================
-block      colwise: Replicate → Shard(-1) norms: ``SequenceParallel``; the parent of
-           rowwise: Shard(-1) → Replicate colwise modules all-gathers its input
-                                         (``PrepareModuleInput``); rowwise
-                                         reduce-scatters to ``Shard(1)``
-pre        colwise/rowwise with          outputs ``Shard(seq dim)`` (replicated
-(embeds)   Replicate input and output    embeddings are sliced locally)
-post       colwise/rowwise with          norms: ``SequenceParallel``; the head
-(head)     Replicate input and output    gathers ``Shard(1)`` input; output Replicate
-=========  ============================  ===========================================
+Which weight dim a style splits depends on how the module stores its weight,
+the one piece of module knowledge here (``WEIGHT_DIMS``): a Linear keeps
+(out, in), an Embedding (vocab, dim), Hugging Face's ``Conv1D`` (GPT-2) (in, out).
 
-The head's output is always replicated, so the loss sees full logits.
+With sequence parallelism the residual stream between blocks is kept sharded
+along the sequence (``Shard(1)``): each block's outputs are redistributed to
+``Shard(1)`` (a reduce-scatter of the row-parallel partial sums), and each
+column-parallel module gathers its input first (``Replicate``), Megatron's
+pattern written as explicit redistributes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
-from autopar.emit.adapters import ModelAdapter
 from autopar.errors import PlanValidationError
 from autopar.plan import StagePlan, TPStyle
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor.parallel import ParallelStyle
+    from torch.distributed.tensor import Placement
 
 logger = logging.getLogger(__name__)
 
-_NORM_SUFFIXES = ("LayerNorm", "RMSNorm")
-"""Class-name endings that mark normalisation layers (torch's and Hugging Face's)."""
+WEIGHT_DIMS: Mapping[str, Mapping[TPStyle, int]] = {
+    "Linear": {TPStyle.COLWISE: 0, TPStyle.ROWWISE: 1},
+    "Embedding": {TPStyle.COLWISE: 1, TPStyle.ROWWISE: 0},
+    "Conv1D": {TPStyle.COLWISE: 1, TPStyle.ROWWISE: 0},
+}
+"""Weight layout → the dim each style splits. ``Linear`` also covers its subclasses
+(e.g. Falcon's ``FalconLinear``) and other modules with a 2-D weight that ``F.linear``
+reads (an MoE router), the layout the planner assumes for them
+(``solvers/layer_result._style``); ``Conv1D`` is ``transformers.pytorch_utils.Conv1D``,
+whose weight is stored transposed (``x @ W + b``)."""
 
 
-def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` normalises over the hidden dim (LayerNorm, RMSNorm and look-alikes).
+def weight_kind(module: nn.Module) -> str | None:
+    """The ``WEIGHT_DIMS`` key for ``module``, or None for modules whose weight no style splits.
 
     Example:
-        >>> is_norm(nn.LayerNorm(8)), is_norm(nn.Linear(8, 8))
-        (True, False)
+        >>> weight_kind(nn.Linear(2, 3)), weight_kind(nn.Embedding(4, 2)), weight_kind(nn.LayerNorm(2))
+        ('Linear', 'Embedding', None)
     """
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(_NORM_SUFFIXES)
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Embedding):
+        return "Embedding"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    if type(module).__name__ == "Conv1D":
+        return "Conv1D"
+    return "Linear"  # any other 2-D weight (e.g. an MoE router's) is read as F.linear reads it: (out, in)
 
 
 def _join(root: str, rel: str) -> str:
     return ".".join(p for p in (root, rel) if p)
 
 
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def resolve_styles(stage_module: nn.Module, stage: StagePlan) -> dict[str, TPStyle]:
+def resolve_styles(model: nn.Module, stage: StagePlan) -> dict[str, TPStyle]:
     """Absolute module path → style for every module the stage's sharding plans name.
 
     A ``ShardingPlan`` applies to a layer of the stage when all of its relative
     paths exist under the layer's module (a layer whose path is not a module, such
-    as a synthetic embedding layer, is rooted at the model itself). This applies a
-    plan to every repeated layer of its kind.
+    as ``model.norm+lm_head``, is rooted at the model itself). This applies a plan
+    to every repeated layer of its kind.
 
-    Raises:
-        PlanValidationError: Two plans give one module different styles.
+    A module two layers read (a tied embedding also used as the LM head) may get
+    two styles. One tensor has one placement, and DTensor computes both uses
+    exactly under either, so the split style wins over ``replicate`` (the planner
+    counted its memory split) and, between two splits, the first layer's.
     """
+    names = {name for name, _ in model.named_modules()}
     styles: dict[str, TPStyle] = {}
     for layer_path in stage.module_paths:
-        root = layer_path if _has(stage_module, layer_path) else ""
+        root = layer_path if layer_path in names else ""
         for sharding in stage.sharding:
             targets = {_join(root, rel): style for rel, style in sharding.modules.items()}
-            if not targets or not all(_has(stage_module, t) for t in targets):
+            if not targets or not all(t in names for t in targets):
                 continue
             for path, style in targets.items():
-                if styles.setdefault(path, style) is not style:
-                    raise PlanValidationError(
-                        f"stage {stage.index}: module {path!r} is {styles[path].value} in one sharding "
-                        f"plan and {style.value} in {sharding.layer_kind!r}"
-                    )
+                if styles.get(path, TPStyle.REPLICATE) is TPStyle.REPLICATE:
+                    styles[path] = style
+                elif style not in (styles[path], TPStyle.REPLICATE):
+                    logger.info("stage %d: module %r is %s in one sharding plan and %s in %r; keeping %s",
+                                stage.index, path, styles[path].value, style.value, sharding.layer_kind,
+                                styles[path].value)
     return styles
 
 
-def validate_divisible(stage_module: nn.Module, styles: Mapping[str, TPStyle], tp: int) -> None:
-    """Raise ``PlanValidationError`` if a split dimension is not divisible by ``tp``."""
-    for path, style in styles.items():
-        module = stage_module.get_submodule(path)
+def param_placements(model: nn.Module, styles: Mapping[str, TPStyle], names: Sequence[str]) -> dict[str, int | None]:
+    """Parameter name → the dim it is sharded on over ``tp`` (None: replicated).
+
+    A split module's weight is sharded on the dim its style names; a column-split
+    module's bias follows its output features; everything else is replicated.
+
+    Raises:
+        PlanValidationError: A style names a module whose weight layout is unknown.
+    """
+    dims: dict[str, int | None] = {}
+    for name in names:
+        module_path, _, leaf = name.rpartition(".")
+        style = styles.get(module_path, TPStyle.REPLICATE)
+        dims[name] = None
         if style is TPStyle.REPLICATE:
             continue
-        if isinstance(module, nn.Linear):
-            dim = module.out_features if style is TPStyle.COLWISE else module.in_features
-        elif isinstance(module, nn.Embedding):
-            dim = module.embedding_dim if style is TPStyle.COLWISE else module.num_embeddings
-        else:
+        kind = weight_kind(model.get_submodule(module_path))
+        if kind is None:
             raise PlanValidationError(
-                f"module {path!r} ({type(module).__name__}) is {style.value} but only Linear and "
-                f"Embedding modules can be split"
+                f"module {module_path!r} ({type(model.get_submodule(module_path)).__name__}) is {style.value} "
+                f"in the plan, but it has no 2-D weight to split ({sorted(WEIGHT_DIMS)} layouts); pin tp=1"
             )
-        if dim % tp:
-            raise PlanValidationError(f"module {path!r}: dimension {dim} split {style.value} is not divisible by tp={tp}")
+        if leaf == "weight":
+            dims[name] = WEIGHT_DIMS[kind][style]
+        elif leaf == "bias" and style is TPStyle.COLWISE:
+            dims[name] = 0
+    return dims
 
 
-def build_tp_plan(
-    stage_module: nn.Module, styles: Mapping[str, TPStyle], adapter: ModelAdapter, *, sequence_parallel: bool
-) -> dict[str, ParallelStyle]:
-    """The ``parallelize_module`` plan (absolute path → ``ParallelStyle``) for one stage module."""
-    plan: dict[str, ParallelStyle] = {}
-    for path, style in styles.items():
-        region = adapter.region(stage_module, path)
-        parallel = _style(region, style, sequence_parallel, adapter.output_sequence_dim(path))
-        if parallel is not None:
-            plan[path] = parallel
-    if sequence_parallel:
-        plan.update(_sequence_parallel_extras(stage_module, styles, adapter))
-    return plan
-
-
-def _style(region: str, style: TPStyle, sp: bool, seq_dim: int) -> ParallelStyle | None:
-    """The style of one colwise/rowwise module; replicated modules get None (see ``_sequence_parallel_extras``)."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    match region, style:
-        case _, TPStyle.REPLICATE:
-            return None
-        case "block", TPStyle.COLWISE:
-            return ColwiseParallel()
-        case "block", TPStyle.ROWWISE:
-            return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
-        case "pre", TPStyle.COLWISE:
-            return ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(seq_dim) if sp else Replicate())
-        case "pre", TPStyle.ROWWISE:
-            return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(seq_dim) if sp else Replicate())
-        case "post", TPStyle.COLWISE:
-            return ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
-        case "post", TPStyle.ROWWISE:
-            return RowwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate())
-        case _:
-            raise ValueError(f"no tensor-parallel rule for region {region!r}, style {style!r}")
-
-
-def _sequence_parallel_extras(
-    stage_module: nn.Module, styles: Mapping[str, TPStyle], adapter: ModelAdapter
-) -> dict[str, ParallelStyle]:
-    """Norms, input gathers and sequence slicing that sequence parallelism adds around the split modules."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        PrepareModuleOutput,
-        SequenceParallel,
-    )
-
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
-    extras: dict[str, ParallelStyle] = {}
-    blocks = set(adapter.block_paths(stage_module))
-    for path, module in stage_module.named_modules():
-        split = styles.get(path, TPStyle.REPLICATE) is not TPStyle.REPLICATE
-        has_params = any(True for _ in module.parameters(recurse=False))
-        if not path or split or not (has_params or is_norm(module)):
-            continue
-        region = adapter.region(stage_module, path)
-        if region in ("block", "post") and is_norm(module):
-            extras[path] = SequenceParallel()
-        elif region == "pre":  # a replicated embedding: slice its output along the sequence locally
-            seq = Shard(adapter.output_sequence_dim(path))
-            extras[path] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq)
-        elif region == "post":  # a replicated head: gather the sequence first
-            extras[path] = gather
-    for path in _colwise_parents(styles, blocks):
-        parent = stage_module.get_submodule(path)
-        _check_no_norm_inside(parent, path)
-        kwarg = adapter.hidden_kwarg(parent)
-        extras[path] = gather if kwarg is None else PrepareModuleInput(
-            input_kwarg_layouts={kwarg: Shard(1)}, desired_input_kwarg_layouts={kwarg: Replicate()},
-            use_local_output=True,
-        )
-    for path, style in styles.items():  # colwise modules that read the residual stream directly
-        if style is TPStyle.COLWISE and path.rpartition(".")[0] in blocks:
-            extras[path] = ColwiseParallel(input_layouts=Shard(1))
-    return extras
-
-
-def _colwise_parents(styles: Mapping[str, TPStyle], blocks: set[str]) -> list[str]:
-    parents = {path.rpartition(".")[0] for path, style in styles.items() if style is TPStyle.COLWISE}
-    inside = [p for p in parents if p not in blocks and any(p.startswith(b + ".") for b in blocks)]
-    return sorted(inside)
-
-
-def _check_no_norm_inside(parent: nn.Module, path: str) -> None:
-    for name, module in parent.named_modules():
-        if name and is_norm(module):
-            raise PlanValidationError(
-                f"sequence parallelism gathers the input of {path!r}, but it contains the norm {name!r}; "
-                f"only pre-norm blocks whose norms sit beside attention/MLP are supported"
-            )
-
-
-def apply_tp(
-    stage_module: nn.Module, tp_mesh: DeviceMesh, stage: StagePlan, adapter: ModelAdapter, *,
-    sequence_parallel: bool,
-) -> dict[str, TPStyle]:
-    """Split the stage's modules over the ``tp`` axis as the plan says (in place).
+def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, stage: StagePlan, *,
+             sequence_parallel: bool, block_paths: Sequence[str]) -> dict[str, int | None]:
+    """Make every parameter of the stage a DTensor on ``tp`` and run the stage on DTensors (in place).
 
     Args:
-        stage_module: This rank's stage (before activation checkpointing and FSDP).
+        stage_module: The stage's module (from ``autopar.emit.program``), before AC and FSDP.
+        model: The original model (module types, for weight layouts).
         tp_mesh: The one-dimensional ``tp`` sub-mesh.
-        stage: The plan's stage (its ``sharding`` and ``module_paths``).
-        adapter: The model family.
-        sequence_parallel: ``layout.sequence_parallel``.
+        stage: The plan's stage.
+        sequence_parallel: Keep the residual stream sharded on the sequence between blocks.
+        block_paths: The stage's blocks.
 
     Returns:
-        The resolved absolute path → style map (for logging and tests).
+        Parameter name → sharded dim (None: replicated), for logging and tests.
     """
-    from torch.distributed.tensor.parallel import parallelize_module
+    import torch.fx as fx
 
-    styles = resolve_styles(stage_module, stage)
-    validate_divisible(stage_module, styles, tp_mesh.size())
-    plan = build_tp_plan(stage_module, styles, adapter, sequence_parallel=sequence_parallel)
-    if plan:
-        parallelize_module(stage_module, tp_mesh, plan)
-    counts = {style.value: sum(s is style for s in styles.values()) for style in TPStyle}
-    logger.info("stage %d: tensor parallel over %d ranks, modules per style %s%s", stage.index, tp_mesh.size(),
-                counts, " with sequence parallelism" if sequence_parallel else "")
-    logger.debug("stage %d styles: %s", stage.index, {p: s.value for p, s in styles.items()})
-    return styles
+    from autopar.emit.dtensor_rules import register_rules, replicate_unruled_ops
+
+    register_rules()
+    graphs = [m for m in stage_module.modules() if isinstance(getattr(m, "graph", None), fx.Graph)]
+    replicated = replicate_unruled_ops(graphs)
+    if replicated:
+        logger.info("stage %d: ops without a DTensor rule run replicated: %s", stage.index, replicated)
+    styles = resolve_styles(model, stage)
+    names = [n for n, _ in stage_module.named_parameters(remove_duplicate=False)]
+    dims = param_placements(model, styles, names)
+    _distribute(stage_module, tp_mesh, dims)
+    stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh), with_kwargs=True)
+    stage_module.register_forward_hook(_outputs_to_local)
+    _reduce_row_outputs(stage_module, model, styles, sequence_parallel)
+    if sequence_parallel:
+        _sequence_parallel(stage_module, styles, block_paths)
+    split = sum(d is not None for d in dims.values())
+    logger.info("stage %d: tensor parallel over %d ranks, %d of %d parameters sharded%s", stage.index,
+                tp_mesh.size(), split, len(dims), " with sequence parallelism" if sequence_parallel else "")
+    return dims
+
+
+def _distribute(stage_module: nn.Module, mesh: DeviceMesh, dims: Mapping[str, int | None]) -> None:
+    """Replace each parameter by a DTensor parameter; a tensor under several names stays one tensor."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    done: dict[int, nn.Parameter] = {}
+    for name, param in list(stage_module.named_parameters(remove_duplicate=False)):
+        if id(param) not in done:
+            dim = dims[name]
+            placement: Placement = Replicate() if dim is None else Shard(dim)
+            data = distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None)
+            done[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+        parent, _, leaf = name.rpartition(".")
+        setattr(stage_module.get_submodule(parent), leaf, done[id(param)])
+
+
+def _inputs_to_dtensor(mesh: DeviceMesh) -> Any:
+    """Stage inputs (full tensors, the same on every tp rank) become replicated DTensors (differentiably)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def wrap(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(wrap(a) for a in args), {k: wrap(v) for k, v in kwargs.items()}
+
+    return hook
+
+
+def _outputs_to_local(module: nn.Module, args: Any, output: Any) -> Any:
+    """Stage outputs leave as full plain tensors: what the next stage or the loss receives."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, output)
+
+
+def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mapping[str, TPStyle],
+                        sequence_parallel: bool) -> None:
+    """Row-split modules reduce their partial sums on the way out (all-reduce, or reduce-scatter under SP).
+
+    A vocabulary-split embedding must: its masked partial result carries the
+    mask only until the next op.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.utils._pytree import tree_map
+
+    def reduce(t: Any) -> Any:
+        if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
+            return t
+        target = [Shard(1) if sequence_parallel and t.dim() >= 3 else Replicate()]
+        # through a local tensor, so the gradient arrives in ``target`` (DTensor cannot turn a partial
+        # gradient into the embedding's masked-partial layout)
+        return DTensor.from_local(t.redistribute(placements=target).to_local(), t.device_mesh, target,
+                                  run_check=False, shape=t.shape, stride=t.stride())
+
+    names = {name for name, _ in stage_module.named_modules()}
+    for path, style in styles.items():
+        if style is TPStyle.ROWWISE and path in names:
+            stage_module.get_submodule(path).register_forward_hook(lambda m, a, out: tree_map(reduce, out))
+
+
+def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], block_paths: Sequence[str]) -> None:
+    """Blocks hand on ``Shard(1)`` hidden states; column-split modules gather their input first."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.utils._pytree import tree_map
+
+    def to(placement: Any) -> Any:
+        def convert(t: Any) -> Any:
+            if isinstance(t, DTensor) and t.dim() >= 3 and t.is_floating_point():
+                return t.redistribute(placements=[placement])
+            return t
+        return convert
+
+    def block_out(module: nn.Module, args: Any, output: Any) -> Any:
+        return tree_map(to(Shard(1)), output)
+
+    def gather_in(module: nn.Module, args: tuple) -> tuple:
+        return tuple(tree_map(to(Replicate()), a) for a in args)
+
+    names = {name for name, _ in stage_module.named_modules()}
+    for path in block_paths:
+        if path in names:
+            stage_module.get_submodule(path).register_forward_hook(block_out)
+    for path, style in styles.items():
+        if style is TPStyle.COLWISE and path in names:
+            stage_module.get_submodule(path).register_forward_pre_hook(gather_in)

@@ -29,6 +29,8 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama",
     "transformers.masking_utils",
     "autopar.emit.build",
+    "autopar.emit.program",
+    "tests.emit.zoo",
     "tests.emit.workers",
 ]
 """Modules the fork server imports once, before any rank is forked."""

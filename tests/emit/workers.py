@@ -50,8 +50,9 @@ def layer_paths(family: str) -> tuple[str, ...]:
     return gpt_layer_paths(N_LAYER) if family == "gpt" else llama_layer_paths(N_LAYER)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one (micro-)batch."""
+def loss_fn(out: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one (micro-)batch; ``out`` is logits or a ``ModelOutput`` with them."""
+    logits = out.logits if hasattr(out, "logits") else out
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 

@@ -1,0 +1,331 @@
+"""The program that runs: the model's exported graph, cut into the plan's pipeline stages.
+
+autopar prices the ATen program of ``model.forward``; the emitter runs that same
+program rather than a hand-written copy of a model family's forward (which is
+how a sliding-window mask or a logit soft-cap gets lost). ``build_program``
+
+1. exports the model at one micro-batch's shapes with ``torch.export``
+   (non-strict, the path capture falls back to for Hugging Face models; static
+   shapes mean only tensors cross stage boundaries, never Python ints);
+2. assigns every graph node to a stage from its ``nn_module_stack``: a stage
+   begins at the first node of its first block (``model.layers.3``), or, when it
+   begins with a non-block layer (a final norm and head), right after the last
+   node of the previous stage's last block;
+3. inserts ``pipe_split`` markers there and lets ``torch.distributed.pipelining``
+   split the graph (``pipeline(split_policy=...)``): each stage is a
+   ``GraphModule`` whose submodules are outlined at their original paths, so
+   parameters keep their fully-qualified names and the per-layer submodules the
+   plan names exist for FSDP and activation checkpointing.
+
+Values that cross several stages (T5's encoder output, attention masks,
+position ids) are outputs of the stage that makes them and travel with the
+pipeline. Model inputs that later stages read are first copied inside stage 0,
+so they travel the same way. Parameters that several stages read (tied
+embeddings) are copied into each stage; ``autopar.emit.tied`` sums their
+gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from autopar.errors import PlanValidationError, UserInputError
+from autopar.graph.layers import block_prefix
+from autopar.plan import Plan
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+    from torch.distributed.pipelining import Pipe
+    from torch.utils._pytree import TreeSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TiedGroup:
+    """One tensor that the model reads under several parameter names."""
+
+    names: tuple[str, ...]
+    """Its parameter names."""
+    shape: tuple[int, ...]
+    """Its (global) shape."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Program:
+    """The exported program of a model, split into the plan's stages."""
+
+    pipe: Pipe
+    """``torch.distributed.pipelining``'s split program (``pipe.get_stage_module(i)``: stage ``i``)."""
+    out_spec: TreeSpec
+    """How the last stage's flat outputs nest into what ``model.forward`` returns (a ``ModelOutput``, dict…)."""
+    input_names: tuple[str, ...]
+    """Keyword names of the model inputs, in the order stage 0 takes them."""
+    block_paths: tuple[tuple[str, ...], ...]
+    """Per stage, module paths of the repeated blocks it runs (its FSDP and checkpointing units)."""
+    tied: tuple[TiedGroup, ...]
+    """Parameters that are one tensor under several names (e.g. embedding and LM head)."""
+
+    def stage_module(self, index: int) -> nn.Module:
+        """Stage ``index``'s module (parameters under their original names)."""
+        return self.pipe.get_stage_module(index)
+
+
+def example_micro_batch(inputs: Mapping[str, torch.Tensor], micro_batch_size: int,
+                        device: torch.device) -> dict[str, torch.Tensor]:
+    """Inputs shaped like one micro-batch, on ``device``: the examples' first rows, repeated as needed."""
+    out: dict[str, torch.Tensor] = {}
+    for name, x in inputs.items():
+        reps = -(-micro_batch_size // x.shape[0])
+        rows = x.repeat(reps, *([1] * (x.dim() - 1)))[:micro_batch_size]
+        out[name] = rows.to(device) if device.type != "meta" or x.device.type == "meta" else torch.zeros(
+            rows.shape, dtype=rows.dtype, device=device)
+    return out
+
+
+def build_program(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Plan) -> Program:
+    """Export ``model`` at one micro-batch's shapes and split it at the plan's stage boundaries.
+
+    Args:
+        model: The model (meta or real); not modified.
+        inputs: Keyword example inputs (batch dim first, any batch size).
+        plan: The plan; its stages name layers by module path.
+
+    Raises:
+        UserInputError: The model cannot be exported.
+        PlanValidationError: A stage boundary cannot be placed (the plan's layers
+            are not this model's, or a block is called in two stages).
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    mb = example_micro_batch(inputs, plan.layout.micro_batch_size, device)
+    stage_blocks = _stage_blocks(plan)
+    was_training = model.training
+    model.train()
+    try:
+        exported = torch.export.export(model, (), mb, strict=False)
+        pipe = _split(model, exported, lambda gm: _insert_splits(gm, plan, stage_blocks))
+    except PlanValidationError:
+        raise
+    except Exception as e:  # export and split failures are diverse; all end in one autopar error
+        raise UserInputError(
+            f"cannot export {type(model).__name__} for emission ({type(e).__name__}: {str(e)[:400]}); "
+            f"autopar runs the exported program, so the model must pass torch.export(strict=False)"
+        ) from e
+    finally:
+        model.train(was_training)
+    if pipe.num_stages != len(plan.stages):
+        raise PlanValidationError(
+            f"the plan has {len(plan.stages)} stages but the model's program split into {pipe.num_stages}; "
+            f"was the plan made for this model?"
+        )
+    _restore_non_persistent(pipe, model)
+    return Program(pipe=pipe, out_spec=exported.call_spec.out_spec, input_names=tuple(mb),
+                   block_paths=stage_blocks, tied=tied_groups(model))
+
+
+def _split(model: nn.Module, exported: Any, policy: Any) -> Pipe:
+    """``pipeline(...)`` on an existing export: ``Pipe.from_tracing`` without its second export.
+
+    Parameters read by several stages are copied into each (``REPLICATE``), and
+    stage 0 takes the model's keyword inputs, as ``Pipe.from_tracing`` arranges.
+    """
+    import copy
+
+    from torch.distributed.pipelining._IR import MultiUseParameterConfig, Pipe
+
+    pipe = Pipe._from_traced(model, exported, MultiUseParameterConfig.REPLICATE, split_policy=policy)
+    first = pipe.get_stage_module(0)
+    traced = exported.module(check_guards=False)
+    first.graph._codegen = copy.deepcopy(traced.graph._codegen)
+    first.graph._codegen.pytree_info = first.graph._codegen.pytree_info._replace(out_spec=None)
+    first.recompile()
+    return pipe
+
+
+def tied_groups(model: nn.Module) -> tuple[TiedGroup, ...]:
+    """Parameters that share one tensor under several names (only groups of two or more)."""
+    owners: dict[int, list[str]] = {}
+    shapes: dict[int, tuple[int, ...]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+        shapes[id(param)] = tuple(param.shape)
+    return tuple(TiedGroup(names=tuple(names), shape=shapes[key]) for key, names in owners.items() if len(names) > 1)
+
+
+def _stage_blocks(plan: Plan) -> tuple[tuple[str, ...], ...]:
+    """Per stage, the plan's layers that are repeated blocks (``block_prefix(path) == path``)."""
+    return tuple(tuple(p for p in stage.module_paths if block_prefix(p) == p) for stage in plan.stages)
+
+
+def _node_block(node: fx.Node) -> str | None:
+    """The innermost block (``model.layers.3``) whose module issued ``node``, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        prefix = block_prefix(_strip(path))
+        if prefix is not None:
+            return prefix
+    return None
+
+
+def _strip(path: str) -> str:
+    """Module path as ``named_modules`` spells it (export writes ``L['self'].model.layers[0]`` in some versions)."""
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "")
+
+
+def _insert_splits(gm: fx.GraphModule, plan: Plan, stage_blocks: Sequence[tuple[str, ...]]) -> fx.GraphModule:
+    """Put ``pipe_split`` before each stage's first node; route inputs that later stages read through stage 0."""
+    from torch.distributed.pipelining._IR import aten_pipe_split_alias
+
+    for n in list(gm.graph.nodes):  # export-time dtype/device assertions: the device changes, DTensor has no rule
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(n)
+    nodes = list(gm.graph.nodes)
+    block_of = {n: _node_block(n) for n in nodes}
+    owner = {b: i for i, blocks in enumerate(stage_blocks) for b in blocks}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for pos, n in enumerate(nodes):
+        b = block_of[n]
+        if b is not None:
+            first.setdefault(b, pos)
+            last[b] = pos
+    missing = [b for b in owner if b not in first]
+    if missing:
+        raise PlanValidationError(f"the plan's blocks {missing} are not modules this program calls; "
+                                  f"was the plan made for this model?")
+    starts = [_stage_start(s, plan, stage_blocks, first, last) for s in range(1, len(stage_blocks))]
+    for s, (a, b) in enumerate(zip(starts, starts[1:]), start=1):
+        if not a < b:
+            raise PlanValidationError(f"stage {s} of the plan holds no node of the program")
+    _check_blocks_whole(nodes, block_of, owner, starts)
+    _route_inputs_through_stage0(gm, nodes, starts[0] if starts else len(nodes))
+    if starts:
+        _route_outputs_through_last_stage(gm, nodes, starts[-1])
+    positions = set(starts)
+    for pos, n in enumerate(list(nodes)):
+        if pos in positions:
+            with gm.graph.inserting_before(n):
+                gm.graph.call_function(aten_pipe_split_alias, (), {})
+    gm.recompile()
+    return gm
+
+
+def _stage_start(s: int, plan: Plan, stage_blocks: Sequence[tuple[str, ...]], first: Mapping[str, int],
+                 last: Mapping[str, int]) -> int:
+    paths = plan.stages[s].module_paths
+    if block_prefix(paths[0]) == paths[0]:
+        return first[paths[0]]
+    earlier = [b for blocks in stage_blocks[:s] for b in blocks]
+    if not earlier:
+        later = [b for blocks in stage_blocks[s:] for b in blocks]
+        if not later:
+            raise PlanValidationError("the plan's stages hold no repeated block to place a boundary at")
+        raise PlanValidationError(
+            f"stage {s} begins with the non-block layer {paths[0]!r} and no earlier stage holds a block; "
+            f"move the boundary to a block (e.g. {later[0]!r})")
+    return last[earlier[-1]] + 1
+
+
+def _check_blocks_whole(nodes: Sequence[fx.Node], block_of: Mapping[fx.Node, str | None],
+                        owner: Mapping[str, int], starts: Sequence[int]) -> None:
+    """Every node of a block lies in the stage the plan gave the block."""
+    bounds = [0, *starts, len(nodes)]
+    for s in range(len(bounds) - 1):
+        for n in nodes[bounds[s]:bounds[s + 1]]:
+            b = block_of[n]
+            if b is not None and b in owner and owner[b] != s:
+                raise PlanValidationError(
+                    f"node {n.name} of block {b!r} runs in stage {s} but the plan puts {b!r} in stage "
+                    f"{owner[b]} (the block is called more than once, or out of order); pin pp=1")
+
+
+def _route_inputs_through_stage0(gm: fx.GraphModule, nodes: Sequence[fx.Node], stage0_end: int) -> None:
+    """Inputs read after stage 0 are cloned in stage 0, so they travel with the pipeline like activations."""
+    later = set(nodes[stage0_end:])
+    anchor = next(n for n in nodes if n.op != "placeholder")
+    for ph in (n for n in nodes if n.op == "placeholder"):
+        users = [u for u in ph.users if u in later]
+        if not users:
+            continue
+        with gm.graph.inserting_before(anchor):
+            copy = gm.graph.call_function(torch.ops.aten.clone.default, (ph,))
+        copy.meta = dict(ph.meta)
+        for u in users:
+            u.replace_input_with(ph, copy)
+
+
+def _route_outputs_through_last_stage(gm: fx.GraphModule, nodes: Sequence[fx.Node], last_start: int) -> None:
+    """Model outputs made by earlier stages (an encoder's last hidden state) are cloned in the last stage,
+    so the last stage returns the whole output."""
+    import torch.fx as fx
+
+    earlier = set(nodes[:last_start])
+    output = nodes[-1]
+
+    def route(a: Any) -> Any:
+        if isinstance(a, fx.Node) and a in earlier:
+            with gm.graph.inserting_before(output):
+                copy = gm.graph.call_function(torch.ops.aten.clone.default, (a,))
+            copy.meta = dict(a.meta)
+            return copy
+        return a
+
+    output.args = fx.node.map_aggregate(output.args, route)
+
+
+def _restore_non_persistent(pipe: Pipe, model: nn.Module) -> None:
+    """Buffers the model does not save (rotary ``inv_freq``) stay out of the stages' state dicts too."""
+    saved = set(model.state_dict())
+    for i in range(pipe.num_stages):
+        stage = pipe.get_stage_module(i)
+        for name, _ in list(stage.named_buffers()):
+            if name not in saved:
+                parent, _, leaf = name.rpartition(".")
+                stage.get_submodule(parent)._non_persistent_buffers_set.add(leaf)
+
+
+def retarget_device(stage_module: nn.Module, device: torch.device) -> int:
+    """Point the program's factory and copy ops (``arange``, ``to(device=...)``) at ``device``.
+
+    The export ran on the model's device (often ``meta``), and the graph records
+    it as a constant argument. Returns the number of arguments changed.
+    """
+    import torch.fx as fx
+
+    def fix(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a != device else a
+
+    changed = 0
+    for module in stage_module.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, fx.Graph):
+            continue
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            args, kwargs = fx.node.map_aggregate(node.args, fix), fx.node.map_aggregate(node.kwargs, fix)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        for owner in (module, getattr(module, "graph_module", None)):
+            if isinstance(owner, fx.GraphModule) and owner.graph is graph:
+                owner.recompile()
+    return changed
+
+
+def flat_outputs(output: Any) -> list[Any]:
+    """The last stage's output as a list of leaves."""
+    return list(output) if isinstance(output, (tuple, list)) else [output]
+
+
+def unflatten_output(output: Any, out_spec: TreeSpec) -> Any:
+    """Nest the last stage's flat outputs back into what ``model.forward`` returns."""
+    from torch.utils._pytree import tree_unflatten
+
+    return tree_unflatten(flat_outputs(output), out_spec)

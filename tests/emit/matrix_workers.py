@@ -1,0 +1,142 @@
+"""Rank code of the architecture × layout matrix (``test_matrix.py``).
+
+One 4-rank process group runs every layout for one architecture: rank 0
+captures the model once and plans each layout with autopar's planner on the
+slow-compute test cluster (``slow_compute.yaml``), every rank receives the
+plans, then each layout is emitted from the same real weights, trained for three
+SGD steps and compared with a single-process run of the original module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.emit.zoo import ARCHS, Arch, batch
+
+CLUSTER = str(Path(__file__).with_name("slow_compute.yaml"))
+GLOBAL_BATCH = 4
+STEPS = 3
+LR = 0.1
+MOMENTUM = 0.9
+
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "tp2_pp2_1f1b": {"dp": 1, "tp": 2, "pp": 2, "schedule": "1f1b", "micro_batch_size": 1, "zero_stage": 0,
+                     "sequence_parallel": False, "recompute": "none"},
+    "dp2_tp2_sp": {"dp": 2, "tp": 2, "pp": 1, "micro_batch_size": 2, "zero_stage": 0, "sequence_parallel": True,
+                   "recompute": "none"},
+    "zero3_dp2_pp2": {"dp": 2, "tp": 1, "pp": 2, "schedule": "1f1b", "micro_batch_size": 1, "zero_stage": 3,
+                      "sequence_parallel": False, "recompute": "none"},
+}
+"""The layouts of the matrix, as pins for the planner (it chooses the stage split and the shardings)."""
+
+
+def build(arch: Arch, *, seed: int = 1234, dropout: bool = False) -> torch.nn.Module:
+    """The architecture's tiny model with weights fixed by ``seed`` (the same on every rank)."""
+    torch.manual_seed(seed)
+    return arch.build(dropout)
+
+
+def plans_for(arch: Arch, layouts: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Layout name → plan JSON (or ``"error:<class>:<message>"``), planned once on rank 0 and shared."""
+    import autopar
+    from autopar.api import plan_graph
+    from autopar.emit.parallelize import share_from_rank0
+    from autopar.errors import AutoparError
+
+    def make() -> str:
+        inputs, _ = batch(arch, 2)
+        graph = autopar.capture(build(arch), inputs)
+        out = {}
+        for name, pins in layouts.items():
+            try:
+                out[name] = plan_graph(graph, cluster=CLUSTER, global_batch_size=GLOBAL_BATCH, constraints=pins,
+                                       dtype="float32").to_json()
+            except AutoparError as e:
+                out[name] = f"error:{type(e).__name__}:{e}"
+        return json.dumps(out)
+
+    return json.loads(share_from_rank0(make))
+
+
+def reference(arch: Arch, data: list[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> tuple[list[float], dict]:
+    """Single-process training of the original module: losses and final parameters."""
+    model = build(arch)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    losses = []
+    for x, y in data:
+        loss = arch.loss(model(**x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
+
+
+def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
+    """Emit ``plan_json`` on this rank, train, and compare with the reference."""
+    from torch.distributed.tensor import DTensor
+
+    import autopar
+    from autopar.plan import Plan
+
+    plan = Plan.from_json(plan_json)
+    data = [batch(arch, GLOBAL_BATCH, seed=10 + i) for i in range(STEPS)]
+    ref_losses, ref_state = reference(arch, data)
+    pm = autopar.parallelize(build(arch), batch(arch, 2)[0], plan=plan)
+    opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    losses = []
+    for x, y in data:
+        losses.append(pm.step(x, y, arch.loss).item())
+        opt.step()
+        opt.zero_grad()
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in pm.state_dict().items()}
+    return {
+        "losses": losses, "ref_losses": ref_losses,
+        "max_diff": max((full[k] - ref_state[k]).abs().max().item() for k in full if k in ref_state),
+        "keys": sorted(k for k in full if k in ref_state), "ref_groups": _alias_groups(build(arch)),
+        "tp_sharded": sorted(_tp_sharded(pm)), "plan": plan.layout.describe(),
+        "stages": [list(s.module_paths) for s in plan.stages],
+    }
+
+
+def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The model's parameters as groups of names (a tied tensor is one group of several names)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return list(groups.values())
+
+
+def _tp_sharded(pm: Any) -> list[str]:
+    """Parameters split over the ``tp`` mesh axis on this rank."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    out = []
+    for name, p in pm.named_parameters():
+        if isinstance(p, DTensor) and "tp" in (p.device_mesh.mesh_dim_names or ()):
+            axis = p.device_mesh.mesh_dim_names.index("tp")
+            if isinstance(p.placements[axis], Shard):
+                out.append(name.replace("_checkpoint_wrapped_module.", ""))
+    return out
+
+
+def check_arch(name: str, layouts: list[str]) -> dict[str, Any]:
+    """Every layout of ``layouts`` for one architecture: results, or the autopar error that refused it."""
+    from autopar.errors import AutoparError
+
+    arch = ARCHS[name]
+    plans = plans_for(arch, {k: LAYOUTS[k] for k in layouts})
+    out: dict[str, Any] = {}
+    for layout, text in plans.items():
+        if text.startswith("error:"):
+            out[layout] = {"refused": text}
+            continue
+        try:
+            out[layout] = run_layout(arch, text)
+        except AutoparError as e:
+            out[layout] = {"refused": f"error:{type(e).__name__}:{e}"}
+    return out
