@@ -21,12 +21,13 @@ TEMP_PREFIX = ".autopar-tmp-"
 """Prefix of the temporary files ``write_atomic`` creates (and removes on failure)."""
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
+def write_atomic(path: str | Path, data: str | bytes, *, what: str = "output file") -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
     Args:
         path: Destination; its directory must exist.
         data: Text (written as UTF-8) or bytes.
+        what: How error messages name the path (e.g. ``"--out"``, ``"cannot write chart"``).
 
     Returns:
         ``path`` as a ``Path``.
@@ -43,7 +44,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """
     out = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    check_writable(out)
+    check_writable(out, what=what)
     try:
         with _temporary(out) as (handle, tmp):
             handle.write(payload)
@@ -52,7 +53,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
             handle.close()
             os.replace(tmp, out)
     except OSError as e:
-        raise UserInputError(f"cannot write {str(out)!r}: {e.strerror or e}") from e
+        raise UserInputError(f"{what} {str(out)!r}: cannot write it: {e.strerror or e}") from e
     return out
 
 

@@ -200,7 +200,7 @@ def save_chart(plan: Plan, path: str | Path) -> Path:
         data = render_html(plan, figure_bytes(fig, "svg").decode()).encode()
     else:
         data = figure_bytes(fig, suffix[1:])
-    return write_atomic(out, data)  # temporary file and rename: never half a chart
+    return write_atomic(out, data, what="cannot write chart")  # temporary file and rename: never half a chart
 
 
 __all__ = ["CHART_SUFFIXES", "build_figure", "draw_memory", "draw_timeline", "figure_bytes", "save_chart"]
