@@ -158,6 +158,25 @@ class ParallelModel:
             part.train(mode)
         return self
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Keyword names of the model inputs (positional example inputs are named after ``forward``'s parameters)."""
+        return self._program.input_names
+
+    def forward(self, inputs: Batch) -> Any:
+        """Run the local model on one micro-batch and return what ``model.forward`` returns (no pipeline only).
+
+        Raises:
+            UserInputError: The plan pipelines the model (use ``step``).
+        """
+        from autopar.emit.program import unflatten_output
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        if self._schedule is not None:
+            raise UserInputError("forward() runs unpipelined plans only; this plan has pipeline stages (use step())")
+        with implicit_replication():
+            return unflatten_output(self.parts[0](**self._keywords(inputs)), self._program.out_spec)
+
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self, inputs: Batch, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:

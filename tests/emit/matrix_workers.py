@@ -40,7 +40,7 @@ def build(arch: Arch, *, seed: int = 1234, dropout: bool = False) -> torch.nn.Mo
     return arch.build(dropout)
 
 
-def plans_for(arch: Arch, layouts: dict[str, dict[str, Any]]) -> dict[str, str]:
+def plans_for(arch: Arch, layouts: dict[str, dict[str, Any]], *, dropout: bool = False) -> dict[str, str]:
     """Layout name → plan JSON (or ``"error:<class>:<message>"``), planned once on rank 0 and shared."""
     import autopar
     from autopar.api import plan_graph
@@ -49,7 +49,7 @@ def plans_for(arch: Arch, layouts: dict[str, dict[str, Any]]) -> dict[str, str]:
 
     def make() -> str:
         inputs, _ = batch(arch, 2)
-        graph = autopar.capture(build(arch), inputs)
+        graph = autopar.capture(build(arch, dropout=dropout), inputs)
         out = {}
         for name, pins in layouts.items():
             try:
@@ -140,3 +140,87 @@ def check_arch(name: str, layouts: list[str]) -> dict[str, Any]:
         except AutoparError as e:
             out[layout] = {"refused": f"error:{type(e).__name__}:{e}"}
     return out
+
+
+def check_dropout(steps: int = 2) -> dict[str, Any]:
+    """GPT-2 with dropout 0.1 under TP2 (planned): masks of replicated activations, and two seeded runs."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    import autopar
+    from autopar.plan import Plan
+
+    arch = ARCHS["gpt2"]
+    pins = {"dp": 1, "tp": 2, "pp": 1, "micro_batch_size": 2, "zero_stage": 0, "sequence_parallel": False,
+            "recompute": "none", "num_gpus": 2}
+    plan = Plan.from_json(plans_for(arch, {"tp2": pins}, dropout=True)["tp2"])
+    data = [batch(arch, GLOBAL_BATCH, seed=20 + i) for i in range(steps)]
+    runs, masks = [], {}
+    for run in range(2):
+        pm = autopar.parallelize(build(arch, dropout=True), batch(arch, 2)[0], plan=plan, seed=5)
+        if run == 0:
+            for name, module in pm.parts[0].named_modules():
+                if name.endswith(("drop", "dropout")):
+                    module.register_forward_hook(lambda m, a, out, name=name: _keep_first(masks, name, out))
+        opt = pm.optimizer(torch.optim.SGD, lr=LR)
+        losses = []
+        for x, y in data:
+            losses.append(pm.step(x, y, arch.loss).item())
+            opt.step()
+            opt.zero_grad()
+        runs.append(losses)
+    replicated = {n: (t.to_local() == 0).flatten().tolist() for n, t in masks.items()
+                  if all(isinstance(p, Replicate) for p in t.placements)}
+    ref_no_dropout, _ = reference(arch, data)
+    return {"runs": runs, "replicated_masks": replicated, "no_dropout_losses": ref_no_dropout,
+            "sharded_weights": len(_tp_sharded(pm))}
+
+
+def _keep_first(store: dict[str, Any], name: str, out: Any) -> None:
+    """Forward hook body: remember a module's first DTensor output (returns None: the output is unchanged)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(out, DTensor):
+        store.setdefault(name, out)
+
+
+def check_tied_resume(first: str, second: str) -> dict[str, Any]:
+    """GPT-2 (tied embedding and LM head): 2 steps under ``first``, checkpoint, 2 more under ``second``."""
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    import autopar
+    from autopar.plan import Plan
+
+    arch = ARCHS["gpt2"]
+    plans = {k: Plan.from_json(v) for k, v in plans_for(arch, {first: LAYOUTS[first],
+                                                             second: LAYOUTS[second]}).items()}
+    data = [batch(arch, GLOBAL_BATCH, seed=30 + i) for i in range(4)]
+    ref_losses, ref_state = reference(arch, data)
+    pm = autopar.parallelize(build(arch), batch(arch, 2)[0], plan=plans[first])
+    opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    losses = [_train_step(pm, opt, arch, x, y) for x, y in data[:2]]
+    box: list[Any] = [tempfile.mkdtemp(prefix="autopar-tied-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    pm.save(box[0], opt)
+    fresh = autopar.parallelize(build(arch, seed=99), batch(arch, 2)[0], plan=plans[second])
+    opt2 = fresh.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    fresh.load(box[0], opt2)
+    losses += [_train_step(fresh, opt2, arch, x, y) for x, y in data[2:]]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(box[0])
+    from torch.distributed.tensor import DTensor
+
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in fresh.state_dict().items()}
+    return {"losses": losses, "ref_losses": ref_losses,
+            "max_diff": max((full[k] - ref_state[k]).abs().max().item() for k in full if k in ref_state),
+            "plans": [plans[first].layout.describe(), plans[second].layout.describe()]}
+
+
+def _train_step(pm: Any, opt: torch.optim.Optimizer, arch: Arch, x: Any, y: torch.Tensor) -> float:
+    loss = pm.step(x, y, arch.loss).item()
+    opt.step()
+    opt.zero_grad()
+    return loss
