@@ -35,7 +35,7 @@ def _predicted(ev: Evaluation, pricing: Pricing, *, seq_len: int, sources: dict[
         step_time_s=step, model_tflops_per_gpu=model_tflops,
         hardware_tflops_per_gpu=ev.hardware_flops / step / gpus / 1e12,
         mfu=model_tflops * 1e12 / pricing.peak_flops_per_s, tokens_per_s=tokens / step,
-        bubble_fraction=ev.bubble_fraction, comm_time_s=dict(ev.comm_time_s), memory=ev.memory,
+        bubble_fraction=ev.bubble_fraction, communication=ev.communication, memory=ev.memory,
         compute_time_s=ev.pipeline_time_s, sources=sources,
     )
 
@@ -52,21 +52,30 @@ def explain_choice(winner: Evaluation, runner_up: Evaluation | None) -> tuple[st
     lines = [f"  runner-up: {b.describe()} at {runner_up.step_time_s:.3f} s/step "
              f"(+{runner_up.step_time_s / winner.step_time_s - 1:.1%})",
              f"  it differs in: {', '.join(diffs) or 'stage boundaries only'}"]
+    # the three terms of the step time (they add up to the difference in step time); TP collectives and
+    # pipeline sends are part of the pipeline term and are named inside it
+    a_comm, b_comm = winner.communication, runner_up.communication
     deltas = {
         "pipeline compute + bubble": runner_up.pipeline_time_s - winner.pipeline_time_s,
         "optimizer update": runner_up.optimizer_time_s - winner.optimizer_time_s,
-        "data-parallel communication": sum(runner_up.comm_time_s.get(k, 0.0) for k in
-                                           ("all_reduce", "reduce_scatter", "all_gather"))
-        - sum(winner.comm_time_s.get(k, 0.0) for k in ("all_reduce", "reduce_scatter", "all_gather")),
+        "exposed data-parallel communication": b_comm.dp_s - a_comm.dp_s,
     }
+    inside = {"TP collectives": b_comm.tp_s - a_comm.tp_s, "pipeline send/recv": b_comm.pp_p2p_s - a_comm.pp_p2p_s}
     for name, delta in sorted(deltas.items(), key=lambda kv: -abs(kv[1])):
         if abs(delta) > 1e-6 * winner.step_time_s:
-            lines.append(f"  {name}: {'+' if delta > 0 else '−'}{abs(delta) * 1e3:.1f} ms for the runner-up")
+            lines.append(f"  {name}: {_signed_ms(delta)} for the runner-up")
+    parts = [f"{name} {_signed_ms(delta)}" for name, delta in inside.items() if abs(delta) > 1e-6 * winner.step_time_s]
+    if parts:
+        lines.append(f"    (inside the pipeline term: {', '.join(parts)})")
     if winner.bubble_fraction != runner_up.bubble_fraction:
         lines.append(f"  pipeline bubble {winner.bubble_fraction:.1%} vs {runner_up.bubble_fraction:.1%}")
     lines.append(f"  peak memory {winner.peak_memory_bytes / 2**30:.1f} GiB vs "
                  f"{runner_up.peak_memory_bytes / 2**30:.1f} GiB per GPU")
     return tuple(lines)
+
+
+def _signed_ms(seconds: float) -> str:
+    return f"{'+' if seconds > 0 else '−'}{abs(seconds) * 1e3:.1f} ms"
 
 
 def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: Pricing, *, cluster_name: str,

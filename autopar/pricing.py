@@ -18,7 +18,8 @@ from typing import Any
 from autopar.cost_models import comm, compute, memory
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
-from autopar.plan import Recompute, ShardingPlan
+from autopar.layout import Recompute
+from autopar.plan import ShardingPlan
 from autopar.solvers.costs import LayerCost
 from autopar.solvers.space import ModelShape
 from autopar.solvers.layer_result import LayerShardingResult
@@ -177,11 +178,11 @@ class GraphPricing:
         flops = layer.forward_flops * scale
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
-        tp_comm = {k: fwd_comm.get(k, 0.0) + bwd_comm.get(k, 0.0) for k in set(fwd_comm) | set(bwd_comm)}
         return LayerCost(
             forward_s=t.forward_s + sum(fwd_comm.values()), backward_s=t.backward_s + sum(bwd_comm.values()),
             forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts),
-            param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp), tp_comm_s=tp_comm,
+            param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp),
+            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()),
         )
 
     def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,

@@ -17,7 +17,7 @@ from autopar.cost_models.comm import (
     Collective,
     bus_bandwidth_factor,
     estimate_collective_time,
-    estimate_exposed_comm_time,
+    estimate_exposed_dp_comm,
     group_bus_bandwidth,
     wire_bytes,
 )
@@ -78,7 +78,7 @@ __all__ = [
     "bus_bandwidth_factor",
     "estimate_buffer_bytes",
     "estimate_collective_time",
-    "estimate_exposed_comm_time",
+    "estimate_exposed_dp_comm",
     "estimate_layer_activation_bytes",
     "estimate_layer_time",
     "estimate_model_state_bytes",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from autopar.cost_models.calibration import FLOAT_DTYPES
 from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
-from autopar.plan import MemoryBreakdown, Recompute, Schedule
+from autopar.layout import MemoryBreakdown, Recompute, Schedule
 
 MIXED_PRECISION_BYTES_PER_PARAM = (2, 2, 12)
 """(weights, gradients, optimizer) bytes per parameter, bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""

@@ -24,7 +24,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from autopar.plan import Layout, MemoryBreakdown, Recompute
+from autopar.cost_models.comm import estimate_exposed_dp_comm
+from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.stage_dp import (
     InfeasibleStagePartitionError,
@@ -52,8 +53,8 @@ class Evaluation:
     """Forward/backward time of all micro-batches including the bubble."""
     bubble_fraction: float
     """Share of the step the busiest pipeline rank is idle in fill/drain."""
-    comm_time_s: Mapping[str, float]
-    """Exposed communication per step by kind (TP collectives, p2p, data-parallel)."""
+    communication: CommBreakdown
+    """Communication per step: TP and pipeline sends (inside ``pipeline_time_s``) and exposed DP, apart."""
     optimizer_time_s: float
     """Optimizer update time."""
     memory: tuple[MemoryBreakdown, ...]
@@ -142,29 +143,21 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             pricing: Pricing, dp_nodes: int, overlap: bool) -> dict[str, float]:
-    """Exposed data-parallel communication of one pipeline rank per step, by collective kind."""
+             pricing: Pricing, dp_nodes: int, overlap: bool) -> CommBreakdown:
+    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``)."""
     if layout.dp == 1:
-        return {}
+        return CommBreakdown()
     grad_bytes = rank_params * pricing.grad_bytes_per_param()
 
-    def t(kind: str, nbytes: float) -> float:
-        return pricing.collective_time(kind, nbytes, group_size=layout.dp, nodes_spanned=dp_nodes)
+    def t(kind: Collective) -> float:  # gradients and updated parameters at the training dtype's width
+        return pricing.collective_time(kind, grad_bytes, group_size=layout.dp, nodes_spanned=dp_nodes)
 
-    hide = last_backward_s if overlap else 0.0
-    if layout.zero_stage == 0:
-        return {"all_reduce": max(0.0, t("all_reduce", grad_bytes) - hide)}
-    reduce = max(0.0, t("reduce_scatter", grad_bytes) - hide)
-    gather = t("all_gather", grad_bytes)  # updated parameter shards, at the training dtype's width
-    if layout.zero_stage < 3:
-        # the gather of updated shards overlaps the next step's first forward (Megatron-LM's
-        # --overlap-param-gather; FSDP's reshard_after_forward=False prefetch)
-        first_forward = rank_compute_s / layout.num_micro_batches / 3 if overlap else 0.0
-        return {"reduce_scatter": reduce, "all_gather": max(0.0, gather - first_forward)}
-    m = layout.num_micro_batches
-    per_mb = 2 * gather  # forward and backward gathers of every micro-batch
-    exposed = m * max(0.0, per_mb - (rank_compute_s / m if overlap else 0.0))
-    return {"reduce_scatter": reduce, "all_gather": exposed}
+    zero = layout.zero_stage
+    return estimate_exposed_dp_comm(
+        zero_stage=zero, num_micro_batches=layout.num_micro_batches,
+        grad_reduce_s=t(Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER),
+        param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
+        last_backward_s=last_backward_s, overlap=overlap)
 
 
 def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
@@ -195,20 +188,17 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     stage_static = composite_costs(stage_variants, part.boundaries, chosen.policies).static_mem_bytes
     layout = dataclasses.replace(layout, recompute=max(stage_policy, key=_RECOMPUTE_ORDER.index))
     pp, m = layout.pp, layout.num_micro_batches
-    comm: dict[str, float] = {}
-    for c in costs:
-        for kind, s in c.tp_comm_s.items():
-            comm[kind] = comm.get(kind, 0.0) + s * m / pp  # per rank, roughly even over the pipeline
-    comm["p2p"] = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_exposed, dp_by_kind, opt_time = [], 0.0, {}, 0.0
+    tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
+    p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
+    memory, dp_comm, opt_time = [], CommBreakdown(), 0.0
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
-        by_kind = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
-        if sum(by_kind.values()) >= dp_exposed:  # the step waits for the slowest rank's reduction
-            dp_exposed, dp_by_kind = sum(by_kind.values()), by_kind
+        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
+        if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
+            dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, pricing.optimizer_step_time(owned))
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
@@ -216,17 +206,15 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
         buffers = fixed + headroom * (p + g + o + acts + fixed)
         memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
                                       buffers=int(buffers), capacity=int(pricing.gpu_mem_bytes)))
-    for kind, seconds in dp_by_kind.items():
-        comm[kind] = comm.get(kind, 0.0) + seconds
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
-    step = pipeline + dp_exposed + opt_time
+    step = pipeline + dp_comm.dp_s + opt_time
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp
     return Evaluation(
         layout=layout, partition=part, step_time_s=step, pipeline_time_s=pipeline,
         bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
-        comm_time_s=comm, optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
+        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
         stage_recompute=stage_policy,
     )

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from autopar.graph.ir import Layer, Op, SavedTensor
-from autopar.plan import ShardingPlan, TPStyle
+from autopar.layout import TPStyle
+from autopar.plan import ShardingPlan
 from autopar.solvers.layer_graph import LayerGraph, SourceKind
 from autopar.solvers.placement import Placement
 from autopar.solvers.sharding_ilp import ShardingSolution

@@ -14,7 +14,7 @@ uniform chunks (``m·v·t + (pp − 1)·t``, Narayanan et al. 2021 §2.2).
 from __future__ import annotations
 
 from autopar.cost_models.memory import in_flight_per_stage as in_flight_micro_batches
-from autopar.plan import Schedule
+from autopar.layout import Schedule
 
 
 def schedule_weights(schedule: Schedule, *, num_micro_batches: int, virtual_stages: int = 1) -> tuple[float, float]:

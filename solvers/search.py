@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from autopar.errors import InfeasiblePlanError
-from autopar.plan import Layout, Recompute, Schedule
+from autopar.layout import Layout, Recompute, Schedule
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.errors import PlanValidationError
-from autopar.plan import Recompute, Schedule
+from autopar.layout import Recompute, Schedule
 
 PIN_NAMES = ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel",
              "schedule", "virtual_stages", "num_gpus")

@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autopar.errors import InfeasiblePlanError
-from autopar.plan import Schedule
+from autopar.layout import Schedule
 from autopar.solvers.schedules import in_flight_micro_batches, schedule_weights
 
 logger = logging.getLogger(__name__)

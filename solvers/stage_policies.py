@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.plan import Schedule
+from autopar.layout import Schedule
 from autopar.solvers.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from autopar.errors import InfeasiblePlanError
 from autopar.graph.ir import Layer, Op
+from autopar.layout import Collective
 from autopar.solvers.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
 from autopar.solvers.layer_result import CollectiveCall, LayerShardingResult, build_result
 from autopar.solvers.op_rules import OpStrategy
@@ -50,7 +51,6 @@ from autopar.solvers.op_strategies import op_strategies, param_bytes
 from autopar.solvers.placement import (
     PARTIAL,
     REPLICATE,
-    CollectiveKind,
     Placement,
     grad_placement,
     nccl_size,
@@ -208,7 +208,7 @@ class _ProblemBuilder:
         kind = reshard_collective(src, dst)
         if kind is None:
             return 0.0
-        if forward and kind is CollectiveKind.REDUCE_SCATTER and not self.sequence_parallel:
+        if forward and kind is Collective.REDUCE_SCATTER and not self.sequence_parallel:
             return math.inf
         size = nccl_size(kind, nbytes, self.tp)
         key = (kind.value, size)

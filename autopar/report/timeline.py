@@ -342,7 +342,7 @@ def timeline_from_plan(plan: Plan, *, max_micro_batches: int = DEFAULT_MAX_MICRO
         shown = max(lay.pp, shown - shown % lay.pp)
     schedule = lay.schedule if lay.pp > 1 else Schedule.ONE_F_ONE_B
     transfers = 2 * m * lay.virtual_stages
-    p2p = plan.predicted.comm_time_s.get("p2p", 0.0) / transfers if lay.pp > 1 else 0.0
+    p2p = plan.predicted.communication.pp_p2p_s / transfers if lay.pp > 1 else 0.0
     events = simulate_schedule(
         schedule, pp=lay.pp, num_micro_batches=shown, virtual_stages=lay.virtual_stages,
         forward_time_s=[s.forward_time_s for s in plan.stages],

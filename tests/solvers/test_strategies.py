@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from autopar.graph.ir import Op, OpClass, TensorMeta
+from autopar.layout import Collective
 from autopar.solvers.op_strategies import op_strategies, param_bytes
 from autopar.solvers.placement import (
     PARTIAL,
     REPLICATE,
-    CollectiveKind,
     Placement,
     grad_placement,
     input_grad_placement,
@@ -54,16 +54,16 @@ def test_placement_rejects_garbage() -> None:
 
 
 @pytest.mark.parametrize(("src", "dst", "kind"), [
-    ("P", "R", CollectiveKind.ALL_REDUCE),
-    ("P", "S(1)", CollectiveKind.REDUCE_SCATTER),
-    ("S(1)", "R", CollectiveKind.ALL_GATHER),
-    ("S(0)", "S(1)", CollectiveKind.ALL_TO_ALL),
-    ("S(0)", "S(0,sf=2)", CollectiveKind.ALL_TO_ALL),
+    ("P", "R", Collective.ALL_REDUCE),
+    ("P", "S(1)", Collective.REDUCE_SCATTER),
+    ("S(1)", "R", Collective.ALL_GATHER),
+    ("S(0)", "S(1)", Collective.ALL_TO_ALL),
+    ("S(0)", "S(0,sf=2)", Collective.ALL_TO_ALL),
     ("R", "S(2)", None),
     ("R", "P", None),
     ("S(1)", "S(1)", None),
 ])
-def test_reshard_collectives(src: str, dst: str, kind: CollectiveKind | None) -> None:
+def test_reshard_collectives(src: str, dst: str, kind: Collective | None) -> None:
     assert reshard_collective(Placement.from_str(src), Placement.from_str(dst)) is kind
 
 
