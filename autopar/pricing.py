@@ -100,13 +100,8 @@ class GraphPricing:
         return num_params * ADAM_BYTES_PER_PARAM / self.cluster.gpu.achievable_mem_bytes_per_s
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
-        comm_buffers = memory.estimate_buffer_bytes(zero_stage=zero_stage, dp=dp,
-                                                    largest_layer_params=int(largest_layer_params), dtype=self.dtype)
-        return float(comm_buffers + memory.RUNTIME_RESERVED_BYTES)
-
-    @property
-    def allocator_headroom(self) -> float:
-        return memory.ALLOCATOR_HEADROOM
+        return memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=largest_layer_params,
+                                           dtype=self.dtype)
 
     def grad_bytes_per_param(self) -> float:
         return float(DTYPE_BYTES[self.dtype])

@@ -75,11 +75,6 @@ class Pricing(Protocol):
         """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
         ...
 
-    @property
-    def allocator_headroom(self) -> float:
-        """Fraction added on top of every tensor for allocator fragmentation."""
-        ...
-
     def grad_bytes_per_param(self) -> float:
         """Bytes of one gradient element as communicated (2 in bf16 mixed precision, 4 in fp32)."""
         ...

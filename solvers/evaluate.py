@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm
+from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.stage_dp import (
@@ -176,11 +177,10 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     stage_variants = [_stage_costs(layout, costs, pricing, p2p_nodes) for costs in per_policy]
     largest = max(c.param_count for c in per_policy[0])
     fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
-    headroom = pricing.allocator_headroom
-    # total = (states + activations + fixed buffers) · (1 + headroom) must fit the GPU
+    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
     key = (tuple(id(c) for c in per_policy), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
            layout.num_micro_batches)
-    chosen, solved = _partition(layout, stage_variants, pricing.gpu_mem_bytes / (1 + headroom) - fixed,
+    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
     part = chosen.partition
     stage_policy = tuple(policies[p] for p in chosen.policies)
@@ -203,9 +203,8 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
         opt_time = max(opt_time, pricing.optimizer_step_time(owned))
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
-        buffers = fixed + headroom * (p + g + o + acts + fixed)
-        memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
-                                      buffers=int(buffers), capacity=int(pricing.gpu_mem_bytes)))
+        memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
+                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_comm.dp_s + opt_time

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Layout, Recompute, Schedule
 from autopar.solvers.costs import LayerCost, Pricing
@@ -163,7 +164,7 @@ def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot:
         return 0.0
     k = min(foot.k)
     base = prices.fastest
-    budget = layout.pp * (pricing.gpu_mem_bytes / (1 + pricing.allocator_headroom) - foot.fixed)
+    budget = layout.pp * tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=foot.fixed)
     excess = foot.states + k * sum(c.activation_bytes for c in base) - budget
     if excess <= 0:
         return 0.0
@@ -213,7 +214,7 @@ def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: 
     h = sum(1.0 / kr for kr in k)
     spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
                  _repeated_block_bound(layout, costs, pricing, k))
-    return (spread + fixed) * (1 + pricing.allocator_headroom)
+    return with_headroom(spread + fixed)
 
 
 def _repeated_block_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing, k: list[int]) -> float:

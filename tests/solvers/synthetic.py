@@ -75,10 +75,6 @@ class SyntheticPricing:
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         return 0.5e9
 
-    @property
-    def allocator_headroom(self) -> float:
-        return 0.1
-
     def grad_bytes_per_param(self) -> float:
         return 2.0
 

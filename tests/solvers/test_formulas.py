@@ -49,6 +49,25 @@ def test_step_time_adds_the_exposed_dp_comm_the_cost_model_returns(monkeypatch: 
     assert ev.step_time_s == pytest.approx(ev.pipeline_time_s + 1000.5 + ev.optimizer_time_s)
 
 
+def test_rank_memory_is_the_cost_models_breakdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autopar.cost_models import memory
+
+    seen: list[dict[str, float]] = []
+
+    def spy(**kw: float) -> object:
+        seen.append(kw)
+        return memory.estimate_rank_memory(**kw)
+
+    monkeypatch.setattr(evaluate, "estimate_rank_memory", spy)
+    ev = _evaluate(_layout())
+    assert len(seen) == 2  # one per pipeline rank
+    for kw, got in zip(seen, ev.memory):
+        assert got == memory.estimate_rank_memory(**kw)
+        assert got.total == pytest.approx(memory.with_headroom(
+            kw["params_bytes"] + kw["grads_bytes"] + kw["optimizer_bytes"] + kw["activation_bytes"]
+            + kw["fixed_bytes"]), abs=8)
+
+
 def test_breakdown_keeps_tp_dp_and_pp_apart() -> None:
     ev = _evaluate(_layout(zero_stage=0))
     c = ev.communication
