@@ -9,10 +9,13 @@ export and report can all use it without importing each other backwards.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from autopar._compat import StrEnum
-from autopar.errors import PlanValidationError
+from autopar.errors import PlanValidationError, UserInputError
 
 class Recompute(StrEnum):
     """Activation recomputation policy (Korthikanti et al. 2022)."""
@@ -206,11 +209,173 @@ class CommBreakdown:
         return dict(sorted(((k, v) for k, v in named.items() if v > 0.0), key=lambda kv: -kv[1]))
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pins:
+    """Layout knobs the user fixed (``None``: the planner chooses), parsed and checked once.
+
+    The names are ``Layout``'s fields, plus ``num_gpus`` (dp·tp·pp exactly, e.g. a torchrun job's
+    world size). Checks that need only the pins happen here; checks against the model or the
+    cluster happen when the search space is built (``solvers.space.build_space``).
+    """
+
+    dp: int | None = None
+    """Data-parallel size."""
+    tp: int | None = None
+    """Tensor-parallel size."""
+    pp: int | None = None
+    """Pipeline-parallel size."""
+    micro_batch_size: int | None = None
+    """Samples per micro-batch."""
+    zero_stage: int | None = None
+    """ZeRO stage 0-3."""
+    recompute: Recompute | None = None
+    """Recomputation policy (every stage)."""
+    sequence_parallel: bool | None = None
+    """Sequence parallelism on or off."""
+    schedule: Schedule | None = None
+    """Pipeline schedule."""
+    virtual_stages: int | None = None
+    """Model chunks per pipeline rank."""
+    num_gpus: int | None = None
+    """GPUs the layout must use exactly (dp·tp·pp)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "micro_batch_size", "virtual_stages", "num_gpus", "zero_stage"):
+            value = getattr(self, name)
+            low = 0 if name == "zero_stage" else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise PlanValidationError(f"pin {name}={value!r} must be a positive integer")
+        if self.zero_stage is not None and self.zero_stage > 3:
+            raise PlanValidationError(f"pin zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        for name, kind in (("recompute", Recompute), ("schedule", Schedule)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise PlanValidationError(f"pin {name}={value!r} must be a {kind.__name__}")
+        if self.sequence_parallel is not None and not isinstance(self.sequence_parallel, bool):
+            raise PlanValidationError(f"pin sequence_parallel={self.sequence_parallel!r} must be true or false")
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Pins that contradict each other (the rules ``Layout`` enforces, on the knobs that are set)."""
+        if self.sequence_parallel and self.tp == 1:
+            raise PlanValidationError("sequence_parallel=true needs tp > 1")
+        v, sched = self.virtual_stages, self.schedule
+        if v is not None and v > 1 and sched not in (None, Schedule.INTERLEAVED_1F1B):
+            raise PlanValidationError(f"virtual_stages={v} needs schedule interleaved-1f1b, not {sched.value}")
+        if sched is Schedule.INTERLEAVED_1F1B and self.pp == 1:
+            raise PlanValidationError("schedule interleaved-1f1b needs pp > 1")
+        used = (self.tp or 1) * (self.pp or 1) * (self.dp or 1)
+        if self.num_gpus is not None and (self.num_gpus % used or (self.tp and self.pp and self.dp
+                                                                    and used != self.num_gpus)):
+            raise PlanValidationError(f"num_gpus={self.num_gpus} is not dp·tp·pp = {self.dp or '?'}·"
+                                      f"{self.tp or '?'}·{self.pp or '?'}")
+
+    @classmethod
+    def from_mapping(cls, pins: Mapping[str, Any] | Pins | None) -> Pins:
+        """Pins from ``{"tp": 8, "recompute": "full", ...}`` (enum values may be strings).
+
+        Raises:
+            PlanValidationError: an unknown name or a value of the wrong type.
+
+        Example:
+            >>> Pins.from_mapping({"tp": 8, "schedule": "1f1b"}).as_dict()
+            {'tp': 8, 'schedule': <Schedule.ONE_F_ONE_B: '1f1b'>}
+        """
+        if isinstance(pins, Pins):
+            return pins
+        values = dict(pins or {})
+        unknown = sorted(set(values) - set(PIN_NAMES))
+        if unknown:
+            raise PlanValidationError(f"unknown constraint(s) {unknown}; allowed: {', '.join(PIN_NAMES)}")
+        for name, kind, hint in (("recompute", Recompute, "none, selective or full"),
+                                 ("schedule", Schedule, "gpipe, 1f1b or interleaved-1f1b")):
+            if name in values and not isinstance(values[name], kind):
+                try:
+                    values[name] = kind(values[name])
+                except ValueError as e:
+                    raise PlanValidationError(f"pin {name}={values[name]!r}: use {hint}") from e
+        return cls(**values)
+
+    @classmethod
+    def from_strings(cls, pins: Sequence[str]) -> Pins:
+        """Pins from the command line's ``KEY=VALUE`` words (``PIN_ALIASES`` accepted).
+
+        Raises:
+            UserInputError: not ``key=value``, an unknown key (the message lists the allowed keys),
+                a key given twice, or a value of the wrong type.
+
+        Example:
+            >>> Pins.from_strings(["tp=8", "sp=on", "schedule=1f1b"]).as_dict()
+            {'tp': 8, 'sequence_parallel': True, 'schedule': <Schedule.ONE_F_ONE_B: '1f1b'>}
+        """
+        out: dict[str, object] = {}
+        for pin in pins:
+            key, sep, raw = pin.partition("=")
+            key = PIN_ALIASES.get(key.strip(), key.strip())
+            if not sep:
+                raise UserInputError(f"--pin {pin!r}: expected key=value, e.g. --pin tp=8")
+            if key not in PIN_TYPES:
+                raise UserInputError(f"--pin {pin!r}: unknown key {key!r}; allowed keys: {', '.join(PIN_TYPES)} "
+                                     f"(aliases: {', '.join(f'{a}={k}' for a, k in PIN_ALIASES.items())})")
+            if key in out:
+                raise UserInputError(f"--pin {key} given twice")
+            out[key] = _pin_value(key, raw.strip())
+        try:
+            return cls(**out)  # type: ignore[arg-type]
+        except PlanValidationError as e:
+            raise UserInputError(f"--pin: {e}") from e
+
+    def as_dict(self) -> dict[str, Any]:
+        """The pins that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def __contains__(self, name: str) -> bool:
+        return getattr(self, name, None) is not None
+
+
+PIN_NAMES = tuple(f.name for f in dataclasses.fields(Pins))
+"""Names a pin may have: the ``Layout`` fields a person sets by hand, and ``num_gpus``."""
+
+PIN_TYPES: dict[str, type] = {
+    "dp": int, "tp": int, "pp": int, "micro_batch_size": int, "zero_stage": int, "recompute": Recompute,
+    "sequence_parallel": bool, "schedule": Schedule, "virtual_stages": int,
+}
+"""Keys ``--pin`` accepts and the type each value parses to (``num_gpus`` comes from the job, not a flag)."""
+
+PIN_ALIASES: dict[str, str] = {"mb": "micro_batch_size", "zero": "zero_stage", "sp": "sequence_parallel",
+                               "v": "virtual_stages"}
+"""Short names for pin keys."""
+
+_BOOLS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
+
+
+def _pin_value(key: str, raw: str) -> object:
+    kind = PIN_TYPES[key]
+    if kind is bool:
+        if raw.lower() not in _BOOLS:
+            raise UserInputError(f"--pin {key}={raw}: expected true/false/on/off")
+        return _BOOLS[raw.lower()]
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise UserInputError(f"--pin {key}={raw}: expected an integer") from None
+    assert issubclass(kind, StrEnum)
+    try:
+        return kind(raw.lower())
+    except ValueError:
+        raise UserInputError(f"--pin {key}={raw}: expected one of {', '.join(m.value for m in kind)}") from None
+
+
 __all__ = [
     "Collective",
     "CommBreakdown",
     "Layout",
     "MemoryBreakdown",
+    "PIN_ALIASES",
+    "PIN_NAMES",
+    "PIN_TYPES",
+    "Pins",
     "Recompute",
     "Schedule",
     "TPStyle",

@@ -103,6 +103,16 @@ class GPUSpec:
             )
         return rate
 
+    def best_training_dtype(self) -> str:
+        """The GPU's best 16-bit training type: bfloat16, or float16 where it has no bf16 units (V100);
+        float32 for a GPU that lists neither.
+
+        Example:
+            >>> Cluster.preset("dgx-h100").gpu.best_training_dtype(), Cluster.preset("v100-p3").gpu.best_training_dtype()
+            ('bfloat16', 'float16')
+        """
+        return next((d for d in ("bfloat16", "float16") if d in self.peak_flops_per_s), "float32")
+
     @property
     def achievable_mem_bytes_per_s(self) -> float:
         """Bandwidth that streaming kernels reach: peak × memory_efficiency."""
