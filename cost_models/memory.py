@@ -15,7 +15,6 @@ what size (Korthikanti et al. 2022).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from autopar.cost_models.calibration import FLOAT_DTYPES
 from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.layout import MemoryBreakdown, Recompute, Schedule
+from autopar.schedule import in_flight_per_stage
 
 MIXED_PRECISION_BYTES_PER_PARAM = (2, 2, 12)
 """(weights, gradients, optimizer) bytes per parameter, bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""
@@ -230,58 +230,6 @@ def activation_bytes(acts: LayerActivations, *, scale: float, recompute: Recompu
     return math.ceil(per_rank * scale)
 
 
-def in_flight_per_stage(schedule: Schedule, *, pp: int, num_micro_batches: int,
-                            virtual_stages: int = 1) -> tuple[int, ...]:
-    """Micro-batches whose activations each stage holds at its peak, per stage (chunk) index.
-
-    GPipe keeps all m. 1F1B (PipeDream-Flush, Narayanan et al. 2021) keeps
-    ``min(m, pp − j)`` on stage j. Interleaved 1F1B follows Megatron-LM's
-    schedule: rank r runs ``2·(pp − r − 1) + (v − 1)·pp`` warm-up chunk forwards,
-    in groups of pp micro-batches per chunk, before its first backward; the count
-    per chunk is read off that order (plus the one in steady state).
-
-    Args:
-        schedule: the pipeline schedule.
-        pp: pipeline ranks.
-        num_micro_batches: m.
-        virtual_stages: chunks per rank v (> 1 only for interleaved 1F1B).
-
-    Returns:
-        One count per stage, stage j = chunk ``j // pp`` of rank ``j % pp``.
-
-    Example:
-        >>> in_flight_per_stage(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8)
-        (4, 3, 2, 1)
-        >>> in_flight_per_stage(Schedule.GPIPE, pp=2, num_micro_batches=8)
-        (8, 8)
-    """
-    m, v = num_micro_batches, virtual_stages
-    if pp < 1 or m < 1 or v < 1:
-        raise ValueError(f"pp={pp}, num_micro_batches={m}, virtual_stages={v} must all be >= 1")
-    match schedule:
-        case Schedule.GPIPE:
-            return (m,) * (pp * v)
-        case Schedule.ONE_F_ONE_B:
-            if v != 1:
-                raise ValueError(f"1F1B has one chunk per rank, got virtual_stages={v}")
-            return tuple(min(m, pp - j) for j in range(pp))
-        case Schedule.INTERLEAVED_1F1B:
-            return _interleaved_per_stage(pp, m, v)
-        case _:
-            raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def _interleaved_per_stage(pp: int, m: int, v: int) -> tuple[int, ...]:
-    counts = [[0] * v for _ in range(pp)]
-    for r in range(pp):
-        warmup = min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
-        # Megatron's forward order on a rank: micro-batch groups of pp, chunk by chunk within a group
-        order = ((c, mb) for g in range(0, m, pp) for c in range(v) for mb in range(g, min(g + pp, m)))
-        for c, _ in itertools.islice(order, warmup):
-            counts[r][c] += 1
-    return tuple(counts[j % pp][j // pp] for j in range(pp * v))
-
-
 def inflight_micro_batches(schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
                            virtual_stages: int = 1) -> float:
     """Micro-batches whose activations pipeline rank ``stage`` holds at its peak, in units of the
@@ -429,7 +377,6 @@ __all__ = [
     "estimate_model_state_bytes",
     "estimate_fixed_bytes",
     "estimate_rank_memory",
-    "in_flight_per_stage",
     "inflight_micro_batches",
     "summarize_layer_activations",
     "tensor_budget_bytes",

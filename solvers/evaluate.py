@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from autopar.cost_models.comm import estimate_exposed_dp_comm
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
+from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,
     evaluate_partition,
-    in_flight_micro_batches,
-    schedule_weights,
     solve_stage_partition,
 )
 from autopar.solvers.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
@@ -117,7 +116,7 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
     """
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     m, schedule = layout.num_micro_batches, layout.schedule
-    in_flight = in_flight_micro_batches(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
+    in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
 
     def priced(bounds: Sequence[int], policies: Sequence[int]) -> PolicyPartition:

@@ -26,10 +26,10 @@ from typing import NamedTuple
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Layout, Recompute, Schedule
+from autopar.schedule import fits_micro_batches, in_flight_per_stage
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace
-from autopar.solvers.stage_dp import in_flight_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _footprint(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -
                                            dp=layout.dp))
     fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
                                  zero_stage=layout.zero_stage, dp=layout.dp)
-    in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+    in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                         virtual_stages=layout.virtual_stages)
     return _Footprint(states=states, fixed=fixed, k=[min(in_flight[r::layout.pp]) for r in range(layout.pp)])
 
@@ -245,14 +245,12 @@ def _layouts(group: _Group, space: SearchSpace, num_layers: int,
                     continue
             if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1 and m >= group.pp:
                 continue  # dominated by 1F1B: same time, more activations in flight
-            if schedule is Schedule.ONE_F_ONE_B and group.pp > 1 and m < group.pp:
-                continue  # 1F1B needs at least pp micro-batches (torch refuses fewer); it is GPipe then
+            if not fits_micro_batches(schedule, pp=group.pp, num_micro_batches=m):
+                continue  # 1F1B with fewer than pp micro-batches is GPipe; interleaving needs multiples of pp
             for v in space.virtual_stages:
                 interleaved = schedule is Schedule.INTERLEAVED_1F1B
                 if (v > 1) != interleaved or group.pp * v > num_layers:
                     continue
-                if interleaved and m % group.pp:
-                    continue  # Megatron's interleaved schedule needs micro-batches in multiples of pp
                 yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
                              num_micro_batches=m, zero_stage=zero, recompute=recompute,
                              sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)

@@ -54,7 +54,7 @@ def test_typed_rooms_pass_mypy():
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LEAF = ("layout", "errors", "_compat", "_modules")
+LEAF = ("layout", "schedule", "errors", "_compat", "_modules")
 """``autopar.<name>`` modules that hold the shared vocabulary: everyone may import them, they import no room."""
 
 ROOM_OF = {"api": "api", "pricing": "planner", "planner": "planner", "__main__": "package"}

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["stage_dp", "schedules", "sharding_problem", "sharding_ilp", "oracles", "placement", "view_rules",
+MODULES = ["stage_dp", "sharding_problem", "sharding_ilp", "oracles", "placement", "view_rules",
            "op_rules", "op_strategies", "layer_graph", "layer_result", "strategies"]
 
 
