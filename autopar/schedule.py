@@ -30,6 +30,8 @@ uniform chunks (``m·v·t + (pp − 1)·t``, Narayanan et al. 2021 §2.2).
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from autopar.layout import Schedule
@@ -84,53 +86,70 @@ def schedule_order(schedule: Schedule, *, pp: int, num_micro_batches: int,
     if min(pp, num_micro_batches, virtual_stages) < 1:
         raise ValueError(f"pp={pp}, num_micro_batches={num_micro_batches}, virtual_stages={virtual_stages} "
                          "must all be positive")
+    _check_chunks(schedule, virtual_stages)
+    m, v = num_micro_batches, virtual_stages
+    return tuple(_rank_order(_forwards(schedule, r, pp, m, v), _backwards(schedule, r, pp, m, v),
+                             total=m * v, warmup=_warmup(schedule, r, pp, m, v)) for r in range(pp))
+
+
+def _check_chunks(schedule: Schedule, virtual_stages: int) -> None:
     match schedule:
         case Schedule.GPIPE | Schedule.ONE_F_ONE_B if virtual_stages != 1:
             raise ValueError(f"schedule {schedule.value!r} runs one stage per rank, got virtual_stages={virtual_stages}")
-        case Schedule.GPIPE:
-            return tuple(_gpipe(r, num_micro_batches) for r in range(pp))
-        case Schedule.ONE_F_ONE_B:
-            return tuple(_one_f_one_b(r, pp, num_micro_batches) for r in range(pp))
-        case Schedule.INTERLEAVED_1F1B:
-            return tuple(_interleaved(r, pp, num_micro_batches, virtual_stages) for r in range(pp))
+        case Schedule.GPIPE | Schedule.ONE_F_ONE_B | Schedule.INTERLEAVED_1F1B:
+            return
         case _:
             raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def _gpipe(rank: int, m: int) -> tuple[Action, ...]:
-    return tuple(Action(rank, True, i) for i in range(m)) + tuple(Action(rank, False, i) for i in range(m))
-
-
-def _one_f_one_b(rank: int, pp: int, m: int) -> tuple[Action, ...]:
-    warmup = min(pp - rank - 1, m)
-    order = [Action(rank, True, i) for i in range(warmup)]
-    for i in range(m - warmup):
-        order += [Action(rank, True, warmup + i), Action(rank, False, i)]
-    order += [Action(rank, False, i) for i in range(m - warmup, m)]
+def _rank_order(forwards: Iterator[Action], backwards: Iterator[Action], *, total: int,
+                warmup: int) -> tuple[Action, ...]:
+    """Every schedule's shape: ``warmup`` forwards, then one forward and one backward in turn, then the rest."""
+    order = list(itertools.islice(forwards, warmup))
+    for forward, backward in zip(forwards, backwards):
+        order += [forward, backward]
+    order.extend(backwards)
+    assert len(order) == 2 * total, (len(order), total)
     return tuple(order)
 
 
-def _interleaved(rank: int, pp: int, m: int, v: int) -> tuple[Action, ...]:
-    # torch's ScheduleInterleaved1F1B: rounds of g = m // max(1, m // pp) micro-batches (g = pp
-    # when pp divides m, as in Megatron-LM); within a round each chunk runs in turn
+def _round_size(pp: int, m: int) -> int:
+    """Interleaved 1F1B runs micro-batches in rounds of g = m // max(1, m // pp) (torch's
+    ``ScheduleInterleaved1F1B``; g = pp when pp divides m, as in Megatron-LM)."""
     rounds = max(1, m // pp)
     if m % rounds:
         raise ValueError(f"interleaved 1F1B needs num_micro_batches={m} to be a multiple of its number of "
                          f"rounds max(1, m // pp) = {rounds} (pp={pp})")
-    g = m // rounds
-    forwards: list[Action] = []
-    backwards: list[Action] = []
-    for group_start in range(0, m, g):
-        group = range(group_start, group_start + g)
-        forwards += [Action(c * pp + rank, True, i) for c in range(v) for i in group]
-        backwards += [Action(c * pp + rank, False, i) for c in reversed(range(v)) for i in group]
-    total = len(forwards)
-    warmup = min(2 * (pp - rank - 1) + (v - 1) * g, total)
-    order = forwards[:warmup]
-    for k in range(total - warmup):
-        order += [forwards[warmup + k], backwards[k]]
-    order += backwards[total - warmup:]
-    return tuple(order)
+    return m // rounds
+
+
+def _warmup(schedule: Schedule, rank: int, pp: int, m: int, v: int) -> int:
+    """Forwards a rank runs before it starts alternating."""
+    match schedule:
+        case Schedule.GPIPE:
+            return m
+        case Schedule.ONE_F_ONE_B:
+            return min(pp - rank - 1, m)
+        case _:
+            return min(2 * (pp - rank - 1) + (v - 1) * _round_size(pp, m), m * v)
+
+
+def _forwards(schedule: Schedule, rank: int, pp: int, m: int, v: int) -> Iterator[Action]:
+    """A rank's forwards in the order it runs them (within a round of interleaving: chunk 0 → v − 1)."""
+    if schedule is not Schedule.INTERLEAVED_1F1B:
+        return (Action(rank, True, i) for i in range(m))
+    g = _round_size(pp, m)
+    return (Action(c * pp + rank, True, i) for start in range(0, m, g) for c in range(v)
+            for i in range(start, start + g))
+
+
+def _backwards(schedule: Schedule, rank: int, pp: int, m: int, v: int) -> Iterator[Action]:
+    """A rank's backwards in the order it runs them (within a round of interleaving: chunk v − 1 → 0)."""
+    if schedule is not Schedule.INTERLEAVED_1F1B:
+        return (Action(rank, False, i) for i in range(m))
+    g = _round_size(pp, m)
+    return (Action(c * pp + rank, False, i) for start in range(0, m, g) for c in reversed(range(v))
+            for i in range(start, start + g))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,12 +176,15 @@ def in_flight_per_stage(schedule: Schedule, *, pp: int, num_micro_batches: int,
         >>> in_flight_per_stage(Schedule.INTERLEAVED_1F1B, pp=2, num_micro_batches=4, virtual_stages=2)
         (3, 2, 2, 1)
     """
-    counts = [0] * (pp * virtual_stages)
-    for actions in schedule_order(schedule, pp=pp, num_micro_batches=num_micro_batches,
-                                  virtual_stages=virtual_stages):
-        for action in actions:
-            if not action.forward:
-                break
+    if min(pp, num_micro_batches, virtual_stages) < 1:
+        raise ValueError(f"pp={pp}, num_micro_batches={num_micro_batches}, virtual_stages={virtual_stages} "
+                         "must all be positive")
+    _check_chunks(schedule, virtual_stages)
+    m, v = num_micro_batches, virtual_stages
+    counts = [0] * (pp * v)
+    for rank in range(pp):  # the order's prefix up to the first backward: warm-up, then one more forward
+        before_backward = min(_warmup(schedule, rank, pp, m, v) + 1, m * v)
+        for action in itertools.islice(_forwards(schedule, rank, pp, m, v), before_backward):
             counts[action.stage] += 1
     return tuple(counts)
 

@@ -42,6 +42,19 @@ def test_in_flight_counts_are_read_off_the_order() -> None:
     assert in_flight_per_stage(Schedule.INTERLEAVED_1F1B, pp=2, num_micro_batches=4, virtual_stages=2) == (3, 2, 2, 1)
 
 
+@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize(("pp", "m"), [(1, 3), (2, 4), (3, 4), (4, 2), (4, 8), (5, 15), (8, 16)])
+def test_in_flight_is_the_orders_prefix_before_each_first_backward(schedule: Schedule, pp: int, m: int) -> None:
+    for v in ((2, 3) if schedule is Schedule.INTERLEAVED_1F1B else (1,)):
+        if schedule is Schedule.INTERLEAVED_1F1B and (pp == 1 or m % pp):
+            continue
+        counts = [0] * (pp * v)
+        for actions in schedule_order(schedule, pp=pp, num_micro_batches=m, virtual_stages=v):
+            for action in actions[:next(i for i, a in enumerate(actions) if not a.forward)]:
+                counts[action.stage] += 1
+        assert in_flight_per_stage(schedule, pp=pp, num_micro_batches=m, virtual_stages=v) == tuple(counts)
+
+
 @pytest.mark.parametrize(("pp", "v"), [(4, 2), (8, 3), (16, 4)])
 def test_interleaved_first_rank_matches_korthikanti(pp: int, v: int) -> None:
     """Rank 0 holds pp·(1 + (pp − 1)/(pp·v)) micro-batches' worth of its layers (Korthikanti et al. 2022 §4.2.3)."""
