@@ -31,6 +31,25 @@ bf16, promoted), write master, m, v (12) and the bf16 weight copy (2) — 28 byt
 4-byte gradient and writes no copy, also 28. The update is memory-bound (a few FLOPs per 28 bytes)."""
 
 
+class _NodePrices:
+    """Memo tables keyed by value (the setting's arguments) for one node kind (GPU, intra-node link)."""
+
+    def __init__(self, *, node: tuple[object, object]) -> None:
+        self.node = node
+        self._tables: dict[str, dict[tuple[Any, ...], Any]] = {}
+
+    def memo(self, name: str, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """``compute`` memoised in the table ``name`` by its positional arguments' values."""
+        table = self._tables.setdefault(name, {})
+
+        def cached(*args: Any) -> Any:
+            if args not in table:
+                table[args] = compute(*args)
+            return table[args]
+
+        return cached
+
+
 def model_shape(graph: OpGraph) -> ModelShape:
     """What the search space needs from the graph."""
     info = graph.info
@@ -40,7 +59,8 @@ def model_shape(graph: OpGraph) -> ModelShape:
 class GraphPricing:
     """Prices layers of one captured graph on one cluster; implements ``autopar.solvers.costs.Pricing``."""
 
-    def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None) -> None:
+    def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None,
+                 node_prices: _NodePrices | None = None) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"training dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.graph = graph
@@ -48,19 +68,21 @@ class GraphPricing:
         self.dtype = dtype
         self.calibration = calibration
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
-        self._layer_costs = functools.lru_cache(maxsize=None)(self._compute_layer_costs)
+        node = (cluster.gpu, cluster.intra_node)
+        if node_prices is None or node_prices.node != node:
+            node_prices = _NodePrices(node=node)
+        # layer prices, shardings and model states depend only on the GPU and its node's links: keyed by
+        # value inside one _NodePrices, shared (explicitly) by the same graph on clusters of that node
+        self.node_prices = node_prices
+        self._layer_costs = node_prices.memo("layer_costs", self._compute_layer_costs)
+        self._sharding = node_prices.memo("sharding", self._solve_sharding)
+        self._states = node_prices.memo("states", self._states_uncached)
         self._collective = functools.lru_cache(maxsize=1 << 16)(self._collective_uncached)
-        self._states = functools.lru_cache(maxsize=1 << 16)(self._states_uncached)
-        self._sharding = functools.lru_cache(maxsize=None)(self._solve_sharding)
 
     def for_cluster(self, cluster: Cluster) -> GraphPricing:
-        """The same graph on another cluster (layer prices depend on the GPU, not the node count)."""
-        other = GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration)
-        if cluster.gpu == self.cluster.gpu and cluster.intra_node == self.cluster.intra_node:
-            other._layer_costs = self._layer_costs  # layer prices use only the GPU and its node's links
-            other._sharding = self._sharding
-            other._states = self._states
-        return other
+        """The same graph on another cluster; layer prices are reused when its nodes are the same."""
+        return GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration,
+                            node_prices=self.node_prices)
 
     # ---- Pricing protocol --------------------------------------------------------------------
 

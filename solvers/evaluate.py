@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm
@@ -161,13 +161,14 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
 
 
 def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
-                    overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None) -> Evaluation:
+                    overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None,
+                    costs_key: Hashable = None) -> Evaluation:
     """Price ``layout`` at its (tp, sp, micro-batch) setting, each stage with the fastest policy that fits.
 
     ``variants`` maps each recomputation policy the layout may use to its per-layer costs (one
     entry when the policy is pinned). ``partition_cache`` (owned by the caller, e.g. one search)
-    memoises time-optimal partitions; ``variants`` values must then stay alive as long as the cache
-    (it is keyed by their identity).
+    memoises time-optimal partitions, keyed by value: ``costs_key`` names the setting the variants
+    were priced at (e.g. tp, sequence parallelism, micro-batch size and the policies).
     """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
@@ -177,7 +178,9 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     largest = max(c.param_count for c in per_policy[0])
     fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
     # total = with_headroom(states + activations + fixed buffers) must fit the GPU
-    key = (tuple(id(c) for c in per_policy), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
+    if partition_cache is not None and costs_key is None:
+        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
            layout.num_micro_batches)
     chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
