@@ -22,8 +22,8 @@ from autopar.layout import Recompute
 from autopar.plan import ShardingPlan
 from autopar.solvers.costs import LayerCost
 from autopar.solvers.space import ModelShape
-from autopar.solvers.layer_result import LayerShardingResult
-from autopar.solvers.strategies import solve_layer_sharding
+from autopar.solvers.sharding.layer_result import LayerShardingResult
+from autopar.solvers.sharding.strategies import solve_layer_sharding
 
 ADAM_BYTES_PER_PARAM = 28
 """HBM traffic of one fused Adam update per parameter: read fp32 master, m, v (12) and the gradient (2 in

@@ -18,7 +18,7 @@ Orderings (S = pp · v stages, stage s runs on rank s mod pp):
   backward: chunk v−1 → 0). Warm-up is 2·(pp − r − 1) + (v − 1)·g chunk-forwards.
 
 From the order follow the micro-batches in flight on each stage (``in_flight_per_stage``)
-and, in the form the stage DP solves (``solvers/stage_dp.py``), the step time::
+and, in the form the stage DP solves (``solvers/pipeline/stage_dp.py``), the step time::
 
     step = alpha · max_j t_j + beta · Σ_j t_j
 

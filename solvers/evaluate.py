@@ -29,14 +29,14 @@ from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import LayerCost, Pricing
-from autopar.solvers.stage_dp import (
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,
     evaluate_partition,
     solve_stage_partition,
 )
-from autopar.solvers.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
+from autopar.solvers.pipeline.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,7 +14,7 @@ from autopar.errors import InfeasiblePlanError
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.graph.ir import Layer, Op, OpGraph
 from autopar.plan import ShardingPlan, TPStyle
-from autopar.solvers.strategies import solve_layer_sharding
+from autopar.solvers.sharding.strategies import solve_layer_sharding
 
 MEGATRON_GPT = {"attn.q_proj": TPStyle.COLWISE, "attn.k_proj": TPStyle.COLWISE, "attn.v_proj": TPStyle.COLWISE,
                 "attn.c_proj": TPStyle.ROWWISE, "mlp.c_fc": TPStyle.COLWISE, "mlp.c_proj": TPStyle.ROWWISE}

@@ -13,7 +13,7 @@ from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.oracles import brute_force_stage_partition
-from autopar.solvers.stage_dp import (
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     evaluate_partition,

@@ -6,8 +6,8 @@ import pytest
 
 from autopar.graph.ir import Op, OpClass, TensorMeta
 from autopar.layout import Collective
-from autopar.solvers.op_strategies import op_strategies, param_bytes
-from autopar.solvers.placement import (
+from autopar.solvers.sharding.op_strategies import op_strategies, param_bytes
+from autopar.solvers.sharding.placement import (
     PARTIAL,
     REPLICATE,
     Placement,
@@ -16,7 +16,7 @@ from autopar.solvers.placement import (
     reshard_collective,
     shard,
 )
-from autopar.solvers.view_rules import map_placement, view_groups
+from autopar.solvers.sharding.view_rules import map_placement, view_groups
 
 
 def meta(*shape: int, dtype: str = "float32") -> TensorMeta:
@@ -227,7 +227,7 @@ def test_parameter_bytes_are_split_where_sharded() -> None:
 
 
 def test_boundary_pins_shard_only_a_real_sequence_dim() -> None:
-    from autopar.solvers.layer_graph import boundary_pin
+    from autopar.solvers.sharding.layer_graph import boundary_pin
 
     hidden = meta(2, 16, 64)
     assert boundary_pin(hidden, hidden=True, tp=4, sequence_parallel=True) == shard(1)

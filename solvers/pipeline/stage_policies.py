@@ -24,7 +24,7 @@ import numpy as np
 
 from autopar.layout import Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
-from autopar.solvers.stage_dp import (
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,

@@ -2,7 +2,7 @@
 
 Per-op strategies come from ``solvers/op_strategies.py`` (rules per op family in
 ``solvers/op_rules.py``, views in ``solvers/view_rules.py``); this module wires them
-into one problem per layer, solves it with ``solvers/sharding_ilp.py`` and reads
+into one problem per layer, solves it with ``solvers/sharding/sharding_ilp.py`` and reads
 the answer back (``solvers/layer_result.py``).
 
 Nodes of the problem, in execution order:
@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from autopar.errors import InfeasiblePlanError
 from autopar.graph.ir import Layer, Op
 from autopar.layout import Collective
-from autopar.solvers.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
-from autopar.solvers.layer_result import CollectiveCall, LayerShardingResult, build_result
-from autopar.solvers.op_rules import OpStrategy
-from autopar.solvers.op_strategies import op_strategies, param_bytes
-from autopar.solvers.placement import (
+from autopar.solvers.sharding.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
+from autopar.solvers.sharding.layer_result import CollectiveCall, LayerShardingResult, build_result
+from autopar.solvers.sharding.op_rules import OpStrategy
+from autopar.solvers.sharding.op_strategies import op_strategies, param_bytes
+from autopar.solvers.sharding.placement import (
     PARTIAL,
     REPLICATE,
     Placement,
@@ -57,8 +57,8 @@ from autopar.solvers.placement import (
     reshard_collective,
     shard,
 )
-from autopar.solvers.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
-from autopar.solvers.view_rules import VIEW_TARGETS, packet, shard_fits
+from autopar.solvers.sharding.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
+from autopar.solvers.sharding.view_rules import VIEW_TARGETS, packet, shard_fits
 
 logger = logging.getLogger(__name__)
 
