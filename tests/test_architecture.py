@@ -68,7 +68,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "cost_models": frozenset({"leaf", "graph"}),
     "plan": frozenset({"leaf"}),
     "solvers": frozenset({"leaf", "graph", "cost_models", "plan"}),
-    "planner": frozenset({"leaf", "graph", "cost_models", "solvers", "plan"}),
+    "planner": frozenset({"leaf", "graph", "cost_models", "solvers", "plan", "report"}),  # prose: report/
     "emit": frozenset({"leaf", "graph", "capture", "plan"}),
     "export": frozenset({"leaf", "graph", "plan"}),
     "report": frozenset({"leaf", "cost_models", "plan"}),

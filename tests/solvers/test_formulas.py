@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from autopar.layout import CommBreakdown, Layout, Recompute, Schedule
-from autopar.planner import explain_choice
+from autopar.report.explain import explain_choice
 from autopar.solvers import evaluate
 from autopar.solvers.search import _prices
 from autopar.solvers.space import ModelShape, build_space
