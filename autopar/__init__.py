@@ -32,9 +32,12 @@ _LAZY: dict[str, str] = {
     "Layer": "autopar.graph.ir",
     "Op": "autopar.graph.ir",
     "Plan": "autopar.plan",
-    "Layout": "autopar.plan",
+    "Layout": "autopar.layout",
+    "Pins": "autopar.layout",
+    "PlanOptions": "autopar.api",
     "Cluster": "autopar.cost_models.cluster",
     "plan": "autopar.api",
+    "plan_ranked": "autopar.api",
     "parallelize": "autopar.api",
     "replan": "autopar.replanning",
 }

@@ -32,9 +32,11 @@ from rich.markup import escape
 from autopar._compat import StrEnum
 from autopar._io import check_writable, write_atomic
 from autopar._signals import Interrupted, signals_raise
+from autopar.cost_models.cluster import TRAINING_DTYPES
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
-from autopar.plan import Plan, Recompute, Schedule
+from autopar.layout import PIN_ALIASES, PIN_TYPES, Pins
+from autopar.plan import Plan
 
 if TYPE_CHECKING:
     from autopar.cost_models.cluster import Cluster
@@ -47,8 +49,8 @@ EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 EXIT_SIGNAL_BASE = 128
 """An interrupted command exits with this plus the signal's number (SIGINT 130, SIGTERM 143)."""
 
-PLAN_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
-"""Training precisions ``plan --dtype`` accepts (those ``autopar/pricing.py`` prices), or their aliases."""
+PLAN_DTYPES = TRAINING_DTYPES
+"""Training precisions ``plan --dtype`` accepts (those the cost models price), or their aliases."""
 
 RICH_TABLE_EXTRA_COLUMNS = 12
 """Width the rich table's borders and padding add to the plain table's."""
@@ -87,61 +89,9 @@ def _root(
 
 # ---- pins ---------------------------------------------------------------------------------------
 
-PIN_TYPES: dict[str, type] = {
-    "dp": int, "tp": int, "pp": int, "micro_batch_size": int, "zero_stage": int, "recompute": Recompute,
-    "sequence_parallel": bool, "schedule": Schedule, "virtual_stages": int,
-}
-"""Keys ``--pin`` accepts and the type each value parses to."""
-
-PIN_ALIASES: dict[str, str] = {"mb": "micro_batch_size", "zero": "zero_stage", "sp": "sequence_parallel",
-                               "v": "virtual_stages"}
-"""Short names for pin keys."""
-
-_BOOLS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
-
-
-def parse_pins(pins: Sequence[str]) -> dict[str, object]:
-    """``["tp=8", "recompute=full", "sp=on"]`` → ``{"tp": 8, "recompute": Recompute.FULL, ...}``.
-
-    Raises:
-        UserInputError: not ``key=value``, an unknown key (the message lists the allowed keys),
-            a key given twice, or a value of the wrong type.
-
-    Example:
-        >>> parse_pins(["tp=8", "sp=on", "schedule=1f1b"])
-        {'tp': 8, 'sequence_parallel': True, 'schedule': <Schedule.ONE_F_ONE_B: '1f1b'>}
-    """
-    out: dict[str, object] = {}
-    for pin in pins:
-        key, sep, raw = pin.partition("=")
-        key = PIN_ALIASES.get(key.strip(), key.strip())
-        if not sep:
-            raise UserInputError(f"--pin {pin!r}: expected key=value, e.g. --pin tp=8")
-        if key not in PIN_TYPES:
-            raise UserInputError(f"--pin {pin!r}: unknown key {key!r}; allowed keys: {', '.join(PIN_TYPES)} "
-                                 f"(aliases: {', '.join(f'{a}={k}' for a, k in PIN_ALIASES.items())})")
-        if key in out:
-            raise UserInputError(f"--pin {key} given twice")
-        out[key] = _pin_value(key, raw.strip())
-    return out
-
-
-def _pin_value(key: str, raw: str) -> object:
-    kind = PIN_TYPES[key]
-    if kind is bool:
-        if raw.lower() not in _BOOLS:
-            raise UserInputError(f"--pin {key}={raw}: expected true/false/on/off")
-        return _BOOLS[raw.lower()]
-    if kind is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise UserInputError(f"--pin {key}={raw}: expected an integer") from None
-    assert issubclass(kind, StrEnum)
-    try:
-        return kind(raw.lower())
-    except ValueError:
-        raise UserInputError(f"--pin {key}={raw}: expected one of {', '.join(m.value for m in kind)}") from None
+def parse_pins(pins: Sequence[str]) -> Pins:
+    """``["tp=8", "recompute=full", "sp=on"]`` → ``Pins`` (``Pins.from_strings``: the one parser of pins)."""
+    return Pins.from_strings(pins)
 
 
 # ---- shared helpers -----------------------------------------------------------------------------
@@ -216,7 +166,8 @@ def plan(
     json_out: Annotated[bool, typer.Option("--json", help="Print the ranked plans as JSON (docs/cli-json.md).")
                         ] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table from `autopar profile`.")] = None,
-    dtype: Annotated[str, typer.Option(help="Training precision: bfloat16 or float32.")] = "bfloat16",
+    dtype: Annotated[str | None, typer.Option(help="Training precision: bfloat16, float16 or float32 (default: the "
+                                              "GPU's best 16-bit type, bf16 or fp16 on V100).")] = None,
     objective: Annotated[str, typer.Option(help="Rank by throughput, or by goodput (throughput once failures, "
                                            "restarts and checkpoints are paid for).")] = "throughput",
     contingency: Annotated[int, typer.Option(min=0, help="Precompute plans for losing 1 … N nodes, so that "
@@ -241,11 +192,10 @@ def plan(
         from autopar.models import resolve_model
 
         resolved = resolve_model(model, seq_len=seq)
-        result = api.plan(resolved.module, resolved.example_inputs, cluster=target, global_batch_size=global_batch,
-                          constraints=pins, top_k=top, dtype=dtype, calibration=table, progress=progress,
-                          objective=goal.value)
-    plans = [dataclasses.replace(p, model_name=resolved.name)
-             for p in (result if isinstance(result, list) else [result])]
+        ranked = api.plan_ranked(resolved.module, resolved.example_inputs, cluster=target,
+                                 global_batch_size=global_batch, constraints=pins, top_k=top, dtype=dtype,
+                                 calibration=table, progress=progress, objective=goal)
+    plans = [dataclasses.replace(p, model_name=resolved.name) for p in ranked]
     if contingency:
         from autopar.replanning import precompute_contingencies
 

@@ -26,112 +26,15 @@ from typing import TYPE_CHECKING, Any
 from autopar._compat import StrEnum
 from autopar._modules import make_callable
 from autopar.errors import PlanValidationError
+from autopar.layout import CommBreakdown, Layout, MemoryBreakdown, Recompute, Schedule, TPStyle
 
 if TYPE_CHECKING:  # cost_models imports this module's vocabulary: load the record classes on use
     from autopar.cost_models.reliability import GoodputEstimate
     from autopar.replan_record import ReplanRecord
 
-SCHEMA_VERSION = 1
-"""Bumped whenever a field changes meaning; older files are refused, not guessed at."""
-
-
-class Recompute(StrEnum):
-    """Activation recomputation policy (Korthikanti et al. 2022)."""
-
-    NONE = "none"
-    SELECTIVE = "selective"  # recompute the s×s attention core only
-    FULL = "full"  # keep only each layer's input; recompute the whole layer in backward
-
-
-class Schedule(StrEnum):
-    """Pipeline schedule."""
-
-    GPIPE = "gpipe"
-    ONE_F_ONE_B = "1f1b"
-    INTERLEAVED_1F1B = "interleaved-1f1b"
-
-
-class TPStyle(StrEnum):
-    """How one parameterised module is split over the tensor-parallel axis.
-
-    Names follow ``torch.distributed.tensor.parallel``: ``colwise`` shards a
-    Linear's output features (weight dim 0) or an Embedding's embedding dim;
-    ``rowwise`` shards a Linear's input features (weight dim 1) or an
-    Embedding's vocabulary (weight dim 0); ``replicate`` keeps it whole.
-    """
-
-    REPLICATE = "replicate"
-    COLWISE = "colwise"
-    ROWWISE = "rowwise"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Layout:
-    """The parallel layout: the knobs a person would set by hand."""
-
-    dp: int
-    """Data-parallel size."""
-    tp: int
-    """Tensor-parallel size."""
-    pp: int
-    """Pipeline-parallel size (number of pipeline ranks)."""
-    micro_batch_size: int
-    """Samples per micro-batch per data-parallel rank."""
-    num_micro_batches: int
-    """Micro-batches per step per data-parallel rank (gradient accumulation steps when pp = 1)."""
-    zero_stage: int
-    """0 (replicated), 1 (optimizer sharded), 2 (+ gradients), 3 (+ parameters, FSDP) over dp."""
-    recompute: Recompute
-    """Activation recomputation (the policy of the most-recomputed stage; per-stage in ``StagePlan``)."""
-    sequence_parallel: bool
-    """Megatron sequence parallelism for norms/dropout inside TP groups."""
-    schedule: Schedule
-    """Pipeline schedule (``1f1b`` when pp = 1, by convention)."""
-    virtual_stages: int = 1
-    """Model chunks per pipeline rank (> 1 only for interleaved 1F1B)."""
-
-    def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "micro_batch_size", "num_micro_batches", "virtual_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PlanValidationError(f"layout.{name} must be a positive integer, got {value!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise PlanValidationError(f"layout.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        if not isinstance(self.recompute, Recompute):
-            raise PlanValidationError(f"layout.recompute must be a Recompute, got {self.recompute!r}")
-        if not isinstance(self.schedule, Schedule):
-            raise PlanValidationError(f"layout.schedule must be a Schedule, got {self.schedule!r}")
-        if self.sequence_parallel and self.tp == 1:
-            raise PlanValidationError("layout.sequence_parallel needs tp > 1 (it shards within the TP group)")
-        if self.virtual_stages > 1 and self.schedule is not Schedule.INTERLEAVED_1F1B:
-            raise PlanValidationError(
-                f"layout.virtual_stages={self.virtual_stages} needs schedule 'interleaved-1f1b', "
-                f"got {self.schedule.value!r}"
-            )
-        if self.schedule is Schedule.INTERLEAVED_1F1B and self.pp == 1:
-            raise PlanValidationError("schedule 'interleaved-1f1b' needs pp > 1")
-
-    @property
-    def num_gpus(self) -> int:
-        """GPUs the layout occupies: dp · tp · pp."""
-        return self.dp * self.tp * self.pp
-
-    @property
-    def global_batch_size(self) -> int:
-        """Samples per optimizer step: dp · micro_batch_size · num_micro_batches."""
-        return self.dp * self.micro_batch_size * self.num_micro_batches
-
-    def describe(self) -> str:
-        """Compact one-line form, e.g. ``dp8 tp8 pp4 mb1x32 zero1 rc=selective sp 1f1b``."""
-        parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
-        parts.append(f"mb{self.micro_batch_size}x{self.num_micro_batches}")
-        parts.append(f"zero{self.zero_stage}")
-        parts.append(f"rc={self.recompute.value}")
-        if self.sequence_parallel:
-            parts.append("sp")
-        if self.pp > 1:
-            parts.append(self.schedule.value + (f"/v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
-        return " ".join(parts)
+SCHEMA_VERSION = 2
+"""Bumped whenever a field changes meaning; older files are refused, not guessed at.
+2: ``predicted.communication`` (TP / DP by ZeRO collective / PP send-recv) replaces ``comm_time_s``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -151,44 +54,6 @@ class ShardingPlan:
         for path, style in self.modules.items():
             if not isinstance(style, TPStyle):
                 raise PlanValidationError(f"sharding of {path!r} must be a TPStyle, got {style!r}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MemoryBreakdown:
-    """Peak bytes per GPU on one pipeline stage."""
-
-    params: int
-    """Model weights resident during the step."""
-    grads: int
-    """Gradients."""
-    optimizer: int
-    """Optimizer states (fp32 master weights and Adam moments under mixed precision)."""
-    activations: int
-    """Activations saved for backward, all in-flight micro-batches."""
-    buffers: int
-    """Temporary communication/working buffers and allocator headroom."""
-    capacity: int
-    """The GPU's memory."""
-
-    def __post_init__(self) -> None:
-        for name in ("params", "grads", "optimizer", "activations", "buffers", "capacity"):
-            if getattr(self, name) < 0:
-                raise PlanValidationError(f"memory.{name} must be >= 0, got {getattr(self, name)}")
-
-    @property
-    def total(self) -> int:
-        """Sum of all terms."""
-        return self.params + self.grads + self.optimizer + self.activations + self.buffers
-
-    @property
-    def fits(self) -> bool:
-        """Whether the total is within capacity."""
-        return self.total <= self.capacity
-
-    def dominant_term(self) -> str:
-        """Name of the largest term."""
-        terms = {n: getattr(self, n) for n in ("params", "grads", "optimizer", "activations", "buffers")}
-        return max(terms, key=lambda n: terms[n])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -247,8 +112,8 @@ class Predicted:
     """Tokens (samples × sequence length) per second, whole job."""
     bubble_fraction: float
     """Share of the step the pipeline is idle in fill/drain."""
-    comm_time_s: Mapping[str, float]
-    """Exposed communication time per step by collective kind (all_reduce, all_gather, ..., p2p)."""
+    communication: CommBreakdown
+    """Communication time per step: TP, exposed DP (by ZeRO collective) and pipeline send/recv apart."""
     memory: tuple[MemoryBreakdown, ...]
     """Peak memory per GPU for each pipeline rank."""
     compute_time_s: float = 0.0
@@ -490,6 +355,7 @@ _ENUMS: Mapping[str, type[StrEnum]] = {"recompute": Recompute, "schedule": Sched
 _NESTED: Mapping[str, type] = {
     "layout": Layout,
     "predicted": Predicted,
+    "communication": CommBreakdown,
 }
 
 
@@ -558,6 +424,7 @@ def _field_from_json(cls: type, name: str, raw: Any) -> Any:
 __all__ = [
     "DIGEST_KEY",
     "SCHEMA_VERSION",
+    "CommBreakdown",
     "Layout",
     "MemoryBreakdown",
     "Plan",

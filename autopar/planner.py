@@ -1,4 +1,4 @@
-"""Turn priced layouts (``solvers.evaluate.Evaluation``) into ``Plan`` values with explanations."""
+"""Turn priced layouts (``solvers.evaluate.Evaluation``) into ``Plan`` values (explanations: ``report.explain``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from autopar.graph.ir import OpGraph
 from autopar.plan import Plan, Predicted, StagePlan
+from autopar.report.explain import explain_choice
 from autopar.solvers.costs import Pricing
 from autopar.solvers.evaluate import Evaluation
 
@@ -35,38 +36,9 @@ def _predicted(ev: Evaluation, pricing: Pricing, *, seq_len: int, sources: dict[
         step_time_s=step, model_tflops_per_gpu=model_tflops,
         hardware_tflops_per_gpu=ev.hardware_flops / step / gpus / 1e12,
         mfu=model_tflops * 1e12 / pricing.peak_flops_per_s, tokens_per_s=tokens / step,
-        bubble_fraction=ev.bubble_fraction, comm_time_s=dict(ev.comm_time_s), memory=ev.memory,
+        bubble_fraction=ev.bubble_fraction, communication=ev.communication, memory=ev.memory,
         compute_time_s=ev.pipeline_time_s, sources=sources,
     )
-
-
-
-def explain_choice(winner: Evaluation, runner_up: Evaluation | None) -> tuple[str, ...]:
-    """Lines saying why ``winner`` beat ``runner_up``: the layout knobs that differ and the cost terms that moved."""
-    if runner_up is None:
-        return ("  no other layout fits: this is the only candidate",)
-    a, b = winner.layout, runner_up.layout
-    diffs = [f"{name} {getattr(b, name)} → {getattr(a, name)}" for name in
-             ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel", "schedule",
-              "virtual_stages") if getattr(a, name) != getattr(b, name)]
-    lines = [f"  runner-up: {b.describe()} at {runner_up.step_time_s:.3f} s/step "
-             f"(+{runner_up.step_time_s / winner.step_time_s - 1:.1%})",
-             f"  it differs in: {', '.join(diffs) or 'stage boundaries only'}"]
-    deltas = {
-        "pipeline compute + bubble": runner_up.pipeline_time_s - winner.pipeline_time_s,
-        "optimizer update": runner_up.optimizer_time_s - winner.optimizer_time_s,
-        "data-parallel communication": sum(runner_up.comm_time_s.get(k, 0.0) for k in
-                                           ("all_reduce", "reduce_scatter", "all_gather"))
-        - sum(winner.comm_time_s.get(k, 0.0) for k in ("all_reduce", "reduce_scatter", "all_gather")),
-    }
-    for name, delta in sorted(deltas.items(), key=lambda kv: -abs(kv[1])):
-        if abs(delta) > 1e-6 * winner.step_time_s:
-            lines.append(f"  {name}: {'+' if delta > 0 else '−'}{abs(delta) * 1e3:.1f} ms for the runner-up")
-    if winner.bubble_fraction != runner_up.bubble_fraction:
-        lines.append(f"  pipeline bubble {winner.bubble_fraction:.1%} vs {runner_up.bubble_fraction:.1%}")
-    lines.append(f"  peak memory {winner.peak_memory_bytes / 2**30:.1f} GiB vs "
-                 f"{runner_up.peak_memory_bytes / 2**30:.1f} GiB per GPU")
-    return tuple(lines)
 
 
 def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: Pricing, *, cluster_name: str,

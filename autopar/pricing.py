@@ -19,16 +19,36 @@ from autopar.cost_models import comm, compute, loss, memory
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
-from autopar.plan import Recompute, ShardingPlan
+from autopar.layout import Recompute
+from autopar.plan import ShardingPlan
 from autopar.solvers.costs import LayerCost
 from autopar.solvers.space import ModelShape
-from autopar.solvers.layer_result import LayerShardingResult
-from autopar.solvers.strategies import solve_layer_sharding
+from autopar.solvers.sharding.layer_result import LayerShardingResult
+from autopar.solvers.sharding.strategies import solve_layer_sharding
 
 ADAM_BYTES_PER_PARAM = 28
 """HBM traffic of one fused Adam update per parameter: read fp32 master, m, v (12) and the gradient (2 in
 bf16, promoted), write master, m, v (12) and the bf16 weight copy (2) — 28 bytes; fp32 training reads a
 4-byte gradient and writes no copy, also 28. The update is memory-bound (a few FLOPs per 28 bytes)."""
+
+
+class _NodePrices:
+    """Memo tables keyed by value (the setting's arguments) for one node kind (GPU, intra-node link)."""
+
+    def __init__(self, *, node: tuple[object, object]) -> None:
+        self.node = node
+        self._tables: dict[str, dict[tuple[Any, ...], Any]] = {}
+
+    def memo(self, name: str, compute: Callable[..., Any]) -> Callable[..., Any]:
+        """``compute`` memoised in the table ``name`` by its positional arguments' values."""
+        table = self._tables.setdefault(name, {})
+
+        def cached(*args: Any) -> Any:
+            if args not in table:
+                table[args] = compute(*args)
+            return table[args]
+
+        return cached
 
 
 def model_shape(graph: OpGraph) -> ModelShape:
@@ -40,7 +60,8 @@ def model_shape(graph: OpGraph) -> ModelShape:
 class GraphPricing:
     """Prices layers of one captured graph on one cluster; implements ``autopar.solvers.costs.Pricing``."""
 
-    def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None) -> None:
+    def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None,
+                 node_prices: _NodePrices | None = None) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"training dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.graph = graph
@@ -48,19 +69,21 @@ class GraphPricing:
         self.dtype = dtype
         self.calibration = calibration
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
-        self._layer_costs = functools.lru_cache(maxsize=None)(self._compute_layer_costs)
+        node = (cluster.gpu, cluster.intra_node)
+        if node_prices is None or node_prices.node != node:
+            node_prices = _NodePrices(node=node)
+        # layer prices, shardings and model states depend only on the GPU and its node's links: keyed by
+        # value inside one _NodePrices, shared (explicitly) by the same graph on clusters of that node
+        self.node_prices = node_prices
+        self._layer_costs = node_prices.memo("layer_costs", self._compute_layer_costs)
+        self._sharding = node_prices.memo("sharding", self._solve_sharding)
+        self._states = node_prices.memo("states", self._states_uncached)
         self._collective = functools.lru_cache(maxsize=1 << 16)(self._collective_uncached)
-        self._states = functools.lru_cache(maxsize=1 << 16)(self._states_uncached)
-        self._sharding = functools.lru_cache(maxsize=None)(self._solve_sharding)
 
     def for_cluster(self, cluster: Cluster) -> GraphPricing:
-        """The same graph on another cluster (layer prices depend on the GPU, not the node count)."""
-        other = GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration)
-        if cluster.gpu == self.cluster.gpu and cluster.intra_node == self.cluster.intra_node:
-            other._layer_costs = self._layer_costs  # layer prices use only the GPU and its node's links
-            other._sharding = self._sharding
-            other._states = self._states
-        return other
+        """The same graph on another cluster; layer prices are reused when its nodes are the same."""
+        return GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration,
+                            node_prices=self.node_prices)
 
     # ---- Pricing protocol --------------------------------------------------------------------
 
@@ -100,13 +123,8 @@ class GraphPricing:
         return num_params * ADAM_BYTES_PER_PARAM / self.cluster.gpu.achievable_mem_bytes_per_s
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
-        comm_buffers = memory.estimate_buffer_bytes(zero_stage=zero_stage, dp=dp,
-                                                    largest_layer_params=int(largest_layer_params), dtype=self.dtype)
-        return float(comm_buffers + memory.RUNTIME_RESERVED_BYTES)
-
-    @property
-    def allocator_headroom(self) -> float:
-        return memory.ALLOCATOR_HEADROOM
+        return memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=largest_layer_params,
+                                           dtype=self.dtype)
 
     def grad_bytes_per_param(self) -> float:
         return float(DTYPE_BYTES[self.dtype])
@@ -181,13 +199,13 @@ class GraphPricing:
         flops = layer.forward_flops * scale
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
-        tp_comm = {k: fwd_comm.get(k, 0.0) + bwd_comm.get(k, 0.0) for k in set(fwd_comm) | set(bwd_comm)}
         loss_fwd, loss_bwd, loss_acts = self._loss_terms(layer, scale, sharding)
         return LayerCost(
             forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd,
             backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd,
             forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts) + loss_acts,
-            param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp), tp_comm_s=tp_comm,
+            param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp),
+            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()),
         )
 
     def _loss_terms(self, layer: Layer, scale: float,

@@ -36,6 +36,9 @@ DTYPE_ALIASES: Mapping[str, str] = MappingProxyType({
 })
 """Short dtype spellings accepted by ``GPUSpec.peak_flops``."""
 
+TRAINING_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+"""Training precisions the cost models price: bf16/fp16 mixed precision with fp32 master weights, or fp32."""
+
 KNOWN_COMPUTE_DTYPES = frozenset({"bfloat16", "float16", "float32", "tf32", "float64", "float8_e4m3fn", "float8_e5m2"})
 """Dtype names a ``peak_flops_per_s`` table may use (``tf32`` is fp32 storage on tensor cores)."""
 
@@ -103,6 +106,16 @@ class GPUSpec:
                 f"{sorted(self.peak_flops_per_s)} (V100 has no bf16 units: plan it with float16)"
             )
         return rate
+
+    def best_training_dtype(self) -> str:
+        """The GPU's best 16-bit training type: bfloat16, or float16 where it has no bf16 units (V100);
+        float32 for a GPU that lists neither.
+
+        Example:
+            >>> Cluster.preset("dgx-h100").gpu.best_training_dtype(), Cluster.preset("v100-p3").gpu.best_training_dtype()
+            ('bfloat16', 'float16')
+        """
+        return next((d for d in ("bfloat16", "float16") if d in self.peak_flops_per_s), "float32")
 
     @property
     def achievable_mem_bytes_per_s(self) -> float:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 
-from autopar.cost_models.cluster import Cluster
-
 from autopar._compat import StrEnum
+from autopar.cost_models.cluster import Cluster
+from autopar.layout import Collective, CommBreakdown
 
 RING_BASE_LATENCY_S = 3.6e-6
 """Fixed cost of one ring collective: NCCL tuning.cc ``baseLat[RING][LL]`` = 3.6 µs."""
@@ -37,17 +37,6 @@ TREE_BASE_LATENCY_S = 4.4e-6
 """Fixed cost of one tree all-reduce: NCCL tuning.cc ``baseLat[TREE][LL]`` = 4.4 µs."""
 TREE_BANDWIDTH_FACTOR = 0.9
 """Trees reach 0.9 of the ring's bus bandwidth: tuning.cc ``if (a == NCCL_ALGO_TREE) busBw = busBw*.9``."""
-
-
-class Collective(StrEnum):
-    """Collective operations the planner issues."""
-
-    ALL_REDUCE = "all_reduce"
-    ALL_GATHER = "all_gather"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_TO_ALL = "all_to_all"
-    BROADCAST = "broadcast"
-    SEND_RECV = "p2p"
 
 
 class Algorithm(StrEnum):
@@ -207,34 +196,64 @@ def _p2p_time(nbytes: float, nodes_spanned: int, cluster: Cluster) -> float:
     return RING_BASE_LATENCY_S + link.latency_s + nbytes / link.achievable_bytes_per_s
 
 
-def estimate_exposed_comm_time(comm_s: float, overlappable_compute_s: float, *, overlap: bool,
-                               num_buckets: int = 1) -> float:
-    """Communication time left on the critical path when it may overlap with compute.
+COMPUTE_PER_FORWARD = 3
+"""A micro-batch's forward + backward compute in forward passes (backward ≈ 2 × forward: Kaplan et al. 2020
+§2.1; Narayanan et al. 2021 eq. 3). ZeRO 1/2's gather of updated parameters hides behind the next step's first
+forward pass, a ``1 / COMPUTE_PER_FORWARD`` share of one micro-batch's compute."""
 
-    Gradient reduction in DDP/FSDP is bucketed and each bucket is reduced while the
-    backward pass computes earlier layers' gradients (Li et al. 2020, "PyTorch
-    Distributed", VLDB §3.2.3). With overlap, what remains exposed is the excess of
-    communication over the compute it hides behind, and at least the last bucket,
-    which can only start after the backward pass ends. Without overlap, all of it.
+
+def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_reduce_s: float,
+                             param_gather_s: float, rank_compute_s: float, last_backward_s: float,
+                             overlap: bool) -> CommBreakdown:
+    """Data-parallel communication one pipeline rank leaves on the critical path of a step, by ZeRO collective.
+
+    ZeRO 0 all-reduces gradients; ZeRO 1/2 reduce-scatter gradients and all-gather the updated
+    parameter shards (the volume of one all-reduce); ZeRO 3 (FSDP) also all-gathers parameters before
+    the forward and the backward of every micro-batch (Rajbhandari et al. 2020, §5). With ``overlap``:
+
+    - the gradient reduction hides behind the last micro-batch's backward (bucketed reduction,
+      Li et al. 2020, "PyTorch Distributed", §3.2.3), so ``max(0, reduce − last_backward)`` is exposed;
+    - ZeRO 1/2's gather hides behind the next step's first forward (Megatron-LM
+      ``--overlap-param-gather``; ``1 / COMPUTE_PER_FORWARD`` of a micro-batch's compute);
+    - ZeRO 3's two gathers per micro-batch hide behind that micro-batch's compute (prefetching),
+      so ``m · max(0, 2·gather − compute / m)`` is exposed.
+
+    Without overlap all of it is exposed.
 
     Args:
-        comm_s: total communication time of the reduction.
-        overlappable_compute_s: compute running concurrently (the backward pass).
-        overlap: whether overlap is modelled (a plan option, not an assumption).
-        num_buckets: gradient buckets; 1 means the reduction starts after backward.
+        zero_stage: 0-3.
+        num_micro_batches: m, micro-batches per step on the rank.
+        grad_reduce_s: one all-reduce (ZeRO 0) or reduce-scatter (ZeRO 1-3) of the rank's gradients over dp.
+        param_gather_s: one all-gather of the rank's parameters over dp (unused under ZeRO 0).
+        rank_compute_s: forward + backward compute of all m micro-batches on the rank.
+        last_backward_s: backward of one micro-batch on the rank.
+        overlap: whether communication overlaps compute (a plan option).
+
+    Returns:
+        The data-parallel fields of a ``CommBreakdown`` (the others are 0).
 
     Example:
-        >>> estimate_exposed_comm_time(0.4, 1.0, overlap=True, num_buckets=4)
-        0.1
-        >>> estimate_exposed_comm_time(0.4, 1.0, overlap=False)
-        0.4
+        >>> estimate_exposed_dp_comm(zero_stage=0, num_micro_batches=4, grad_reduce_s=0.75, param_gather_s=0.0,
+        ...                          rank_compute_s=4.0, last_backward_s=0.5, overlap=True).dp_all_reduce_s
+        0.25
+        >>> c = estimate_exposed_dp_comm(zero_stage=3, num_micro_batches=2, grad_reduce_s=0.1, param_gather_s=0.5,
+        ...                              rank_compute_s=1.0, last_backward_s=0.3, overlap=True)
+        >>> round(c.dp_all_gather_s, 9), c.dp_reduce_scatter_s
+        (1.0, 0.0)
     """
-    if comm_s < 0 or overlappable_compute_s < 0 or num_buckets < 1:
-        raise ValueError(f"bad overlap inputs: comm_s={comm_s}, compute_s={overlappable_compute_s}, "
-                         f"num_buckets={num_buckets}")
-    if not overlap:
-        return comm_s
-    return max(comm_s - overlappable_compute_s, comm_s / num_buckets)
+    if zero_stage not in (0, 1, 2, 3) or num_micro_batches < 1:
+        raise ValueError(f"zero_stage={zero_stage} must be 0-3 and num_micro_batches={num_micro_batches} >= 1")
+    m = num_micro_batches
+    hide = last_backward_s if overlap else 0.0
+    reduce = max(0.0, grad_reduce_s - hide)
+    if zero_stage == 0:
+        return CommBreakdown(dp_all_reduce_s=reduce)
+    if zero_stage < 3:
+        first_forward = rank_compute_s / m / COMPUTE_PER_FORWARD if overlap else 0.0
+        return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=max(0.0, param_gather_s - first_forward))
+    per_micro_batch = 2 * param_gather_s  # forward and backward gathers of every micro-batch
+    exposed = m * max(0.0, per_micro_batch - (rank_compute_s / m if overlap else 0.0))
+    return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=exposed)
 
 
 def _check_group(cluster: Cluster, group_size: int, nodes_spanned: int) -> None:
@@ -255,7 +274,8 @@ __all__ = [
     "TREE_BASE_LATENCY_S",
     "bus_bandwidth_factor",
     "estimate_collective_time",
-    "estimate_exposed_comm_time",
+    "COMPUTE_PER_FORWARD",
+    "estimate_exposed_dp_comm",
     "group_bus_bandwidth",
     "wire_bytes",
 ]

@@ -40,7 +40,7 @@ from autopar.cost_models.layer_info import attention_core_ops
 from autopar._compat import StrEnum
 from autopar.graph.flops import op_name
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpClass, TensorMeta
-from autopar.plan import Recompute
+from autopar.layout import Recompute
 
 VECTOR_DTYPE = "float32"
 """Peak used for FLOPs that run on vector units (pointwise, norms): the fp32 CUDA-core rate."""

@@ -15,7 +15,6 @@ what size (Korthikanti et al. 2022).
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
 from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
-from autopar.plan import MemoryBreakdown, Recompute, Schedule
+from autopar.layout import MemoryBreakdown, Recompute, Schedule
+from autopar.schedule import in_flight_per_stage
 
 MIXED_PRECISION_BYTES_PER_PARAM = (2, 2, 12)
 """(weights, gradients, optimizer) bytes per parameter, bf16/fp16 mixed-precision Adam (ZeRO §3: 2 + 2 + K, K = 12)."""
@@ -230,58 +230,6 @@ def activation_bytes(acts: LayerActivations, *, scale: float, recompute: Recompu
     return math.ceil(per_rank * scale)
 
 
-def in_flight_per_stage(schedule: Schedule, *, pp: int, num_micro_batches: int,
-                            virtual_stages: int = 1) -> tuple[int, ...]:
-    """Micro-batches whose activations each stage holds at its peak, per stage (chunk) index.
-
-    GPipe keeps all m. 1F1B (PipeDream-Flush, Narayanan et al. 2021) keeps
-    ``min(m, pp − j)`` on stage j. Interleaved 1F1B follows Megatron-LM's
-    schedule: rank r runs ``2·(pp − r − 1) + (v − 1)·pp`` warm-up chunk forwards,
-    in groups of pp micro-batches per chunk, before its first backward; the count
-    per chunk is read off that order (plus the one in steady state).
-
-    Args:
-        schedule: the pipeline schedule.
-        pp: pipeline ranks.
-        num_micro_batches: m.
-        virtual_stages: chunks per rank v (> 1 only for interleaved 1F1B).
-
-    Returns:
-        One count per stage, stage j = chunk ``j // pp`` of rank ``j % pp``.
-
-    Example:
-        >>> in_flight_per_stage(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8)
-        (4, 3, 2, 1)
-        >>> in_flight_per_stage(Schedule.GPIPE, pp=2, num_micro_batches=8)
-        (8, 8)
-    """
-    m, v = num_micro_batches, virtual_stages
-    if pp < 1 or m < 1 or v < 1:
-        raise ValueError(f"pp={pp}, num_micro_batches={m}, virtual_stages={v} must all be >= 1")
-    match schedule:
-        case Schedule.GPIPE:
-            return (m,) * (pp * v)
-        case Schedule.ONE_F_ONE_B:
-            if v != 1:
-                raise ValueError(f"1F1B has one chunk per rank, got virtual_stages={v}")
-            return tuple(min(m, pp - j) for j in range(pp))
-        case Schedule.INTERLEAVED_1F1B:
-            return _interleaved_per_stage(pp, m, v)
-        case _:
-            raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def _interleaved_per_stage(pp: int, m: int, v: int) -> tuple[int, ...]:
-    counts = [[0] * v for _ in range(pp)]
-    for r in range(pp):
-        warmup = min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
-        # Megatron's forward order on a rank: micro-batch groups of pp, chunk by chunk within a group
-        order = ((c, mb) for g in range(0, m, pp) for c in range(v) for mb in range(g, min(g + pp, m)))
-        for c, _ in itertools.islice(order, warmup):
-            counts[r][c] += 1
-    return tuple(counts[j % pp][j // pp] for j in range(pp * v))
-
-
 def inflight_micro_batches(schedule: Schedule, *, pp: int, stage: int, num_micro_batches: int,
                            virtual_stages: int = 1) -> float:
     """Micro-batches whose activations pipeline rank ``stage`` holds at its peak, in units of the
@@ -349,35 +297,66 @@ def estimate_buffer_bytes(*, zero_stage: int, dp: int, largest_layer_params: int
     return grad_sync + tp_comm_bytes + 2 * pp_boundary_bytes
 
 
-def estimate_stage_memory(*, num_params: int, zero_stage: int, dp: int, activation_bytes_per_micro_batch: int,
-                          inflight: float, buffer_bytes: int, capacity_bytes: int, dtype: str = "bfloat16",
-                          working_bytes: int = 0) -> MemoryBreakdown:
+def estimate_fixed_bytes(*, zero_stage: int, dp: int, largest_layer_params: float, dtype: str = "bfloat16") -> float:
+    """Bytes per GPU that do not grow with the stage partition: communication buffers
+    (``estimate_buffer_bytes``) and the runtime's own reservation (``RUNTIME_RESERVED_BYTES``).
+
+    Example:
+        >>> estimate_fixed_bytes(zero_stage=0, dp=1, largest_layer_params=10**9) == RUNTIME_RESERVED_BYTES
+        True
+    """
+    comm_buffers = estimate_buffer_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=int(largest_layer_params),
+                                         dtype=dtype)
+    return float(comm_buffers + RUNTIME_RESERVED_BYTES)
+
+
+def with_headroom(tensor_bytes: float) -> float:
+    """Device memory that ``tensor_bytes`` of tensors take once the allocator's fragmentation is added.
+
+    Example:
+        >>> round(with_headroom(100.0), 6)
+        110.0
+    """
+    return tensor_bytes * (1 + ALLOCATOR_HEADROOM)
+
+
+def tensor_budget_bytes(capacity_bytes: float, *, fixed_bytes: float) -> float:
+    """Bytes of model states and activations one GPU can hold: the largest x with
+    ``with_headroom(x + fixed_bytes) <= capacity_bytes`` (the stage DP's memory budget).
+
+    Example:
+        >>> round(tensor_budget_bytes(110.0, fixed_bytes=10.0), 6)
+        90.0
+    """
+    return capacity_bytes / (1 + ALLOCATOR_HEADROOM) - fixed_bytes
+
+
+def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_bytes: float,
+                         activation_bytes: float, fixed_bytes: float, capacity_bytes: int) -> MemoryBreakdown:
     """Peak memory of one GPU of a pipeline rank, as the ``MemoryBreakdown`` a ``Plan`` carries.
 
-    Args:
-        num_params: parameters this GPU holds before ZeRO sharding (its TP shard of its stage).
-        zero_stage: ZeRO stage over the ``dp`` ranks.
-        dp: data-parallel size.
-        activation_bytes_per_micro_batch: saved activations of all the rank's layers for one
-            micro-batch (sum of ``estimate_layer_activation_bytes``).
-        inflight: ``inflight_micro_batches`` for this rank.
-        buffer_bytes: ``estimate_buffer_bytes`` for this rank.
-        capacity_bytes: the GPU's memory.
-        dtype: training dtype.
-        working_bytes: transient tensors at the peak (e.g. one layer's full activations while it is
-            recomputed in backward, or the logits of the loss).
+    ``total = with_headroom(states + activations + fixed)``: ``ALLOCATOR_HEADROOM`` applies to every
+    tensor and to the fixed bytes (which ``tensor_budget_bytes`` inverts for the stage DP). The
+    ``buffers`` term holds the fixed bytes and the headroom.
 
-    The ``buffers`` term holds the communication buffers, ``working_bytes``, the runtime's own
-    reservation and ``ALLOCATOR_HEADROOM`` on top of every tensor.
+    Args:
+        params_bytes: weights on this GPU (``estimate_model_state_bytes``).
+        grads_bytes: gradients on this GPU.
+        optimizer_bytes: optimizer states on this GPU.
+        activation_bytes: saved activations of all in-flight micro-batches on this GPU.
+        fixed_bytes: ``estimate_fixed_bytes`` for the layout.
+        capacity_bytes: the GPU's memory.
+
+    Example:
+        >>> m = estimate_rank_memory(params_bytes=20, grads_bytes=20, optimizer_bytes=40, activation_bytes=10,
+        ...                          fixed_bytes=10, capacity_bytes=200)
+        >>> m.buffers, m.total
+        (20, 110)
     """
-    state = estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=dtype)
-    activations = math.ceil(activation_bytes_per_micro_batch * inflight)
-    tensors = state.total + activations + buffer_bytes + working_bytes
-    headroom = math.ceil(ALLOCATOR_HEADROOM * tensors)
-    return MemoryBreakdown(params=state.params, grads=state.grads, optimizer=state.optimizer,
-                           activations=activations,
-                           buffers=buffer_bytes + working_bytes + RUNTIME_RESERVED_BYTES + headroom,
-                           capacity=capacity_bytes)
+    p, g, o, acts, fixed = params_bytes, grads_bytes, optimizer_bytes, activation_bytes, fixed_bytes
+    buffers = fixed + ALLOCATOR_HEADROOM * (p + g + o + acts + fixed)
+    return MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
+                           buffers=int(buffers), capacity=int(capacity_bytes))
 
 
 __all__ = [
@@ -396,8 +375,10 @@ __all__ = [
     "estimate_buffer_bytes",
     "estimate_layer_activation_bytes",
     "estimate_model_state_bytes",
-    "estimate_stage_memory",
-    "in_flight_per_stage",
+    "estimate_fixed_bytes",
+    "estimate_rank_memory",
     "inflight_micro_batches",
     "summarize_layer_activations",
+    "tensor_budget_bytes",
+    "with_headroom",
 ]

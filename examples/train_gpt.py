@@ -203,7 +203,7 @@ def hand_written_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[t
     """A plan written by hand from the pins: layers split evenly over stages, Megatron's GPT styles."""
     import autopar
     from autopar.plan import (
-        Layout, MemoryBreakdown, Plan, Predicted, Recompute, Schedule, ShardingPlan, StagePlan, TPStyle,
+        CommBreakdown, Layout, MemoryBreakdown, Plan, Predicted, Recompute, Schedule, ShardingPlan, StagePlan, TPStyle,
     )
 
     col, row = TPStyle.COLWISE, TPStyle.ROWWISE
@@ -224,7 +224,7 @@ def hand_written_plan(cfg: TrainConfig, model: torch.nn.Module, example: tuple[t
     memory = tuple(MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, buffers=0, capacity=1)
                    for _ in range(cfg.pp))
     predicted = Predicted(step_time_s=1.0, model_tflops_per_gpu=0.0, hardware_tflops_per_gpu=0.0, mfu=0.0,
-                          tokens_per_s=0.0, bubble_fraction=0.0, comm_time_s={}, memory=memory)
+                          tokens_per_s=0.0, bubble_fraction=0.0, communication=CommBreakdown(), memory=memory)
     return Plan(graph_fingerprint=graph.fingerprint(), model_name=f"gpt:{cfg.size}", cluster_name="hand-written",
                 num_gpus_available=layout.num_gpus, gpus_per_node=layout.num_gpus, seq_len=cfg.seq_len,
                 dtype=cfg.dtype, layout=layout, stages=stages, predicted=predicted, num_layers=len(paths),

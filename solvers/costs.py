@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from autopar.plan import Recompute, ShardingPlan
+from autopar.layout import Recompute
+from autopar.plan import ShardingPlan
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,8 +32,8 @@ class LayerCost:
     """Trainable parameters held per GPU after TP sharding (before ZeRO)."""
     boundary_bytes: float
     """Bytes per GPU that enter the layer from the previous one (a stage boundary sends them)."""
-    tp_comm_s: Mapping[str, float] = field(default_factory=dict)
-    """TP collective time per micro-batch (forward + backward) by kind, already inside the times above."""
+    tp_comm_s: float = 0.0
+    """TP collective time per micro-batch (forward + backward), already inside the times above."""
 
 
 class Pricing(Protocol):
@@ -72,11 +73,6 @@ class Pricing(Protocol):
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
-        ...
-
-    @property
-    def allocator_headroom(self) -> float:
-        """Fraction added on top of every tensor for allocator fragmentation."""
         ...
 
     def grad_bytes_per_param(self) -> float:

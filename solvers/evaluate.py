@@ -21,21 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from autopar.plan import Layout, MemoryBreakdown, Recompute
+from autopar.cost_models.comm import estimate_exposed_dp_comm
+from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
+from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
+from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import LayerCost, Pricing
-from autopar.solvers.stage_dp import (
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,
     evaluate_partition,
-    in_flight_micro_batches,
-    schedule_weights,
     solve_stage_partition,
 )
-from autopar.solvers.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
+from autopar.solvers.pipeline.stage_policies import PolicyPartition, composite_costs, solve_stage_policies
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,8 +53,8 @@ class Evaluation:
     """Forward/backward time of all micro-batches including the bubble."""
     bubble_fraction: float
     """Share of the step the busiest pipeline rank is idle in fill/drain."""
-    comm_time_s: Mapping[str, float]
-    """Exposed communication per step by kind (TP collectives, p2p, data-parallel)."""
+    communication: CommBreakdown
+    """Communication per step: TP and pipeline sends (inside ``pipeline_time_s``) and exposed DP, apart."""
     optimizer_time_s: float
     """Optimizer update time."""
     memory: tuple[MemoryBreakdown, ...]
@@ -115,7 +116,7 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
     """
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     m, schedule = layout.num_micro_batches, layout.schedule
-    in_flight = in_flight_micro_batches(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
+    in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
 
     def priced(bounds: Sequence[int], policies: Sequence[int]) -> PolicyPartition:
@@ -142,39 +143,32 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             pricing: Pricing, dp_nodes: int, overlap: bool) -> dict[str, float]:
-    """Exposed data-parallel communication of one pipeline rank per step, by collective kind."""
+             pricing: Pricing, dp_nodes: int, overlap: bool) -> CommBreakdown:
+    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``)."""
     if layout.dp == 1:
-        return {}
+        return CommBreakdown()
     grad_bytes = rank_params * pricing.grad_bytes_per_param()
 
-    def t(kind: str, nbytes: float) -> float:
-        return pricing.collective_time(kind, nbytes, group_size=layout.dp, nodes_spanned=dp_nodes)
+    def t(kind: Collective) -> float:  # gradients and updated parameters at the training dtype's width
+        return pricing.collective_time(kind, grad_bytes, group_size=layout.dp, nodes_spanned=dp_nodes)
 
-    hide = last_backward_s if overlap else 0.0
-    if layout.zero_stage == 0:
-        return {"all_reduce": max(0.0, t("all_reduce", grad_bytes) - hide)}
-    reduce = max(0.0, t("reduce_scatter", grad_bytes) - hide)
-    gather = t("all_gather", grad_bytes)  # updated parameter shards, at the training dtype's width
-    if layout.zero_stage < 3:
-        # the gather of updated shards overlaps the next step's first forward (Megatron-LM's
-        # --overlap-param-gather; FSDP's reshard_after_forward=False prefetch)
-        first_forward = rank_compute_s / layout.num_micro_batches / 3 if overlap else 0.0
-        return {"reduce_scatter": reduce, "all_gather": max(0.0, gather - first_forward)}
-    m = layout.num_micro_batches
-    per_mb = 2 * gather  # forward and backward gathers of every micro-batch
-    exposed = m * max(0.0, per_mb - (rank_compute_s / m if overlap else 0.0))
-    return {"reduce_scatter": reduce, "all_gather": exposed}
+    zero = layout.zero_stage
+    return estimate_exposed_dp_comm(
+        zero_stage=zero, num_micro_batches=layout.num_micro_batches,
+        grad_reduce_s=t(Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER),
+        param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
+        last_backward_s=last_backward_s, overlap=overlap)
 
 
 def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
-                    overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None) -> Evaluation:
+                    overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None,
+                    costs_key: Hashable = None) -> Evaluation:
     """Price ``layout`` at its (tp, sp, micro-batch) setting, each stage with the fastest policy that fits.
 
     ``variants`` maps each recomputation policy the layout may use to its per-layer costs (one
     entry when the policy is pinned). ``partition_cache`` (owned by the caller, e.g. one search)
-    memoises time-optimal partitions; ``variants`` values must then stay alive as long as the cache
-    (it is keyed by their identity).
+    memoises time-optimal partitions, keyed by value: ``costs_key`` names the setting the variants
+    were priced at (e.g. tp, sequence parallelism, micro-batch size and the policies).
     """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
@@ -183,11 +177,12 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     stage_variants = [_stage_costs(layout, costs, pricing, p2p_nodes) for costs in per_policy]
     largest = max(c.param_count for c in per_policy[0])
     fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
-    headroom = pricing.allocator_headroom
-    # total = (states + activations + fixed buffers) · (1 + headroom) must fit the GPU
-    key = (tuple(id(c) for c in per_policy), p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
+    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
+    if partition_cache is not None and costs_key is None:
+        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
            layout.num_micro_batches)
-    chosen, solved = _partition(layout, stage_variants, pricing.gpu_mem_bytes / (1 + headroom) - fixed,
+    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
     part = chosen.partition
     stage_policy = tuple(policies[p] for p in chosen.policies)
@@ -195,38 +190,32 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     stage_static = composite_costs(stage_variants, part.boundaries, chosen.policies).static_mem_bytes
     layout = dataclasses.replace(layout, recompute=max(stage_policy, key=_RECOMPUTE_ORDER.index))
     pp, m = layout.pp, layout.num_micro_batches
-    comm: dict[str, float] = {}
-    for c in costs:
-        for kind, s in c.tp_comm_s.items():
-            comm[kind] = comm.get(kind, 0.0) + s * m / pp  # per rank, roughly even over the pipeline
-    comm["p2p"] = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_exposed, dp_by_kind, opt_time = [], 0.0, {}, 0.0
+    tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
+    p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
+    memory, dp_comm, opt_time = [], CommBreakdown(), 0.0
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
-        by_kind = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
-        if sum(by_kind.values()) >= dp_exposed:  # the step waits for the slowest rank's reduction
-            dp_exposed, dp_by_kind = sum(by_kind.values()), by_kind
+        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
+        if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
+            dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, pricing.optimizer_step_time(owned))
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
-        buffers = fixed + headroom * (p + g + o + acts + fixed)
-        memory.append(MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
-                                      buffers=int(buffers), capacity=int(pricing.gpu_mem_bytes)))
-    for kind, seconds in dp_by_kind.items():
-        comm[kind] = comm.get(kind, 0.0) + seconds
+        memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
+                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
-    step = pipeline + dp_exposed + opt_time
+    step = pipeline + dp_comm.dp_s + opt_time
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp
     return Evaluation(
         layout=layout, partition=part, step_time_s=step, pipeline_time_s=pipeline,
         bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
-        comm_time_s=comm, optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
+        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
         stage_recompute=stage_policy,
     )

@@ -12,9 +12,9 @@ import math
 from collections.abc import Sequence
 
 from autopar.errors import InfeasiblePlanError
-from autopar.solvers.sharding_ilp import ShardingSolution
-from autopar.solvers.sharding_problem import ShardingProblem, evaluate_assignment
-from autopar.solvers.stage_dp import (
+from autopar.solvers.sharding.sharding_ilp import ShardingSolution
+from autopar.solvers.sharding.sharding_problem import ShardingProblem, evaluate_assignment
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,
@@ -59,7 +59,7 @@ def brute_force_sharding(problem: ShardingProblem) -> ShardingSolution:
         InfeasiblePlanError: nothing fits the budget with a finite cost.
 
     Example:
-        >>> from autopar.solvers.sharding_problem import ShardingNode
+        >>> from autopar.solvers.sharding.sharding_problem import ShardingNode
         >>> a = ShardingNode(name="a", strategies=("x", "y"), compute_s=(2, 1), comm_s=(0, 0), mem_bytes=(0, 9))
         >>> brute_force_sharding(ShardingProblem(nodes=(a,), edges=(), mem_budget_bytes=5)).choice
         {'a': 0}

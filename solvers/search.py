@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
-from autopar.plan import Layout, Recompute, Schedule
+from autopar.layout import Layout, Recompute, Schedule
+from autopar.schedule import fits_micro_batches, in_flight_per_stage
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace
-from autopar.solvers.stage_dp import in_flight_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class _Prices(NamedTuple):
     """The costs with the least time (for time bounds)."""
     leanest: tuple[LayerCost, ...]
     """The costs with the least activation memory (for memory bounds)."""
+    key: tuple[object, ...]
+    """The setting's value (tp, sp, micro-batch, policies): what cached partitions are keyed by."""
+    repeats: tuple[tuple[int, int], ...]
+    """(first layer index, count) per distinct layer, equal by value under every policy."""
+    block: tuple[int, int]
+    """(index, count) of the most repeated layer in ``leanest``."""
 
 
 def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -> _Prices:
@@ -81,9 +88,22 @@ def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -
         if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
             variants[rc] = costs
     tables = list(variants.values())
+    leanest = min(tables, key=lambda cs: sum(c.activation_bytes for c in cs))
     return _Prices(variants=variants,
                    fastest=min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs)),
-                   leanest=min(tables, key=lambda cs: sum(c.activation_bytes for c in cs)))
+                   leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
+                   repeats=_repeats([tuple(t[i] for t in tables) for i in range(len(leanest))]),
+                   block=max(_repeats(list(leanest)), key=lambda ic: ic[1]))
+
+
+def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
+    """(first index, count) of each distinct value, in order of first appearance (layers compared by value)."""
+    first: dict[object, int] = {}
+    counts: Counter[object] = Counter()
+    for i, value in enumerate(values):
+        first.setdefault(value, i)
+        counts[value] += 1
+    return tuple((first[v], counts[v]) for v in first)
 
 
 def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, _Prices]]:
@@ -130,7 +150,7 @@ def _footprint(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -
                                            dp=layout.dp))
     fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
                                  zero_stage=layout.zero_stage, dp=layout.dp)
-    in_flight = in_flight_micro_batches(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+    in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                         virtual_stages=layout.virtual_stages)
     return _Footprint(states=states, fixed=fixed, k=[min(in_flight[r::layout.pp]) for r in range(layout.pp)])
 
@@ -163,16 +183,13 @@ def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot:
         return 0.0
     k = min(foot.k)
     base = prices.fastest
-    budget = layout.pp * (pricing.gpu_mem_bytes / (1 + pricing.allocator_headroom) - foot.fixed)
+    budget = layout.pp * tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=foot.fixed)
     excess = foot.states + k * sum(c.activation_bytes for c in base) - budget
     if excess <= 0:
         return 0.0
     tables = list(prices.variants.values())
-    layers = Counter(tuple(id(t[i]) for t in tables) for i in range(len(base)))  # repeated layers share costs
-    first = {tuple(id(t[i]) for t in tables): i for i in reversed(range(len(base)))}
     segments: list[tuple[float, float]] = []  # (seconds per byte, bytes) of every hull segment, all layers
-    for key, count in layers.items():
-        i = first[key]
+    for i, count in prices.repeats:  # repeated layers share costs
         segments.extend((rate, count * nbytes) for rate, nbytes in _hull_segments(
             [(k * (base[i].activation_bytes - t[i].activation_bytes),
               (t[i].forward_s + t[i].backward_s) - (base[i].forward_s + base[i].backward_s)) for t in tables]))
@@ -199,7 +216,7 @@ def _hull_segments(options: list[tuple[float, float]]) -> list[tuple[float, floa
     return [((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]) for a, b in zip(hull, hull[1:])]
 
 
-def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing, foot: _Footprint) -> float:
+def _layout_memory_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
     """Lower bound on the fullest rank's memory over every stage partition.
 
     Rank r holds its states S_r and k_r micro-batches of its activations A_r (k_r: the fewest
@@ -209,22 +226,21 @@ def _layout_memory_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: 
     added as ``evaluate_layout`` adds them.
     """
     states, fixed, k = foot
-    acts = sum(c.activation_bytes for c in costs)
+    acts = sum(c.activation_bytes for c in prices.leanest)
     h = sum(1.0 / kr for kr in k)
     spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
-                 _repeated_block_bound(layout, costs, pricing, k))
-    return (spread + fixed) * (1 + pricing.allocator_headroom)
+                 _repeated_block_bound(layout, prices, pricing, k))
+    return with_headroom(spread + fixed)
 
 
-def _repeated_block_bound(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing, k: list[int]) -> float:
+def _repeated_block_bound(layout: Layout, prices: _Prices, pricing: Pricing, k: list[int]) -> float:
     """Bound from the most repeated layer alone (identical costs; the other layers only add memory).
 
     N blocks of states s and activations a, n_r of them on rank r: ``max_r n_r·(s + k_r·a)`` over real
     n_r ≥ 0 summing to N is smallest when every term is equal, at ``N / Σ_r 1/(s + k_r·a)``.
     """
-    counts = Counter(id(c) for c in costs)
-    block_id, n = counts.most_common(1)[0]
-    block = next(c for c in costs if id(c) == block_id)
+    index, n = prices.block
+    block = prices.leanest[index]
     s = sum(pricing.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
     return n / sum(1.0 / (s + kr * block.activation_bytes) for kr in k)
 
@@ -244,14 +260,12 @@ def _layouts(group: _Group, space: SearchSpace, num_layers: int,
                     continue
             if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1 and m >= group.pp:
                 continue  # dominated by 1F1B: same time, more activations in flight
-            if schedule is Schedule.ONE_F_ONE_B and group.pp > 1 and m < group.pp:
-                continue  # 1F1B needs at least pp micro-batches (torch refuses fewer); it is GPipe then
+            if not fits_micro_batches(schedule, pp=group.pp, num_micro_batches=m):
+                continue  # 1F1B with fewer than pp micro-batches is GPipe; interleaving needs multiples of pp
             for v in space.virtual_stages:
                 interleaved = schedule is Schedule.INTERLEAVED_1F1B
                 if (v > 1) != interleaved or group.pp * v > num_layers:
                     continue
-                if interleaved and m % group.pp:
-                    continue  # Megatron's interleaved schedule needs micro-batches in multiples of pp
                 yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
                              num_micro_batches=m, zero_stage=zero, recompute=recompute,
                              sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
@@ -269,7 +283,7 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     priced = pruned = pruned_layouts = 0
     min_mem: Evaluation | None = None
     leanest: tuple[float, _Group, _Prices] | None = None
-    partitions: PartitionCache = {}  # keyed by id(costs): every costs tuple stays alive in ``groups``
+    partitions: PartitionCache = {}  # keyed by value: the layer setting and the pipeline shape
     for i, (group, prices) in enumerate(groups):
         if progress is not None and i % 64 == 0:
             progress(i / max(1, len(groups)))
@@ -285,11 +299,12 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
         for layout in _layouts(group, space, len(prices.fastest)):
             foot = _footprint(layout, prices.leanest, pricing)
             if (len(best) >= top_k and _layout_bound(layout, prices, pricing, foot) >= -best[0][0]) or \
-                    _layout_memory_bound(layout, prices.leanest, pricing, foot) > pricing.gpu_mem_bytes:
+                    _layout_memory_bound(layout, prices, pricing, foot) > pricing.gpu_mem_bytes:
                 pruned_layouts += 1
                 continue
             ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
-                                 overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions)
+                                 overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions,
+                                 costs_key=prices.key)
             priced += 1
             if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
                 min_mem = ev

@@ -1,8 +1,8 @@
 """The search space: which layouts the planner considers, and user pins that narrow it.
 
-Pins (``constraints``) use the same names as ``Layout``'s fields. Contradictions
-between pins, or between pins and the cluster or the model, raise
-``PlanValidationError`` naming the values.
+Pins (``autopar.layout.Pins``) use the same names as ``Layout``'s fields; they check
+themselves against each other when built. Contradictions between pins and the cluster
+or the model raise ``PlanValidationError`` here, naming the values.
 """
 
 from __future__ import annotations
@@ -12,12 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autopar.errors import PlanValidationError
-from autopar.plan import Recompute, Schedule
+from autopar.layout import PIN_NAMES, Pins, Recompute, Schedule
 
-PIN_NAMES = ("dp", "tp", "pp", "micro_batch_size", "zero_stage", "recompute", "sequence_parallel",
-             "schedule", "virtual_stages", "num_gpus")
-"""Names ``constraints`` may pin: the ``Layout`` fields a person sets by hand, and ``num_gpus``
-(dp·tp·pp exactly, e.g. a torchrun job's world size)."""
 
 MAX_VIRTUAL_STAGES = 4
 """Largest interleaving degree searched: Narayanan et al. (2021) report diminishing returns past 4
@@ -69,8 +65,8 @@ class SearchSpace:
     """Pipeline schedules."""
     virtual_stages: tuple[int, ...]
     """Interleaving degrees (for interleaved 1F1B)."""
-    pinned: Mapping[str, Any] = field(default_factory=dict)
-    """The user's pins, parsed."""
+    pinned: Pins = field(default_factory=Pins)
+    """The user's pins."""
 
     def dp_sizes(self, tp: int, pp: int) -> Iterator[int]:
         """Data-parallel sizes to try with (tp, pp): the largest that fits and divides the batch, and halves.
@@ -78,7 +74,7 @@ class SearchSpace:
         Using fewer GPUs than available is allowed; it can win only when the batch does not
         divide over more replicas, so the largest feasible size and a few smaller ones suffice.
         """
-        exact = self.pinned.get("num_gpus")
+        exact = self.pinned.num_gpus
         if exact is not None:
             d, rest = divmod(exact, tp * pp)
             if not rest and self.global_batch_size % d == 0 and (self.dp is None or d in self.dp):
@@ -95,37 +91,6 @@ class SearchSpace:
             yield from (d for d in sizes[1:] if d * 2 == best or d * 4 == best)
 
 
-def _parse_pin(name: str, value: Any) -> Any:
-    match name:
-        case "recompute":
-            try:
-                return Recompute(value)
-            except ValueError as e:
-                raise PlanValidationError(f"pin recompute={value!r}: use none, selective or full") from e
-        case "schedule":
-            try:
-                return Schedule(value)
-            except ValueError as e:
-                raise PlanValidationError(f"pin schedule={value!r}: use gpipe, 1f1b or interleaved-1f1b") from e
-        case "sequence_parallel":
-            if not isinstance(value, bool):
-                raise PlanValidationError(f"pin sequence_parallel={value!r} must be true or false")
-            return value
-        case _:
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "zero_stage" else 1):
-                raise PlanValidationError(f"pin {name}={value!r} must be a positive integer")
-            return value
-
-
-def parse_pins(constraints: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validate pin names and types; returns the parsed pins."""
-    pins = dict(constraints or {})
-    unknown = sorted(set(pins) - set(PIN_NAMES))
-    if unknown:
-        raise PlanValidationError(f"unknown constraint(s) {unknown}; allowed: {', '.join(PIN_NAMES)}")
-    return {name: _parse_pin(name, value) for name, value in pins.items()}
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -137,33 +102,31 @@ def _tp_candidates(shape: ModelShape, num_gpus: int, gpus_per_node: int, allow_c
 
 
 def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_batch_size: int,
-                constraints: Mapping[str, Any] | None = None, allow_cross_node_tp: bool = False) -> SearchSpace:
+                constraints: Pins | Mapping[str, Any] | None = None, allow_cross_node_tp: bool = False) -> SearchSpace:
     """The space to search, narrowed by pins; raises ``PlanValidationError`` on contradictions."""
-    pins = parse_pins(constraints)
+    pins = Pins.from_mapping(constraints)
     if global_batch_size < 1:
         raise PlanValidationError(f"global batch size must be positive, got {global_batch_size}")
     _check_pins_against_model(pins, shape, num_gpus, gpus_per_node, allow_cross_node_tp, global_batch_size)
-    tp = (pins["tp"],) if "tp" in pins else tuple(_tp_candidates(shape, num_gpus, gpus_per_node, allow_cross_node_tp))
-    max_pp = min(shape.num_layers, num_gpus)
-    pp = (pins["pp"],) if "pp" in pins else tuple(range(1, max_pp + 1))
-    mbs = (pins["micro_batch_size"],) if "micro_batch_size" in pins else tuple(
-        m for m in MICRO_BATCH_SIZES if m <= global_batch_size)
-    schedule = (pins["schedule"],) if "schedule" in pins else tuple(Schedule)
+    def one_or(pinned: Any, choices: tuple[Any, ...]) -> tuple[Any, ...]:
+        return choices if pinned is None else (pinned,)
+
     v_max = min(MAX_VIRTUAL_STAGES, shape.num_layers)
-    virtual = (pins["virtual_stages"],) if "virtual_stages" in pins else tuple(range(1, v_max + 1))
     return SearchSpace(
-        num_gpus=num_gpus, gpus_per_node=gpus_per_node, global_batch_size=global_batch_size, tp=tp, pp=pp,
-        dp=(pins["dp"],) if "dp" in pins else None, micro_batch_size=mbs,
-        zero_stage=(pins["zero_stage"],) if "zero_stage" in pins else (0, 1, 2, 3),
-        recompute=(pins["recompute"],) if "recompute" in pins else tuple(Recompute),
-        sequence_parallel=(pins["sequence_parallel"],) if "sequence_parallel" in pins else (False, True),
-        schedule=schedule, virtual_stages=virtual, pinned=pins,
+        num_gpus=num_gpus, gpus_per_node=gpus_per_node, global_batch_size=global_batch_size,
+        tp=one_or(pins.tp, tuple(_tp_candidates(shape, num_gpus, gpus_per_node, allow_cross_node_tp))),
+        pp=one_or(pins.pp, tuple(range(1, min(shape.num_layers, num_gpus) + 1))),
+        dp=one_or(pins.dp, ()) or None,
+        micro_batch_size=one_or(pins.micro_batch_size, tuple(m for m in MICRO_BATCH_SIZES if m <= global_batch_size)),
+        zero_stage=one_or(pins.zero_stage, (0, 1, 2, 3)), recompute=one_or(pins.recompute, tuple(Recompute)),
+        sequence_parallel=one_or(pins.sequence_parallel, (False, True)), schedule=one_or(pins.schedule, tuple(Schedule)),
+        virtual_stages=one_or(pins.virtual_stages, tuple(range(1, v_max + 1))), pinned=pins,
     )
 
 
-def _check_pins_against_model(pins: Mapping[str, Any], shape: ModelShape, num_gpus: int, gpus_per_node: int,
+def _check_pins_against_model(pins: Pins, shape: ModelShape, num_gpus: int, gpus_per_node: int,
                               allow_cross_node_tp: bool, global_batch_size: int) -> None:
-    tp, pp, dp = pins.get("tp"), pins.get("pp"), pins.get("dp")
+    tp, pp, dp = pins.tp, pins.pp, pins.dp
     if tp is not None:
         for label, dim in (("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads)):
             if dim and dim % tp:
@@ -174,26 +137,18 @@ def _check_pins_against_model(pins: Mapping[str, Any], shape: ModelShape, num_gp
     if pp is not None and pp > shape.num_layers:
         raise PlanValidationError(f"pp={pp} is larger than the model's {shape.num_layers} layers")
     used = (tp or 1) * (pp or 1) * (dp or 1)
-    exact = pins.get("num_gpus")
+    exact = pins.num_gpus
     if exact is not None and exact > num_gpus:
         raise PlanValidationError(f"num_gpus={exact} is more than the cluster's {num_gpus} GPUs")
-    if exact is not None and (exact % used or (tp and pp and dp and used != exact)):
-        raise PlanValidationError(f"num_gpus={exact} is not dp·tp·pp = {dp or '?'}·{tp or '?'}·{pp or '?'}")
     if used > num_gpus:
         raise PlanValidationError(f"dp·tp·pp = {dp or 1}·{tp or 1}·{pp or 1} = {used} is larger than the cluster's "
                                   f"{num_gpus} GPUs")
-    mbs = pins.get("micro_batch_size")
+    mbs = pins.micro_batch_size
     if dp is not None and global_batch_size % (dp * (mbs or 1)):
         raise PlanValidationError(
             f"global batch {global_batch_size} is not divisible by dp × micro-batch = {dp} × {mbs or 1}")
     if mbs is not None and global_batch_size % mbs:
         raise PlanValidationError(f"global batch {global_batch_size} is not divisible by micro-batch {mbs}")
-    if pins.get("sequence_parallel") and tp == 1:
-        raise PlanValidationError("sequence_parallel=true needs tp > 1")
-    v, sched = pins.get("virtual_stages"), pins.get("schedule")
-    if v is not None and v > 1 and sched not in (None, Schedule.INTERLEAVED_1F1B):
-        raise PlanValidationError(f"virtual_stages={v} needs schedule interleaved-1f1b, not {sched.value}")
-    if sched is Schedule.INTERLEAVED_1F1B and pp == 1:
-        raise PlanValidationError("schedule interleaved-1f1b needs pp > 1")
+    v = pins.virtual_stages
     if v is not None and pp is not None and v * pp > shape.num_layers:
         raise PlanValidationError(f"pp·virtual_stages = {pp}·{v} is more than the model's {shape.num_layers} layers")

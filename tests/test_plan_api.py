@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import autopar
-from autopar.api import plan_graph
+from autopar.api import PlanOptions, plan_graph, plan_graph_ranked
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.plan import Plan, Recompute, Schedule, TPStyle
 
@@ -80,9 +80,45 @@ def test_pinned_layout_is_priced_as_given(big):
 
 
 def test_top_k_ranked(small):
-    plans = plan_graph(small, cluster="dgx-h100", global_batch_size=64, top_k=3)
+    plans = plan_graph_ranked(small, cluster="dgx-h100", global_batch_size=64, top_k=3)
     times = [p.predicted.step_time_s for p in plans]
-    assert len(plans) == 3 and times == sorted(times)
+    assert isinstance(plans, tuple) and len(plans) == 3 and times == sorted(times)
+    best = plan_graph(small, cluster="dgx-h100", global_batch_size=64)  # one return type each: a Plan
+    assert isinstance(best, Plan) and best.predicted.step_time_s == pytest.approx(times[0])
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(top_k=0), r"top_k must be a positive integer, got 0"),
+    (dict(global_batch_size="64"), r"global_batch_size must be a positive integer, got '64' \(str\)"),
+    (dict(global_batch_size=8.5), r"global_batch_size must be a positive integer, got 8.5 \(float\)"),
+    (dict(global_batch_size=True), r"global_batch_size must be a positive integer"),
+    (dict(dtype="bogus"), r"dtype 'bogus' is not a training precision"),
+    (dict(calibration="calib.json"), r"calibration must be a CalibrationTable"),
+    (dict(constraints="tp=2"), r"constraints must be a mapping"),
+    (dict(overlap_grad_reduce="yes"), r"overlap_grad_reduce must be True or False"),
+])
+def test_bad_arguments_raise_user_input_error(kwargs, match):
+    args = {"global_batch_size": 64, **kwargs}
+    with pytest.raises(autopar.UserInputError, match=match):
+        PlanOptions.from_args(**args)
+    ranked = "top_k" in kwargs
+    call = autopar.api.plan_ranked if ranked else autopar.plan
+    with pytest.raises(autopar.UserInputError, match=match):  # checked before capture: no model needed
+        call(None, (), cluster="dgx-h100", **args)
+
+
+def test_pins_are_parsed_once_into_a_value():
+    options = PlanOptions.from_args(global_batch_size=64, constraints={"tp": 2, "recompute": "full"})
+    assert options.pins == autopar.Pins(tp=2, recompute=Recompute.FULL)
+    with pytest.raises(autopar.PlanValidationError, match="sequence_parallel=true needs tp > 1"):
+        PlanOptions.from_args(global_batch_size=64, constraints={"tp": 1, "sequence_parallel": True})
+    assert PlanOptions.from_args(global_batch_size=64, dtype="bf16").dtype == "bfloat16"
+
+
+def test_default_dtype_is_the_gpus_best_16_bit_type(small):
+    v100 = plan_graph(small, cluster="v100-p3", global_batch_size=64)  # no bf16 units: fp16, not an error
+    assert v100.dtype == "float16"
+    assert plan_graph(small, cluster="dgx-h100", global_batch_size=64).dtype == "bfloat16"
 
 
 def test_infeasible_names_what_would_fit(big):

@@ -44,8 +44,8 @@ def render_html(plan: Plan, svg: str) -> str:
                 for s in plan.stages], numeric=(0, 1, 5, 6)),
         "<h2>Memory per GPU (GiB)</h2>",
         _memory_table(plan),
-        "<h2>Communication per step (exposed)</h2>",
-        _table(["kind", "seconds"], [[k, f"{v:.3f}"] for k, v in sorted(p.comm_time_s.items())], numeric=(1,)),
+        "<h2>Communication per step (on the critical path)</h2>",
+        _table(["kind", "seconds"], [[k, f"{v:.3f}"] for k, v in p.communication.terms().items()], numeric=(1,)),
     ]
     if plan.explanation:
         body += ["<h2>Why this plan</h2>", "<ul>" + "".join(f"<li>{html.escape(x.strip())}</li>"

@@ -119,7 +119,7 @@ def format_plan(plan: Plan) -> str:
         "Stages\n" + _stages_table(plan),
         _sharding_section(plan),
         "Memory per GPU (GiB)\n" + _memory_table(plan),
-        "Communication per step (exposed)\n" + _comm_table(plan),
+        "Communication per step (on the critical path)\n" + _comm_table(plan),
         *([_reliability_section(plan)] if plan.reliability is not None else []),
         "Why this plan\n" + ("\n".join(f"  {line.rstrip()}" for line in plan.explanation)
                              if plan.explanation else "  (no runner-up was recorded)"),
@@ -234,11 +234,11 @@ def _memory_table(plan: Plan) -> str:
 
 
 def _comm_table(plan: Plan) -> str:
-    comm = plan.predicted.comm_time_s
+    comm = plan.predicted.communication.terms()
     if not comm:
         return "  none"
     step = plan.predicted.step_time_s
-    rows = [[kind, f"{t:.3f} s", f"{t / step:.1%}"] for kind, t in sorted(comm.items(), key=lambda kv: -kv[1])]
+    rows = [[kind, f"{t:.3f} s", f"{t / step:.1%}"] for kind, t in comm.items()]
     return format_table(["kind", "time", "of step"], rows, right=[False, True, True])
 
 

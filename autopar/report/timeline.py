@@ -1,21 +1,8 @@
-"""Pipeline schedules as plain data, and their simulation into a timeline.
+"""Pipeline schedules simulated into a timeline: the events a chart draws.
 
-A schedule is, for each pipeline rank, the order in which it runs forward and
-backward passes of (stage, micro-batch) pairs. ``schedule_order`` writes that
-order in the text form of ``torch.distributed.pipelining`` (``"2F0"`` = stage 2,
-forward, micro-batch 0); ``simulate_schedule`` replays it with per-stage
-times and point-to-point transfer times and returns the events a chart draws.
-
-Orderings (S = pp · v stages, stage s runs on rank s mod pp):
-
-- GPipe (Huang et al. 2019): every forward, then every backward, micro-batches ascending.
-- 1F1B (Narayanan et al. 2021, PipeDream-Flush): rank r runs min(pp − r − 1, m) warm-up
-  forwards, then alternates one forward and one backward, then drains the backwards.
-- Interleaved 1F1B (Narayanan et al. 2021, §2.2; Megatron-LM's
-  ``forward_backward_pipelining_with_interleaving``; torch's ``ScheduleInterleaved1F1B``):
-  micro-batches go in rounds of g = m // max(1, m // pp) (g = pp when pp divides m);
-  within a round each of the rank's v chunks runs in turn (forward: chunk 0 → v−1,
-  backward: chunk v−1 → 0). Warm-up is 2·(pp − r − 1) + (v − 1)·g chunk-forwards.
+The order each rank runs its actions in comes from ``autopar.schedule`` (the one home of
+every schedule's order); ``simulate_schedule`` replays it with per-stage times and
+point-to-point transfer times.
 """
 
 from __future__ import annotations
@@ -27,6 +14,7 @@ from typing import NamedTuple
 
 from autopar._compat import StrEnum
 from autopar.plan import Plan, Schedule
+from autopar.schedule import Action, schedule_order
 
 
 class EventKind(StrEnum):
@@ -36,32 +24,6 @@ class EventKind(StrEnum):
     BACKWARD = "backward"
     COMM = "comm"  # waiting on a point-to-point transfer from a neighbouring rank
     BUBBLE = "bubble"  # idle: pipeline fill/drain or waiting on a slower stage
-
-
-class Action(NamedTuple):
-    """One pass of one micro-batch through one (virtual) stage; text form ``"2F0"``."""
-
-    stage: int
-    """Stage index in model order (0 … pp·v − 1)."""
-    forward: bool
-    """Forward (True) or backward (False)."""
-    micro_batch: int
-    """Micro-batch index."""
-
-    def __str__(self) -> str:
-        return f"{self.stage}{'F' if self.forward else 'B'}{self.micro_batch}"
-
-    @classmethod
-    def from_str(cls, text: str) -> Action:
-        """Parse the text form.
-
-        Example:
-            >>> Action.from_str("2F0")
-            Action(stage=2, forward=True, micro_batch=0)
-        """
-        kind = "F" if "F" in text else "B"
-        stage, _, micro_batch = text.partition(kind)
-        return cls(stage=int(stage), forward=kind == "F", micro_batch=int(micro_batch))
 
 
 class Event(NamedTuple):
@@ -79,78 +41,6 @@ class Event(NamedTuple):
     """Micro-batch being computed or received (None for bubbles)."""
     chunk: int = 0
     """Model chunk (virtual stage) on that rank: stage index // pp."""
-
-
-def schedule_order(schedule: Schedule, *, pp: int, num_micro_batches: int,
-                   virtual_stages: int = 1) -> tuple[tuple[Action, ...], ...]:
-    """The order of actions on each pipeline rank.
-
-    Args:
-        schedule: GPipe, 1F1B or interleaved 1F1B.
-        pp: pipeline ranks.
-        num_micro_batches: micro-batches per step (m).
-        virtual_stages: chunks per rank (v > 1 only with interleaved 1F1B).
-
-    Returns:
-        One tuple of actions per rank.
-
-    Raises:
-        ValueError: a size is not positive, or v > 1 with a schedule that is not interleaved.
-
-    Example:
-        >>> [" ".join(map(str, r)) for r in schedule_order(Schedule.ONE_F_ONE_B, pp=2, num_micro_batches=3)]
-        ['0F0 0F1 0B0 0F2 0B1 0B2', '1F0 1B0 1F1 1B1 1F2 1B2']
-    """
-    if min(pp, num_micro_batches, virtual_stages) < 1:
-        raise ValueError(f"pp={pp}, num_micro_batches={num_micro_batches}, virtual_stages={virtual_stages} "
-                         "must all be positive")
-    match schedule:
-        case Schedule.GPIPE | Schedule.ONE_F_ONE_B if virtual_stages != 1:
-            raise ValueError(f"schedule {schedule.value!r} runs one stage per rank, got virtual_stages={virtual_stages}")
-        case Schedule.GPIPE:
-            return tuple(_gpipe(r, num_micro_batches) for r in range(pp))
-        case Schedule.ONE_F_ONE_B:
-            return tuple(_one_f_one_b(r, pp, num_micro_batches) for r in range(pp))
-        case Schedule.INTERLEAVED_1F1B:
-            return tuple(_interleaved(r, pp, num_micro_batches, virtual_stages) for r in range(pp))
-        case _:
-            raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def _gpipe(rank: int, m: int) -> tuple[Action, ...]:
-    return tuple(Action(rank, True, i) for i in range(m)) + tuple(Action(rank, False, i) for i in range(m))
-
-
-def _one_f_one_b(rank: int, pp: int, m: int) -> tuple[Action, ...]:
-    warmup = min(pp - rank - 1, m)
-    order = [Action(rank, True, i) for i in range(warmup)]
-    for i in range(m - warmup):
-        order += [Action(rank, True, warmup + i), Action(rank, False, i)]
-    order += [Action(rank, False, i) for i in range(m - warmup, m)]
-    return tuple(order)
-
-
-def _interleaved(rank: int, pp: int, m: int, v: int) -> tuple[Action, ...]:
-    # torch's ScheduleInterleaved1F1B: rounds of g = m // max(1, m // pp) micro-batches (g = pp
-    # when pp divides m, as in Megatron-LM); within a round each chunk runs in turn
-    rounds = max(1, m // pp)
-    if m % rounds:
-        raise ValueError(f"interleaved 1F1B needs num_micro_batches={m} to be a multiple of its number of "
-                         f"rounds max(1, m // pp) = {rounds} (pp={pp})")
-    g = m // rounds
-    forwards: list[Action] = []
-    backwards: list[Action] = []
-    for group_start in range(0, m, g):
-        group = range(group_start, group_start + g)
-        forwards += [Action(c * pp + rank, True, i) for c in range(v) for i in group]
-        backwards += [Action(c * pp + rank, False, i) for c in reversed(range(v)) for i in group]
-    total = len(forwards)
-    warmup = min(2 * (pp - rank - 1) + (v - 1) * g, total)
-    order = forwards[:warmup]
-    for k in range(total - warmup):
-        order += [forwards[warmup + k], backwards[k]]
-    order += backwards[total - warmup:]
-    return tuple(order)
 
 
 def simulate_schedule(schedule: Schedule, *, pp: int, num_micro_batches: int,
@@ -342,7 +232,7 @@ def timeline_from_plan(plan: Plan, *, max_micro_batches: int = DEFAULT_MAX_MICRO
         shown = max(lay.pp, shown - shown % lay.pp)
     schedule = lay.schedule if lay.pp > 1 else Schedule.ONE_F_ONE_B
     transfers = 2 * m * lay.virtual_stages
-    p2p = plan.predicted.comm_time_s.get("p2p", 0.0) / transfers if lay.pp > 1 else 0.0
+    p2p = plan.predicted.communication.pp_p2p_s / transfers if lay.pp > 1 else 0.0
     events = simulate_schedule(
         schedule, pp=lay.pp, num_micro_batches=shown, virtual_stages=lay.virtual_stages,
         forward_time_s=[s.forward_time_s for s in plan.stages],
@@ -353,13 +243,11 @@ def timeline_from_plan(plan: Plan, *, max_micro_batches: int = DEFAULT_MAX_MICRO
 
 
 __all__ = [
-    "Action",
     "DEFAULT_MAX_MICRO_BATCHES",
     "Event",
     "EventKind",
     "Timeline",
     "bubble_fraction",
-    "schedule_order",
     "simulate_schedule",
     "timeline_from_plan",
 ]

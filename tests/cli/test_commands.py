@@ -1,6 +1,6 @@
 """The commands in-process: output, exit statuses and files, with hand-built plans and a stand-in planner.
 
-The planner is replaced (``autopar.api.plan``) so these tests pin down what the CLI does with
+The planner is replaced (``autopar.api.plan_ranked``) so these tests pin down what the CLI does with
 its answers; ``test_subprocess.py`` runs the real planner end to end.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from autopar.errors import InfeasiblePlanError
+from autopar.layout import Pins
 from autopar.plan import SCHEMA_VERSION, Plan, Recompute
 from autopar.report.text import format_plan, format_ranked
 from tests.report.sample_plans import data_parallel_plan, gpt175b_plan, interleaved_plan, uneven_plan
@@ -20,18 +21,17 @@ from tests.report.sample_plans import data_parallel_plan, gpt175b_plan, interlea
 
 @pytest.fixture
 def planner(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Replace ``autopar.api.plan`` with one that returns the sample plans; records each call."""
+    """Replace ``autopar.api.plan_ranked`` with one that returns the sample plans; records each call."""
     import autopar.api
 
     calls: list[dict[str, Any]] = []
 
-    def fake(model: Any, example_inputs: Any, **kwargs: Any) -> Plan | list[Plan]:
+    def fake(model: Any, example_inputs: Any, **kwargs: Any) -> tuple[Plan, ...]:
         calls.append({"model": model, "inputs": example_inputs, **kwargs})
         kwargs["progress"]("search", 0.5)
-        ranked = [data_parallel_plan(), uneven_plan()][: kwargs["top_k"]]
-        return ranked if kwargs["top_k"] > 1 else ranked[0]
+        return (data_parallel_plan(), uneven_plan())[: kwargs["top_k"]]
 
-    monkeypatch.setattr(autopar.api, "plan", fake)
+    monkeypatch.setattr(autopar.api, "plan_ranked", fake)
     return calls
 
 
@@ -49,7 +49,7 @@ def test_plan_prints_ranked_table_and_saves_the_best(cli, planner, tmp_path: Pat
     assert r.rc == 0, r.err
     (call,) = planner
     assert call["cluster"].num_gpus == 16 and call["global_batch_size"] == 128 and call["top_k"] == 2
-    assert call["constraints"] == {"tp": 1, "recompute": Recompute.NONE}
+    assert call["constraints"] == Pins(tp=1, recompute=Recompute.NONE)
     expected = [p.__class__.from_dict({**p.to_dict(), "model_name": "gpt:tiny"})
                 for p in (data_parallel_plan(), uneven_plan())]
     assert r.out.startswith(format_ranked(expected) + "\n\n" + expected[0].explain())
@@ -78,14 +78,14 @@ def test_plan_maps_errors_to_exit_statuses(cli, planner, monkeypatch: pytest.Mon
     def infeasible(*a: Any, **k: Any) -> Plan:
         raise InfeasiblePlanError("no plan fits on 8 GPUs: ...; it would fit on 4 node(s) of 8 × H100 (32 GPUs)")
 
-    monkeypatch.setattr(autopar.api, "plan", infeasible)
+    monkeypatch.setattr(autopar.api, "plan_ranked", infeasible)
     r = cli("plan", "gpt:tiny", "-c", "dgx-h100", "-b", "64")
     assert r.rc == 1 and "it would fit on 4 node(s)" in r.err and "Traceback" not in r.err
 
     def broken(*a: Any, **k: Any) -> Plan:
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(autopar.api, "plan", broken)
+    monkeypatch.setattr(autopar.api, "plan_ranked", broken)
     r = cli("plan", "gpt:tiny", "-c", "dgx-h100", "-b", "64")
     assert r.rc == 3 and "internal error: ZeroDivisionError" in r.err and "Traceback" not in r.err
     assert "--debug" in r.err

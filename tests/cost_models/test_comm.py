@@ -13,7 +13,7 @@ from autopar.cost_models.comm import (
     Collective,
     bus_bandwidth_factor,
     estimate_collective_time,
-    estimate_exposed_comm_time,
+    estimate_exposed_dp_comm,
     group_bus_bandwidth,
     wire_bytes,
 )
@@ -148,12 +148,22 @@ def test_degenerate_and_invalid_groups() -> None:
         estimate_collective_time("gather", 1, 8, cluster=H100)  # type: ignore[arg-type]
 
 
-def test_overlap_of_gradient_reduction_is_an_option() -> None:
-    assert estimate_exposed_comm_time(0.3, 1.0, overlap=False) == 0.3
-    assert estimate_exposed_comm_time(0.3, 1.0, overlap=True, num_buckets=3) == pytest.approx(0.1)  # last bucket
-    assert estimate_exposed_comm_time(1.5, 1.0, overlap=True, num_buckets=10) == pytest.approx(0.5)  # excess
+def test_exposed_dp_comm_closed_forms() -> None:
+    kw = dict(num_micro_batches=4, grad_reduce_s=0.5, param_gather_s=0.3, rank_compute_s=2.4, last_backward_s=0.2)
+    zero0 = estimate_exposed_dp_comm(zero_stage=0, overlap=True, **kw)
+    assert zero0.dp_all_reduce_s == pytest.approx(0.3) and zero0.dp_all_gather_s == 0.0  # 0.5 − last backward
+    assert estimate_exposed_dp_comm(zero_stage=0, overlap=False, **kw).dp_all_reduce_s == 0.5
+    zero1 = estimate_exposed_dp_comm(zero_stage=1, overlap=True, **kw)
+    # reduce-scatter hides behind the last backward; the gather behind a third of one micro-batch (2.4/4/3 = 0.2)
+    assert (zero1.dp_reduce_scatter_s, zero1.dp_all_gather_s) == (pytest.approx(0.3), pytest.approx(0.1))
+    assert zero1.dp_all_reduce_s == 0.0 and zero1.dp_s == pytest.approx(0.4)
+    zero3 = estimate_exposed_dp_comm(zero_stage=3, overlap=True, **kw)
+    assert zero3.dp_all_gather_s == pytest.approx(0.0)  # 2 · 0.3 per micro-batch hides behind 0.6 of compute
+    slow = estimate_exposed_dp_comm(zero_stage=3, overlap=True, **{**kw, "param_gather_s": 0.5})
+    assert slow.dp_all_gather_s == pytest.approx(4 * (1.0 - 0.6))
+    assert estimate_exposed_dp_comm(zero_stage=3, overlap=False, **kw).dp_all_gather_s == pytest.approx(4 * 0.6)
     with pytest.raises(ValueError):
-        estimate_exposed_comm_time(0.3, 1.0, overlap=True, num_buckets=0)
+        estimate_exposed_dp_comm(zero_stage=4, overlap=True, **kw)
 
 
 @settings(max_examples=60, deadline=None)

@@ -13,9 +13,12 @@ from autopar.cost_models.memory import (
     RUNTIME_RESERVED_BYTES,
     estimate_buffer_bytes,
     estimate_layer_activation_bytes,
+    estimate_fixed_bytes,
     estimate_model_state_bytes,
-    estimate_stage_memory,
+    estimate_rank_memory,
     inflight_micro_batches,
+    tensor_budget_bytes,
+    with_headroom,
 )
 from autopar.graph.ir import Layer, OpGraph, SavedTensor, TensorMeta
 from autopar.plan import Recompute, Schedule
@@ -162,11 +165,24 @@ def test_buffers_and_stage_breakdown() -> None:
     assert estimate_buffer_bytes(zero_stage=3, dp=8, largest_layer_params=10**6) == 10**6 * (2 * 2 + 2)
     assert estimate_buffer_bytes(zero_stage=1, dp=8, largest_layer_params=10**6, pp_boundary_bytes=100) == \
         2 * 25 * 2**20 + 200
-    mem = estimate_stage_memory(num_params=10**9, zero_stage=1, dp=8, activation_bytes_per_micro_batch=10**8,
-                                inflight=3, buffer_bytes=10**7, capacity_bytes=80 * 2**30)
     state = estimate_model_state_bytes(10**9, zero_stage=1, dp=8)
+    fixed = estimate_fixed_bytes(zero_stage=1, dp=8, largest_layer_params=10**6)
+    assert fixed == 2 * 25 * 2**20 + RUNTIME_RESERVED_BYTES
+    mem = estimate_rank_memory(params_bytes=state.params, grads_bytes=state.grads, optimizer_bytes=state.optimizer,
+                               activation_bytes=3 * 10**8, fixed_bytes=fixed, capacity_bytes=80 * 2**30)
     assert (mem.params, mem.grads, mem.optimizer) == (state.params, state.grads, state.optimizer)
     assert mem.activations == 3 * 10**8
-    tensors = state.total + 3 * 10**8 + 10**7
-    assert mem.buffers == 10**7 + RUNTIME_RESERVED_BYTES + math.ceil(ALLOCATOR_HEADROOM * tensors)
+    tensors = state.total + 3 * 10**8 + fixed  # headroom covers the fixed bytes too
+    assert mem.buffers == int(fixed + ALLOCATOR_HEADROOM * tensors)
+    assert mem.total == pytest.approx(tensors * (1 + ALLOCATOR_HEADROOM), abs=4)
     assert mem.fits and mem.total < mem.capacity
+
+
+def test_budget_is_the_inverse_of_the_rank_total() -> None:
+    """The stage DP's budget (tensor_budget_bytes) is exactly what fills the GPU in estimate_rank_memory."""
+    capacity, fixed = 80 * 2**30, estimate_fixed_bytes(zero_stage=3, dp=8, largest_layer_params=10**8)
+    budget = tensor_budget_bytes(capacity, fixed_bytes=fixed)
+    full = estimate_rank_memory(params_bytes=budget / 2, grads_bytes=0, optimizer_bytes=budget / 4,
+                                activation_bytes=budget / 4, fixed_bytes=fixed, capacity_bytes=capacity)
+    assert capacity - 4 <= full.total <= capacity
+    assert with_headroom(budget + fixed) == pytest.approx(capacity)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from autopar.plan import (
+    CommBreakdown,
     Layout,
     MemoryBreakdown,
     Plan,
@@ -100,7 +101,7 @@ def make_plan(
     memory = tuple(MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, buffers=0, capacity=2**30)
                    for _ in range(pp))
     predicted = Predicted(step_time_s=1.0, model_tflops_per_gpu=0.0, hardware_tflops_per_gpu=0.0, mfu=0.0,
-                          tokens_per_s=0.0, bubble_fraction=0.0, comm_time_s={}, memory=memory)
+                          tokens_per_s=0.0, bubble_fraction=0.0, communication=CommBreakdown(), memory=memory)
     return Plan(graph_fingerprint="hand-written", model_name=family, cluster_name="cpu-gloo",
                 num_gpus_available=layout.num_gpus, gpus_per_node=layout.num_gpus, seq_len=seq_len, dtype=dtype,
                 layout=layout, stages=stages, predicted=predicted, num_layers=len(layer_paths))

@@ -12,7 +12,7 @@ from autopar.plan import Recompute, Schedule
 from tests.report.sample_plans import data_parallel_plan, gpt175b_plan, interleaved_plan, uneven_plan
 
 GOLDEN_175B = """\
-# Megatron-LM settings for gpt:175b (autopar plan 0123456789abcdef, schema 1)
+# Megatron-LM settings for gpt:175b (autopar plan 0123456789abcdef, schema 2)
 # layout: dp1 tp8 pp8 mb1x64 zero1 rc=selective sp 1f1b; run on dp*tp*pp = 1*8*8 = 64 GPUs
 # predicted step 13.100 s, MFU 51.4%
 # launch on 64 GPUs; Megatron derives dp = world size / (tp*pp)

@@ -13,7 +13,7 @@ from autopar.plan import Plan, Recompute
 from tests.report.sample_plans import data_parallel_plan, gpt175b_plan, interleaved_plan, uneven_plan
 
 GOLDEN_DP = """\
-# torchtitan 0.3 settings for gpt:small (autopar plan 00000000deadbeef, schema 1)
+# torchtitan 0.3 settings for gpt:small (autopar plan 00000000deadbeef, schema 2)
 # layout: dp8 tp1 pp1 mb4x4 zero2 rc=none; run on dp*tp*pp = 8*1*1 = 8 GPUs
 # predicted step 0.420 s, MFU 67.3%
 # append to: torchrun ... -m torchtitan.train --module <model> --config <config>
@@ -31,7 +31,7 @@ activation-checkpoint:none
 """
 
 GOLDEN_TOML_UNEVEN = """\
-# torchtitan 0.2.x settings for gpt:1.3b (autopar plan 1111222233334444, schema 1)
+# torchtitan 0.2.x settings for gpt:1.3b (autopar plan 1111222233334444, schema 2)
 # layout: dp4 tp1 pp4 mb1x16 zero3 rc=none 1f1b; run on dp*tp*pp = 4*1*4 = 16 GPUs
 # predicted step 2.000 s, MFU 32.0%
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from autopar.layout import CommBreakdown
 from autopar.plan import (
     Layout,
     MemoryBreakdown,
@@ -70,7 +71,7 @@ def gpt175b_plan() -> Plan:
     predicted = Predicted(
         step_time_s=13.1, model_tflops_per_gpu=160.4, hardware_tflops_per_gpu=165.1, mfu=0.514,
         tokens_per_s=10004.6, bubble_fraction=0.0986,
-        comm_time_s={"all_reduce": 0.42, "p2p": 0.256, "reduce_scatter": 0.05},
+        communication=CommBreakdown(tp_s=0.47, pp_p2p_s=0.256),
         memory=memory, compute_time_s=12.3, sources={"compute": "roofline", "calibration": "none"},
     )
     return Plan(
@@ -97,7 +98,7 @@ def interleaved_plan() -> Plan:
         for r in range(4))
     predicted = Predicted(
         step_time_s=1.25, model_tflops_per_gpu=120.0, hardware_tflops_per_gpu=160.0, mfu=0.385,
-        tokens_per_s=26214.4, bubble_fraction=0.158, comm_time_s={"p2p": 0.032, "all_reduce": 0.1},
+        tokens_per_s=26214.4, bubble_fraction=0.158, communication=CommBreakdown(pp_p2p_s=0.032, dp_reduce_scatter_s=0.1),
         memory=memory,
     )
     return Plan(
@@ -117,7 +118,7 @@ def data_parallel_plan() -> Plan:
                               activations=9 * GB, buffers=GB // 2, capacity=80 * GIB),)
     predicted = Predicted(
         step_time_s=0.42, model_tflops_per_gpu=210.0, hardware_tflops_per_gpu=210.0, mfu=0.673,
-        tokens_per_s=312076.2, bubble_fraction=0.0, comm_time_s={"reduce_scatter": 0.01, "all_gather": 0.008},
+        tokens_per_s=312076.2, bubble_fraction=0.0, communication=CommBreakdown(dp_reduce_scatter_s=0.01, dp_all_gather_s=0.008),
         memory=memory,
     )
     return Plan(
@@ -137,7 +138,7 @@ def uneven_plan() -> Plan:
     memory = tuple(MemoryBreakdown(params=GB, grads=GB, optimizer=3 * GB, activations=(4 - r) * GB, buffers=GB,
                                    capacity=80 * GIB) for r in range(4))
     predicted = Predicted(step_time_s=2.0, model_tflops_per_gpu=100.0, hardware_tflops_per_gpu=100.0, mfu=0.32,
-                          tokens_per_s=32768.0, bubble_fraction=0.158, comm_time_s={"p2p": 0.05}, memory=memory)
+                          tokens_per_s=32768.0, bubble_fraction=0.158, communication=CommBreakdown(pp_p2p_s=0.05), memory=memory)
     return Plan(
         graph_fingerprint="1111222233334444", model_name="gpt:1.3b", cluster_name="dgx-h100 x2",
         num_gpus_available=16, gpus_per_node=8, seq_len=1024, dtype="bfloat16", layout=layout,

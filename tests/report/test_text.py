@@ -45,10 +45,10 @@ Memory per GPU (GiB)
      2    1.86   1.86       5.59         1.86     0.93  12.11     40.00  27.89  ok
      3    1.86   1.86       5.59         0.93     0.93  11.18     40.00  28.82  ok
 
-Communication per step (exposed)
-  kind           time  of step
-  all_reduce  0.100 s     8.0%
-  p2p         0.032 s     2.6%
+Communication per step (on the critical path)
+  kind                  time  of step
+  DP reduce-scatter  0.100 s     8.0%
+  PP send/recv       0.032 s     2.6%
 
 Why this plan
   (no runner-up was recorded)"""

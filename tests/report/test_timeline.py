@@ -7,39 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autopar.plan import Schedule
-from autopar.report.timeline import (
-    Action,
-    EventKind,
-    bubble_fraction,
-    schedule_order,
-    simulate_schedule,
-    timeline_from_plan,
-)
+from autopar.report.timeline import EventKind, bubble_fraction, simulate_schedule, timeline_from_plan
+from autopar.schedule import schedule_order
 from tests.report.sample_plans import data_parallel_plan, gpt175b_plan, interleaved_plan
-
-
-def _orders(schedule: Schedule, pp: int, m: int, v: int = 1) -> list[str]:
-    return [" ".join(map(str, rank)) for rank in schedule_order(schedule, pp=pp, num_micro_batches=m,
-                                                                 virtual_stages=v)]
-
-
-def test_golden_orders() -> None:
-    assert _orders(Schedule.GPIPE, 2, 3) == ["0F0 0F1 0F2 0B0 0B1 0B2", "1F0 1F1 1F2 1B0 1B1 1B2"]
-    assert _orders(Schedule.ONE_F_ONE_B, 3, 4) == [
-        "0F0 0F1 0F2 0B0 0F3 0B1 0B2 0B3",
-        "1F0 1F1 1B0 1F2 1B1 1F3 1B2 1B3",
-        "2F0 2B0 2F1 2B1 2F2 2B2 2F3 2B3",
-    ]
-    # Megatron's interleaved order for pp=2, v=2, m=4: rounds of 2 micro-batches, chunk 0 then chunk 1
-    assert _orders(Schedule.INTERLEAVED_1F1B, 2, 4, 2) == [
-        "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3",
-        "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",
-    ]
-
-
-def test_action_text_round_trip() -> None:
-    for text in ("0F0", "12B7", "3F15"):
-        assert str(Action.from_str(text)) == text
 
 
 @settings(max_examples=60, deadline=None)

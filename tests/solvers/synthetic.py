@@ -51,7 +51,7 @@ class SyntheticPricing:
         block = LayerCost(forward_s=fwd + comm / 2, backward_s=(2 + extra) * fwd + comm / 2,
                           forward_flops=block_flops, recompute_flops=extra * block_flops, activation_bytes=act,
                           param_count=12 * h * h / tp, boundary_bytes=2 * b * s * h,
-                          tp_comm_s={"all_reduce": comm} if comm else {})
+                          tp_comm_s=float(comm))
         head_flops = 2 * b * s * h * self.vocab
         edge = LayerCost(forward_s=head_flops / tp / self.peak, backward_s=2 * head_flops / tp / self.peak,
                          forward_flops=head_flops, recompute_flops=0.0, activation_bytes=2 * b * s * h,
@@ -74,10 +74,6 @@ class SyntheticPricing:
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         return 0.5e9
-
-    @property
-    def allocator_headroom(self) -> float:
-        return 0.1
 
     def grad_bytes_per_param(self) -> float:
         return 2.0

@@ -14,7 +14,7 @@ from autopar.errors import InfeasiblePlanError
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.graph.ir import Layer, Op, OpGraph
 from autopar.plan import ShardingPlan, TPStyle
-from autopar.solvers.strategies import ShardingCache, solve_layer_sharding
+from autopar.solvers.sharding.strategies import solve_layer_sharding
 
 MEGATRON_GPT = {"attn.q_proj": TPStyle.COLWISE, "attn.k_proj": TPStyle.COLWISE, "attn.v_proj": TPStyle.COLWISE,
                 "attn.c_proj": TPStyle.ROWWISE, "mlp.c_fc": TPStyle.COLWISE, "mlp.c_proj": TPStyle.ROWWISE}
@@ -170,13 +170,11 @@ def test_result_becomes_a_sharding_plan(gpt: OpGraph) -> None:
     assert result.is_split(layer(gpt, "blocks.0").ops[3]) is True  # addmm (q_proj)
 
 
-def test_cache_rebinds_to_other_layers_of_the_same_kind(gpt: OpGraph) -> None:
+def test_result_rebinds_to_other_layers_of_the_same_kind(gpt: OpGraph) -> None:
     first, second = layer(gpt, "blocks.0"), layer(gpt, "blocks.1")
     assert first.kind == second.kind
-    cache = ShardingCache()
-    a = solve(first, 8, cache=cache)
-    b = solve(second, 8, cache=cache)
-    assert len(cache) == 1  # solved once, rebound for the second block
+    a = solve(first, 8)
+    b = a.rebind(second)  # solved once per kind, bound to every layer of it
     assert b.layer_path == "blocks.1"
     assert list(b.strategies) == [op.name for op in second.ops]
     assert list(b.strategies.values()) == list(a.strategies.values())

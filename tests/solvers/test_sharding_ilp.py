@@ -10,8 +10,8 @@ import pytest
 
 from autopar.errors import InfeasiblePlanError
 from autopar.solvers.oracles import brute_force_sharding
-from autopar.solvers.sharding_ilp import build_sharding_problem, solve, solve_sharding
-from autopar.solvers.sharding_problem import (
+from autopar.solvers.sharding.sharding_ilp import build_sharding_problem, solve, solve_sharding
+from autopar.solvers.sharding.sharding_problem import (
     ShardingEdge,
     ShardingNode,
     ShardingProblem,

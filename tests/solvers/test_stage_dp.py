@@ -11,14 +11,13 @@ from hypothesis import strategies as st
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
+from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.oracles import brute_force_stage_partition
-from autopar.solvers.stage_dp import (
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     evaluate_partition,
-    in_flight_micro_batches,
     partition_stages,
-    schedule_weights,
     solve_stage_partition,
 )
 
@@ -103,13 +102,13 @@ def test_interleaved_rank_memory_sums_its_chunks() -> None:
 # ---- schedule helpers ------------------------------------------------------------------------
 
 
-def test_in_flight_micro_batches_per_schedule() -> None:
-    assert in_flight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8) == (4, 3, 2, 1)
-    assert in_flight_micro_batches(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=2) == (2, 2, 2, 1)
-    assert in_flight_micro_batches(Schedule.GPIPE, pp=3, num_micro_batches=5) == (5, 5, 5)
+def test_in_flight_per_stage_per_schedule() -> None:
+    assert in_flight_per_stage(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=8) == (4, 3, 2, 1)
+    assert in_flight_per_stage(Schedule.ONE_F_ONE_B, pp=4, num_micro_batches=2) == (2, 2, 2, 1)
+    assert in_flight_per_stage(Schedule.GPIPE, pp=3, num_micro_batches=5) == (5, 5, 5)
     # Megatron's interleaved warm-up: rank 0 runs 2·(pp−1) + (v−1)·pp = 4 chunk forwards (+1 in steady
     # state): micro-batches 0, 1 on chunk 0, then 0, 1 on chunk 1, then 2 on chunk 0.
-    assert in_flight_micro_batches(Schedule.INTERLEAVED_1F1B, pp=2, num_micro_batches=4,
+    assert in_flight_per_stage(Schedule.INTERLEAVED_1F1B, pp=2, num_micro_batches=4,
                                    virtual_stages=2) == (3, 2, 2, 1)
 
 
@@ -178,7 +177,7 @@ def _instances(draw: st.DrawFn) -> tuple[StageCosts, int, tuple[int, ...], float
     )
     m = draw(st.integers(1, 8))
     schedule = draw(st.sampled_from([Schedule.ONE_F_ONE_B, Schedule.GPIPE]))
-    in_flight = in_flight_micro_batches(schedule, pp=s, num_micro_batches=m)
+    in_flight = in_flight_per_stage(schedule, pp=s, num_micro_batches=m)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m)
     budget = float(draw(st.integers(0, 120)))
     return costs, s, in_flight, budget, alpha, beta

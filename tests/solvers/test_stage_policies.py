@@ -9,8 +9,8 @@ import pytest
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
-from autopar.solvers.stage_dp import StageCosts
-from autopar.solvers.stage_policies import brute_force_stage_policies, solve_stage_policies
+from autopar.solvers.pipeline.stage_dp import StageCosts
+from autopar.solvers.pipeline.stage_policies import brute_force_stage_policies, solve_stage_policies
 
 
 def _variants(rng: random.Random, n: int) -> list[StageCosts]:
@@ -61,7 +61,7 @@ def test_first_stage_recomputes_when_only_it_is_short_of_memory():
 
 
 def test_single_policy_is_the_plain_dp():
-    from autopar.solvers.stage_dp import solve_stage_partition
+    from autopar.solvers.pipeline.stage_dp import solve_stage_partition
 
     costs = _variants(random.Random(7), 6)[0]
     plain = solve_stage_partition(costs, num_stages=3, num_micro_batches=4, mem_budget_bytes=100.0)

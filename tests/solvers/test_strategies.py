@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from autopar.graph.ir import Op, OpClass, TensorMeta
-from autopar.solvers.op_strategies import op_strategies, param_bytes
-from autopar.solvers.placement import (
+from autopar.layout import Collective
+from autopar.solvers.sharding.op_strategies import op_strategies, param_bytes
+from autopar.solvers.sharding.placement import (
     PARTIAL,
     REPLICATE,
-    CollectiveKind,
     Placement,
     grad_placement,
     input_grad_placement,
     reshard_collective,
     shard,
 )
-from autopar.solvers.view_rules import map_placement, view_groups
+from autopar.solvers.sharding.view_rules import map_placement, view_groups
 
 
 def meta(*shape: int, dtype: str = "float32") -> TensorMeta:
@@ -54,16 +54,16 @@ def test_placement_rejects_garbage() -> None:
 
 
 @pytest.mark.parametrize(("src", "dst", "kind"), [
-    ("P", "R", CollectiveKind.ALL_REDUCE),
-    ("P", "S(1)", CollectiveKind.REDUCE_SCATTER),
-    ("S(1)", "R", CollectiveKind.ALL_GATHER),
-    ("S(0)", "S(1)", CollectiveKind.ALL_TO_ALL),
-    ("S(0)", "S(0,sf=2)", CollectiveKind.ALL_TO_ALL),
+    ("P", "R", Collective.ALL_REDUCE),
+    ("P", "S(1)", Collective.REDUCE_SCATTER),
+    ("S(1)", "R", Collective.ALL_GATHER),
+    ("S(0)", "S(1)", Collective.ALL_TO_ALL),
+    ("S(0)", "S(0,sf=2)", Collective.ALL_TO_ALL),
     ("R", "S(2)", None),
     ("R", "P", None),
     ("S(1)", "S(1)", None),
 ])
-def test_reshard_collectives(src: str, dst: str, kind: CollectiveKind | None) -> None:
+def test_reshard_collectives(src: str, dst: str, kind: Collective | None) -> None:
     assert reshard_collective(Placement.from_str(src), Placement.from_str(dst)) is kind
 
 
@@ -227,7 +227,7 @@ def test_parameter_bytes_are_split_where_sharded() -> None:
 
 
 def test_boundary_pins_shard_only_a_real_sequence_dim() -> None:
-    from autopar.solvers.layer_graph import boundary_pin
+    from autopar.solvers.sharding.layer_graph import boundary_pin
 
     hidden = meta(2, 16, 64)
     assert boundary_pin(hidden, hidden=True, tp=4, sequence_parallel=True) == shard(1)

@@ -22,17 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autopar.plan import Schedule
-from autopar.solvers.stage_dp import (
+from autopar.layout import Schedule
+from autopar.schedule import in_flight_per_stage, schedule_weights
+from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     StagePartition,
     check_stage_count,
     evaluate_partition,
-    in_flight_micro_batches,
     masked_stage_times,
     partition_times,
-    schedule_weights,
 )
 
 
@@ -90,7 +89,7 @@ def solve_stage_policies(variants: Sequence[StageCosts], *, num_stages: int, num
         raise ValueError(f"num_stages={num_stages} is not a multiple of virtual_stages={virtual_stages}")
     check_stage_count(variants[0], num_stages, [0] * num_stages)
     m, v = num_micro_batches, virtual_stages
-    in_flight = in_flight_micro_batches(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
+    in_flight = in_flight_per_stage(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
     per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes / v)
                   for c in variants]
@@ -114,7 +113,7 @@ def brute_force_stage_policies(variants: Sequence[StageCosts], *, num_stages: in
     import itertools
 
     n, m, v = variants[0].num_layers, num_micro_batches, virtual_stages
-    in_flight = in_flight_micro_batches(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
+    in_flight = in_flight_per_stage(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
     best = math.inf
     for cuts in itertools.combinations(range(1, n), num_stages - 1):

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from autopar.graph.ir import Layer, Op, SavedTensor
-from autopar.plan import ShardingPlan, TPStyle
-from autopar.solvers.layer_graph import LayerGraph, SourceKind
-from autopar.solvers.placement import Placement
-from autopar.solvers.sharding_ilp import ShardingSolution
-from autopar.solvers.op_rules import OpStrategy
-from autopar.solvers.op_strategies import param_bytes
-from autopar.solvers.view_rules import packet
+from autopar.layout import TPStyle
+from autopar.plan import ShardingPlan
+from autopar.solvers.sharding.layer_graph import LayerGraph, SourceKind
+from autopar.solvers.sharding.placement import Placement
+from autopar.solvers.sharding.sharding_ilp import ShardingSolution
+from autopar.solvers.sharding.op_rules import OpStrategy
+from autopar.solvers.sharding.op_strategies import param_bytes
+from autopar.solvers.sharding.view_rules import packet
 
 V = TypeVar("V")
 """Value type of a mapping being re-keyed by ``rename``."""

@@ -2,7 +2,7 @@
 
 Per-op strategies come from ``solvers/op_strategies.py`` (rules per op family in
 ``solvers/op_rules.py``, views in ``solvers/view_rules.py``); this module wires them
-into one problem per layer, solves it with ``solvers/sharding_ilp.py`` and reads
+into one problem per layer, solves it with ``solvers/sharding/sharding_ilp.py`` and reads
 the answer back (``solvers/layer_result.py``).
 
 Nodes of the problem, in execution order:
@@ -38,27 +38,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from autopar.errors import InfeasiblePlanError
 from autopar.graph.ir import Layer, Op
-from autopar.solvers.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
-from autopar.solvers.layer_result import CollectiveCall, LayerShardingResult, build_result
-from autopar.solvers.op_rules import OpStrategy
-from autopar.solvers.op_strategies import op_strategies, param_bytes
-from autopar.solvers.placement import (
+from autopar.layout import Collective
+from autopar.solvers.sharding.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
+from autopar.solvers.sharding.layer_result import CollectiveCall, LayerShardingResult, build_result
+from autopar.solvers.sharding.op_rules import OpStrategy
+from autopar.solvers.sharding.op_strategies import op_strategies, param_bytes
+from autopar.solvers.sharding.placement import (
     PARTIAL,
     REPLICATE,
-    CollectiveKind,
     Placement,
     grad_placement,
     nccl_size,
     reshard_collective,
     shard,
 )
-from autopar.solvers.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
-from autopar.solvers.view_rules import VIEW_TARGETS, packet, shard_fits
+from autopar.solvers.sharding.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
+from autopar.solvers.sharding.view_rules import VIEW_TARGETS, packet, shard_fits
 
 logger = logging.getLogger(__name__)
 
@@ -85,30 +85,11 @@ class NodePlan:
     """Per strategy: placement of the gradient it needs back."""
 
 
-class ShardingCache:
-    """Results per (layer kind, tp, sequence parallel, options, cost callables); one per planning run."""
-
-    def __init__(self) -> None:
-        self._results: dict[tuple[Hashable, ...], LayerShardingResult] = {}
-
-    def __len__(self) -> int:
-        return len(self._results)
-
-    def get(self, key: tuple[Hashable, ...]) -> LayerShardingResult | None:
-        """The cached result, if any."""
-        return self._results.get(key)
-
-    def put(self, key: tuple[Hashable, ...], result: LayerShardingResult) -> None:
-        """Store a result."""
-        self._results[key] = result
-
-
 def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_time: OpTime | None = None,
                          collective_time: CollectiveTime, op_cost: OpCost | None = None,
                          mem_budget_bytes: float | None = None,
                          free_output: bool = False, allow_batch_split: bool = False,
-                         backward_compute_factor: float = BACKWARD_COMPUTE_FACTOR, time_limit_s: float = 30.0,
-                         cache: ShardingCache | None = None) -> LayerShardingResult:
+                         backward_compute_factor: float = BACKWARD_COMPUTE_FACTOR, time_limit_s: float = 30.0) -> LayerShardingResult:
     """The cheapest sharding of one layer's ops over a TP axis of size ``tp``.
 
     Args:
@@ -126,7 +107,6 @@ def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_t
         allow_batch_split: allow matmuls/embeddings to split work over a replicated weight.
         backward_compute_factor: backward compute time / forward compute time.
         time_limit_s: ILP time limit.
-        cache: reuse results for layers of the same kind.
 
     Returns:
         Strategies, placements, collectives, times and TP styles for the layer.
@@ -138,11 +118,6 @@ def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_t
         raise ValueError(f"tp must be >= 1, got {tp}")
     if (op_time is None) == (op_cost is None):
         raise ValueError("pass exactly one of op_time (forward seconds) and op_cost ((forward, backward) seconds)")
-    key = (layer.kind, tp, sequence_parallel, mem_budget_bytes, free_output, allow_batch_split,
-           backward_compute_factor, op_time, op_cost, collective_time)
-    cached = cache.get(key) if cache is not None else None
-    if cached is not None:
-        return cached.rebind(layer)
     start = time.perf_counter()
     graph = build_layer_graph(layer, tp=tp, sequence_parallel=sequence_parallel)
     if op_cost is None:
@@ -159,8 +134,6 @@ def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_t
     result = builder.result(solution, sequence_parallel=sequence_parallel)
     logger.debug("layer %s tp=%d sp=%s: %d nodes, objective %.4g s, solved in %.3f s", layer.module_path, tp,
                  sequence_parallel, len(problem.nodes), solution.cost_s, time.perf_counter() - start)
-    if cache is not None:
-        cache.put(key, result)
     return result
 
 
@@ -208,7 +181,7 @@ class _ProblemBuilder:
         kind = reshard_collective(src, dst)
         if kind is None:
             return 0.0
-        if forward and kind is CollectiveKind.REDUCE_SCATTER and not self.sequence_parallel:
+        if forward and kind is Collective.REDUCE_SCATTER and not self.sequence_parallel:
             return math.inf
         size = nccl_size(kind, nbytes, self.tp)
         key = (kind.value, size)
@@ -361,7 +334,6 @@ __all__ = [
     "OpStrategy",
     "OpCost",
     "OpTime",
-    "ShardingCache",
     "op_strategies",
     "solve_layer_sharding",
 ]

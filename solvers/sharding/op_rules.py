@@ -3,7 +3,7 @@
 Each rule lists the non-replicated strategies of an op from its shapes and
 scalars alone (the replicated one, divisibility checks and strided variants are
 added by ``solvers/op_strategies.py``). A strategy fixes a placement (``R``,
-``S(d)``, ``P``; see ``solvers/placement.py``) for every tensor input and output.
+``S(d)``, ``P``; see ``solvers/sharding/placement.py``) for every tensor input and output.
 Its text form follows Colossal-AI's readable names, outputs first:
 ``S(1) = R x S(1)`` is a column-split matmul (activation replicated, weight split on
 its output features, output split on its last dim), ``P = S(1) x S(0)`` a row split
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from autopar.graph.ir import Op, TensorMeta
-from autopar.solvers.placement import (
+from autopar.solvers.sharding.placement import (
     PARTIAL,
     REPLICATE,
     Placement,
@@ -24,7 +24,7 @@ from autopar.solvers.placement import (
     input_grad_placement,
     shard,
 )
-from autopar.solvers.view_rules import packet
+from autopar.solvers.sharding.view_rules import packet
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 """Dtypes that carry gradients."""

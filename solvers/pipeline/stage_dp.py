@@ -39,8 +39,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from autopar.errors import InfeasiblePlanError
-from autopar.plan import Schedule
-from autopar.solvers.schedules import in_flight_micro_batches, schedule_weights
+from autopar.layout import Schedule
+from autopar.schedule import in_flight_per_stage, schedule_weights
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def solve_stage_partition(costs: StageCosts, *, num_stages: int, num_micro_batch
     if num_stages % virtual_stages:
         raise ValueError(f"num_stages={num_stages} is not a multiple of virtual_stages={virtual_stages}")
     pp = num_stages // virtual_stages
-    in_flight = in_flight_micro_batches(schedule, pp=pp, num_micro_batches=num_micro_batches,
+    in_flight = in_flight_per_stage(schedule, pp=pp, num_micro_batches=num_micro_batches,
                                         virtual_stages=virtual_stages)
     alpha, beta = schedule_weights(schedule, num_micro_batches=num_micro_batches, virtual_stages=virtual_stages)
     chunk_budget = mem_budget_bytes / virtual_stages
@@ -448,10 +448,8 @@ __all__ = [
     "StageCosts",
     "StagePartition",
     "evaluate_partition",
-    "in_flight_micro_batches",
     "masked_stage_times",
     "partition_stages",
     "partition_times",
-    "schedule_weights",
     "solve_stage_partition",
 ]

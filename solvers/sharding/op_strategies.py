@@ -1,6 +1,6 @@
 """Sharding strategies of single ATen ops over one tensor-parallel mesh axis of size t.
 
-A strategy fixes a placement (``R``, ``S(d)``, ``P``; see ``solvers/placement.py``)
+A strategy fixes a placement (``R``, ``S(d)``, ``P``; see ``solvers/sharding/placement.py``)
 for every tensor input and output of an op. Its text form follows Colossal-AI's
 readable names, outputs first: ``S(1) = R x S(1)`` is a column-split matmul
 (activation replicated, weight split on its output features, output split on
@@ -33,7 +33,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 
 from autopar.graph.ir import Op, OpClass, TensorMeta
-from autopar.solvers.op_rules import (
+from autopar.solvers.sharding.op_rules import (
     OpStrategy,
     attention_strategies,
     cat_strategies,
@@ -47,8 +47,8 @@ from autopar.solvers.op_rules import (
     norm_strategies,
     reduction_strategies,
 )
-from autopar.solvers.placement import REPLICATE, Placement, PlacementKind, shard
-from autopar.solvers.view_rules import VIEW_TARGETS, map_placement, packet, shard_fits
+from autopar.solvers.sharding.placement import REPLICATE, Placement, PlacementKind, shard
+from autopar.solvers.sharding.view_rules import VIEW_TARGETS, map_placement, packet, shard_fits
 
 
 def op_strategies(op: Op, *, tp: int, hints: Sequence[Iterable[Placement]] | None = None,

@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 
 from autopar.graph.ir import Op
-from autopar.solvers.placement import Placement, shard
+from autopar.solvers.sharding.placement import Placement, shard
 
 VIEW_TARGETS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "flatten", "unflatten", "view_as", "squeeze",

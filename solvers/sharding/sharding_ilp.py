@@ -14,7 +14,7 @@ these force e to be the outer product, so e can stay continuous in [0, 1].
 Before building the ILP the graph is reduced exactly (constants and followers fold
 into the nodes that choose; ``solvers/sharding_problem.py``).
 
-This module knows nothing about tensors or torch; ``solvers/strategies.py`` turns a
+This module knows nothing about tensors or torch; ``solvers/sharding/strategies.py`` turns a
 layer's ATen ops into a ``ShardingProblem``.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import pulp
 
 from autopar.errors import AutoparError, InfeasiblePlanError
-from autopar.solvers.sharding_problem import (
+from autopar.solvers.sharding.sharding_problem import (
     Reduction,
     ShardingEdge,
     ShardingNode,

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from autopar.solvers.op_rules import is_float
-from autopar.solvers.placement import REPLICATE, Placement, shard
-from autopar.solvers.view_rules import shard_fits
+from autopar.solvers.sharding.op_rules import is_float
+from autopar.solvers.sharding.placement import REPLICATE, Placement, shard
+from autopar.solvers.sharding.view_rules import shard_fits
 
 from autopar._compat import StrEnum
 from autopar.graph.ir import Layer, Op, TensorMeta

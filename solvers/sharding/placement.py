@@ -36,6 +36,7 @@ import re
 from typing import NamedTuple
 
 from autopar._compat import StrEnum
+from autopar.layout import Collective
 
 
 class PlacementKind(StrEnum):
@@ -44,15 +45,6 @@ class PlacementKind(StrEnum):
     REPLICATE = "R"
     SHARD = "S"
     PARTIAL = "P"
-
-
-class CollectiveKind(StrEnum):
-    """Collectives that a resharding issues (values match ``autopar.cost_models.comm.Collective``)."""
-
-    ALL_REDUCE = "all_reduce"
-    ALL_GATHER = "all_gather"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_TO_ALL = "all_to_all"
 
 
 class Placement(NamedTuple):
@@ -122,35 +114,35 @@ def shard(dim: int, sf: int = 1) -> Placement:
     return Placement(PlacementKind.SHARD, dim, sf)
 
 
-def reshard_collective(src: Placement, dst: Placement) -> CollectiveKind | None:
+def reshard_collective(src: Placement, dst: Placement) -> Collective | None:
     """The collective that turns ``src`` into ``dst`` on one mesh axis (None when it is local).
 
     Example:
         >>> reshard_collective(PARTIAL, REPLICATE)
-        <CollectiveKind.ALL_REDUCE: 'all_reduce'>
+        <Collective.ALL_REDUCE: 'all_reduce'>
         >>> reshard_collective(REPLICATE, shard(0)) is None
         True
     """
     if src == dst or src.is_replicate:
         return None
     if src.is_partial:
-        return CollectiveKind.ALL_REDUCE if dst.is_replicate else CollectiveKind.REDUCE_SCATTER
+        return Collective.ALL_REDUCE if dst.is_replicate else Collective.REDUCE_SCATTER
     # src is a shard
     if dst.is_replicate:
-        return CollectiveKind.ALL_GATHER
+        return Collective.ALL_GATHER
     if dst.is_shard:
-        return CollectiveKind.ALL_TO_ALL
+        return Collective.ALL_TO_ALL
     return None  # S -> P: each rank zero-pads its slice
 
 
-def nccl_size(kind: CollectiveKind, tensor_nbytes: int, tp: int) -> int:
+def nccl_size(kind: Collective, tensor_nbytes: int, tp: int) -> int:
     """Size NCCL (and ``cost_models.comm``) counts for a collective on a tensor of ``tensor_nbytes`` in total.
 
     Example:
-        >>> nccl_size(CollectiveKind.ALL_GATHER, 1024, 4), nccl_size(CollectiveKind.ALL_TO_ALL, 1024, 4)
+        >>> nccl_size(Collective.ALL_GATHER, 1024, 4), nccl_size(Collective.ALL_TO_ALL, 1024, 4)
         (1024, 256)
     """
-    return tensor_nbytes // tp if kind is CollectiveKind.ALL_TO_ALL else tensor_nbytes
+    return tensor_nbytes // tp if kind is Collective.ALL_TO_ALL else tensor_nbytes
 
 
 def grad_placement(out: Placement) -> Placement:
@@ -187,7 +179,6 @@ def input_grad_placement(inp: Placement, outputs: tuple[Placement, ...]) -> Plac
 
 
 __all__ = [
-    "CollectiveKind",
     "PARTIAL",
     "Placement",
     "PlacementKind",

@@ -1,0 +1,92 @@
+"""The search runs the cost-model formulas the cost-model tests check (one implementation per formula).
+
+Each test swaps the cost-model function the search imports for a spy and shows that the
+evaluation's numbers come from it: if the search kept a private copy of the formula,
+the spy would not be called and these tests would fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autopar.layout import CommBreakdown, Layout, Recompute, Schedule
+from autopar.report.explain import explain_choice
+from autopar.solvers import evaluate
+from autopar.solvers.search import _prices
+from autopar.solvers.space import ModelShape, build_space
+
+from .synthetic import SyntheticPricing
+
+PRICING = SyntheticPricing()
+SPACE = build_space(ModelShape(num_layers=PRICING.num_layers, num_heads=16), num_gpus=16, gpus_per_node=8,
+                    global_batch_size=32)
+
+
+def _layout(**kw: object) -> Layout:
+    base = dict(dp=4, tp=2, pp=2, micro_batch_size=2, num_micro_batches=4, zero_stage=1, recompute=Recompute.NONE,
+                sequence_parallel=False, schedule=Schedule.ONE_F_ONE_B)
+    return Layout(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _evaluate(layout: Layout) -> evaluate.Evaluation:
+    prices = _prices(SPACE, PRICING, layout.tp, layout.sequence_parallel, layout.micro_batch_size)
+    return evaluate.evaluate_layout(layout, prices.variants, PRICING, gpus_per_node=8)
+
+
+def test_step_time_adds_the_exposed_dp_comm_the_cost_model_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+
+    def spy(**kw: object) -> CommBreakdown:
+        calls.append(kw)
+        return CommBreakdown(dp_reduce_scatter_s=1000.0, dp_all_gather_s=0.5)
+
+    monkeypatch.setattr(evaluate, "estimate_exposed_dp_comm", spy)
+    ev = _evaluate(_layout())
+    assert len(calls) == 2 and all(c["zero_stage"] == 1 and c["num_micro_batches"] == 4 for c in calls)
+    assert ev.communication.dp_reduce_scatter_s == 1000.0 and ev.communication.dp_all_gather_s == 0.5
+    assert ev.step_time_s == pytest.approx(ev.pipeline_time_s + 1000.5 + ev.optimizer_time_s)
+
+
+def test_rank_memory_is_the_cost_models_breakdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autopar.cost_models import memory
+
+    seen: list[dict[str, float]] = []
+
+    def spy(**kw: float) -> object:
+        seen.append(kw)
+        return memory.estimate_rank_memory(**kw)
+
+    monkeypatch.setattr(evaluate, "estimate_rank_memory", spy)
+    ev = _evaluate(_layout())
+    assert len(seen) == 2  # one per pipeline rank
+    for kw, got in zip(seen, ev.memory):
+        assert got == memory.estimate_rank_memory(**kw)
+        assert got.total == pytest.approx(memory.with_headroom(
+            kw["params_bytes"] + kw["grads_bytes"] + kw["optimizer_bytes"] + kw["activation_bytes"]
+            + kw["fixed_bytes"]), abs=8)
+
+
+def test_breakdown_keeps_tp_dp_and_pp_apart() -> None:
+    ev = _evaluate(_layout(zero_stage=0))
+    c = ev.communication
+    assert c.tp_s > 0 and c.pp_p2p_s > 0  # tp = 2 and pp = 2 on the synthetic model
+    assert c.dp_reduce_scatter_s == 0.0 and c.dp_all_gather_s == 0.0  # ZeRO 0 only all-reduces
+    assert ev.step_time_s == pytest.approx(ev.pipeline_time_s + c.dp_all_reduce_s + ev.optimizer_time_s)
+    no_dp = _evaluate(_layout(dp=1, zero_stage=0, num_micro_batches=16))
+    assert no_dp.communication.dp_s == 0.0 and no_dp.communication.tp_s > 0
+
+
+def test_explanation_never_calls_tp_traffic_data_parallel() -> None:
+    """Two dp = 1 layouts: no data-parallel line, and the named terms add up to the step-time difference."""
+    a = _evaluate(_layout(dp=1, zero_stage=0, num_micro_batches=16))
+    b = _evaluate(_layout(dp=1, tp=4, pp=1, zero_stage=0, num_micro_batches=16))
+    winner, runner_up = (a, b) if a.step_time_s <= b.step_time_s else (b, a)
+    text = "\n".join(explain_choice(winner, runner_up))
+    assert "data-parallel" not in text
+    assert "TP collectives" in text
+    terms = (runner_up.pipeline_time_s - winner.pipeline_time_s) + (runner_up.optimizer_time_s
+                                                                       - winner.optimizer_time_s)
+    assert terms == pytest.approx(runner_up.step_time_s - winner.step_time_s)
+    assert dataclasses.replace(winner.communication, tp_s=0.0).dp_s == 0.0
