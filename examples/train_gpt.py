@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     """Train; returns the loss of every step (the same on every rank)."""
     import torch.distributed as dist
 
-    from autopar.emit.parallelize import parallelize
+    from autopar.api import parallelize  # plans on rank 0 when no plan is given
 
     cfg = parse_args(argv)
     model = build_model(cfg)
