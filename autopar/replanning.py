@@ -294,8 +294,10 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
             if layout in seen:
                 continue
             seen.add(layout)
-            ev = evaluate_layout(layout, _variants(pricing, layout), pricing, gpus_per_node=survivors.gpus_per_node,
-                                 partition_cache=cache)
+            variants = _variants(pricing, layout)
+            ev = evaluate_layout(layout, variants, pricing, gpus_per_node=survivors.gpus_per_node,
+                                 partition_cache=cache, costs_key=(layout.tp, layout.sequence_parallel,
+                                                                   layout.micro_batch_size, tuple(variants)))
             if ev.fits:
                 fitted.update({pipeline, exact} if layout.pp == shape.pp else {pipeline})
                 tokens = layout.global_batch_size / ev.step_time_s  # throughput in samples/s

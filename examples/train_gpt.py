@@ -240,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     """Train; returns the loss of every step run here (the same on every rank)."""
     import torch.distributed as dist
 
+    from autopar.api import parallelize  # plans on rank 0 when no plan is given
     from autopar.emit.checkpoint import load_checkpoint
-    from autopar.emit.parallelize import parallelize
 
     cfg, checkpoint, state = resume_point(parse_args(argv))
     model = build_model(cfg)

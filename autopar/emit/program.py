@@ -79,7 +79,13 @@ class Program:
 
 def example_micro_batch(inputs: Mapping[str, torch.Tensor], micro_batch_size: int,
                         device: torch.device) -> dict[str, torch.Tensor]:
-    """Inputs shaped like one micro-batch, on ``device``: the examples' first rows, repeated as needed."""
+    """Inputs shaped like one micro-batch, on ``device``: the examples' first rows, repeated as needed.
+
+    Example:
+        >>> mb = example_micro_batch({"input_ids": torch.tensor([[1, 2], [3, 4]])}, 3, torch.device("cpu"))
+        >>> mb["input_ids"].tolist()
+        [[1, 2], [3, 4], [1, 2]]
+    """
     out: dict[str, torch.Tensor] = {}
     for name, x in inputs.items():
         reps = -(-micro_batch_size // x.shape[0])

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["autopar.emit.mesh", "autopar.emit.dp", "autopar.emit.adapters", "autopar.emit.tp", "tests.emit.plans"]
+MODULES = ["autopar.emit.mesh", "autopar.emit.dp", "autopar.emit.tp", "autopar.emit.program", "tests.emit.plans"]
 
 
 @pytest.mark.parametrize("name", MODULES)
