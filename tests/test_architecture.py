@@ -55,10 +55,11 @@ def test_typed_rooms_pass_mypy():
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LEAF = ("layout", "schedule", "errors", "_compat", "_modules")
+LEAF = ("layout", "schedule", "errors", "_compat", "_modules", "_io", "_signals")
 """``autopar.<name>`` modules that hold the shared vocabulary: everyone may import them, they import no room."""
 
-ROOM_OF = {"api": "api", "pricing": "planner", "planner": "planner", "__main__": "package"}
+ROOM_OF = {"api": "api", "pricing": "planner", "planner": "planner", "goodput": "planner", "replanning": "api",
+           "replan_record": "plan", "__main__": "package"}
 """Top-level modules of ``autopar`` that are rooms of their own (others are named by their folder or file)."""
 
 ALLOWED: dict[str, frozenset[str]] = {
@@ -66,7 +67,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "graph": frozenset({"leaf"}),
     "capture": frozenset({"leaf", "graph"}),
     "cost_models": frozenset({"leaf", "graph"}),
-    "plan": frozenset({"leaf"}),
+    "plan": frozenset({"leaf", "cost_models"}),  # downstream of the cost models: may carry their records
     "solvers": frozenset({"leaf", "graph", "cost_models", "plan"}),
     "planner": frozenset({"leaf", "graph", "cost_models", "solvers", "plan", "report"}),  # prose: report/
     "emit": frozenset({"leaf", "graph", "capture", "plan"}),
@@ -80,8 +81,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 → plan → emit | export | report; api drives it). ``cli`` and the package's lazy attribute table may import
 any room. A room missing here fails the test until someone places it."""
 
-TEMPORARY_BACK_EDGES = frozenset({("autopar.emit.parallelize", "autopar.api")})
-"""Known back edges being removed on another branch (issue 11: ``emit`` never imports ``api``). Delete an
+TEMPORARY_BACK_EDGES: frozenset[tuple[str, str]] = frozenset()
+"""Known back edges being removed on another branch (none today: ``emit`` no longer imports ``api``). Delete an
 entry once it is gone; the test tolerates a listed edge but never an unlisted one."""
 
 
