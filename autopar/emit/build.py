@@ -75,7 +75,7 @@ def apply_plan(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Plan,
     parts = [build_part(program, model, stage, plan, mesh, env, seed=seed) for stage in local]
     n = len(plan.stages)
     role = StageRole(first=any(s.index == 0 for s in local), last=any(s.index == n - 1 for s in local))
-    slot = LossSlot(program.out_spec)
+    slot = LossSlot(program.out_spec, program.output_order)
     schedule = None
     if n > 1:
         schedule = build_schedule(program, [(s.index, p) for s, p in zip(local, parts, strict=True)],
