@@ -16,7 +16,8 @@ model's own initialiser under ``seed``). A model with real weights works too; it
 values are kept (and must be the same on every rank).
 
 This module imports nothing from ``torch.distributed`` at import time, so
-``import autopar`` (and ``autopar.api``) stay fast.
+``import autopar`` stays fast. Planning when no plan is given lives in the API (``autopar.parallelize``),
+which calls this module with a plan: emit never imports the API.
 """
 
 from __future__ import annotations

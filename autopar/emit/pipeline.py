@@ -44,6 +44,21 @@ def validate_schedule(layout: Layout) -> None:
             )
 
 
+def _contiguous_boundaries(module: nn.Module) -> None:
+    """What crosses a stage boundary is sent and received contiguous (gloo's point-to-point needs it);
+    the program's own views (a rotary table's slices) may not be."""
+    from torch.utils._pytree import tree_map
+
+    output = next(n for n in reversed(module.graph.nodes) if n.op == "output")
+    crossing = set(output.all_input_nodes)  # their metadata shapes the gradient receive buffers
+    for node in module.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" or node in crossing else None
+        if isinstance(val, torch.Tensor) and not val.is_contiguous():
+            node.meta["val"] = val.contiguous()
+    module.register_forward_hook(
+        lambda m, args, out: tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, out))
+
+
 def _only_received(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Later stages take what earlier stages send, not the model's inputs."""
     return args, {}
@@ -73,6 +88,7 @@ def build_schedule(
     for index, module in modules:
         if index > 0:  # multi-stage schedules hand the model's keyword inputs to every local stage
             module.register_forward_pre_hook(_only_received, with_kwargs=True, prepend=True)
+        _contiguous_boundaries(module)
     stages = [_PipelineStage(module, index, info, device, group) for index, module in modules]
     num_stages = layout.pp * layout.virtual_stages
     nmb = layout.num_micro_batches

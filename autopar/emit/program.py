@@ -65,6 +65,8 @@ class Program:
     """``torch.distributed.pipelining``'s split program (``pipe.get_stage_module(i)``: stage ``i``)."""
     out_spec: TreeSpec
     """How the last stage's flat outputs nest into what ``model.forward`` returns (a ``ModelOutput``, dict…)."""
+    output_order: tuple[int, ...]
+    """For each flat model output, its position among the last stage's outputs."""
     input_names: tuple[str, ...]
     """Keyword names of the model inputs, in the order stage 0 takes them."""
     block_paths: tuple[tuple[str, ...], ...]
@@ -131,7 +133,8 @@ def build_program(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Pl
             f"was the plan made for this model?"
         )
     _restore_non_persistent(pipe, model)
-    return Program(pipe=pipe, out_spec=exported.call_spec.out_spec, input_names=tuple(mb),
+    return Program(pipe=pipe, out_spec=exported.call_spec.out_spec, output_order=_output_order(pipe),
+                   input_names=tuple(mb),
                    block_paths=stage_blocks, tied=tied_groups(model))
 
 
@@ -152,6 +155,25 @@ def _split(model: nn.Module, exported: Any, policy: Any) -> Pipe:
     first.graph._codegen.pytree_info = first.graph._codegen.pytree_info._replace(out_spec=None)
     first.recompile()
     return pipe
+
+
+def _output_order(pipe: Pipe) -> tuple[int, ...]:
+    """Where each model output sits among the last stage's outputs (split_module numbers them its own way)."""
+    import operator
+
+    import torch.fx as fx
+    from torch.utils._pytree import tree_flatten
+
+    graph = pipe.split_gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves, _ = tree_flatten(output.args[0])
+    order = []
+    for leaf in leaves:
+        if isinstance(leaf, fx.Node) and leaf.op == "call_function" and leaf.target is operator.getitem:
+            order.append(int(leaf.args[1]))
+        else:
+            order.append(0)
+    return tuple(order)
 
 
 def tied_groups(model: nn.Module) -> tuple[TiedGroup, ...]:
@@ -330,8 +352,11 @@ def flat_outputs(output: Any) -> list[Any]:
     return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
-def unflatten_output(output: Any, out_spec: TreeSpec) -> Any:
-    """Nest the last stage's flat outputs back into what ``model.forward`` returns."""
+def unflatten_output(output: Any, out_spec: TreeSpec, order: Sequence[int] | None = None) -> Any:
+    """Nest the last stage's flat outputs (taken in ``order``) back into what ``model.forward`` returns."""
     from torch.utils._pytree import tree_unflatten
 
-    return tree_unflatten(flat_outputs(output), out_spec)
+    flat = flat_outputs(output)
+    if order is not None and len(flat) > 1:
+        flat = [flat[i] for i in order]
+    return tree_unflatten(flat, out_spec)

@@ -57,16 +57,17 @@ class LossSlot:
     tensor) before the loss sees them.
     """
 
-    def __init__(self, out_spec: Any) -> None:
+    def __init__(self, out_spec: Any, order: Sequence[int] | None = None) -> None:
         self.fn: LossFn | None = None
         self.out_spec = out_spec
+        self.order = order
 
     def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         from autopar.emit.program import unflatten_output
 
         if self.fn is None:
             raise UserInputError("the pipeline computed a loss outside ParallelModel.step()")
-        return self.fn(unflatten_output(output, self.out_spec), target)
+        return self.fn(unflatten_output(output, self.out_spec, self.order), target)
 
 
 class PartsOptimizer(torch.optim.Optimizer):
@@ -175,7 +176,8 @@ class ParallelModel:
         if self._schedule is not None:
             raise UserInputError("forward() runs unpipelined plans only; this plan has pipeline stages (use step())")
         with implicit_replication():
-            return unflatten_output(self.parts[0](**self._keywords(inputs)), self._program.out_spec)
+            out = self.parts[0](**self._keywords(inputs))
+            return unflatten_output(out, self._program.out_spec, self._program.output_order)
 
     # ---- one step ---------------------------------------------------------------------------
 

@@ -97,17 +97,25 @@ def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
     return {
         "losses": losses, "ref_losses": ref_losses,
         "max_diff": max((full[k] - ref_state[k]).abs().max().item() for k in full if k in ref_state),
-        "keys": sorted(k for k in full if k in ref_state), "ref_groups": _alias_groups(build(arch)),
+        "keys": sorted(k for k in full if k in ref_state), "ref_groups": _alias_groups(arch),
         "tp_sharded": sorted(_tp_sharded(pm)), "plan": plan.layout.describe(),
         "stages": [list(s.module_paths) for s in plan.stages],
     }
 
 
-def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
-    """The model's parameters as groups of names (a tied tensor is one group of several names)."""
+def _alias_groups(arch: Arch) -> list[list[str]]:
+    """The parameters the forward pass reads, as groups of names (a tied tensor is one group of several names).
+
+    A parameter no op reads (BERT's ``cls.predictions.bias``, superseded by the decoder's bias) is in
+    no exported program, so no stage holds it.
+    """
+    model = build(arch)
+    x, y = batch(arch, 2)
+    arch.loss(model(**x), y).backward()
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
+        if p.grad is not None:
+            groups.setdefault(id(p), []).append(name)
     return list(groups.values())
 
 

@@ -41,8 +41,18 @@ def test_a_plan_from_the_planner_runs_and_matches_the_original() -> None:
             assert got["max_diff"] < 1e-5
 
 
-@pytest.mark.parametrize("layout", [{"dp": 2, "zero_stage": 3}, {"pp": 2, "schedule": "1f1b"}],
-                         ids=["zero3_dp2", "pp2"])
+def test_pipelined_bfloat16_plans_are_refused_before_any_process_group() -> None:
+    from autopar.emit.build import prepare
+    from autopar.errors import PlanValidationError
+    from tests.emit.plans import make_plan
+    from tests.emit.workers import build_model, layer_paths
+
+    plan = make_plan(layer_paths("gpt"), pp=2, dtype="bfloat16")
+    with pytest.raises(PlanValidationError, match="pin pp=1"):
+        prepare(build_model("gpt", meta=True), {"idx": torch.zeros(2, 16, dtype=torch.long)}, plan)
+
+
+@pytest.mark.parametrize("layout", [{"dp": 2, "zero_stage": 3}], ids=["zero3_dp2"])
 def test_bfloat16_plans_compute_in_bf16_with_fp32_master_weights(layout: dict[str, object]) -> None:
     for r in run_spmd("tests.emit.workers:check_bf16", 2, layout):
         assert r["compute_dtypes"] == ["torch.bfloat16"]

@@ -320,7 +320,8 @@ def check_bf16(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
     pm = parallelize(build_model("gpt", meta=True), (torch.zeros(2, SEQ_LEN, dtype=torch.long),), plan=plan)
     pm.load_state_dict(build_model("gpt").state_dict())
     seen: set[torch.dtype] = set()
-    for module in (m for part in pm.parts for m in part.modules() if isinstance(m, nn.Linear)):
+    linears = (m for part in pm.parts for n, m in part.named_modules() if n.endswith((".q_proj", ".c_fc", "lm_head")))
+    for module in linears:  # the program's outlined copies of the model's Linear modules
         module.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
     opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
     return {"ref_losses": ref_losses, "losses": train(pm, data, opt),
