@@ -18,7 +18,7 @@ import argparse
 import time
 
 import autopar
-from autopar.api import plan_graph
+from autopar.api import plan_graph_ranked
 from autopar.goodput import goodput_differences
 from autopar.models import resolve_model
 
@@ -56,8 +56,8 @@ def main() -> None:
         for gpus in map(int, args.sizes.split(",")):
             cluster = autopar.Cluster.from_dict({"preset": "dgx-h100", "nodes": gpus // 8, "reliability": reliability})
             start = time.perf_counter()
-            plans = plan_graph(graph, cluster=cluster, global_batch_size=batch, top_k=args.candidates,
-                               objective="goodput")
+            plans = plan_graph_ranked(graph, cluster=cluster, global_batch_size=batch, top_k=args.candidates,
+                                      objective="goodput")
             peak = min(plans, key=lambda p: p.predicted.step_time_s)
             best = plans[0]
             print(f"  {gpus} GPUs (planned in {time.perf_counter() - start:.0f} s; {best.explanation[1].strip()})")

@@ -78,9 +78,8 @@ def run_case(name: str, ranks: int, out_dir: Path) -> dict[str, Any]:
     assert measured.calibration is not None
     measured.calibration.save(calib_path)
     log.info("%s on %d ranks: cluster measured in %.0f s", name, ranks, time.perf_counter() - t0)
-    plans = autopar.plan(model, example, cluster=yaml_path, global_batch_size=GLOBAL_BATCH, dtype="float32",
-                         calibration=measured.calibration, top_k=1000)
-    plans = plans if isinstance(plans, list) else [plans]
+    plans = autopar.plan_ranked(model, example, cluster=yaml_path, global_batch_size=GLOBAL_BATCH, dtype="float32",
+                                calibration=measured.calibration, top_k=1000)
     by_size: dict[int, list[Any]] = defaultdict(list)
     for p in plans:
         by_size[p.layout.num_gpus].append(p)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import autopar
-from autopar.api import plan_graph
+from autopar.api import plan_graph, plan_graph_ranked
 from autopar.cli import run
 from autopar.cost_models.cluster import Cluster
 from autopar.errors import UserInputError
@@ -48,12 +48,12 @@ def cluster() -> Cluster:
 
 @pytest.fixture(scope="module")
 def ranked(graph, cluster):
-    return plan_graph(graph, cluster=cluster, global_batch_size=BATCH, top_k=6, constraints={"pp": 2})
+    return plan_graph_ranked(graph, cluster=cluster, global_batch_size=BATCH, top_k=6, constraints={"pp": 2})
 
 
 def test_goodput_objective_orders_by_goodput_and_keeps_both_figures(graph, cluster, ranked) -> None:
-    by_goodput = plan_graph(graph, cluster=cluster, global_batch_size=BATCH, top_k=6, constraints={"pp": 2},
-                            objective="goodput")
+    by_goodput = plan_graph_ranked(graph, cluster=cluster, global_batch_size=BATCH, top_k=6, constraints={"pp": 2},
+                                   objective="goodput")
     goodputs = [p.reliability.goodput_tokens_per_s for p in by_goodput]
     assert goodputs == sorted(goodputs, reverse=True)
     steps = [p.predicted.step_time_s for p in ranked]
