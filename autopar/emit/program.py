@@ -28,6 +28,7 @@ gradients.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,11 @@ from torch import nn
 from autopar.errors import PlanValidationError, UserInputError
 from autopar.graph.layers import block_prefix
 from autopar.plan import Plan
+
+# torch 2.13's own pytree code copies LeafSpec objects through a deprecated isinstance check when an exported
+# program is split; the warning is about torch's internals, not the user's code, and would otherwise reach every
+# rank's stderr once per process (it broke the "one line per failure" contract of autopar's launch errors).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 if TYPE_CHECKING:
     import torch.fx as fx

@@ -290,7 +290,9 @@ def check_plan_on_rank0() -> dict[str, Any]:
 
     def stand_in(model: nn.Module, example_inputs: Any, *, cluster: Any, global_batch_size: int, **kw: Any) -> Any:
         calls.append(dist.get_rank())
-        return make_plan(layer_paths("gpt"), dp=2, zero_stage=kw["constraints"]["zero_stage"],
+        pins = kw["constraints"]  # a typed Pins value, with the job's world size filled in
+        assert pins.num_gpus == dist.get_world_size()
+        return make_plan(layer_paths("gpt"), dp=2, zero_stage=pins.zero_stage,
                          micro_batch_size=global_batch_size // 4, num_micro_batches=2)
 
     def infeasible(*args: Any, **kwargs: Any) -> Any:
