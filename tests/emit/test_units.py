@@ -118,6 +118,14 @@ def test_a_style_on_a_module_without_a_known_weight_layout_is_refused_before_any
                                                                                  sharding=odd))
 
 
+def test_an_interleaved_schedule_is_refused_before_any_process_group() -> None:
+    """A known gap (values skipping a stage have no backward in torch's pipelining runtime): refused early."""
+    model = build_model("gpt", meta=True)
+    plan = make_plan(layer_paths("gpt"), pp=2, schedule="interleaved-1f1b", virtual_stages=2, num_micro_batches=4)
+    with pytest.raises(PlanValidationError, match=r"interleaved 1F1B.*pin schedule=1f1b"):
+        prepare(model, {"idx": torch.zeros(2, 16, dtype=torch.long)}, plan)
+
+
 def test_activation_checkpointing_keeps_parameter_names() -> None:
     from autopar.emit.ac import apply_ac
 
