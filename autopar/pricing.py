@@ -69,6 +69,7 @@ class GraphPricing:
         self.dtype = dtype
         self.calibration = calibration
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
+        self._logits = loss.uncaptured_logits(graph)  # a whole-graph scan: once, not per priced setting
         node = (cluster.gpu, cluster.intra_node)
         if node_prices is None or node_prices.node != node:
             node_prices = _NodePrices(node=node)
@@ -211,7 +212,7 @@ class GraphPricing:
     def _loss_terms(self, layer: Layer, scale: float,
                     sharding: LayerShardingResult | None) -> tuple[float, float, float]:
         """(forward_s, backward_s, saved bytes) of the fp32 cross-entropy on the last layer's logits (loss.py)."""
-        logits = loss.uncaptured_logits(self.graph)
+        logits = self._logits
         if logits is None or layer.kind != self.graph.layers[-1].kind:
             return 0.0, 0.0, 0.0
         op, tokens, vocab = logits
