@@ -14,8 +14,26 @@ learnable pattern (each token determines the next), so the loss visibly falls.
 ``--save DIR`` writes a checkpoint to ``DIR/step_NNNNNNNN`` after the last step
 (and every ``--save-every`` steps); ``--resume DIR`` continues from the newest one
 in ``DIR``: the same step, data position, learning-rate schedule and RNG states, so
-the loss curve continues exactly. A run can resume under another plan; it keeps the
-checkpoint's global batch (``--num-micro-batches`` is derived from it).
+the loss curve continues exactly. A run can resume under another plan, on another
+number of ranks; it keeps the checkpoint's global batch (``--num-micro-batches`` is
+derived from it, and a ``--plan`` with another global batch is refused). Sample ``i``
+of the data is a function of the seed and ``i`` alone, so a resumed run sees the very
+samples the uninterrupted run would have, however the batch is split over ranks.
+
+Losing a node and carrying on with the ones left (here 4 one-rank "nodes" on CPU,
+``examples/gloo-4x1.yaml``; on GPUs, the same with your cluster and ``--nnodes``)::
+
+    autopar plan examples/train_gpt.py:build --cluster examples/gloo-4x1.yaml --global-batch 12 \
+        --pin dp=4 --pin micro_batch_size=1 --dtype float32 --out plan.json
+    torchrun --nproc-per-node 4 examples/train_gpt.py --plan plan.json --steps 8 --save ckpt --save-every 2
+    # a rank dies: rank 0 prints "error: rank 2 (...) sent no heartbeat ..." and the job exits with status 124
+    autopar replan plan.json --lost-nodes 1 --cluster examples/gloo-4x1.yaml --out plan-3.json
+    torchrun --nproc-per-node 3 examples/train_gpt.py --plan plan-3.json --steps 8 --resume ckpt
+
+The re-plan keeps the global batch (12 = dp 3 × 4 micro-batches of 1) and says what changed
+(``autopar show plan-3.json``); the resumed run continues the loss curve of the run that
+failed (``tests/reliability/test_training_faults.py`` runs this drill). ``autopar plan
+--contingency 1`` stores that re-plan in ``plan.json``, so ``autopar replan`` answers at once.
 """
 
 from __future__ import annotations
@@ -24,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -130,23 +149,28 @@ def build(batch_size: int = 2, seq_len: int | None = None) -> tuple[torch.nn.Mod
 class SyntheticCorpus:
     """Sequences t, t+s, t+2s, ... (mod vocab), random start t and stride s ∈ {1, 2, 3}: learnable.
 
-    One stream of samples drawn from one generator, the same on every rank; each step
-    takes the next global batch. The generator's state and ``samples_drawn`` are the
-    data position a checkpoint keeps.
+    Sample ``i`` is a function of ``(seed, i)`` alone (its own ``random.Random``, seeded with the
+    string ``"seed:i"``, which Python hashes with SHA-512), the same on every rank whatever the
+    layout; each step takes the next global batch of samples. ``samples_drawn`` is the data
+    position a checkpoint keeps, so a run resumed on any number of ranks, under any plan that
+    keeps the global batch, sees exactly the samples the uninterrupted run would have seen.
     """
 
     def __init__(self, *, seed: int, seq_len: int, vocab: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        """Draws every sample (its state is saved in checkpoints)."""
         self.samples_drawn = 0
-        """Samples handed out so far."""
-        self._seq_len, self._vocab = seq_len, vocab
+        """Samples handed out so far (the next batch starts at this index)."""
+        self._seed, self._seq_len, self._vocab = seed, seq_len, vocab
+
+    def sample(self, index: int) -> torch.Tensor:
+        """Sample ``index`` of the stream: ``seq_len + 1`` tokens."""
+        rng = random.Random(f"{self._seed}:{index}")  # not torch's CPU generator: it keeps 32 bits of its seed
+        start, stride = rng.randrange(self._vocab), rng.randrange(1, 4)
+        return (start + stride * torch.arange(self._seq_len + 1)) % self._vocab
 
     def next_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``batch`` samples: (inputs, targets), each (batch, seq_len)."""
-        start = torch.randint(0, self._vocab, (batch, 1), generator=self.generator)
-        stride = torch.randint(1, 4, (batch, 1), generator=self.generator)
-        tokens = (start + stride * torch.arange(self._seq_len + 1)) % self._vocab
+        first = self.samples_drawn
+        tokens = torch.stack([self.sample(i) for i in range(first, first + batch)])
         self.samples_drawn += batch
         return tokens[:, :-1], tokens[:, 1:]
 
@@ -261,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     batch = pm.plan.layout.global_batch_size
     if checkpoint is not None:
         _check_batch(batch, state, pm.plan.layout.describe())
-        state = load_checkpoint(pm, checkpoint, opt, scheduler=scheduler, generators={"data": corpus.generator})
+        state = load_checkpoint(pm, checkpoint, opt, scheduler=scheduler)
         corpus.samples_drawn = int(state["samples_seen"])
         logger.info("resumed from %s at step %d", checkpoint, state["step"])
     losses = []
@@ -296,8 +320,7 @@ def _save(pm: Any, cfg: TrainConfig, opt: torch.optim.Optimizer, scheduler: Any,
     assert cfg.save is not None
     state = {"step": step, "samples_seen": corpus.samples_drawn, "global_batch_size": pm.plan.layout.global_batch_size,
              "seed": cfg.seed}
-    path = save_checkpoint(pm, Path(cfg.save) / f"step_{step:08d}", opt, scheduler=scheduler, train_state=state,
-                           generators={"data": corpus.generator})
+    path = save_checkpoint(pm, Path(cfg.save) / f"step_{step:08d}", opt, scheduler=scheduler, train_state=state)
     logger.info("checkpoint %s", path)
 
 

@@ -79,11 +79,18 @@ def check_corrupt_checkpoints(root: str) -> dict[str, str]:
     return messages
 
 
-def run_train_gpt(argv: list[str]) -> list[float]:
-    """``examples/train_gpt.py`` on this rank; the losses of the steps it ran."""
+def train_on_survivors(plan: str, killed: str, root: str, steps: int, save_at: int) -> dict[str, list[float]]:
+    """Two ``train_gpt.py`` runs under the re-planned ``plan``, in one process group (the survivors).
+
+    ``after_kill``: resumed from ``killed`` (the killed run's checkpoints: the newest is used), saving
+    at step ``save_at``; ``same_plan``: resumed from that checkpoint, under the same plan.
+    """
     from autopar.examples import train_gpt
 
-    return train_gpt.main(argv)
+    base = ["--plan", plan, "--steps", str(steps)]
+    after_kill = train_gpt.main([*base, "--resume", killed, "--save", root, "--save-every", str(save_at)])
+    same_plan = train_gpt.main([*base, "--resume", f"{root}/step_{save_at:08d}"])
+    return {"after_kill": after_kill, "same_plan": same_plan}
 
 
-__all__ = ["CORRUPTIONS", "check_corrupt_checkpoints", "run_train_gpt"]
+__all__ = ["CORRUPTIONS", "check_corrupt_checkpoints", "train_on_survivors"]
