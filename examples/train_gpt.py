@@ -26,7 +26,8 @@ Losing a node and carrying on with the ones left (here 4 one-rank "nodes" on CPU
     autopar plan examples/train_gpt.py:build --cluster examples/gloo-4x1.yaml --global-batch 12 \
         --pin dp=4 --pin micro_batch_size=1 --dtype float32 --out plan.json
     torchrun --nproc-per-node 4 examples/train_gpt.py --plan plan.json --steps 8 --save ckpt --save-every 2
-    # a rank dies: rank 0 prints "error: rank 2 (...) sent no heartbeat ..." and the job exits with status 124
+    # rank 2 dies: torchrun's agent names it and ends the job; when no agent sees the death (a lost
+    # node), rank 0's watchdog prints "error: rank 2 (...) sent no heartbeat ..." and exits with 124
     autopar replan plan.json --lost-nodes 1 --cluster examples/gloo-4x1.yaml --out plan-3.json
     torchrun --nproc-per-node 3 examples/train_gpt.py --plan plan-3.json --steps 8 --resume ckpt
 
