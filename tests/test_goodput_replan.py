@@ -163,6 +163,42 @@ def test_cli_plan_goodput_then_replan(tmp_path, capsys) -> None:
     assert run(["replan", str(path), "--lost-nodes", "4"]) == 2
 
 
+@pytest.fixture(scope="module")
+def cpu_plan(tmp_path_factory) -> tuple[str, str]:
+    """(cluster file, plan file): train_gpt's model planned for examples/gloo-4x1.yaml, 4 nodes of one gloo rank."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cpu, path = str(repo / "examples" / "gloo-4x1.yaml"), tmp_path_factory.mktemp("cpu") / "plan.json"
+    rc = run(["plan", f"{repo / 'examples' / 'train_gpt.py'}:build", "-c", cpu, "-b", "12", "--pin", "dp=4",
+              "--pin", "micro_batch_size=1", "--dtype", "float32", "--out", str(path)])
+    assert rc == 0 and Plan.load(path).layout.dp == 4
+    return cpu, str(path)
+
+
+@pytest.mark.parametrize("lost", [1, 2, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="a 1-GPU cluster cannot price the stage DP's p2p sends: "
+    "solvers/evaluate.py _stage_costs asks for a 2-rank p2p, pricing.py caps nodes_spanned at cluster.nodes (1), "
+    "comm._check_group refuses 2 ranks on a 1-GPU node; `autopar plan -c examples/gloo-4x1.yaml --nodes 1` fails "
+    "the same way"))])
+def test_cli_replans_a_cpu_cluster_of_one_rank_nodes(cpu_plan, lost: int, capsys) -> None:
+    """Losing k one-rank nodes is losing k ranks: the same re-planning as on GPUs, the batch kept."""
+    cpu, path = cpu_plan
+    capsys.readouterr()
+    assert run(["replan", path, "--lost-nodes", str(lost), "-c", cpu, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    layout, record = data["layout"], data["replanned_from"]
+    assert (data["num_gpus_available"], data["gpus_per_node"]) == (4 - lost, 1)
+    assert layout["dp"] * layout["tp"] * layout["pp"] <= 4 - lost
+    assert layout["dp"] * layout["micro_batch_size"] * layout["num_micro_batches"] == 12  # the batch is kept
+    assert record["method"] == "templates" and record["global_batch_size"] == 12
+
+
+def test_replanning_a_cluster_file_needs_the_file(cpu_plan, capsys) -> None:
+    assert run(["replan", cpu_plan[1], "--lost-nodes", "1"]) == 2  # the plan names the file's cluster, not a preset
+    assert "pass the cluster it was planned for (--cluster)" in capsys.readouterr().err
+
+
 def test_goodput_bound_holds_for_every_layout_outside_the_top_k(graph, cluster) -> None:
     from autopar.goodput import goodput_bound_outside, rank_by_goodput
     from autopar.pricing import model_shape
