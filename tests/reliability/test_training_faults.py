@@ -65,6 +65,17 @@ def _one_line(result: RankResult) -> str:
     return lines[0]
 
 
+def _reports(result: RankResult) -> list[str]:
+    """What a rank said about the failure: its stderr less c10d's own log lines (``[W…]``/``[E…]`` and the
+    C++ frames after them), which a loaded machine adds when a rank is slow to reach the store."""
+    lines, in_c10d = [], False
+    for line in result.err.splitlines():
+        in_c10d = line.startswith(("[W", "[E")) or (in_c10d and line.startswith(("Exception raised", "frame #", " ")))
+        if line.strip() and not in_c10d:
+            lines.append(line)
+    return lines
+
+
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     """The planner's plan for 4 one-rank nodes (data parallelism pinned to 4), saved; and the model's graph."""
@@ -177,7 +188,7 @@ def test_a_flipped_byte_in_a_shard_is_reported_once(killed_run: KilledRun, tmp_p
     assert _one_line(results[0]) == (f"error: checkpoint file {str(shard)!r} is corrupt " +
                                      _one_line(results[0]).split(" is corrupt ", 1)[1])
     assert "restore it or resume from another checkpoint" in results[0].err
-    assert results[1].err == "" and "weights_only" not in results[0].err
+    assert _reports(results[1]) == [] and "weights_only" not in results[0].err
 
 
 def test_a_plan_for_another_world_size_is_reported_once(tmp_path: Path) -> None:
@@ -189,4 +200,4 @@ def test_a_plan_for_another_world_size_is_reported_once(tmp_path: Path) -> None:
     assert [r.rc for r in results] == [2, 2]
     assert _one_line(results[0]) == ("error: the plan uses dp·tp·pp = 4 ranks but the job has 2; launch with "
                                      "--nproc-per-node 4 (per node) or re-plan for 2 GPUs")
-    assert results[1].err == ""
+    assert _reports(results[1]) == []
