@@ -65,31 +65,52 @@ def llama_405b() -> None:
         _row(f"{gpus} GPUs", plan, published, time.perf_counter() - start)
 
 
-def _llama(hidden: int, ffn: int, layers: int, heads: int, kv: int, seq: int) -> autopar.OpGraph:
+def _llama(hidden: int, ffn: int, layers: int, heads: int, kv: int, seq: int,
+           dtype: torch.dtype = torch.float32) -> autopar.OpGraph:
+    """A Llama captured on meta; ``dtype=torch.bfloat16`` captures it as eager bf16 training runs it, so the
+    model's own fp32 upcasts (RMSNorm's ``x.float()``) stay visible to the cost model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=128256)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(dtype)
     return autopar.capture(model, {"input_ids": torch.zeros(1, seq, dtype=torch.long, device="meta")})
+
+
+TORCHTITAN_CLUSTER = "h100-hbm2e-96gb"
+"""The benchmark's own hardware (llama3_h100_202412_torchtitan.md, "Hardware"): H100s with 96 GB HBM2e at
+2.4 TB/s and a 500 W limit, not the DGX H100's 80 GB HBM3 at 3.35 TB/s."""
+TORCHTITAN_PP_MICROBATCHES = 8
+"""torchtitan at the benchmark's commit (9dec370, 2024-12-26) splits a pipelined batch into
+``experimental.pipeline_parallel_microbatches`` or, unset as in the benchmark, ``pipeline_parallel_degree``
+micro-batches (torchtitan/parallelisms/pipelining_utils.py, build_pipeline_schedule): 8, so the local batch
+of 32 runs as 8 micro-batches of 4; an interleaved schedule gets 2 stages per rank (generate_split_points)."""
+
+
+TORCHTITAN_CAPTURE = torch.bfloat16
+"""torchtitan trains in bf16 (FSDP2 MixedPrecisionPolicy(param_dtype=bfloat16)) eagerly (the 8B run has no
+torch.compile): captured in bf16, the norms' deliberate fp32 upcasts are priced at 4 bytes."""
 
 
 def torchtitan() -> None:
     """torchtitan's H100 runs (benchmarks/llama3_h100_202412_torchtitan.md), layouts pinned, seq 8192."""
-    print("torchtitan on H100, layouts pinned, seq 8192: predicted vs published tokens/s per GPU")
+    print(f"torchtitan on {TORCHTITAN_CLUSTER}, layouts pinned, seq 8192: predicted vs published tokens/s per GPU")
+    mbs_405b = 32 // TORCHTITAN_PP_MICROBATCHES  # local batch 32 (global 256 over FSDP 8)
     cases = [
-        ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), 8, 16, dict(dp=8, tp=1, pp=1, zero_stage=3), 5762),
+        ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), 8, 16,
+         dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5762),  # local batch 2, no accumulation
         ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="1f1b", micro_batch_size=1), 100),
+         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="1f1b", micro_batch_size=mbs_405b), 100),
         ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="interleaved-1f1b", micro_batch_size=1), 128),
+         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="interleaved-1f1b", virtual_stages=2,
+              micro_batch_size=mbs_405b), 128),
     ]
     graphs: dict[tuple[int, ...], autopar.OpGraph] = {}
     for label, shape, gpus, batch, pins, published in cases:
-        graph = graphs.setdefault(shape, _llama(*shape, seq=8192))
-        plan = plan_graph(graph, cluster=autopar.Cluster.preset("dgx-h100", nodes=gpus // 8), global_batch_size=batch,
-                          constraints=pins)
+        graph = graphs.setdefault(shape, _llama(*shape, seq=8192, dtype=TORCHTITAN_CAPTURE))
+        plan = plan_graph(graph, cluster=autopar.Cluster.preset(TORCHTITAN_CLUSTER, nodes=gpus // 8),
+                          global_batch_size=batch, constraints=pins)
         per_gpu = plan.predicted.tokens_per_s / plan.layout.num_gpus
         print(f"  {label}: {plan.layout.describe()}  predicted {per_gpu:,.0f} tok/s/GPU, published {published:,}, "
               f"ratio {per_gpu / published:.2f}, MFU {plan.predicted.mfu:.1%}")
@@ -102,22 +123,26 @@ def breakdown_8b() -> None:
     same); the step's exposed communication and optimizer come from the pinned plan of the full model.
     """
     from autopar.cost_models import loss
-    from autopar.cost_models.compute import estimate_op_time, layer_grad_inputs
+    from autopar.cost_models.compute import estimate_op_time, layer_capture_dtype, layer_grad_inputs
 
     layers, tokens_per_gpu = 32, 2 * 8192
-    cluster = autopar.Cluster.preset("dgx-h100")
-    graph = _llama(4096, 14336, 2, 32, 8, seq=8192)
+    cluster = autopar.Cluster.preset(TORCHTITAN_CLUSTER)
+    graph = _llama(4096, 14336, 2, 32, 8, seq=8192, dtype=TORCHTITAN_CAPTURE)
     terms: dict[str, float] = {}
     for layer in graph.layers:
         repeat = layers / 2 if layer.kind == graph.layers[1].kind else 1
-        grads = layer_grad_inputs(layer)
+        grads, captured = layer_grad_inputs(layer), layer_capture_dtype(layer)
         for op in layer.ops:
-            t = estimate_op_time(op, cluster, dtype="bfloat16", batch_scale=2, grad_inputs=grads.get(op.name))
-            key = {"matmul": "GEMMs", "attention": "attention"}.get(op.op_class.value, "eager elementwise/norm/rotary")
+            t = estimate_op_time(op, cluster, dtype="bfloat16", batch_scale=2, grad_inputs=grads.get(op.name),
+                                 capture_dtype=captured)
+            key = {"matmul": "GEMMs", "attention": "attention (SDPA)"}.get(op.op_class.value)
+            if key is None:
+                key = ("eager RMSNorm (fp32 inside, casts)" if "norm" in op.module_path
+                       else "other eager (rotary, SwiGLU, adds, GQA copies, mask)")
             terms[key] = terms.get(key, 0.0) + repeat * (t.forward_s + t.backward_s)
     ce = loss.estimate_cross_entropy_time(tokens_per_gpu, 128256, logits_dtype="bfloat16", gpu=cluster.gpu)
     terms["cross-entropy (fp32, V=128,256)"] = sum(ce)
-    plan = plan_graph(_llama(4096, 14336, 32, 32, 8, seq=8192), cluster=cluster, global_batch_size=16,
+    plan = plan_graph(_llama(4096, 14336, 32, 32, 8, seq=8192, dtype=TORCHTITAN_CAPTURE), cluster=cluster, global_batch_size=16,
                       constraints=dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2))
     p = plan.predicted
     layer_terms = sum(terms.values())

@@ -122,8 +122,23 @@ def matmul_flops_per_s(gpu: GPUSpec, dtype: str) -> float:
     return gpu.peak_flops(dtype) * gpu.matmul_efficiency
 
 
-def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
-    """Bytes of the op's tensors with floats at ``dtype`` over bytes at the captured dtypes."""
+def dtype_bytes_ratio(op: Op, dtype: str | None, capture_dtype: str | None = None) -> float:
+    """Bytes of the op's tensors with floats at ``dtype`` over bytes at the captured dtypes.
+
+    With ``capture_dtype`` (the dtype the model's parameters were captured in), only float tensors of that
+    dtype take the training dtype's width; a float tensor of another dtype is a cast the model's code makes
+    on purpose (RMSNorm's ``x.float()``, an fp32 softmax) and runs at its own width in eager training too.
+    Without it every float tensor is priced at ``dtype`` (an fp32 capture cannot tell the casts apart).
+
+    Example:
+        >>> from autopar.graph.ir import OpClass, TensorMeta
+        >>> x32 = TensorMeta(shape=(1024,), dtype="float32")
+        >>> op = Op(name="pow", target="aten.pow.Tensor_Scalar", op_class=OpClass.ELEMENTWISE, inputs=(x32,),
+        ...         input_ops=("to",), input_params=(None,), outputs=(x32,), flops=1024, nbytes_moved=8192,
+        ...         module_path="norm")
+        >>> dtype_bytes_ratio(op, "bfloat16"), dtype_bytes_ratio(op, "bfloat16", capture_dtype="bfloat16")
+        (0.5, 1.0)
+    """
     if dtype is None:
         return 1.0
     tensors = (*op.inputs, *op.outputs)
@@ -131,17 +146,19 @@ def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
     if captured == 0:
         return 1.0
     width = DTYPE_BYTES[dtype]
-    cast = sum(t.numel * width if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors)
+    cast = sum(t.numel * width if t.dtype in FLOAT_DTYPES and capture_dtype in (None, t.dtype) else t.nbytes
+               for t in tensors)
     return cast / captured
 
 
-def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int) -> tuple[float, float]:
+def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int,
+            capture_dtype: str | None = None) -> tuple[float, float]:
     """(FLOPs, bytes) of the op's forward at ``batch_scale`` × the captured batch, split over ``shard`` ranks.
 
     Parameter bytes do not grow with the batch; activation bytes and FLOPs do. An embedding reads only
     the rows it gathers (``count_bytes``), so all its bytes grow with the batch.
     """
-    ratio = dtype_bytes_ratio(op, dtype)
+    ratio = dtype_bytes_ratio(op, dtype, capture_dtype)
     reads_params = op.op_class is not OpClass.EMBEDDING
     param_bytes = sum(t.nbytes for t, p in zip(op.inputs, op.input_params) if p is not None and reads_params) * ratio
     act_bytes = max(op.nbytes_moved * ratio - param_bytes, 0.0)
@@ -156,7 +173,7 @@ def default_grad_inputs(op: Op) -> tuple[bool, ...]:
 
 def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16", batch_scale: float = 1.0,
                      shard: int = 1, calibration: CalibrationTable | None = None,
-                     grad_inputs: Sequence[bool] | None = None) -> OpTime:
+                     grad_inputs: Sequence[bool] | None = None, capture_dtype: str | None = None) -> OpTime:
     """Forward and backward time of one op.
 
     Args:
@@ -167,6 +184,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
         shard: tensor-parallel ranks the op's work is split over.
         calibration: measured times on the target device, used when the op is in it.
         grad_inputs: per input, whether it needs a gradient (default: ``default_grad_inputs``).
+        capture_dtype: the dtype the model's parameters were captured in; float tensors of another dtype keep
+            their width (``dtype_bytes_ratio``). None prices every float tensor at ``dtype``.
 
     Example:
         >>> from autopar.graph.ir import OpClass, TensorMeta
@@ -180,7 +199,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
     """
     gpu = gpu_of(cluster_or_gpu)
     grads = tuple(grad_inputs) if grad_inputs is not None else default_grad_inputs(op)
-    fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads)
+    fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads,
+                                capture_dtype=capture_dtype)
     if calibration is None:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
     measured = calibration.lookup(op, dtype)  # only a table profiled in the training dtype matches
@@ -188,7 +208,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
     if batch_scale == 1.0 and shard == 1:
         return OpTime(forward_s=measured[0], backward_s=measured[1], source=TimeSource.PROFILED.value)
-    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads)
+    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads,
+                                          capture_dtype=capture_dtype)
     return OpTime(forward_s=measured[0] * _ratio(fwd, base_fwd), backward_s=measured[1] * _ratio(bwd, base_bwd),
                   source=TimeSource.PROFILED_SCALED.value)
 
@@ -198,10 +219,12 @@ def _ratio(scaled: float, base: float) -> float:
 
 
 def roofline_op_time(op: Op, gpu: GPUSpec, *, dtype: str, batch_scale: float, shard: int,
-                     grad_inputs: tuple[bool, ...]) -> tuple[float, float]:
-    """(forward_s, backward_s) of one op from the roofline model alone."""
+                     grad_inputs: tuple[bool, ...], capture_dtype: str | None = None) -> tuple[float, float]:
+    """(forward_s, backward_s) of one op from the roofline model alone; a view moves no data and costs 0."""
+    if op.op_class is OpClass.VIEW:
+        return 0.0, 0.0
     cost = OP_CLASS_COSTS[op.op_class]
-    flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard)
+    flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard, capture_dtype=capture_dtype)
     if op.op_class is OpClass.ATTENTION and _is_causal(op):
         flops *= CAUSAL_WORK_FRACTION
     vector = not cost.tensor_cores and VECTOR_DTYPE in gpu.peak_flops_per_s
@@ -293,6 +316,11 @@ def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
     return result
 
 
+def layer_capture_dtype(layer: Layer) -> str | None:
+    """The float dtype the layer's trainable parameters were captured in, or None (no such parameter)."""
+    return next((p.dtype for p in layer.params if not p.is_buffer and p.dtype in FLOAT_DTYPES), None)
+
+
 def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",
                         batch_scale: float = 1.0, shard: int = 1, sharded_op: Callable[[Op], bool] | None = None,
                         recompute: Recompute = Recompute.NONE, calibration: CalibrationTable | None = None,
@@ -341,11 +369,12 @@ def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, s
                 sharded_op: Callable[[Op], bool] | None, recompute: Recompute,
                 calibration: CalibrationTable | None, seq_len: int | None) -> LayerTime:
     grads = layer_grad_inputs(layer)
+    captured = layer_capture_dtype(layer)
     times: dict[str, OpTime] = {}
     for op in layer.ops:
         op_shard = shard if sharded_op is None or sharded_op(op) else 1
         times[op.name] = estimate_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=op_shard,
-                                          calibration=calibration, grad_inputs=grads[op.name])
+                                          calibration=calibration, grad_inputs=grads[op.name], capture_dtype=captured)
     forward = sum(t.forward_s for t in times.values())
     match recompute:
         case Recompute.NONE:
@@ -376,6 +405,7 @@ __all__ = [
     "estimate_op_time",
     "gpu_of",
     "kernel_time",
+    "layer_capture_dtype",
     "layer_grad_inputs",
     "matmul_flops_per_s",
     "op_work",
