@@ -332,12 +332,16 @@ def tensor_budget_bytes(capacity_bytes: float, *, fixed_bytes: float) -> float:
 
 
 def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_bytes: float,
-                         activation_bytes: float, fixed_bytes: float, capacity_bytes: int) -> MemoryBreakdown:
+                         activation_bytes: float, fixed_bytes: float, capacity_bytes: int,
+                         optimizer_temp_bytes: float = 0.0) -> MemoryBreakdown:
     """Peak memory of one GPU of a pipeline rank, as the ``MemoryBreakdown`` a ``Plan`` carries.
 
-    ``total = with_headroom(states + activations + fixed)``: ``ALLOCATOR_HEADROOM`` applies to every
-    tensor and to the fixed bytes (which ``tensor_budget_bytes`` inverts for the stage DP). The
-    ``buffers`` term holds the fixed bytes and the headroom.
+    ``total = with_headroom(states + max(activations, optimizer temporaries) + fixed)``:
+    ``ALLOCATOR_HEADROOM`` applies to every tensor and to the fixed bytes (which ``tensor_budget_bytes``
+    inverts for the stage DP). The optimizer step runs after backward has freed the activations, so
+    its temporaries (``optimizer.optimizer_temporary_bytes``: foreach AdamW's ``exp_avg_sq_sqrt``) raise
+    the peak only by what they exceed the activations by; that excess is a working buffer. The
+    ``buffers`` term holds the fixed bytes, that excess and the headroom.
 
     Args:
         params_bytes: weights on this GPU (``estimate_model_state_bytes``).
@@ -346,6 +350,7 @@ def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_b
         activation_bytes: saved activations of all in-flight micro-batches on this GPU.
         fixed_bytes: ``estimate_fixed_bytes`` for the layout.
         capacity_bytes: the GPU's memory.
+        optimizer_temp_bytes: bytes the optimizer step allocates on top of the states (0: fused step).
 
     Example:
         >>> m = estimate_rank_memory(params_bytes=20, grads_bytes=20, optimizer_bytes=40, activation_bytes=10,
@@ -353,7 +358,8 @@ def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_b
         >>> m.buffers, m.total
         (20, 110)
     """
-    p, g, o, acts, fixed = params_bytes, grads_bytes, optimizer_bytes, activation_bytes, fixed_bytes
+    p, g, o, acts = params_bytes, grads_bytes, optimizer_bytes, activation_bytes
+    fixed = fixed_bytes + max(0.0, optimizer_temp_bytes - acts)
     buffers = fixed + ALLOCATOR_HEADROOM * (p + g + o + acts + fixed)
     return MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
                            buffers=int(buffers), capacity=int(capacity_bytes))
