@@ -35,7 +35,7 @@ from autopar.cost_models.efficiency import (
     OP_CLASS_COSTS,
     PASS_THROUGH_BACKWARD,
 )
-from autopar.cost_models.layer_info import attention_core_ops
+from autopar.cost_models.layer_info import attention_core_ops, layer_capture_dtype
 
 from autopar._compat import StrEnum
 from autopar.graph.flops import op_name
@@ -314,11 +314,6 @@ def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
         if any(flags):
             live.add(op.name)
     return result
-
-
-def layer_capture_dtype(layer: Layer) -> str | None:
-    """The float dtype the layer's trainable parameters were captured in, or None (no such parameter)."""
-    return next((p.dtype for p in layer.params if not p.is_buffer and p.dtype in FLOAT_DTYPES), None)
 
 
 def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
-from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
+from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core, layer_capture_dtype
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.layout import MemoryBreakdown, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage
@@ -165,15 +165,21 @@ def _summary(layer: Layer, sharded: Callable[[SavedTensor], bool] | Collection[s
     buckets: dict[tuple[bool, bool], list[TensorMeta]] = {(c, s): [] for c in (False, True) for s in (False, True)}
     for saved in layer.saved:
         buckets[(is_attention_core(saved.meta, seq, shapes), bool(is_sharded(saved)))].append(saved.meta)
+    captured = layer_capture_dtype(layer)
     return LayerActivations(
-        replicated=_sizes(buckets[(False, False)]), sharded=_sizes(buckets[(False, True)]),
-        core_replicated=_sizes(buckets[(True, False)]), core_sharded=_sizes(buckets[(True, True)]),
-        layer_input=_sizes(layer.input_meta))
+        replicated=_sizes(buckets[(False, False)], captured), sharded=_sizes(buckets[(False, True)], captured),
+        core_replicated=_sizes(buckets[(True, False)], captured),
+        core_sharded=_sizes(buckets[(True, True)], captured), layer_input=_sizes(layer.input_meta, captured))
 
 
-def _sizes(metas: Collection[TensorMeta]) -> SavedBytes:
-    return SavedBytes(float_numel=sum(t.numel for t in metas if t.dtype in FLOAT_DTYPES),
-                      other_bytes=sum(t.nbytes for t in metas if t.dtype not in FLOAT_DTYPES))
+def _sizes(metas: Collection[TensorMeta], captured: str | None = None) -> SavedBytes:
+    """Float tensors at the capture dtype (or all floats, when it is unknown) take the training dtype's width;
+    others (a deliberate fp32 upcast in a bf16 capture, masks, ids) keep their captured bytes."""
+    def trained(t: TensorMeta) -> bool:
+        return t.dtype in FLOAT_DTYPES and captured in (None, t.dtype)
+
+    return SavedBytes(float_numel=sum(t.numel for t in metas if trained(t)),
+                      other_bytes=sum(t.nbytes for t in metas if not trained(t)))
 
 
 def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, graph_batch_size: int,
