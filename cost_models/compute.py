@@ -34,6 +34,7 @@ from autopar.cost_models.efficiency import (
     CAUSAL_WORK_FRACTION,
     OP_CLASS_COSTS,
     PASS_THROUGH_BACKWARD,
+    PRODUCT_BACKWARD,
 )
 from autopar.cost_models.layer_info import attention_core_ops, layer_capture_dtype
 
@@ -260,6 +261,9 @@ def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: f
             broadcast = any(g and t.numel < op.outputs[0].numel for t, g in zip(op.inputs, grad_inputs))
             out_bytes = nbytes * _output_share(op)
             return kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if broadcast else 0.0
+        case OpClass.ELEMENTWISE if op_name(op.target) in PRODUCT_BACKWARD and _tensor_operands(op) == 2:
+            return _product_backward_time(op, gpu, nbytes=nbytes, rate=rate, bandwidth=bandwidth,
+                                          grad_inputs=grad_inputs)
         case _ if cost.backward_kernels == 0:
             return 0.0
         case _:
@@ -268,6 +272,31 @@ def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: f
             one = kernel_time(per_kernel_flops, per_kernel_bytes, flops_per_s=rate * cost.backward_compute_fraction,
                               bytes_per_s=bandwidth, gpu=gpu)
             return cost.backward_kernels * one
+
+
+def _tensor_operands(op: Op) -> int:
+    """Inputs that are tensors of more than one element (a 0-d or 1-element scale is not an operand here)."""
+    return sum(1 for t in op.inputs if t.numel > 1)
+
+
+def _product_backward_time(op: Op, gpu: GPUSpec, *, nbytes: float, rate: float, bandwidth: float,
+                           grad_inputs: tuple[bool, ...]) -> float:
+    """Backward of a product of two tensors (``PRODUCT_BACKWARD``): per operand needing a gradient, a kernel
+    reading dy and the other operand and writing the gradient; a broadcast operand adds the full-size sum."""
+    total = sum(t.nbytes for t in (*op.inputs, *op.outputs))
+    share = {i: nbytes * t.nbytes / total for i, t in enumerate(op.inputs)}
+    dy = nbytes * op.outputs[0].nbytes / total
+    seconds = 0.0
+    for i, (t, g) in enumerate(zip(op.inputs, grad_inputs)):
+        if not g or t.numel <= 1:
+            continue
+        other = sum(b for j, b in share.items() if j != i and op.inputs[j].numel > 1)
+        if t.numel < op.outputs[0].numel:  # dy · other at full size, then summed down to the operand
+            seconds += kernel_time(0, dy + other + dy, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+            seconds += kernel_time(0, dy + share[i], flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+        else:
+            seconds += kernel_time(0, dy + other + share[i], flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+    return seconds
 
 
 def _output_share(op: Op) -> float:

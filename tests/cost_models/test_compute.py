@@ -268,3 +268,22 @@ def test_views_move_no_data_and_cost_nothing() -> None:
     assert view.op_class.value == "view"
     assert estimate_op_time(view, H100) == estimate_op_time(view, H100).__class__(
         forward_s=0.0, backward_s=0.0, source="roofline")
+
+
+def test_product_backward_reads_dy_and_the_other_operand_per_gradient() -> None:
+    bw = GPU.achievable_mem_bytes_per_s
+    x = t(8192, 14336)
+    one = x.nbytes  # bytes of one full-size bf16 tensor
+    gate_up = make_op("aten.mul.Tensor", [x, x], [x], producers=("silu", "up"), params=(None, None))
+    both = estimate_op_time(gate_up, H100).backward_s  # SwiGLU: two kernels of dy + other + grad
+    assert both == pytest.approx(2 * (3 * one / bw + GPU.half_efficiency_s), rel=1e-9)
+    assert both / (3 * one / bw) == pytest.approx(2.0, rel=0.02)  # 2x the forward bytes (+ start-up), not 1.5x
+    const = make_op("aten.mul.Tensor", [x, x], [x], producers=("q", None), params=(None, None))
+    assert estimate_op_time(const, H100).backward_s == pytest.approx(3 * one / bw + GPU.half_efficiency_s)
+    w, y = t(14336), t(8192, 14336)  # a broadcast weight: its gradient is dy·x summed over the rows
+    scale = make_op("aten.mul.Tensor", [w, y], [y], producers=(None, "prev"), params=("w", None))
+    small = w.nbytes
+    expected = ((one + small + one) / bw  # dx = dy · w
+                + (one + one + one) / bw + (one + small) / bw  # dw: dy · x written, then summed
+                + 3 * GPU.half_efficiency_s)
+    assert estimate_op_time(scale, H100).backward_s == pytest.approx(expected, rel=1e-9)
