@@ -28,6 +28,11 @@ PUBLISHED = {
     "1t": (160, 25600, 128, 8, 64, 512, 512, 1, 94.42, 71.49, 0.563),
 }
 SEQ, VOCAB = 2048, 51200
+MEGATRON_ATTENTION = dict(fused_attention=False, dropout=0.1)
+"""Megatron-LM as Korthikanti et al. ran it (2022) had no flash attention: QK^T, a scale-mask-softmax, dropout
+on the s×s probabilities and ·V, the tensors their 5as/h activation term counts (Table 2), and GPT-3's
+dropout 0.1 (Brown et al. 2020), whose masks their 34sbh term counts. The GPT example spells that out with
+``fused_attention=False``; SDPA's flash kernel (causal, no s×s tensor) is another, cheaper program."""
 
 
 def main() -> None:
@@ -38,7 +43,8 @@ def main() -> None:
           f"{'pred MFU':>8} {'pub MFU':>7}  plan time")
     for name in args.models.split(","):
         heads, hidden, layers, tp, pp, gpus, gbs, mbs, full_s, sel_s, mfu = PUBLISHED[name]
-        cfg = GPTConfig(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, block_size=SEQ, bias=True)
+        cfg = GPTConfig(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, block_size=SEQ, bias=True,
+                        **MEGATRON_ATTENTION)
         with torch.device("meta"):
             model = GPT(cfg)
         graph = autopar.capture(model, (torch.zeros(1, SEQ, dtype=torch.long, device="meta"),))

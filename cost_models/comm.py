@@ -256,6 +256,29 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
     return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=exposed)
 
 
+FSDP2_COPY_OUT_BYTES_PER_ELEMENT = 2
+"""All-gather copy-out (``foreach_all_gather_copy_out``: ``split_with_sizes_copy`` from the gathered buffer into
+each unsharded parameter) reads and writes every gathered element once: 2 × the parameter dtype's width."""
+
+
+def fsdp_copy_bytes(num_params: float, *, gathers_per_step: int, param_bytes: int = 2, grad_bytes: int = 2,
+                    reduce_bytes: int = 4) -> float:
+    """HBM bytes FSDP2's copy kernels move on the compute stream per step, for ``num_params`` unsharded parameters.
+
+    torch ``distributed/fsdp/_fully_shard``: ``wait_for_unshard`` runs the all-gather copy-out on the current
+    stream (``gathers_per_step`` times: forward and, with ``reshard_after_forward``, backward), and
+    ``foreach_reduce`` runs the reduce-scatter copy-in (``_chunk_cat`` of the gradients into the
+    ``reduce_dtype`` buffer: read ``grad_bytes``, write ``reduce_bytes``) on the current stream before
+    the reduce-scatter stream waits on it. Both serialize with compute.
+
+    Example:
+        >>> fsdp_copy_bytes(1e9, gathers_per_step=2) / 1e9  # 2 × (2 + 2) + (2 + 4) bytes per parameter
+        14.0
+    """
+    copy_out = gathers_per_step * FSDP2_COPY_OUT_BYTES_PER_ELEMENT * param_bytes
+    return float(num_params) * (copy_out + grad_bytes + reduce_bytes)
+
+
 def _check_group(cluster: Cluster, group_size: int, nodes_spanned: int) -> None:
     if group_size < 1 or nodes_spanned < 1 or nodes_spanned > group_size:
         raise ValueError(f"group of {group_size} ranks cannot span {nodes_spanned} nodes")
@@ -276,6 +299,8 @@ __all__ = [
     "estimate_collective_time",
     "COMPUTE_PER_FORWARD",
     "estimate_exposed_dp_comm",
+    "FSDP2_COPY_OUT_BYTES_PER_ELEMENT",
+    "fsdp_copy_bytes",
     "group_bus_bandwidth",
     "wire_bytes",
 ]

@@ -34,8 +34,9 @@ from autopar.cost_models.efficiency import (
     CAUSAL_WORK_FRACTION,
     OP_CLASS_COSTS,
     PASS_THROUGH_BACKWARD,
+    PRODUCT_BACKWARD,
 )
-from autopar.cost_models.layer_info import attention_core_ops
+from autopar.cost_models.layer_info import attention_core_ops, layer_capture_dtype
 
 from autopar._compat import StrEnum
 from autopar.graph.flops import op_name
@@ -122,8 +123,23 @@ def matmul_flops_per_s(gpu: GPUSpec, dtype: str) -> float:
     return gpu.peak_flops(dtype) * gpu.matmul_efficiency
 
 
-def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
-    """Bytes of the op's tensors with floats at ``dtype`` over bytes at the captured dtypes."""
+def dtype_bytes_ratio(op: Op, dtype: str | None, capture_dtype: str | None = None) -> float:
+    """Bytes of the op's tensors with floats at ``dtype`` over bytes at the captured dtypes.
+
+    With ``capture_dtype`` (the dtype the model's parameters were captured in), only float tensors of that
+    dtype take the training dtype's width; a float tensor of another dtype is a cast the model's code makes
+    on purpose (RMSNorm's ``x.float()``, an fp32 softmax) and runs at its own width in eager training too.
+    Without it every float tensor is priced at ``dtype`` (an fp32 capture cannot tell the casts apart).
+
+    Example:
+        >>> from autopar.graph.ir import OpClass, TensorMeta
+        >>> x32 = TensorMeta(shape=(1024,), dtype="float32")
+        >>> op = Op(name="pow", target="aten.pow.Tensor_Scalar", op_class=OpClass.ELEMENTWISE, inputs=(x32,),
+        ...         input_ops=("to",), input_params=(None,), outputs=(x32,), flops=1024, nbytes_moved=8192,
+        ...         module_path="norm")
+        >>> dtype_bytes_ratio(op, "bfloat16"), dtype_bytes_ratio(op, "bfloat16", capture_dtype="bfloat16")
+        (0.5, 1.0)
+    """
     if dtype is None:
         return 1.0
     tensors = (*op.inputs, *op.outputs)
@@ -131,17 +147,19 @@ def dtype_bytes_ratio(op: Op, dtype: str | None) -> float:
     if captured == 0:
         return 1.0
     width = DTYPE_BYTES[dtype]
-    cast = sum(t.numel * width if t.dtype in FLOAT_DTYPES else t.nbytes for t in tensors)
+    cast = sum(t.numel * width if t.dtype in FLOAT_DTYPES and capture_dtype in (None, t.dtype) else t.nbytes
+               for t in tensors)
     return cast / captured
 
 
-def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int) -> tuple[float, float]:
+def op_work(op: Op, *, dtype: str | None, batch_scale: float, shard: int,
+            capture_dtype: str | None = None) -> tuple[float, float]:
     """(FLOPs, bytes) of the op's forward at ``batch_scale`` × the captured batch, split over ``shard`` ranks.
 
     Parameter bytes do not grow with the batch; activation bytes and FLOPs do. An embedding reads only
     the rows it gathers (``count_bytes``), so all its bytes grow with the batch.
     """
-    ratio = dtype_bytes_ratio(op, dtype)
+    ratio = dtype_bytes_ratio(op, dtype, capture_dtype)
     reads_params = op.op_class is not OpClass.EMBEDDING
     param_bytes = sum(t.nbytes for t, p in zip(op.inputs, op.input_params) if p is not None and reads_params) * ratio
     act_bytes = max(op.nbytes_moved * ratio - param_bytes, 0.0)
@@ -156,7 +174,7 @@ def default_grad_inputs(op: Op) -> tuple[bool, ...]:
 
 def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16", batch_scale: float = 1.0,
                      shard: int = 1, calibration: CalibrationTable | None = None,
-                     grad_inputs: Sequence[bool] | None = None) -> OpTime:
+                     grad_inputs: Sequence[bool] | None = None, capture_dtype: str | None = None) -> OpTime:
     """Forward and backward time of one op.
 
     Args:
@@ -167,6 +185,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
         shard: tensor-parallel ranks the op's work is split over.
         calibration: measured times on the target device, used when the op is in it.
         grad_inputs: per input, whether it needs a gradient (default: ``default_grad_inputs``).
+        capture_dtype: the dtype the model's parameters were captured in; float tensors of another dtype keep
+            their width (``dtype_bytes_ratio``). None prices every float tensor at ``dtype``.
 
     Example:
         >>> from autopar.graph.ir import OpClass, TensorMeta
@@ -180,7 +200,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
     """
     gpu = gpu_of(cluster_or_gpu)
     grads = tuple(grad_inputs) if grad_inputs is not None else default_grad_inputs(op)
-    fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads)
+    fwd, bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, grad_inputs=grads,
+                                capture_dtype=capture_dtype)
     if calibration is None:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
     measured = calibration.lookup(op, dtype)  # only a table profiled in the training dtype matches
@@ -188,7 +209,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
     if batch_scale == 1.0 and shard == 1:
         return OpTime(forward_s=measured[0], backward_s=measured[1], source=TimeSource.PROFILED.value)
-    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads)
+    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads,
+                                          capture_dtype=capture_dtype)
     return OpTime(forward_s=measured[0] * _ratio(fwd, base_fwd), backward_s=measured[1] * _ratio(bwd, base_bwd),
                   source=TimeSource.PROFILED_SCALED.value)
 
@@ -198,10 +220,12 @@ def _ratio(scaled: float, base: float) -> float:
 
 
 def roofline_op_time(op: Op, gpu: GPUSpec, *, dtype: str, batch_scale: float, shard: int,
-                     grad_inputs: tuple[bool, ...]) -> tuple[float, float]:
-    """(forward_s, backward_s) of one op from the roofline model alone."""
+                     grad_inputs: tuple[bool, ...], capture_dtype: str | None = None) -> tuple[float, float]:
+    """(forward_s, backward_s) of one op from the roofline model alone; a view moves no data and costs 0."""
+    if op.op_class is OpClass.VIEW:
+        return 0.0, 0.0
     cost = OP_CLASS_COSTS[op.op_class]
-    flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard)
+    flops, nbytes = op_work(op, dtype=dtype, batch_scale=batch_scale, shard=shard, capture_dtype=capture_dtype)
     if op.op_class is OpClass.ATTENTION and _is_causal(op):
         flops *= CAUSAL_WORK_FRACTION
     vector = not cost.tensor_cores and VECTOR_DTYPE in gpu.peak_flops_per_s
@@ -237,6 +261,9 @@ def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: f
             broadcast = any(g and t.numel < op.outputs[0].numel for t, g in zip(op.inputs, grad_inputs))
             out_bytes = nbytes * _output_share(op)
             return kernel_time(0, out_bytes, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu) if broadcast else 0.0
+        case OpClass.ELEMENTWISE if op_name(op.target) in PRODUCT_BACKWARD and _tensor_operands(op) == 2:
+            return _product_backward_time(op, gpu, nbytes=nbytes, rate=rate, bandwidth=bandwidth,
+                                          grad_inputs=grad_inputs)
         case _ if cost.backward_kernels == 0:
             return 0.0
         case _:
@@ -245,6 +272,31 @@ def _backward_time(op: Op, gpu: GPUSpec, *, flops: float, nbytes: float, rate: f
             one = kernel_time(per_kernel_flops, per_kernel_bytes, flops_per_s=rate * cost.backward_compute_fraction,
                               bytes_per_s=bandwidth, gpu=gpu)
             return cost.backward_kernels * one
+
+
+def _tensor_operands(op: Op) -> int:
+    """Inputs that are tensors of more than one element (a 0-d or 1-element scale is not an operand here)."""
+    return sum(1 for t in op.inputs if t.numel > 1)
+
+
+def _product_backward_time(op: Op, gpu: GPUSpec, *, nbytes: float, rate: float, bandwidth: float,
+                           grad_inputs: tuple[bool, ...]) -> float:
+    """Backward of a product of two tensors (``PRODUCT_BACKWARD``): per operand needing a gradient, a kernel
+    reading dy and the other operand and writing the gradient; a broadcast operand adds the full-size sum."""
+    total = sum(t.nbytes for t in (*op.inputs, *op.outputs))
+    share = {i: nbytes * t.nbytes / total for i, t in enumerate(op.inputs)}
+    dy = nbytes * op.outputs[0].nbytes / total
+    seconds = 0.0
+    for i, (t, g) in enumerate(zip(op.inputs, grad_inputs)):
+        if not g or t.numel <= 1:
+            continue
+        other = sum(b for j, b in share.items() if j != i and op.inputs[j].numel > 1)
+        if t.numel < op.outputs[0].numel:  # dy · other at full size, then summed down to the operand
+            seconds += kernel_time(0, dy + other + dy, flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+            seconds += kernel_time(0, dy + share[i], flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+        else:
+            seconds += kernel_time(0, dy + other + share[i], flops_per_s=rate, bytes_per_s=bandwidth, gpu=gpu)
+    return seconds
 
 
 def _output_share(op: Op) -> float:
@@ -341,11 +393,12 @@ def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, s
                 sharded_op: Callable[[Op], bool] | None, recompute: Recompute,
                 calibration: CalibrationTable | None, seq_len: int | None) -> LayerTime:
     grads = layer_grad_inputs(layer)
+    captured = layer_capture_dtype(layer)
     times: dict[str, OpTime] = {}
     for op in layer.ops:
         op_shard = shard if sharded_op is None or sharded_op(op) else 1
         times[op.name] = estimate_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=op_shard,
-                                          calibration=calibration, grad_inputs=grads[op.name])
+                                          calibration=calibration, grad_inputs=grads[op.name], capture_dtype=captured)
     forward = sum(t.forward_s for t in times.values())
     match recompute:
         case Recompute.NONE:
@@ -376,6 +429,7 @@ __all__ = [
     "estimate_op_time",
     "gpu_of",
     "kernel_time",
+    "layer_capture_dtype",
     "layer_grad_inputs",
     "matmul_flops_per_s",
     "op_work",

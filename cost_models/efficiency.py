@@ -106,10 +106,19 @@ OP_CLASS_COSTS: Mapping[OpClass, OpClassCost] = MappingProxyType({
 PASS_THROUGH_BACKWARD = frozenset({"add", "sub", "add_", "sub_", "alias"})
 """Pointwise ops whose gradient is dy itself: no backward kernel unless an input was broadcast (then a sum)."""
 
+PRODUCT_BACKWARD = frozenset({"mul", "div", "mul_", "div_"})
+"""Pointwise products of tensors: the gradient of each operand is dy times (a function of) the other operand,
+so backward runs one kernel per operand that needs a gradient, reading dy and the other operand and writing
+that operand's gradient (autograd's ``mul_tensor_backward``/``div_tensor_self_backward``); a broadcast
+operand's gradient is that full-size product summed over the broadcast dims (``sum_to_size``): one more
+write and read of the full size. A product of two activations (SwiGLU's gate · up) so moves 2× its forward
+bytes, one with a constant (rotary's · cos) 1×, where the unary rule gives 1.5×."""
+
 __all__ = [
     "ATTENTION_BACKWARD_FLOPS_RATIO",
     "CAUSAL_WORK_FRACTION",
     "OP_CLASS_COSTS",
     "OpClassCost",
     "PASS_THROUGH_BACKWARD",
+    "PRODUCT_BACKWARD",
 ]

@@ -9,6 +9,7 @@ compute model (what is re-run) use the one definition here.
 
 from __future__ import annotations
 
+from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
 from autopar.graph.ir import Layer, Op, TensorMeta
 
 ATTENTION_CORE_MIN_DIMS = 3
@@ -54,4 +55,13 @@ def attention_core_ops(layer: Layer, seq_len: int | None = None) -> tuple[Op, ..
                  if any(is_attention_core(t, seq, shapes) for t in (*op.inputs, *op.outputs)))
 
 
-__all__ = ["attention_core_ops", "boundary_shapes", "infer_seq_len", "is_attention_core"]
+def layer_capture_dtype(layer: Layer) -> str | None:
+    """The float dtype the layer's trainable parameters were captured in, or None (no such parameter).
+
+    Float tensors of that dtype are priced and stored at the training dtype; a float tensor of another
+    dtype is a cast the model's code makes on purpose (RMSNorm's ``x.float()``) and keeps its width.
+    """
+    return next((p.dtype for p in layer.params if not p.is_buffer and p.dtype in FLOAT_DTYPES), None)
+
+
+__all__ = ["attention_core_ops", "boundary_shapes", "infer_seq_len", "is_attention_core", "layer_capture_dtype"]

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
-from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core
+from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core, layer_capture_dtype
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.layout import MemoryBreakdown, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage
@@ -165,15 +165,21 @@ def _summary(layer: Layer, sharded: Callable[[SavedTensor], bool] | Collection[s
     buckets: dict[tuple[bool, bool], list[TensorMeta]] = {(c, s): [] for c in (False, True) for s in (False, True)}
     for saved in layer.saved:
         buckets[(is_attention_core(saved.meta, seq, shapes), bool(is_sharded(saved)))].append(saved.meta)
+    captured = layer_capture_dtype(layer)
     return LayerActivations(
-        replicated=_sizes(buckets[(False, False)]), sharded=_sizes(buckets[(False, True)]),
-        core_replicated=_sizes(buckets[(True, False)]), core_sharded=_sizes(buckets[(True, True)]),
-        layer_input=_sizes(layer.input_meta))
+        replicated=_sizes(buckets[(False, False)], captured), sharded=_sizes(buckets[(False, True)], captured),
+        core_replicated=_sizes(buckets[(True, False)], captured),
+        core_sharded=_sizes(buckets[(True, True)], captured), layer_input=_sizes(layer.input_meta, captured))
 
 
-def _sizes(metas: Collection[TensorMeta]) -> SavedBytes:
-    return SavedBytes(float_numel=sum(t.numel for t in metas if t.dtype in FLOAT_DTYPES),
-                      other_bytes=sum(t.nbytes for t in metas if t.dtype not in FLOAT_DTYPES))
+def _sizes(metas: Collection[TensorMeta], captured: str | None = None) -> SavedBytes:
+    """Float tensors at the capture dtype (or all floats, when it is unknown) take the training dtype's width;
+    others (a deliberate fp32 upcast in a bf16 capture, masks, ids) keep their captured bytes."""
+    def trained(t: TensorMeta) -> bool:
+        return t.dtype in FLOAT_DTYPES and captured in (None, t.dtype)
+
+    return SavedBytes(float_numel=sum(t.numel for t in metas if trained(t)),
+                      other_bytes=sum(t.nbytes for t in metas if not trained(t)))
 
 
 def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, graph_batch_size: int,
@@ -332,12 +338,16 @@ def tensor_budget_bytes(capacity_bytes: float, *, fixed_bytes: float) -> float:
 
 
 def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_bytes: float,
-                         activation_bytes: float, fixed_bytes: float, capacity_bytes: int) -> MemoryBreakdown:
+                         activation_bytes: float, fixed_bytes: float, capacity_bytes: int,
+                         optimizer_temp_bytes: float = 0.0) -> MemoryBreakdown:
     """Peak memory of one GPU of a pipeline rank, as the ``MemoryBreakdown`` a ``Plan`` carries.
 
-    ``total = with_headroom(states + activations + fixed)``: ``ALLOCATOR_HEADROOM`` applies to every
-    tensor and to the fixed bytes (which ``tensor_budget_bytes`` inverts for the stage DP). The
-    ``buffers`` term holds the fixed bytes and the headroom.
+    ``total = with_headroom(states + max(activations, optimizer temporaries) + fixed)``:
+    ``ALLOCATOR_HEADROOM`` applies to every tensor and to the fixed bytes (which ``tensor_budget_bytes``
+    inverts for the stage DP). The optimizer step runs after backward has freed the activations, so
+    its temporaries (``optimizer.optimizer_temporary_bytes``: foreach AdamW's ``exp_avg_sq_sqrt``) raise
+    the peak only by what they exceed the activations by; that excess is a working buffer. The
+    ``buffers`` term holds the fixed bytes, that excess and the headroom.
 
     Args:
         params_bytes: weights on this GPU (``estimate_model_state_bytes``).
@@ -346,6 +356,7 @@ def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_b
         activation_bytes: saved activations of all in-flight micro-batches on this GPU.
         fixed_bytes: ``estimate_fixed_bytes`` for the layout.
         capacity_bytes: the GPU's memory.
+        optimizer_temp_bytes: bytes the optimizer step allocates on top of the states (0: fused step).
 
     Example:
         >>> m = estimate_rank_memory(params_bytes=20, grads_bytes=20, optimizer_bytes=40, activation_bytes=10,
@@ -353,7 +364,8 @@ def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_b
         >>> m.buffers, m.total
         (20, 110)
     """
-    p, g, o, acts, fixed = params_bytes, grads_bytes, optimizer_bytes, activation_bytes, fixed_bytes
+    p, g, o, acts = params_bytes, grads_bytes, optimizer_bytes, activation_bytes
+    fixed = fixed_bytes + max(0.0, optimizer_temp_bytes - acts)
     buffers = fixed + ALLOCATOR_HEADROOM * (p + g + o + acts + fixed)
     return MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
                            buffers=int(buffers), capacity=int(capacity_bytes))

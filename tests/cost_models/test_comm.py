@@ -176,3 +176,13 @@ def test_time_grows_with_the_buffer(kind: Collective, nbytes: int, extra: int, n
     t1 = estimate_collective_time(kind, nbytes, n, cluster=A100, nodes_spanned=nodes)
     t2 = estimate_collective_time(kind, nbytes + extra, n, cluster=A100, nodes_spanned=nodes)
     assert 0 < t1 < t2
+
+
+def test_fsdp2_copy_kernels_move_copy_out_and_reduce_copy_in_bytes() -> None:
+    from autopar.cost_models.comm import fsdp_copy_bytes
+
+    # Llama 3 8B on one rank's compute stream, reshard after forward (2 gathers), bf16 params and grads,
+    # fp32 reduce: 2 × (read 2 + write 2) + (read 2 + write 4) = 14 B per parameter
+    assert fsdp_copy_bytes(8.03e9, gathers_per_step=2) == pytest.approx(8.03e9 * 14)
+    # no reshard after forward (torchtitan under PP): one gather; fp32 grads reduced in fp32: 4 + 8
+    assert fsdp_copy_bytes(100, gathers_per_step=1, param_bytes=4, grad_bytes=4, reduce_bytes=4) == 100 * (8 + 8)

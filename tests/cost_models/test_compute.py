@@ -12,6 +12,7 @@ from autopar.cost_models.compute import (
     TimeSource,
     estimate_layer_time,
     estimate_op_time,
+    layer_capture_dtype,
     layer_grad_inputs,
     shape_efficiency,
 )
@@ -227,3 +228,62 @@ def test_embedding_backward_writes_a_dense_table_gradient() -> None:
     assert times.backward_s == pytest.approx((emb.nbytes_moved + table) / bw + GPU.half_efficiency_s, rel=1e-9)
     frozen = estimate_op_time(emb, H100, grad_inputs=(False, False))
     assert frozen.backward_s == 0.0
+
+
+def _norm_layer(capture: str) -> Layer:
+    """An eager RMSNorm as a model captured in ``capture`` runs it: x.float() -> pow -> x.to(capture) * w."""
+    from autopar.graph.ir import ParamInfo
+
+    x, x32 = t(8192, 4096, dtype=capture), t(8192, 4096, dtype="float32")
+    ops = [make_op("aten._to_copy.default", [x], [x32], producers=("prev",), params=(None,), name="up"),
+           make_op("aten.pow.Tensor_Scalar", [x32], [x32], producers=("up",), params=(None,), name="pow"),
+           make_op("aten._to_copy.default", [x32], [x], producers=("pow",), params=(None,), name="down"),
+           make_op("aten.mul.Tensor", [t(4096, dtype=capture), x], [x], producers=(None, "down"),
+                   params=("w", None), name="mul")]
+    if capture == "float32":  # an fp32 capture holds no cast ops: x.float() of an fp32 tensor is a no-op
+        ops = ops[1:2] + ops[3:]
+    return Layer(index=1, module_path="b.0", kind=f"norm-{capture}", ops=tuple(ops),
+                 params=(ParamInfo(name="w", shape=(4096,), dtype=capture),))
+
+
+def test_a_training_dtype_capture_keeps_the_models_fp32_upcasts_at_4_bytes() -> None:
+    bw = GPU.achievable_mem_bytes_per_s
+    elems = 8192 * 4096
+    for capture, pow_bytes in (("bfloat16", 8), ("float32", 4)):  # pow reads + writes fp32 | priced at bf16
+        layer = _norm_layer(capture)
+        pow_op = next(op for op in layer.ops if op.name == "pow")
+        got = estimate_layer_time(layer, H100, dtype="bfloat16").forward_s
+        captured = layer_capture_dtype(layer)
+        one = estimate_op_time(pow_op, H100, dtype="bfloat16", capture_dtype=captured).forward_s
+        assert one == pytest.approx(elems * pow_bytes / bw + GPU.half_efficiency_s, rel=1e-9)
+        # bf16 capture: casts 2+4 and 4+2 B, pow 4+4 B, weight mul 2+2 B (+ the 4096-element weight)
+        expected = ({"bfloat16": 6 + 8 + 6 + 4, "float32": 4 + 4}[capture] * elems + 4096 * 2) / bw
+        kernels = len(layer.ops) * GPU.half_efficiency_s
+        assert got == pytest.approx(expected + kernels, rel=1e-3)
+
+
+def test_views_move_no_data_and_cost_nothing() -> None:
+    w = t(128256, 4096)
+    view = make_op("aten.t.default", [w], [t(4096, 128256)], producers=(None,), params=("lm_head",))
+    assert view.op_class.value == "view"
+    assert estimate_op_time(view, H100) == estimate_op_time(view, H100).__class__(
+        forward_s=0.0, backward_s=0.0, source="roofline")
+
+
+def test_product_backward_reads_dy_and_the_other_operand_per_gradient() -> None:
+    bw = GPU.achievable_mem_bytes_per_s
+    x = t(8192, 14336)
+    one = x.nbytes  # bytes of one full-size bf16 tensor
+    gate_up = make_op("aten.mul.Tensor", [x, x], [x], producers=("silu", "up"), params=(None, None))
+    both = estimate_op_time(gate_up, H100).backward_s  # SwiGLU: two kernels of dy + other + grad
+    assert both == pytest.approx(2 * (3 * one / bw + GPU.half_efficiency_s), rel=1e-9)
+    assert both / (3 * one / bw) == pytest.approx(2.0, rel=0.02)  # 2x the forward bytes (+ start-up), not 1.5x
+    const = make_op("aten.mul.Tensor", [x, x], [x], producers=("q", None), params=(None, None))
+    assert estimate_op_time(const, H100).backward_s == pytest.approx(3 * one / bw + GPU.half_efficiency_s)
+    w, y = t(14336), t(8192, 14336)  # a broadcast weight: its gradient is dy·x summed over the rows
+    scale = make_op("aten.mul.Tensor", [w, y], [y], producers=(None, "prev"), params=("w", None))
+    small = w.nbytes
+    expected = ((one + small + one) / bw  # dx = dy · w
+                + (one + one + one) / bw + (one + small) / bw  # dw: dy · x written, then summed
+                + 3 * GPU.half_efficiency_s)
+    assert estimate_op_time(scale, H100).backward_s == pytest.approx(expected, rel=1e-9)

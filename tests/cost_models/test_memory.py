@@ -186,3 +186,33 @@ def test_budget_is_the_inverse_of_the_rank_total() -> None:
                                 activation_bytes=budget / 4, fixed_bytes=fixed, capacity_bytes=capacity)
     assert capacity - 4 <= full.total <= capacity
     assert with_headroom(budget + fixed) == pytest.approx(capacity)
+
+
+def test_foreach_optimizer_temporaries_raise_the_peak_only_past_the_activations() -> None:
+    from autopar.cost_models.memory import ALLOCATOR_HEADROOM, estimate_rank_memory
+    from autopar.cost_models.optimizer import optimizer_temporary_bytes
+
+    owned = 1_000_000  # parameters this rank updates: one fp32 exp_avg_sq_sqrt of 4 MB during the step
+    temp = optimizer_temporary_bytes(owned)
+    states = dict(params_bytes=2e6, grads_bytes=2e6, optimizer_bytes=12e6, fixed_bytes=1e6, capacity_bytes=10**9)
+    small = estimate_rank_memory(activation_bytes=1e6, optimizer_temp_bytes=temp, **states)
+    assert small.total == pytest.approx((1 + ALLOCATOR_HEADROOM) * (16e6 + 1e6 + 4e6), abs=2)  # temp > acts
+    large = estimate_rank_memory(activation_bytes=8e6, optimizer_temp_bytes=temp, **states)
+    fused = estimate_rank_memory(activation_bytes=8e6, **states)
+    assert large == fused  # the step's temporary fits in the freed activations
+
+
+def test_a_training_dtype_capture_stores_the_models_fp32_upcasts_at_4_bytes() -> None:
+    from autopar.graph.ir import Layer, ParamInfo, SavedTensor, TensorMeta
+
+    def layer(capture: str) -> Layer:
+        x, up = TensorMeta(shape=(1, 128, 64), dtype=capture), TensorMeta(shape=(1, 128, 64), dtype="float32")
+        saved = (SavedTensor(producer="to_fp32", saver="pow", meta=up), SavedTensor(producer="mm", saver="mul", meta=x))
+        return Layer(index=1, module_path="b.0", kind=f"k-{capture}", ops=(), params=(
+            ParamInfo(name="w", shape=(64,), dtype=capture),), input_meta=(x,), saved=saved)
+
+    n = 128 * 64
+    got = {c: estimate_layer_activation_bytes(layer(c), micro_batch_size=1, graph_batch_size=1,
+                                              recompute=Recompute.NONE, dtype="bfloat16")
+           for c in ("bfloat16", "float32")}
+    assert got == {"bfloat16": n * 4 + n * 2, "float32": n * 2 + n * 2}  # an fp32 capture cannot see the upcast
