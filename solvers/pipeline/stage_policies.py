@@ -31,8 +31,8 @@ from autopar.solvers.pipeline.stage_dp import (
     check_stage_count,
     evaluate_partition,
     masked_stage_times,
-    partition_times,
 )
+from autopar.solvers.pipeline.band import feasible_width, partition_times
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,16 +91,17 @@ def solve_stage_policies(variants: Sequence[StageCosts], *, num_stages: int, num
     m, v = num_micro_batches, virtual_stages
     in_flight = in_flight_per_stage(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
-    per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes / v)
-                  for c in variants]
-    stacked = np.stack([np.stack(times) for times in per_policy], axis=1)  # (stage, policy, i, k)
-    best = list(stacked.min(axis=1))
-    bounds = partition_times(best, alpha=alpha, beta=beta)
+    budget = mem_budget_bytes / v
+    width = max(feasible_width(c.static_mem_bytes, c.activation_bytes, in_flight, budget) for c in variants)
+    per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=budget,
+                                     width=width) for c in variants]
+    bounds = partition_times(per_policy[0].elementwise_min(per_policy[1:]), alpha=alpha, beta=beta)
     if bounds is None:
         raise InfeasibleStagePartitionError(
             f"no split of {variants[0].num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
             f"per rank under any recomputation policy", min_budget_bytes=None)
-    policies = tuple(int(np.argmin(stacked[j, :, bounds[j], bounds[j + 1]])) for j in range(num_stages))
+    policies = tuple(int(np.argmin([t.at(j, bounds[j], bounds[j + 1]) for t in per_policy]))
+                     for j in range(num_stages))
     partition = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
                                    alpha=alpha, beta=beta, virtual_stages=v)
     return PolicyPartition(partition=partition, policies=policies)
