@@ -124,9 +124,11 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
                                   alpha=alpha, beta=beta, virtual_stages=v)
         return PolicyPartition(partition=part, policies=tuple(policies))
 
+    quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
+    if cache is not None and key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget):
+        cache = None  # no partition of the fastest policy fits: go straight to the memory-constrained DP
     if cache is not None:
         if key not in cache:  # without a memory limit every stage takes the fastest policy
-            quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
             fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
                                             mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
             cache[key] = (fastest.boundaries, (quick,) * stages)
@@ -140,6 +142,13 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
         n = variants[0].num_layers
         leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
         return priced([round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
+
+
+def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
+    """True when no partition of ``costs`` fits ``budget`` per rank: the ranks together hold every layer's
+    static bytes and at least the fewest in-flight micro-batches of every layer's activations."""
+    least = (math.fsum(costs.static_mem_bytes) + min(in_flight) * math.fsum(costs.activation_bytes)) / pp
+    return least > budget * (1 + 1e-9)  # a margin for the rounding of the per-rank sums
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,

@@ -106,23 +106,41 @@ def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
     return tuple((first[v], counts[v]) for v in first)
 
 
-def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, _Prices]]:
+Setting = tuple[int, bool, int]
+"""(tp, sequence parallelism, micro-batch size): the layer setting a group's prices belong to."""
+
+
+def _fastest_total_s(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -> tuple[float, int]:
+    """(Σ forward + backward over layers, layer count) of the fastest allowed policy: a group's time bound.
+
+    Recomputation only adds backward time (``compute.estimate_layer_time``: recompute_s ≥ 0; full
+    recomputation repeats the forward TP collectives), so when ``NONE`` is allowed it is the fastest
+    and ``_prices`` would pick it too (first in ``Recompute`` order): it is priced alone here, and the
+    other policies only for settings whose groups the search visits.
+    """
+    if Recompute.NONE in space.recompute:
+        costs = pricing.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs, recompute=Recompute.NONE)
+    else:
+        costs = _prices(space, pricing, tp, sp, mbs).fastest
+    return sum(c.forward_s + c.backward_s for c in costs), len(costs)
+
+
+def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, Setting]]:
     dp_sizes = {(tp, pp): tuple(space.dp_sizes(tp, pp)) for tp in space.tp for pp in space.pp}
     for tp in space.tp:
         for sp in space.sequence_parallel:
             if sp and tp == 1:
                 continue
             for mbs in space.micro_batch_size:
-                prices = _prices(space, pricing, tp, sp, mbs)
-                total_s = sum(c.forward_s + c.backward_s for c in prices.fastest)
+                total_s, num_layers = _fastest_total_s(space, pricing, tp, sp, mbs)
                 for pp in space.pp:
-                    if pp > len(prices.fastest) or tp * pp > space.num_gpus:
+                    if pp > num_layers or tp * pp > space.num_gpus:
                         continue
                     for dp in dp_sizes[tp, pp]:
                         if space.global_batch_size % (dp * mbs):
                             continue
                         m = space.global_batch_size // (dp * mbs)
-                        yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), prices
+                        yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), (tp, sp, mbs)
 
 
 def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
@@ -284,12 +302,16 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     min_mem: Evaluation | None = None
     leanest: tuple[float, _Group, _Prices] | None = None
     partitions: PartitionCache = {}  # keyed by value: the layer setting and the pipeline shape
-    for i, (group, prices) in enumerate(groups):
+    settings: dict[Setting, _Prices] = {}  # every allowed policy, priced when a group of the setting is visited
+    for i, (group, setting) in enumerate(groups):
         if progress is not None and i % 64 == 0:
             progress(i / max(1, len(groups)))
         if len(best) >= top_k and group.time_bound_s >= -best[0][0]:
             pruned += len(groups) - i  # sorted by bound: nothing later can win
             break
+        if setting not in settings:
+            settings[setting] = _prices(space, pricing, *setting)
+        prices = settings[setting]
         bound = _memory_bound(group, prices.leanest, pricing)
         if bound > pricing.gpu_mem_bytes:
             pruned += 1

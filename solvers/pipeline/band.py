@@ -164,7 +164,8 @@ def min_bottleneck(times: StageTimes) -> float:
 
 def score(times: StageTimes, bounds: tuple[int, ...], alpha: float, beta: float) -> tuple[float, tuple[int, ...]]:
     """(alpha · max_j t_j + beta · Σ_j t_j, bounds)."""
-    stage = [times.at(j, bounds[j], bounds[j + 1]) for j in range(len(bounds) - 1)]
+    ends = np.asarray(bounds)
+    stage = times.band[np.arange(len(bounds) - 1), ends[1:], times.width - (ends[1:] - ends[:-1])].tolist()
     return alpha * max(stage) + beta * sum(stage), bounds
 
 
