@@ -297,56 +297,69 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
         InfeasiblePlanError: nothing fits; the message names the smallest peak found and its dominant term.
     """
     groups = sorted(_groups(space, pricing), key=lambda gc: gc[0].time_bound_s)
-    best: list[tuple[float, int, int, Evaluation]] = []  # max-heap on (step time, memory) via negation
-    priced = pruned = pruned_layouts = 0
-    min_mem: Evaluation | None = None
+    best: list[tuple[float, int, tuple[int, int], Evaluation]] = []  # max-heap on (step, memory) via negation
+    priced = expanded = pruned_layouts = 0
+    min_mem: tuple[int, tuple[int, int], Evaluation] | None = None  # (peak, order, evaluation)
     leanest: tuple[float, _Group, _Prices] | None = None
     partitions: PartitionCache = {}  # keyed by value: the layer setting and the pipeline shape
     settings: dict[Setting, _Prices] = {}  # every allowed policy, priced when a group of the setting is visited
-    for i, (group, setting) in enumerate(groups):
-        if progress is not None and i % 64 == 0:
-            progress(i / max(1, len(groups)))
-        if len(best) >= top_k and group.time_bound_s >= -best[0][0]:
-            pruned += len(groups) - i  # sorted by bound: nothing later can win
-            break
-        if setting not in settings:
-            settings[setting] = _prices(space, pricing, *setting)
-        prices = settings[setting]
-        bound = _memory_bound(group, prices.leanest, pricing)
-        if bound > pricing.gpu_mem_bytes:
-            pruned += 1
-            if leanest is None or bound < leanest[0]:
-                leanest = (bound, group, prices)
+    # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
+    # (bound, group rank, layout rank): ties go to the order of enumeration
+    queue: list[tuple[float, int, int, Layout | None]] = [(g.time_bound_s, i, -1, None) for i, (g, _) in
+                                                           enumerate(groups)]  # already a heap: sorted
+    heap_prices: dict[int, _Prices] = {}
+    while queue:
+        bound, i, j, layout = heapq.heappop(queue)
+        if len(best) >= top_k and bound >= -best[0][0]:
+            break  # everything left is bounded by at least this: nothing can win
+        group, setting = groups[i]
+        if layout is None:  # expand the group
+            expanded += 1
+            if progress is not None and expanded % 64 == 0:
+                progress(i / max(1, len(groups)))
+            if setting not in settings:
+                settings[setting] = _prices(space, pricing, *setting)
+            prices = settings[setting]
+            memory = _memory_bound(group, prices.leanest, pricing)
+            if memory > pricing.gpu_mem_bytes:
+                if leanest is None or memory < leanest[0]:
+                    leanest = (memory, group, prices)
+                continue
+            heap_prices[i] = prices
+            for j, lay in enumerate(_layouts(group, space, len(prices.fastest))):
+                foot = _footprint(lay, prices.leanest, pricing)
+                if _layout_memory_bound(lay, prices, pricing, foot) > pricing.gpu_mem_bytes:
+                    pruned_layouts += 1
+                    continue
+                heapq.heappush(queue, (_layout_bound(lay, prices, pricing, foot), i, j, lay))
             continue
-        for layout in _layouts(group, space, len(prices.fastest)):
-            foot = _footprint(layout, prices.leanest, pricing)
-            if (len(best) >= top_k and _layout_bound(layout, prices, pricing, foot) >= -best[0][0]) or \
-                    _layout_memory_bound(layout, prices, pricing, foot) > pricing.gpu_mem_bytes:
-                pruned_layouts += 1
-                continue
-            ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
-                                 overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions,
-                                 costs_key=prices.key)
-            priced += 1
-            if min_mem is None or ev.peak_memory_bytes < min_mem.peak_memory_bytes:
-                min_mem = ev
-            if not ev.fits:
-                continue
-            item = (-ev.step_time_s, -ev.peak_memory_bytes, -priced, ev)  # ties: less memory wins
-            if len(best) < top_k:
-                heapq.heappush(best, item)
-            elif item[:3] > best[0][:3]:
-                heapq.heapreplace(best, item)
-    if min_mem is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
+        prices = heap_prices[i]
+        ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
+                             overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions,
+                             costs_key=prices.key)
+        priced += 1
+        if min_mem is None or (ev.peak_memory_bytes, (i, j)) < min_mem[:2]:
+            min_mem = (ev.peak_memory_bytes, (i, j), ev)
+        if not ev.fits:
+            continue
+        item = (-ev.step_time_s, -ev.peak_memory_bytes, (-i, -j), ev)  # ties: less memory, then enumeration order
+        if len(best) < top_k:
+            heapq.heappush(best, item)
+        elif item[:3] > best[0][:3]:
+            heapq.heapreplace(best, item)
+    pruned = len(groups) - expanded
+    pruned_layouts += sum(1 for entry in queue if entry[3] is not None)
+    lowest = min_mem[2] if min_mem is not None else None
+    if lowest is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
         _, group, prices = leanest
         evs = [evaluate_layout(lay, prices.variants, pricing, gpus_per_node=space.gpus_per_node)
                for lay in _layouts(group, space, len(prices.fastest))]
-        min_mem = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
-    ranked = tuple(item[-1] for item in sorted(best, key=lambda t: (-t[0], -t[1], -t[2])))
+        lowest = min(evs, key=lambda ev: ev.peak_memory_bytes, default=None)
+    ranked = tuple(item[-1] for item in sorted(best, key=lambda t: t[:3], reverse=True))
     log.info("search: %d groups, %d pruned by bounds; %d layouts pruned, %d priced", len(groups), pruned,
              pruned_layouts, priced)
     return SearchResult(ranked=ranked, candidates_priced=priced, groups_considered=len(groups),
-                        groups_pruned=pruned, min_memory=min_mem)
+                        groups_pruned=pruned, min_memory=lowest)
 
 
 def require_plans(result: SearchResult, *, capacity_bytes: int, num_gpus: int, smallest_fit: str | None) -> None:
