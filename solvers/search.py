@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Layout, Recompute, Schedule
@@ -79,6 +81,34 @@ class _Prices(NamedTuple):
     """(first layer index, count) per distinct layer, equal by value under every policy."""
     block: tuple[int, int]
     """(index, count) of the most repeated layer in ``leanest``."""
+    sums: _Sums
+    """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
+
+
+class _Sums(NamedTuple):
+    """Totals over every layer of one setting's ``fastest`` and ``leanest`` costs."""
+
+    fastest_s: float
+    """Σ forward + backward of ``fastest``."""
+    fastest_params: float
+    """Σ parameters of ``fastest``."""
+    fastest_acts: float
+    """Σ activation bytes of ``fastest``."""
+    leanest_params: float
+    """Σ parameters of ``leanest``."""
+    leanest_acts: float
+    """Σ activation bytes of ``leanest``."""
+    largest_params: float
+    """The most parameters of one layer of ``leanest``."""
+
+
+def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...]) -> _Sums:
+    return _Sums(fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
+                 fastest_params=sum(c.param_count for c in fastest),
+                 fastest_acts=sum(c.activation_bytes for c in fastest),
+                 leanest_params=sum(c.param_count for c in leanest),
+                 leanest_acts=sum(c.activation_bytes for c in leanest),
+                 largest_params=max(c.param_count for c in leanest))
 
 
 def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -> _Prices:
@@ -89,11 +119,10 @@ def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -
             variants[rc] = costs
     tables = list(variants.values())
     leanest = min(tables, key=lambda cs: sum(c.activation_bytes for c in cs))
-    return _Prices(variants=variants,
-                   fastest=min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs)),
-                   leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
+    fastest = min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs))
+    return _Prices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                    repeats=_repeats([tuple(t[i] for t in tables) for i in range(len(leanest))]),
-                   block=max(_repeats(list(leanest)), key=lambda ic: ic[1]))
+                   block=max(_repeats(list(leanest)), key=lambda ic: ic[1]), sums=_sums(fastest, leanest))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
@@ -143,12 +172,11 @@ def _groups(space: SearchSpace, pricing: Pricing) -> Iterator[tuple[_Group, Sett
                         yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), (tp, sp, mbs)
 
 
-def _memory_bound(group: _Group, costs: tuple[LayerCost, ...], pricing: Pricing) -> float:
-    """Smallest possible peak per GPU: ZeRO-3 states and one micro-batch, spread evenly over pp."""
+def _memory_bound(group: _Group, sums: _Sums, pricing: Pricing) -> float:
+    """Smallest possible peak per GPU: ZeRO-3 states and one micro-batch of the leanest policy, spread over pp."""
     zero = 3 if group.dp > 1 else 0
-    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=zero, dp=group.dp))
-    acts = sum(c.activation_bytes for c in costs)
-    return (states + acts) / group.pp
+    states = sum(pricing.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=group.dp))
+    return (states + sums.leanest_acts) / group.pp
 
 
 class _Footprint(NamedTuple):
@@ -162,30 +190,31 @@ class _Footprint(NamedTuple):
     """Per pipeline rank, the fewest micro-batches in flight on any of its chunks."""
 
 
-def _footprint(layout: Layout, costs: tuple[LayerCost, ...], pricing: Pricing) -> _Footprint:
+def _footprint(layout: Layout, sums: _Sums, pricing: Pricing) -> _Footprint:
     """Computed once per layout for both bounds (parameters do not depend on the recompute policy)."""
-    states = sum(pricing.model_state_bytes(sum(c.param_count for c in costs), zero_stage=layout.zero_stage,
-                                           dp=layout.dp))
-    fixed = pricing.buffer_bytes(largest_layer_params=max(c.param_count for c in costs),
-                                 zero_stage=layout.zero_stage, dp=layout.dp)
+    states = sum(pricing.model_state_bytes(sums.leanest_params, zero_stage=layout.zero_stage, dp=layout.dp))
+    fixed = pricing.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
+                                 dp=layout.dp)
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
-                                        virtual_stages=layout.virtual_stages)
-    return _Footprint(states=states, fixed=fixed, k=[min(in_flight[r::layout.pp]) for r in range(layout.pp)])
+                                    virtual_stages=layout.virtual_stages)
+    # chunk j runs on rank j mod pp: row c of the (v, pp) reshape holds the ranks' c-th chunks
+    k = np.asarray(in_flight).reshape(layout.virtual_stages, layout.pp).min(axis=0).tolist()
+    return _Footprint(states=states, fixed=fixed, k=k)
 
 
-def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
+def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint | None) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``(m·v − 1)·max_j t_j + Σ_j t_j / v`` (``stage_dp``) and
     ``max_j t_j ≥ Σ_j t_j / S``, so it takes at least ``(m + (pp − 1)/v) · Σ / pp``, where Σ is at
     least the fastest policy's total plus the recomputation memory forces (``_forced_recompute_s``);
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
+    Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms).
     """
-    costs = prices.fastest
-    total = sum(c.forward_s + c.backward_s for c in costs) + _forced_recompute_s(layout, prices, pricing, foot)
+    extra = 0.0 if foot is None else _forced_recompute_s(layout, prices, pricing, foot)
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
-    owned = sum(c.param_count for c in costs) / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return (m + (pp - 1) / v) * total / pp + pricing.optimizer_step_time(owned)
+    owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
+    return (m + (pp - 1) / v) * (prices.sums.fastest_s + extra) / pp + pricing.optimizer_step_time(owned)
 
 
 def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
@@ -202,7 +231,7 @@ def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot:
     k = min(foot.k)
     base = prices.fastest
     budget = layout.pp * tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=foot.fixed)
-    excess = foot.states + k * sum(c.activation_bytes for c in base) - budget
+    excess = foot.states + k * prices.sums.fastest_acts - budget
     if excess <= 0:
         return 0.0
     tables = list(prices.variants.values())
@@ -244,7 +273,7 @@ def _layout_memory_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot
     added as ``evaluate_layout`` adds them.
     """
     states, fixed, k = foot
-    acts = sum(c.activation_bytes for c in prices.leanest)
+    acts = prices.sums.leanest_acts
     h = sum(1.0 / kr for kr in k)
     spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
                  _repeated_block_bound(layout, prices, pricing, k))
@@ -305,11 +334,11 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     settings: dict[Setting, _Prices] = {}  # every allowed policy, priced when a group of the setting is visited
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
     # (bound, group rank, layout rank): ties go to the order of enumeration
-    queue: list[tuple[float, int, int, Layout | None]] = [(g.time_bound_s, i, -1, None) for i, (g, _) in
-                                                           enumerate(groups)]  # already a heap: sorted
+    queue: list[tuple[float, int, int, Layout | None, bool]] = [
+        (g.time_bound_s, i, -1, None, False) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
     heap_prices: dict[int, _Prices] = {}
     while queue:
-        bound, i, j, layout = heapq.heappop(queue)
+        bound, i, j, layout, final = heapq.heappop(queue)
         if len(best) >= top_k and bound >= -best[0][0]:
             break  # everything left is bounded by at least this: nothing can win
         group, setting = groups[i]
@@ -320,20 +349,23 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
             if setting not in settings:
                 settings[setting] = _prices(space, pricing, *setting)
             prices = settings[setting]
-            memory = _memory_bound(group, prices.leanest, pricing)
+            memory = _memory_bound(group, prices.sums, pricing)
             if memory > pricing.gpu_mem_bytes:
                 if leanest is None or memory < leanest[0]:
                     leanest = (memory, group, prices)
                 continue
             heap_prices[i] = prices
-            for j, lay in enumerate(_layouts(group, space, len(prices.fastest))):
-                foot = _footprint(lay, prices.leanest, pricing)
-                if _layout_memory_bound(lay, prices, pricing, foot) > pricing.gpu_mem_bytes:
-                    pruned_layouts += 1
-                    continue
-                heapq.heappush(queue, (_layout_bound(lay, prices, pricing, foot), i, j, lay))
+            for j, lay in enumerate(_layouts(group, space, len(prices.fastest))):  # a cheap bound first
+                heapq.heappush(queue, (_layout_bound(lay, prices, pricing, None), i, j, lay, False))
             continue
         prices = heap_prices[i]
+        if not final:  # its memory terms, then the bound with the recomputation memory forces
+            foot = _footprint(layout, prices.sums, pricing)
+            if _layout_memory_bound(layout, prices, pricing, foot) > pricing.gpu_mem_bytes:
+                pruned_layouts += 1
+            else:
+                heapq.heappush(queue, (_layout_bound(layout, prices, pricing, foot), i, j, layout, True))
+            continue
         ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
                              overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions,
                              costs_key=prices.key)
@@ -348,7 +380,7 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
         elif item[:3] > best[0][:3]:
             heapq.heapreplace(best, item)
     pruned = len(groups) - expanded
-    pruned_layouts += sum(1 for entry in queue if entry[3] is not None)
+    pruned_layouts += sum(1 for entry in queue if entry[3] is not None)  # never reached
     lowest = min_mem[2] if min_mem is not None else None
     if lowest is None and leanest is not None:  # all pruned: price the leanest group to say what it needs
         _, group, prices = leanest
