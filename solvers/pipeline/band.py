@@ -31,31 +31,46 @@ FloatArray = NDArray[np.float64]
 class StageTimes:
     """t_j(i, k) of every stage j over every allowed range [i, k), as a band (+inf = not allowed)."""
 
-    band: FloatArray
-    """Shape (S, L + 1, width): ``band[j, k, c] = t_j(k − width + c, k)``."""
+    tables: FloatArray
+    """The distinct bands, shape (V, L + 1, width): ``tables[index[j], k, c] = t_j(k − width + c, k)``."""
+    index: tuple[int, ...]
+    """Per stage j, its band in ``tables`` (stages with the same neighbours and memory share one)."""
     column_min: FloatArray
     """Per column c, the least entry over every stage and end (+inf if none is allowed)."""
 
     @property
     def width(self) -> int:
         """Longest range (in layers) the band holds."""
-        return int(self.band.shape[2])
+        return int(self.tables.shape[2])
+
+    @property
+    def num_stages(self) -> int:
+        """S."""
+        return len(self.index)
+
+    def band(self, stage: int) -> FloatArray:
+        """Stage ``stage``'s band, shape (L + 1, width)."""
+        return self.tables[self.index[stage]]
 
     def at(self, stage: int, start: int, end: int) -> float:
         """t_stage(start, end), +inf when the range is not allowed or longer than the band."""
         length = end - start
         if not 0 < length <= self.width:
             return math.inf
-        return float(self.band[stage, end, self.width - length])
+        return float(self.band(stage)[end, self.width - length])
 
     def elementwise_min(self, others: Sequence[StageTimes]) -> StageTimes:
-        """The entry-wise least over ``self`` and ``others`` (same shape)."""
-        band = np.min(np.stack([self.band, *(o.band for o in others)]), axis=0) if others else self.band
-        return _with_column_min(band)
+        """The entry-wise least over ``self`` and ``others`` (same shape and stage-to-band index)."""
+        if any(o.index != self.index for o in others):
+            raise ValueError("elementwise_min needs stage times built for the same stages and budget")
+        if not others:
+            return self
+        return _with_column_min(np.min(np.stack([self.tables, *(o.tables for o in others)]), axis=0), self.index)
 
 
-def _with_column_min(band: FloatArray) -> StageTimes:
-    return StageTimes(band=band, column_min=band.min(axis=(0, 1)) if band.size else np.full(band.shape[2], np.inf))
+def _with_column_min(tables: FloatArray, index: tuple[int, ...]) -> StageTimes:
+    column_min = tables.min(axis=(0, 1)) if tables.size else np.full(tables.shape[2], np.inf)
+    return StageTimes(tables=tables, index=index, column_min=column_min)
 
 
 def _prefix(values: Sequence[float]) -> FloatArray:
@@ -106,11 +121,15 @@ def stage_times(*, work: Sequence[float], send: Sequence[float], static: Sequenc
                 (True, True): base + recv + out}
     w, a = _prefix(static), _prefix(activations)
     w_range, a_range = w[k] - w[i], a[k] - a[i]
-    band = np.empty((num_stages, n + 1, width))
-    for j, held in enumerate(in_flight):
-        ok = w_range + held * a_range <= budget
-        band[j] = np.where(ok, variants[(j > 0, j < num_stages - 1)], np.inf)
-    return _with_column_min(band)
+    unlimited = math.isinf(budget) and budget > 0
+    keys = [(j > 0, j < num_stages - 1, None if unlimited else held) for j, held in enumerate(in_flight)]
+    distinct = list(dict.fromkeys(keys))
+    tables = np.empty((len(distinct), n + 1, width))
+    for v, (recv_in, send_out, held) in enumerate(distinct):
+        t = variants[(recv_in, send_out)]
+        tables[v] = t if held is None else np.where(w_range + held * a_range <= budget, t, np.inf)
+    slot = {key: v for v, key in enumerate(distinct)}
+    return _with_column_min(tables, tuple(slot[key] for key in keys))
 
 
 def min_sum_dp(times: StageTimes, limit_s: float) -> tuple[float, NDArray[np.int64]]:
@@ -119,22 +138,23 @@ def min_sum_dp(times: StageTimes, limit_s: float) -> tuple[float, NDArray[np.int
     G[0][0] = 0;  G[j+1][k] = min_{i<k} G[j][i] + t_j(i, k)  subject to t_j(i, k) <= limit;
     ``arg[j, k]`` is the start i of stage j in the best partition of layers [0, k) into j + 1 stages.
     """
-    num_stages, size, width = times.band.shape
+    num_stages, (_, size, width) = times.num_stages, times.tables.shape
     usable = np.flatnonzero(np.isfinite(times.column_min) if math.isinf(limit_s) else times.column_min <= limit_s)
     arg = np.zeros((num_stages, size), dtype=np.int64)
     if usable.size == 0:
         return math.inf, arg
     first = int(usable[0])  # columns before it are longer ranges with every entry above the limit
     span = width - first
-    band = times.band[:, :, first:]
+    band = times.tables[:, :, first:]
     allowed = band if math.isinf(limit_s) else np.where(band <= limit_s, band, np.inf)
+    index = times.index
     rows = np.arange(size)
     padded = np.full(span + size, np.inf)
     window = as_strided(padded, shape=(size, span), strides=(padded.strides[0],) * 2)  # window[k, c] = g[k − span + c]
     padded[span] = 0.0
     g = padded[span:]
     for j in range(num_stages):
-        cand = window + allowed[j]
+        cand = window + allowed[index[j]]
         best = cand.argmin(axis=1)
         arg[j] = best
         g[:] = cand[rows, best]
@@ -151,21 +171,27 @@ def boundaries_from(arg: NDArray[np.int64]) -> tuple[int, ...]:
     return tuple(reversed(cuts))
 
 
-def min_bottleneck(times: StageTimes) -> float:
-    """The smallest bottleneck that admits a partition: ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``."""
-    num_stages, size, width = times.band.shape
+def min_bottleneck(times: StageTimes, upper_s: float) -> float:
+    """The smallest bottleneck that admits a partition: ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``.
+
+    ``upper_s`` is the bottleneck of some partition: longer ranges whose every entry exceeds it are skipped.
+    """
+    _, size, width = times.tables.shape
+    usable = np.flatnonzero(times.column_min <= upper_s)
+    first = int(usable[0]) if usable.size else 0
+    span = width - first
     best = np.full(size, np.inf)
     best[0] = 0.0
-    for j in range(num_stages):
-        window = sliding_window_view(np.concatenate((np.full(width, np.inf), best)), width)[:size]
-        best = np.maximum(window, times.band[j]).min(axis=1)
+    for j in range(times.num_stages):
+        window = sliding_window_view(np.concatenate((np.full(span, np.inf), best)), span)[:size]
+        best = np.maximum(window, times.band(j)[:, first:]).min(axis=1)
     return float(best[-1])
 
 
 def score(times: StageTimes, bounds: tuple[int, ...], alpha: float, beta: float) -> tuple[float, tuple[int, ...]]:
     """(alpha · max_j t_j + beta · Σ_j t_j, bounds)."""
     ends = np.asarray(bounds)
-    stage = times.band[np.arange(len(bounds) - 1), ends[1:], times.width - (ends[1:] - ends[:-1])].tolist()
+    stage = times.tables[np.asarray(times.index), ends[1:], times.width - (ends[1:] - ends[:-1])].tolist()
     return alpha * max(stage) + beta * sum(stage), bounds
 
 
@@ -181,12 +207,14 @@ def partition_times(times: StageTimes, *, alpha: float, beta: float) -> tuple[in
     total, arg = min_sum_dp(times, math.inf)
     if not math.isfinite(total):
         return None
-    best = score(times, boundaries_from(arg), alpha, beta)
+    bounds = boundaries_from(arg)
+    best = score(times, bounds, alpha, beta)
     if alpha == 0.0:
         return best[1]
     # only bottlenecks from the smallest feasible one up to where alpha·T alone loses can win
-    low, high = min_bottleneck(times), (best[0] - beta * total) / alpha
-    band = times.band
+    upper = max(times.at(j, bounds[j], bounds[j + 1]) for j in range(times.num_stages))
+    low, high = min_bottleneck(times, upper), (best[0] - beta * total) / alpha
+    band = times.tables  # every stage's band is one of these: the same set of values
     candidates = np.unique(band[(band >= low) & (band < high)])
     if candidates.size == 0:
         return best[1]
