@@ -86,12 +86,17 @@ def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
 
 
 def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p2p_nodes: int) -> StageCosts:
-    static = []
+    states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
+    sends: dict[float, float] = {}
     for c in costs:
-        params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
-        static.append(params + grads + opt)
-    send = tuple(pricing.collective_time("p2p", c.boundary_bytes, group_size=2, nodes_spanned=p2p_nodes)
-                 for c in costs)
+        if c.param_count not in states:
+            params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
+            states[c.param_count] = params + grads + opt
+        if c.boundary_bytes not in sends:
+            sends[c.boundary_bytes] = pricing.collective_time("p2p", c.boundary_bytes, group_size=2,
+                                                              nodes_spanned=p2p_nodes)
+    static = [states[c.param_count] for c in costs]
+    send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
                       static_mem_bytes=tuple(static), activation_bytes=tuple(c.activation_bytes for c in costs),
                       boundary_send_s=send)

@@ -82,8 +82,9 @@ class StageCosts:
             values = getattr(self, name)
             if len(values) != n:
                 raise ValueError(f"StageCosts.{name} has {len(values)} entries, forward_s has {n}")
-            bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
-            if bad:
+            array = np.asarray(values, dtype=np.float64)
+            if not bool(np.all(np.isfinite(array) & (array >= 0))):
+                bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
                 raise ValueError(f"StageCosts.{name} must be finite and >= 0, got {bad[:3]}")
         if n == 0:
             raise ValueError("StageCosts needs at least one layer")

@@ -47,12 +47,14 @@ class PolicyPartition:
 
 def composite_costs(variants: Sequence[StageCosts], boundaries: Sequence[int], policies: Sequence[int]) -> StageCosts:
     """Per-layer costs where each layer takes the values of its stage's policy."""
-    chosen: list[int] = []
-    for j, p in enumerate(policies):
-        chosen.extend([p] * (boundaries[j + 1] - boundaries[j]))
+    if len(set(policies)) == 1:
+        return variants[policies[0]]
+    chosen = np.repeat(np.asarray(policies), np.diff(np.asarray(boundaries)))
+    layers = np.arange(len(chosen))
 
     def pick(name: str) -> tuple[float, ...]:
-        return tuple(getattr(variants[p], name)[i] for i, p in enumerate(chosen))
+        table = np.array([getattr(v, name) for v in variants], dtype=np.float64)  # (policy, layer)
+        return tuple(table[chosen, layers].tolist())
 
     return StageCosts(forward_s=pick("forward_s"), backward_s=pick("backward_s"),
                       static_mem_bytes=pick("static_mem_bytes"), activation_bytes=pick("activation_bytes"),
