@@ -28,7 +28,7 @@ import numpy as np
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Layout, Recompute, Schedule
-from autopar.schedule import fits_micro_batches, in_flight_per_stage
+from autopar.schedule import fits_micro_batches, in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace
@@ -100,10 +100,14 @@ class _Sums(NamedTuple):
     """Σ activation bytes of ``leanest``."""
     largest_params: float
     """The most parameters of one layer of ``leanest``."""
+    runs: tuple[tuple[int, float], ...]
+    """(count, forward + backward seconds in ``fastest``) of each distinct layer."""
 
 
-def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...]) -> _Sums:
-    return _Sums(fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
+def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
+          repeats: tuple[tuple[int, int], ...]) -> _Sums:
+    return _Sums(runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
+                 fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
                  fastest_params=sum(c.param_count for c in fastest),
                  fastest_acts=sum(c.activation_bytes for c in fastest),
                  leanest_params=sum(c.param_count for c in leanest),
@@ -120,9 +124,10 @@ def _prices(space: SearchSpace, pricing: Pricing, tp: int, sp: bool, mbs: int) -
     tables = list(variants.values())
     leanest = min(tables, key=lambda cs: sum(c.activation_bytes for c in cs))
     fastest = min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs))
+    repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
     return _Prices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
-                   repeats=_repeats([tuple(t[i] for t in tables) for i in range(len(leanest))]),
-                   block=max(_repeats(list(leanest)), key=lambda ic: ic[1]), sums=_sums(fastest, leanest))
+                   repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
+                   sums=_sums(fastest, leanest, repeats))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
@@ -205,16 +210,20 @@ def _footprint(layout: Layout, sums: _Sums, pricing: Pricing) -> _Footprint:
 def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint | None) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
-    With S = pp·v stages the pipeline takes ``(m·v − 1)·max_j t_j + Σ_j t_j / v`` (``stage_dp``) and
-    ``max_j t_j ≥ Σ_j t_j / S``, so it takes at least ``(m + (pp − 1)/v) · Σ / pp``, where Σ is at
-    least the fastest policy's total plus the recomputation memory forces (``_forced_recompute_s``);
+    With S = pp·v stages the pipeline takes ``alpha · max_j t_j + beta · Σ_j t_j`` (``schedule_weights``),
+    where Σ is at least the fastest policy's total plus the recomputation memory forces
+    (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
+    equal layers, ⌈n/S⌉ times such a layer's fastest time;
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
     Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms).
     """
-    extra = 0.0 if foot is None else _forced_recompute_s(layout, prices, pricing, foot)
+    total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, pricing, foot))
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
+    alpha, beta = schedule_weights(layout.schedule, num_micro_batches=m, virtual_stages=v)
+    stages = pp * v  # some stage holds at least ⌈n/S⌉ of n equal layers (pigeonhole)
+    bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
     owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return (m + (pp - 1) / v) * (prices.sums.fastest_s + extra) / pp + pricing.optimizer_step_time(owned)
+    return alpha * bottleneck + beta * total + pricing.optimizer_step_time(owned)
 
 
 def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
