@@ -29,6 +29,7 @@ from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Layout, Recompute, Schedule
 from autopar.schedule import fits_micro_batches, in_flight_per_stage, schedule_weights
+from autopar.solvers.bounds import rank_bottleneck_s
 from autopar.solvers.costs import LayerCost, Pricing
 from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
 from autopar.solvers.space import SearchSpace
@@ -207,7 +208,8 @@ def _footprint(layout: Layout, sums: _Sums, pricing: Pricing) -> _Footprint:
     return _Footprint(states=states, fixed=fixed, k=k)
 
 
-def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint | None) -> float:
+def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint | None,
+                  ranks: bool = False) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``alpha · max_j t_j + beta · Σ_j t_j`` (``schedule_weights``),
@@ -215,15 +217,31 @@ def _layout_bound(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Foot
     (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
     equal layers, ⌈n/S⌉ times such a layer's fastest time;
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
-    Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms).
+    Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms);
+    with ``ranks`` a rank's chunks take at least 1/v of the time ``bounds.rank_bottleneck_s`` finds
+    for the most repeated layer over ranks that hold different numbers of micro-batches (valid for
+    layouts that fit, the only ones the ranking keeps).
     """
     total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, pricing, foot))
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
     alpha, beta = schedule_weights(layout.schedule, num_micro_batches=m, virtual_stages=v)
     stages = pp * v  # some stage holds at least ⌈n/S⌉ of n equal layers (pigeonhole)
     bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
+    if ranks and foot is not None and pp > 1:
+        bottleneck = max(bottleneck, _rank_bottleneck_s(layout, prices, pricing, foot) / v)
     owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
     return alpha * bottleneck + beta * total + pricing.optimizer_step_time(owned)
+
+
+def _rank_bottleneck_s(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
+    """``bounds.rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout."""
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    block = prices.fastest[index]
+    static = sum(pricing.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                for t in prices.variants.values()]
+    return rank_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=foot.k,
+                             budget_bytes=tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=foot.fixed))
 
 
 def _forced_recompute_s(layout: Layout, prices: _Prices, pricing: Pricing, foot: _Footprint) -> float:
@@ -343,11 +361,12 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
     settings: dict[Setting, _Prices] = {}  # every allowed policy, priced when a group of the setting is visited
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
     # (bound, group rank, layout rank): ties go to the order of enumeration
-    queue: list[tuple[float, int, int, Layout | None, bool]] = [
-        (g.time_bound_s, i, -1, None, False) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
+    # level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept apart
+    queue: list[tuple[float, int, int, Layout | None, int, _Footprint | None]] = [
+        (g.time_bound_s, i, -1, None, 0, None) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
     heap_prices: dict[int, _Prices] = {}
     while queue:
-        bound, i, j, layout, final = heapq.heappop(queue)
+        bound, i, j, layout, level, foot = heapq.heappop(queue)
         if len(best) >= top_k and bound >= -best[0][0]:
             break  # everything left is bounded by at least this: nothing can win
         group, setting = groups[i]
@@ -365,16 +384,21 @@ def search(space: SearchSpace, pricing: Pricing, *, top_k: int = 1, overlap_grad
                 continue
             heap_prices[i] = prices
             for j, lay in enumerate(_layouts(group, space, len(prices.fastest))):  # a cheap bound first
-                heapq.heappush(queue, (_layout_bound(lay, prices, pricing, None), i, j, lay, False))
+                heapq.heappush(queue, (_layout_bound(lay, prices, pricing, None), i, j, lay, 0, None))
             continue
         prices = heap_prices[i]
-        if not final:  # its memory terms, then the bound with the recomputation memory forces
+        if level == 0:  # its memory terms, then the bound with the recomputation memory forces
             foot = _footprint(layout, prices.sums, pricing)
             if _layout_memory_bound(layout, prices, pricing, foot) > pricing.gpu_mem_bytes:
                 pruned_layouts += 1
             else:
-                heapq.heappush(queue, (_layout_bound(layout, prices, pricing, foot), i, j, layout, True))
+                heapq.heappush(queue, (_layout_bound(layout, prices, pricing, foot), i, j, layout, 1, foot))
             continue
+        if level == 1 and len(best) >= top_k:  # about to be priced: the tightest bound first
+            ranked_bound = _layout_bound(layout, prices, pricing, foot, ranks=True)
+            if ranked_bound > bound:
+                heapq.heappush(queue, (ranked_bound, i, j, layout, 2, foot))
+                continue
         ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node,
                              overlap_grad_reduce=overlap_grad_reduce, partition_cache=partitions,
                              costs_key=prices.key)
