@@ -86,12 +86,17 @@ def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
 
 
 def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p2p_nodes: int) -> StageCosts:
-    static = []
+    states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
+    sends: dict[float, float] = {}
     for c in costs:
-        params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
-        static.append(params + grads + opt)
-    send = tuple(pricing.collective_time("p2p", c.boundary_bytes, group_size=2, nodes_spanned=p2p_nodes)
-                 for c in costs)
+        if c.param_count not in states:
+            params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
+            states[c.param_count] = params + grads + opt
+        if c.boundary_bytes not in sends:
+            sends[c.boundary_bytes] = pricing.collective_time("p2p", c.boundary_bytes, group_size=2,
+                                                              nodes_spanned=p2p_nodes)
+    static = [states[c.param_count] for c in costs]
+    send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
                       static_mem_bytes=tuple(static), activation_bytes=tuple(c.activation_bytes for c in costs),
                       boundary_send_s=send)
@@ -124,9 +129,11 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
                                   alpha=alpha, beta=beta, virtual_stages=v)
         return PolicyPartition(partition=part, policies=tuple(policies))
 
+    quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
+    if cache is not None and key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget):
+        cache = None  # no partition of the fastest policy fits: go straight to the memory-constrained DP
     if cache is not None:
         if key not in cache:  # without a memory limit every stage takes the fastest policy
-            quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
             fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
                                             mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
             cache[key] = (fastest.boundaries, (quick,) * stages)
@@ -140,6 +147,13 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
         n = variants[0].num_layers
         leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
         return priced([round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
+
+
+def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
+    """True when no partition of ``costs`` fits ``budget`` per rank: the ranks together hold every layer's
+    static bytes and at least the fewest in-flight micro-batches of every layer's activations."""
+    least = (math.fsum(costs.static_mem_bytes) + min(in_flight) * math.fsum(costs.activation_bytes)) / pp
+    return least > budget * (1 + 1e-9)  # a margin for the rounding of the per-rank sums
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,

@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from autopar.errors import InfeasiblePlanError
 from autopar.layout import Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
+from autopar.solvers.pipeline.band import StageTimes, feasible_width, partition_times, stage_times
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class StageCosts:
             values = getattr(self, name)
             if len(values) != n:
                 raise ValueError(f"StageCosts.{name} has {len(values)} entries, forward_s has {n}")
-            bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
-            if bad:
+            array = np.asarray(values, dtype=np.float64)
+            if not bool(np.all(np.isfinite(array) & (array >= 0))):
+                bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
                 raise ValueError(f"StageCosts.{name} must be finite and >= 0, got {bad[:3]}")
         if n == 0:
             raise ValueError("StageCosts needs at least one layer")
@@ -149,61 +151,6 @@ class StagePartition:
 # ---- the kernel ------------------------------------------------------------------------------
 
 
-def _stage_time_matrices(costs: StageCosts, num_stages: int) -> list[FloatArray]:
-    """t[i, k] for a stage covering layers [i, k), per stage; +inf where i >= k.
-
-    Four variants exist (first, middle, last, only stage); entries are shared,
-    not copied, so memory stays O(L²).
-    """
-    n = costs.num_layers
-    work = np.asarray(costs.forward_s) + np.asarray(costs.backward_s)
-    prefix = np.concatenate(([0.0], np.cumsum(work)))
-    comm = np.concatenate((np.asarray(costs.boundary_send_s, dtype=np.float64), [0.0]))
-    base = prefix[None, :] - prefix[:, None]  # base[i, k] = Σ work[i:k]
-    base[np.tril_indices(n + 1)] = np.inf
-    recv = comm[:, None]  # stage j > 0 sends its input gradient back: c[i]
-    send = comm[None, :]  # stage j < S - 1 sends its output forward: c[k]
-    variants = {(False, False): base, (True, False): base + recv, (False, True): base + send,
-                (True, True): base + recv + send}
-    return [variants[(j > 0, j < num_stages - 1)] for j in range(num_stages)]
-
-
-def _memory_ok(costs: StageCosts, in_flight: Sequence[int], mem_budget_bytes: float) -> list[NDArray[np.bool_]]:
-    """Per stage j: ok[i, k] = static[i:k] + in_flight[j] · activations[i:k] <= budget."""
-    w = np.concatenate(([0.0], np.cumsum(costs.static_mem_bytes)))
-    a = np.concatenate(([0.0], np.cumsum(costs.activation_bytes)))
-    w_range = w[None, :] - w[:, None]
-    a_range = a[None, :] - a[:, None]
-    return [w_range + n * a_range <= mem_budget_bytes for n in in_flight]
-
-
-def _min_sum_dp(times: Sequence[FloatArray], limit_s: float) -> tuple[float, NDArray[np.int64]]:
-    """Min Σ_j t_j over partitions with every t_j <= limit; returns (value, argmin table).
-
-    G[0][0] = 0;  G[j+1][k] = min_{i<k} G[j][i] + t_j(i, k)  subject to t_j(i, k) <= limit.
-    ``times`` already carries +inf where the memory budget is violated.
-    """
-    num_stages, size = len(times), times[0].shape[0]
-    g = np.full(size, np.inf)
-    g[0] = 0.0
-    arg = np.zeros((num_stages, size), dtype=np.int64)
-    cols = np.arange(size)
-    for j, t in enumerate(times):
-        allowed = np.where(t <= limit_s, t, np.inf)
-        cand = g[:, None] + allowed  # cand[i, k]
-        arg[j] = np.argmin(cand, axis=0)
-        g = cand[arg[j], cols]
-    return float(g[-1]), arg
-
-
-def _boundaries_from(arg: NDArray[np.int64]) -> tuple[int, ...]:
-    num_stages, size = arg.shape
-    cuts = [size - 1]
-    for j in range(num_stages - 1, -1, -1):
-        cuts.append(int(arg[j, cuts[-1]]))
-    return tuple(reversed(cuts))
-
-
 def _min_max_memory(costs: StageCosts, in_flight: Sequence[int]) -> float:
     """Smallest budget for which some partition fits: H[j+1][k] = min_i max(H[j][i], mem_j(i, k))."""
     w = np.concatenate(([0.0], np.cumsum(costs.static_mem_bytes)))
@@ -232,8 +179,9 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
 
         G[0][0] = 0,   G[j+1][k] = min_{i<k, t_j(i,k) <= T, mem ok} G[j][i] + t_j(i, k),
 
-    scoring ``alpha · T + beta · G[S][L]``. One DP costs O(L²·S) (vectorised over
-    (i, k)); there are O(L²) candidate values of T, so O(L⁴·S) in the worst case.
+    scoring ``alpha · T + beta · G[S][L]``. One DP costs O(L·S·w) (vectorised over
+    (i, k)), where w is the longest stage the budget and T allow (``band``: about L/S when
+    memory binds, L at worst); there are O(L²) candidate values of T, so O(L⁴·S) in the worst case.
     Pruning: G with T = ∞ is a lower bound of the sum term, so the scan stops at
     the first T with ``alpha · T + beta · G_∞ >= best``; the first feasible T is
     found by a min-max DP in one pass. With many identical layers
@@ -275,54 +223,17 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
     return bounds
 
 
-def masked_stage_times(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int],
-                       mem_budget_bytes: float) -> list[FloatArray]:
-    """t_j[i, k] per stage j, +inf where the range [i, k) does not fit the budget on stage j."""
-    times = _stage_time_matrices(costs, num_stages)
-    ok = _memory_ok(costs, in_flight, mem_budget_bytes)
-    return [np.where(o, t, np.inf) for t, o in zip(times, ok)]
+def masked_stage_times(costs: StageCosts, *, num_stages: int, in_flight: Sequence[int], mem_budget_bytes: float,
+                       width: int | None = None) -> StageTimes:
+    """t_j(i, k) per stage j as a band (``band.StageTimes``), +inf where [i, k) does not fit the budget on stage j.
 
-
-def partition_times(times: Sequence[FloatArray], *, alpha: float, beta: float) -> tuple[int, ...] | None:
-    """The scan of ``partition_stages`` on ready stage-time matrices (+inf = not allowed); None if none fits.
-
-    Over the sorted candidate bottlenecks T_0 < … < T_n in the window that can win, G(T) (the
-    least Σ t_j with every t_j ≤ T) does not increase with T. An index interval [a, b] can hold
-    nothing better than ``alpha · T_a + beta · G(T_b)``, and nothing new when G(T_a) = G(T_b)
-    (the DP at T_a already found that sum with a bottleneck ≤ T_a); other intervals are split
-    at their middle. Exact, with one DP per visited candidate.
+    ``width`` (default: the longest range that fits) must be at least that; policies share one width.
     """
-    total, arg = _min_sum_dp(times, math.inf)
-    if not math.isfinite(total):
-        return None
-    best = _score(times, _boundaries_from(arg), alpha, beta)
-    if alpha == 0.0:
-        return best[1]
-    # only bottlenecks from the smallest feasible one up to where alpha·T alone loses can win
-    low, high = _min_bottleneck(times), (best[0] - beta * total) / alpha
-    candidates = np.unique(np.concatenate([t[(t >= low) & (t < high)] for t in times]))
-    if candidates.size == 0:
-        return best[1]
-    sums: dict[int, float] = {}
-
-    def g(index: int) -> float:
-        nonlocal best
-        if index not in sums:
-            value, argmin = _min_sum_dp(times, float(candidates[index]))
-            sums[index] = value
-            if math.isfinite(value):
-                best = min(best, _score(times, _boundaries_from(argmin), alpha, beta))
-        return sums[index]
-
-    stack = [(0, candidates.size - 1)]
-    while stack:
-        a, b = stack.pop()
-        g_a, g_b = g(a), g(b)
-        if b - a <= 1 or g_a == g_b or alpha * float(candidates[a]) + beta * g_b >= best[0]:
-            continue
-        mid = (a + b) // 2
-        stack.extend(((a, mid), (mid, b)))
-    return best[1]
+    if width is None:
+        width = feasible_width(costs.static_mem_bytes, costs.activation_bytes, in_flight, mem_budget_bytes)
+    work = np.asarray(costs.forward_s) + np.asarray(costs.backward_s)
+    return stage_times(work=work, send=costs.boundary_send_s, static=costs.static_mem_bytes,
+                       activations=costs.activation_bytes, in_flight=in_flight, budget=mem_budget_bytes, width=width)
 
 
 def check_stage_count(costs: StageCosts, num_stages: int, in_flight: Sequence[int]) -> None:
@@ -335,25 +246,6 @@ def check_stage_count(costs: StageCosts, num_stages: int, in_flight: Sequence[in
         raise InfeasibleStagePartitionError(
             f"cannot split {costs.num_layers} layers into {num_stages} non-empty stages", min_budget_bytes=None
         )
-
-
-def _score(times: Sequence[FloatArray], bounds: tuple[int, ...], alpha: float,
-           beta: float) -> tuple[float, tuple[int, ...]]:
-    stage = [float(times[j][bounds[j], bounds[j + 1]]) for j in range(len(times))]
-    return alpha * max(stage) + beta * sum(stage), bounds
-
-
-def _min_bottleneck(times: Sequence[FloatArray]) -> float:
-    """The smallest bottleneck that admits a partition.
-
-    It is itself a min-max DP: ``B[j+1][k] = min_i max(B[j][i], t_j(i, k))``, one O(L²·S) pass.
-    """
-    size = times[0].shape[0]
-    best = np.full(size, np.inf)
-    best[0] = 0.0
-    for t in times:
-        best = np.min(np.maximum(best[:, None], t), axis=0)
-    return float(best[-1])
 
 
 # ---- wrapper, evaluation and oracle ----------------------------------------------------------

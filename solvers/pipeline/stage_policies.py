@@ -31,8 +31,8 @@ from autopar.solvers.pipeline.stage_dp import (
     check_stage_count,
     evaluate_partition,
     masked_stage_times,
-    partition_times,
 )
+from autopar.solvers.pipeline.band import feasible_width, partition_times
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,12 +47,14 @@ class PolicyPartition:
 
 def composite_costs(variants: Sequence[StageCosts], boundaries: Sequence[int], policies: Sequence[int]) -> StageCosts:
     """Per-layer costs where each layer takes the values of its stage's policy."""
-    chosen: list[int] = []
-    for j, p in enumerate(policies):
-        chosen.extend([p] * (boundaries[j + 1] - boundaries[j]))
+    if len(set(policies)) == 1:
+        return variants[policies[0]]
+    chosen = np.repeat(np.asarray(policies), np.diff(np.asarray(boundaries)))
+    layers = np.arange(len(chosen))
 
     def pick(name: str) -> tuple[float, ...]:
-        return tuple(getattr(variants[p], name)[i] for i, p in enumerate(chosen))
+        table = np.array([getattr(v, name) for v in variants], dtype=np.float64)  # (policy, layer)
+        return tuple(table[chosen, layers].tolist())
 
     return StageCosts(forward_s=pick("forward_s"), backward_s=pick("backward_s"),
                       static_mem_bytes=pick("static_mem_bytes"), activation_bytes=pick("activation_bytes"),
@@ -91,16 +93,17 @@ def solve_stage_policies(variants: Sequence[StageCosts], *, num_stages: int, num
     m, v = num_micro_batches, virtual_stages
     in_flight = in_flight_per_stage(schedule, pp=num_stages // v, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
-    per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes / v)
-                  for c in variants]
-    stacked = np.stack([np.stack(times) for times in per_policy], axis=1)  # (stage, policy, i, k)
-    best = list(stacked.min(axis=1))
-    bounds = partition_times(best, alpha=alpha, beta=beta)
+    budget = mem_budget_bytes / v
+    width = max(feasible_width(c.static_mem_bytes, c.activation_bytes, in_flight, budget) for c in variants)
+    per_policy = [masked_stage_times(c, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=budget,
+                                     width=width) for c in variants]
+    bounds = partition_times(per_policy[0].elementwise_min(per_policy[1:]), alpha=alpha, beta=beta)
     if bounds is None:
         raise InfeasibleStagePartitionError(
             f"no split of {variants[0].num_layers} layers into {num_stages} stages fits {mem_budget_bytes:.4g} bytes "
             f"per rank under any recomputation policy", min_budget_bytes=None)
-    policies = tuple(int(np.argmin(stacked[j, :, bounds[j], bounds[j + 1]])) for j in range(num_stages))
+    policies = tuple(int(np.argmin([t.at(j, bounds[j], bounds[j + 1]) for t in per_policy]))
+                     for j in range(num_stages))
     partition = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
                                    alpha=alpha, beta=beta, virtual_stages=v)
     return PolicyPartition(partition=partition, policies=policies)

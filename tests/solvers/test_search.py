@@ -9,7 +9,7 @@ import pytest
 from autopar.errors import InfeasiblePlanError, PlanValidationError
 from autopar.plan import Recompute, Schedule
 from autopar.solvers.evaluate import evaluate_layout
-from autopar.solvers.search import _groups, _layouts, require_plans, search
+from autopar.solvers.search import _groups, _layouts, _prices, require_plans, search
 from autopar.solvers.space import ModelShape, build_space
 
 from .synthetic import SyntheticPricing
@@ -25,7 +25,8 @@ def _space(pricing, gpus=16, batch=32, **pins):
 def _exhaustive(space, pricing):
     """Every layout the search may consider, all priced; the fastest that fits."""
     best = None
-    for group, prices in _groups(space, pricing):
+    for group, setting in _groups(space, pricing):
+        prices = _prices(space, pricing, *setting)
         for layout in _layouts(group, space, len(prices.fastest)):
             ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node)
             if ev.fits and (best is None or ev.step_time_s < best.step_time_s):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,10 +14,12 @@ from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.oracles import brute_force_stage_partition
+from autopar.solvers.pipeline.band import feasible_width, partition_times
 from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
     evaluate_partition,
+    masked_stage_times,
     partition_stages,
     solve_stage_partition,
 )
@@ -221,6 +224,23 @@ def test_interleaved_weights_match_brute_force(instance: tuple[StageCosts, int, 
                               beta=beta)
     got = evaluate_partition(costs, bounds, in_flight=in_flight, alpha=alpha, beta=beta)
     assert got.step_time_s == pytest.approx(expected.step_time_s, abs=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_instances(), st.booleans())
+def test_band_holds_every_range_that_fits(instance: tuple[StageCosts, int, tuple[int, ...], float, float, float],
+                                          identical: bool) -> None:
+    """The band of the feasible width gives the partition the full (dense) table gives, ties included."""
+    costs, s, in_flight, budget, alpha, beta = instance
+    if identical:  # runs of equal layers make exact ties, which the band must break as the dense table does
+        costs = StageCosts.uniform(costs.num_layers, forward_s=1.0, backward_s=2.0, static_mem_bytes=3.0,
+                                   activation_bytes=1.0, boundary_send_s=0.5)
+    width = feasible_width(costs.static_mem_bytes, costs.activation_bytes, in_flight, budget)
+    narrow = masked_stage_times(costs, num_stages=s, in_flight=in_flight, mem_budget_bytes=budget, width=width)
+    full = masked_stage_times(costs, num_stages=s, in_flight=in_flight, mem_budget_bytes=budget,
+                              width=costs.num_layers)
+    assert not np.isfinite(full.tables[:, :, :costs.num_layers - width]).any()  # longer ranges never fit
+    assert partition_times(narrow, alpha=alpha, beta=beta) == partition_times(full, alpha=alpha, beta=beta)
 
 
 # ---- speed -----------------------------------------------------------------------------------
