@@ -2,8 +2,8 @@
 
 ``build_schedule`` wraps this rank's stage modules (cut from the exported
 program by ``autopar.emit.program``) in ``_PipelineStage`` objects, which read
-the shapes of what crosses each boundary from the program itself (values may
-travel to any later stage, not only the next), and picks the schedule the plan
+the shapes of what crosses each boundary from the program itself (every value
+travels to the next stage only: ``program._relay_stage_by_stage``), and picks the schedule the plan
 named: GPipe → ``ScheduleGPipe``, 1F1B → ``Schedule1F1B``, interleaved 1F1B →
 ``ScheduleInterleaved1F1B`` over ``virtual_stages`` stages per rank.
 """

@@ -18,9 +18,10 @@ how a sliding-window mask or a logit soft-cap gets lost). ``build_program``
    plan names exist for FSDP and activation checkpointing.
 
 Values that cross several stages (T5's encoder output, attention masks,
-position ids) are outputs of the stage that makes them and travel with the
-pipeline. Model inputs that later stages read are first copied inside stage 0,
-so they travel the same way. Parameters that several stages read (tied
+position ids, model inputs that later stages read) are cloned in every stage
+they pass through, so each stage reads only what the previous one sends: the
+interleaved schedule's runtime sends to adjacent stages only, and torch has no
+backward for a value sent to several. Parameters that several stages read (tied
 embeddings) are copied into each stage; ``autopar.emit.tied`` sums their
 gradients.
 """
@@ -238,14 +239,11 @@ def _insert_splits(gm: fx.GraphModule, plan: Plan, stage_blocks: Sequence[tuple[
         if not a < b:
             raise PlanValidationError(f"stage {s} of the plan holds no node of the program")
     _check_blocks_whole(nodes, block_of, owner, starts)
-    _route_inputs_through_stage0(gm, nodes, starts[0] if starts else len(nodes))
-    if starts:
-        _route_outputs_through_last_stage(gm, nodes, starts[-1])
-    positions = set(starts)
-    for pos, n in enumerate(list(nodes)):
-        if pos in positions:
-            with gm.graph.inserting_before(n):
-                gm.graph.call_function(aten_pipe_split_alias, (), {})
+    splits = []
+    for pos in starts:
+        with gm.graph.inserting_before(nodes[pos]):
+            splits.append(gm.graph.call_function(aten_pipe_split_alias, (), {}))
+    _relay_stage_by_stage(gm, splits)
     gm.recompile()
     return gm
 
@@ -279,38 +277,49 @@ def _check_blocks_whole(nodes: Sequence[fx.Node], block_of: Mapping[fx.Node, str
                     f"{owner[b]} (the block is called more than once, or out of order); pin pp=1")
 
 
-def _route_inputs_through_stage0(gm: fx.GraphModule, nodes: Sequence[fx.Node], stage0_end: int) -> None:
-    """Inputs read after stage 0 are cloned in stage 0, so they travel with the pipeline like activations."""
-    later = set(nodes[stage0_end:])
-    anchor = next(n for n in nodes if n.op != "placeholder")
-    for ph in (n for n in nodes if n.op == "placeholder"):
-        users = [u for u in ph.users if u in later]
-        if not users:
-            continue
-        with gm.graph.inserting_before(anchor):
-            copy = gm.graph.call_function(torch.ops.aten.clone.default, (ph,))
-        copy.meta = dict(ph.meta)
-        for u in users:
-            u.replace_input_with(ph, copy)
+def _relay_stage_by_stage(gm: fx.GraphModule, splits: Sequence[fx.Node]) -> None:
+    """Every tensor crosses one stage boundary at a time: a value that stage ``t`` reads from stage ``s < t − 1``
+    is cloned in each stage between, and ``t`` reads the last clone.
 
-
-def _route_outputs_through_last_stage(gm: fx.GraphModule, nodes: Sequence[fx.Node], last_start: int) -> None:
-    """Model outputs made by earlier stages (an encoder's last hidden state) are cloned in the last stage,
-    so the last stage returns the whole output."""
+    Model inputs count as made before stage 0 and model outputs as read after the last stage, so inputs that
+    later stages read travel from stage 0 and the last stage returns the whole output (an encoder's hidden
+    state). torch.distributed.pipelining has no backward for a value sent to several stages, and its
+    multi-stage (interleaved) schedules send only to the adjacent stage; relayed, a value's gradient flows
+    back stage by stage like any activation's. Non-tensor values are left as they are (static shapes: none
+    cross a boundary).
+    """
     import torch.fx as fx
 
-    earlier = set(nodes[:last_start])
-    output = nodes[-1]
+    stage_of: dict[fx.Node, int] = {}
+    stage = 0
+    for n in gm.graph.nodes:
+        if n in splits:
+            stage += 1
+        stage_of[n] = -1 if n.op == "placeholder" else len(splits) + 1 if n.op == "output" else stage
+    starts = [next(n for n in gm.graph.nodes if n.op != "placeholder"), *(s.next for s in splits)]
+    root = _root_module_stack(gm)
+    for v in [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method", "call_module")]:
+        made = stage_of[v]
+        far = sorted({stage_of[u] for u in v.users if stage_of[u] > made + 1})
+        if not far or not isinstance(v.meta.get("val"), torch.Tensor):
+            continue
+        relays: dict[int, fx.Node] = {}
+        prev = v
+        for k in range(made + 1, far[-1]):
+            with gm.graph.inserting_before(starts[k]):
+                prev = relays[k] = gm.graph.call_function(torch.ops.aten.clone.default, (prev,))
+            prev.meta = {**v.meta, "nn_module_stack": root}  # a relay belongs to the stage, not to a block
+        for u in [u for u in v.users if u not in relays.values() and stage_of[u] > made + 1]:
+            u.replace_input_with(v, relays[stage_of[u] - 1])
 
-    def route(a: Any) -> Any:
-        if isinstance(a, fx.Node) and a in earlier:
-            with gm.graph.inserting_before(output):
-                copy = gm.graph.call_function(torch.ops.aten.clone.default, (a,))
-            copy.meta = dict(a.meta)
-            return copy
-        return a
 
-    output.args = fx.node.map_aggregate(output.args, route)
+def _root_module_stack(gm: fx.GraphModule) -> dict[str, Any]:
+    """The ``nn_module_stack`` of an op of the model's own ``forward`` (outside every submodule)."""
+    for n in gm.graph.nodes:
+        for key, (path, ty) in n.meta.get("nn_module_stack", {}).items():
+            if path == "":
+                return {key: (path, ty)}
+    raise PlanValidationError("the exported program names no root module; pin pp=1")
 
 
 def _restore_non_persistent(pipe: Pipe, model: nn.Module) -> None:

@@ -118,12 +118,25 @@ def test_a_style_on_a_module_without_a_known_weight_layout_is_refused_before_any
                                                                                  sharding=odd))
 
 
-def test_an_interleaved_schedule_is_refused_before_any_process_group() -> None:
-    """A known gap (values skipping a stage have no backward in torch's pipelining runtime): refused early."""
-    model = build_model("gpt", meta=True)
-    plan = make_plan(layer_paths("gpt"), pp=2, schedule="interleaved-1f1b", virtual_stages=2, num_micro_batches=4)
-    with pytest.raises(PlanValidationError, match=r"interleaved 1F1B.*pin schedule=1f1b"):
-        prepare(model, {"idx": torch.zeros(2, 16, dtype=torch.long)}, plan)
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_every_value_crosses_one_stage_boundary_at_a_time(family: str) -> None:
+    """Interleaved schedules send only to the adjacent stage, and torch has no backward for a value sent to
+    several stages: what stage k reads comes from stage k − 1 alone (masks, rotary tables, inputs relayed)."""
+    import operator
+
+    from autopar.emit.program import build_program
+
+    model = build_model(family)
+    plan = make_plan(layer_paths(family), pp=2, schedule="interleaved-1f1b", virtual_stages=2, num_micro_batches=4)
+    name = "idx" if family == "gpt" else "input_ids"
+    program = build_program(model, {name: torch.zeros(2, 16, dtype=torch.long)}, plan)
+    assert program.pipe.num_stages == 4
+    calls = [n for n in program.pipe.split_gm.graph.nodes if n.op == "call_module"]
+    for k, call in enumerate(calls):
+        sources = {a.args[0] if a.op == "call_function" and a.target is operator.getitem else a
+                   for a in call.all_input_nodes}
+        expected = {calls[k - 1]} if k else {n for n in sources if n.op == "placeholder"}
+        assert sources == expected, (k, sources)
 
 
 def test_activation_checkpointing_keeps_parameter_names() -> None:
