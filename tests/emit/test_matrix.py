@@ -34,15 +34,6 @@ MLP = ("mlp", "fc1", "fc_in", "intermediate", "DenseReluDense", "dense_h_to_4h",
 REFUSED: dict[tuple[str, str], str] = {}
 """(architecture, layout) → regex the refusal must match: what autopar cannot emit, and why."""
 
-BROKEN: dict[tuple[str, str], str] = {
-    ("whisper", "tp2_pp2_1f1b"): "pipelined Whisper: the last stage's logits arrive as a 1-D (vocab,) tensor in "
-                                 "the loss (split locally the program is exact; the distributed pipeline is not)",
-    ("whisper", "zero3_dp2_pp2"): "same defect as whisper tp2_pp2_1f1b (pipelined Whisper)",
-}
-"""Known defects, not yet refused early: run=False xfails (a crash there stalls the other ranks), listed so
-they cannot pass unnoticed. Each needs fixing or an early autopar refusal."""
-
-
 def _check_layout(arch: str, layout: str, per_rank: list[dict[str, Any]]) -> None:
     expected = REFUSED.get((arch, layout))
     if expected is not None:
@@ -68,14 +59,7 @@ def _check_layout(arch: str, layout: str, per_rank: list[dict[str, Any]]) -> Non
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_architecture_matrix(arch: str) -> None:
-    layouts = [layout for layout in LAYOUTS if (arch, layout) not in BROKEN]
+    layouts = list(LAYOUTS)
     results = run_spmd("tests.emit.matrix_workers:check_arch", 4, arch, layouts, timeout_s=600)
     for layout in layouts:
         _check_layout(arch, layout, [r[layout] for r in results])
-
-
-@pytest.mark.parametrize(("arch", "layout"), [pytest.param(a, lay, marks=pytest.mark.xfail(run=False, reason=why))
-                                              for (a, lay), why in BROKEN.items()])
-def test_known_broken(arch: str, layout: str) -> None:
-    results = run_spmd("tests.emit.matrix_workers:check_arch", 4, arch, [layout], timeout_s=600)
-    _check_layout(arch, layout, [r[layout] for r in results])
