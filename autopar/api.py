@@ -25,7 +25,7 @@ from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.cost_models.cluster import DTYPE_ALIASES, TRAINING_DTYPES, Cluster
 from autopar.errors import UserInputError
 from autopar.graph.ir import OpGraph
-from autopar.layout import Pins, Schedule
+from autopar.layout import Pins
 from autopar.plan import Plan
 from autopar.pricing import GraphPricing, model_shape
 from autopar.solvers.search import SearchResult, require_plans, search
@@ -244,8 +244,6 @@ def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan |
             world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
             pins = dataclasses.replace(Pins.from_mapping(plan_options.pop("constraints", None)),
                                        num_gpus=world)  # the plan must fill this job
-            if pins.schedule is None:  # the emitter refuses interleaved 1F1B (emit/build.py): plan what it runs
-                pins = dataclasses.replace(pins, schedule=Schedule.ONE_F_ONE_B)
             made = globals()["plan"](model, example_inputs, cluster=cluster, global_batch_size=global_batch_size,
                                      constraints=pins, **plan_options)  # globals(): the parameter `plan` shadows it
             return made.to_json()

@@ -58,19 +58,6 @@ def prepare(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Plan) ->
             the message names the module or op and the pin that avoids it.
     """
     validate_for_model(plan, token_count(inputs))
-    if plan.layout.schedule is Schedule.INTERLEAVED_1F1B:
-        # torch.distributed.pipelining's runtime cannot run backward through a value that skips a stage
-        # (PipeliningMetadataError "Backward of skip connections"), and with several chunks per rank the split
-        # program's routed inputs do skip. Refused here, before any process group, rather than failing mid-step.
-        raise PlanValidationError(
-            f"the interleaved 1F1B schedule ({plan.layout.describe()}) cannot be emitted yet: values that skip a "
-            f"pipeline stage have no backward in torch.distributed.pipelining; pin schedule=1f1b (or gpipe)")
-    if plan.dtype != "float32" and len(plan.stages) > 1:
-        # the stage boundaries' receive buffers take the exported (fp32) dtypes, while FSDP's mixed precision
-        # makes stages send bf16: the bytes would be misread. Refused until the export runs in the compute dtype.
-        raise PlanValidationError(
-            f"a {plan.dtype} plan with {len(plan.stages)} pipeline stages cannot be emitted yet (stage boundaries "
-            f"are typed from the fp32 export); pin pp=1 or plan with dtype='float32'")
     program = build_program(model, inputs, plan)
     if plan.layout.tp > 1:
         for stage in plan.stages:

@@ -2,8 +2,8 @@
 
 ``build_schedule`` wraps this rank's stage modules (cut from the exported
 program by ``autopar.emit.program``) in ``_PipelineStage`` objects, which read
-the shapes of what crosses each boundary from the program itself (values may
-travel to any later stage, not only the next), and picks the schedule the plan
+the shapes of what crosses each boundary from the program itself (every value
+travels to the next stage only: ``program._relay_stage_by_stage``), and picks the schedule the plan
 named: GPipe → ``ScheduleGPipe``, 1F1B → ``Schedule1F1B``, interleaved 1F1B →
 ``ScheduleInterleaved1F1B`` over ``virtual_stages`` stages per rank.
 """
@@ -44,10 +44,16 @@ def validate_schedule(layout: Layout) -> None:
             )
 
 
-def _contiguous_boundaries(module: nn.Module) -> None:
-    """What crosses a stage boundary is sent and received contiguous (gloo's point-to-point needs it);
-    the program's own views (a rotary table's slices) may not be."""
-    from torch.utils._pytree import tree_map
+def _typed_boundaries(module: nn.Module, *, sends: bool) -> None:
+    """What crosses a stage boundary is sent contiguous and in the dtype its receive buffer was made with.
+
+    gloo's point-to-point needs contiguous tensors, and the program's own views (a rotary table's slices)
+    may not be. The receive buffers take the exported program's dtypes (fp32), while a bf16 plan's FSDP
+    mixed precision makes the stage compute in bf16: a stage that ``sends`` casts each output back to its
+    buffer's dtype. bf16 → fp32 is exact, and the next stage's FSDP unit casts it to bf16 again, so the
+    values (and, through the casts, the gradients) are a bf16 pipeline's; only the bytes sent double.
+    """
+    from torch.utils._pytree import tree_flatten, tree_map
 
     output = next(n for n in reversed(module.graph.nodes) if n.op == "output")
     crossing = set(output.all_input_nodes)  # their metadata shapes the gradient receive buffers
@@ -55,8 +61,18 @@ def _contiguous_boundaries(module: nn.Module) -> None:
         val = node.meta.get("val") if node.op == "placeholder" or node in crossing else None
         if isinstance(val, torch.Tensor) and not val.is_contiguous():
             node.meta["val"] = val.contiguous()
-    module.register_forward_hook(
-        lambda m, args, out: tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, out))
+    flat, _ = tree_flatten(output.args[0])
+    dtypes = [n.meta["val"].dtype if sends and isinstance(getattr(n, "meta", {}).get("val"), torch.Tensor) else None
+              for n in flat]
+
+    def fix(out: Any) -> Any:
+        leaves, spec = tree_flatten(out)
+        if len(leaves) == len(dtypes):
+            leaves = [t.to(d) if d is not None and isinstance(t, torch.Tensor) and t.dtype != d else t
+                      for t, d in zip(leaves, dtypes, strict=True)]
+        return tree_map(lambda t: t.contiguous() if isinstance(t, torch.Tensor) else t, spec.unflatten(leaves))
+
+    module.register_forward_hook(lambda m, args, out: fix(out))
 
 
 def _only_received(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -85,10 +101,11 @@ def build_schedule(
     from torch.distributed.pipelining.stage import _PipelineStage
 
     info = program.pipe.info()
+    last = program.pipe.num_stages - 1
     for index, module in modules:
         if index > 0:  # multi-stage schedules hand the model's keyword inputs to every local stage
             module.register_forward_pre_hook(_only_received, with_kwargs=True, prepend=True)
-        _contiguous_boundaries(module)
+        _typed_boundaries(module, sends=index < last)
     stages = [_PipelineStage(module, index, info, device, group) for index, module in modules]
     num_stages = layout.pp * layout.virtual_stages
     nmb = layout.num_micro_batches

@@ -18,9 +18,10 @@ how a sliding-window mask or a logit soft-cap gets lost). ``build_program``
    plan names exist for FSDP and activation checkpointing.
 
 Values that cross several stages (T5's encoder output, attention masks,
-position ids) are outputs of the stage that makes them and travel with the
-pipeline. Model inputs that later stages read are first copied inside stage 0,
-so they travel the same way. Parameters that several stages read (tied
+position ids, model inputs that later stages read) are cloned in every stage
+they pass through, so each stage reads only what the previous one sends: the
+interleaved schedule's runtime sends to adjacent stages only, and torch has no
+backward for a value sent to several. Parameters that several stages read (tied
 embeddings) are copied into each stage; ``autopar.emit.tied`` sums their
 gradients.
 """
@@ -157,10 +158,30 @@ def _split(model: nn.Module, exported: Any, policy: Any) -> Pipe:
     pipe = Pipe._from_traced(model, exported, MultiUseParameterConfig.REPLICATE, split_policy=policy)
     first = pipe.get_stage_module(0)
     traced = exported.module(check_guards=False)
+    _order_inputs_as(first.graph, traced.graph)
     first.graph._codegen = copy.deepcopy(traced.graph._codegen)
     first.graph._codegen.pytree_info = first.graph._codegen.pytree_info._replace(out_spec=None)
     first.recompile()
     return pipe
+
+
+def _order_inputs_as(graph: fx.Graph, model_graph: fx.Graph) -> None:
+    """Stage 0 takes the model's inputs in the model's order.
+
+    The split orders a stage's inputs by first use, but stage 0 is called with the model's keyword
+    inputs through the model's own pytree codegen, which passes them in the model's order: with the
+    orders differing (an attention mask read before the token ids), inputs would silently swap.
+
+    Raises:
+        PlanValidationError: Stage 0 does not take every model input.
+    """
+    mine = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    order = [n.target for n in model_graph.nodes if n.op == "placeholder"]
+    if sorted(mine) != sorted(order):
+        raise PlanValidationError(f"stage 0 takes inputs {sorted(mine)}, the model {order}; pin pp=1")
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for name in order:
+        anchor.prepend(mine[name])
 
 
 def _output_order(pipe: Pipe) -> tuple[int, ...]:
@@ -238,14 +259,12 @@ def _insert_splits(gm: fx.GraphModule, plan: Plan, stage_blocks: Sequence[tuple[
         if not a < b:
             raise PlanValidationError(f"stage {s} of the plan holds no node of the program")
     _check_blocks_whole(nodes, block_of, owner, starts)
-    _route_inputs_through_stage0(gm, nodes, starts[0] if starts else len(nodes))
-    if starts:
-        _route_outputs_through_last_stage(gm, nodes, starts[-1])
-    positions = set(starts)
-    for pos, n in enumerate(list(nodes)):
-        if pos in positions:
-            with gm.graph.inserting_before(n):
-                gm.graph.call_function(aten_pipe_split_alias, (), {})
+    splits = []
+    for pos in starts:
+        with gm.graph.inserting_before(nodes[pos]):
+            splits.append(gm.graph.call_function(aten_pipe_split_alias, (), {}))
+    _recompute_input_only_values(gm, splits)
+    _relay_stage_by_stage(gm, splits)
     gm.recompile()
     return gm
 
@@ -279,38 +298,109 @@ def _check_blocks_whole(nodes: Sequence[fx.Node], block_of: Mapping[fx.Node, str
                     f"{owner[b]} (the block is called more than once, or out of order); pin pp=1")
 
 
-def _route_inputs_through_stage0(gm: fx.GraphModule, nodes: Sequence[fx.Node], stage0_end: int) -> None:
-    """Inputs read after stage 0 are cloned in stage 0, so they travel with the pipeline like activations."""
-    later = set(nodes[stage0_end:])
-    anchor = next(n for n in nodes if n.op != "placeholder")
-    for ph in (n for n in nodes if n.op == "placeholder"):
-        users = [u for u in ph.users if u in later]
-        if not users:
-            continue
-        with gm.graph.inserting_before(anchor):
-            copy = gm.graph.call_function(torch.ops.aten.clone.default, (ph,))
-        copy.meta = dict(ph.meta)
-        for u in users:
-            u.replace_input_with(ph, copy)
+MAX_RECOMPUTED_NODES = 256
+"""Largest input-only subgraph copied into a later stage; a larger one is sent instead."""
 
 
-def _route_outputs_through_last_stage(gm: fx.GraphModule, nodes: Sequence[fx.Node], last_start: int) -> None:
-    """Model outputs made by earlier stages (an encoder's last hidden state) are cloned in the last stage,
-    so the last stage returns the whole output."""
+def _stages(gm: fx.GraphModule, splits: Sequence[fx.Node]) -> tuple[dict[fx.Node, int], list[fx.Node]]:
+    """Each node's stage (inputs: −1, the output: one past the last stage), and each stage's first node."""
+    stage_of = {}
+    stage = 0
+    for n in gm.graph.nodes:
+        if n in splits:
+            stage += 1
+        stage_of[n] = -1 if n.op == "placeholder" else len(splits) + 1 if n.op == "output" else stage
+    return stage_of, [next(n for n in gm.graph.nodes if n.op != "placeholder"), *(s.next for s in splits)]
+
+
+def _recompute_input_only_values(gm: fx.GraphModule, splits: Sequence[fx.Node]) -> None:
+    """A value computed from the model's inputs and buffers alone (an attention mask, a rotary table) is
+    recomputed in each later stage that reads it instead of being sent there.
+
+    A ``(micro_batch, 1, seq, seq)`` fp32 mask would otherwise cross every stage boundary: at 8K tokens,
+    256 MiB per micro-batch, more than the hidden state. The inputs it is made from (token ids, positions)
+    are small and travel instead (``_relay_stage_by_stage``). Subgraphs with a parameter, a random op
+    (dropout) or more than ``MAX_RECOMPUTED_NODES`` nodes are sent as before.
+    """
     import torch.fx as fx
 
-    earlier = set(nodes[:last_start])
-    output = nodes[-1]
+    stage_of, starts = _stages(gm, splits)
+    root = _root_module_stack(gm)
+    params = {name for name, _ in gm.named_parameters()}
+    for v in [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)]:
+        later = sorted({stage_of[u] for u in v.users if stage_of[u] > stage_of[v] and u.op != "output"})
+        recipe = _input_only_subgraph(v, params) if later else None
+        if recipe is None:
+            continue
+        for t in later:
+            copies: dict[fx.Node, fx.Node] = {}
+            with gm.graph.inserting_before(starts[t]):
+                for node in recipe:
+                    copies[node] = gm.graph.node_copy(node, lambda a: copies.get(a, a))
+                    copies[node].meta["nn_module_stack"] = root
+            for u in [u for u in v.users if stage_of.get(u) == t]:
+                u.replace_input_with(v, copies[v])
 
-    def route(a: Any) -> Any:
-        if isinstance(a, fx.Node) and a in earlier:
-            with gm.graph.inserting_before(output):
-                copy = gm.graph.call_function(torch.ops.aten.clone.default, (a,))
-            copy.meta = dict(a.meta)
-            return copy
-        return a
 
-    output.args = fx.node.map_aggregate(output.args, route)
+def _input_only_subgraph(v: fx.Node, params: set[str]) -> list[fx.Node] | None:
+    """The nodes that compute ``v`` from inputs, buffers and constants, in graph order; None if ``v`` needs
+    a parameter, a random op or more than ``MAX_RECOMPUTED_NODES`` nodes."""
+    seen: set[fx.Node] = set()
+    todo = [v]
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op == "placeholder":
+            continue
+        if n.op == "get_attr":
+            if n.target in params:
+                return None
+            continue
+        tags = getattr(n.target, "tags", ())
+        if n.op != "call_function" or torch.Tag.nondeterministic_seeded in tags or len(seen) >= MAX_RECOMPUTED_NODES:
+            return None
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(v.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _relay_stage_by_stage(gm: fx.GraphModule, splits: Sequence[fx.Node]) -> None:
+    """Every tensor crosses one stage boundary at a time: a value that stage ``t`` reads from stage ``s < t − 1``
+    is cloned in each stage between, and ``t`` reads the last clone.
+
+    Model inputs count as made before stage 0 and model outputs as read after the last stage, so inputs that
+    later stages read travel from stage 0 and the last stage returns the whole output (an encoder's hidden
+    state). torch.distributed.pipelining has no backward for a value sent to several stages, and its
+    multi-stage (interleaved) schedules send only to the adjacent stage; relayed, a value's gradient flows
+    back stage by stage like any activation's. Non-tensor values are left as they are (static shapes: none
+    cross a boundary).
+    """
+    import torch.fx as fx
+
+    stage_of, starts = _stages(gm, splits)
+    root = _root_module_stack(gm)
+    for v in [n for n in gm.graph.nodes if n.op in ("placeholder", "call_function", "call_method", "call_module")]:
+        made = stage_of[v]
+        far = sorted({stage_of[u] for u in v.users if stage_of[u] > made + 1})
+        if not far or not isinstance(v.meta.get("val"), torch.Tensor):
+            continue
+        relays: dict[int, fx.Node] = {}
+        prev = v
+        for k in range(made + 1, far[-1]):
+            with gm.graph.inserting_before(starts[k]):
+                prev = relays[k] = gm.graph.call_function(torch.ops.aten.clone.default, (prev,))
+            prev.meta = {**v.meta, "nn_module_stack": root}  # a relay belongs to the stage, not to a block
+        for u in [u for u in v.users if u not in relays.values() and stage_of[u] > made + 1]:
+            u.replace_input_with(v, relays[stage_of[u] - 1])
+
+
+def _root_module_stack(gm: fx.GraphModule) -> dict[str, Any]:
+    """The ``nn_module_stack`` of an op of the model's own ``forward`` (outside every submodule)."""
+    for n in gm.graph.nodes:
+        for key, (path, ty) in n.meta.get("nn_module_stack", {}).items():
+            if path == "":
+                return {key: (path, ty)}
+    raise PlanValidationError("the exported program names no root module; pin pp=1")
 
 
 def _restore_non_persistent(pipe: Pipe, model: nn.Module) -> None:

@@ -25,6 +25,8 @@ CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
     "tp2_sp_full_recompute": (2, {"tp": 2, "sequence_parallel": True, "recompute": "full"}, None),
     "pp2_gpipe": (2, {"pp": 2, "schedule": "gpipe", "num_micro_batches": 4}, "ScheduleGPipe"),
     "pp2_1f1b_selective": (2, {"pp": 2, "schedule": "1f1b", "recompute": "selective"}, "Schedule1F1B"),
+    "pp2_interleaved": (2, {"pp": 2, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+                        "ScheduleInterleaved1F1B"),
     "dp2_tp2_sp_selective": (4, {"dp": 2, "tp": 2, "zero_stage": 2, "sequence_parallel": True,
                                  "recompute": "selective"}, None),
     "tp2_pp2": (4, {"tp": 2, "pp": 2, "schedule": "1f1b", "num_micro_batches": 4}, "Schedule1F1B"),
@@ -33,7 +35,7 @@ CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
 }
 SLOW_CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
     "dp2_tp2_pp2": (8, {"dp": 2, "tp": 2, "pp": 2, "zero_stage": 3, "sequence_parallel": True, "recompute": "full",
-                        "schedule": "1f1b", "num_micro_batches": 4}, "Schedule1F1B"),
+                        "schedule": "interleaved-1f1b", "virtual_stages": 2}, "ScheduleInterleaved1F1B"),
 }
 
 
@@ -89,8 +91,8 @@ def test_matches_single_process_8_ranks(name: str) -> None:
 RESUME_CASES = {
     "tp2xpp2_to_dp4": ({"tp": 2, "pp": 2, "num_micro_batches": 4},
                        {"dp": 4, "micro_batch_size": 2, "num_micro_batches": 1, "zero_stage": 3}),
-    "gpipe_tp2xpp2_to_dp2xtp2": pytest.param(
-        {"tp": 2, "pp": 2, "num_micro_batches": 4, "schedule": "gpipe"},
+    "interleaved_tp2xpp2_to_dp2xtp2": pytest.param(
+        {"tp": 2, "pp": 2, "num_micro_batches": 4, "schedule": "interleaved-1f1b", "virtual_stages": 2},
         {"dp": 2, "tp": 2, "zero_stage": 0}, marks=pytest.mark.slow),
 }
 

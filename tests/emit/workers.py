@@ -312,8 +312,12 @@ def check_plan_on_rank0() -> dict[str, Any]:
     return out
 
 
-def check_bf16(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
-    """A bfloat16 plan: compute in bf16 (FSDP mixed precision), fp32 master weights; losses near fp32's."""
+def check_bf16(layouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bfloat16 plans, one after the other: compute in bf16 (FSDP mixed precision), fp32 master weights."""
+    return [_check_bf16(kwargs) for kwargs in layouts]
+
+
+def _check_bf16(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
     from autopar.emit.parallelize import parallelize
 
     plan = make_plan(layer_paths("gpt"), dtype="bfloat16", **plan_kwargs)
