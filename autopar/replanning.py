@@ -281,15 +281,10 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
     batch, gpus, layers = plan.layout.global_batch_size, survivors.num_gpus, plan.num_layers
-    fitted: set[tuple[Any, ...]] = set()  # shapes (ZeRO stage aside) that already have a layout that fits
-    for shape in shapes:  # best first: a later template with a fitted shape differs only in its ZeRO stage
-        pipeline = (shape.tp, shape.sequence_parallel, shape.micro_batch_size, shape.virtual_stages > 1)
-        exact = (*pipeline, shape.pp, shape.virtual_stages, shape.schedule)
-        options = [] if exact in fitted else survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch,
-                                                              num_layers=layers)
-        if pipeline not in fitted:
-            options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
-                                                                num_layers=layers)]
+    for shape in shapes:
+        options = survivor_layouts(shape, num_gpus=gpus, global_batch_size=batch, num_layers=layers)
+        options += [(lay, True) for lay in restaged_layouts(shape, num_gpus=gpus, global_batch_size=batch,
+                                                            num_layers=layers)]
         for layout, keeps in options:
             if layout in seen:
                 continue
@@ -299,7 +294,6 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
                                  partition_cache=cache, costs_key=(layout.tp, layout.sequence_parallel,
                                                                    layout.micro_batch_size, tuple(variants)))
             if ev.fits:
-                fitted.update({pipeline, exact} if layout.pp == shape.pp else {pipeline})
                 tokens = layout.global_batch_size / ev.step_time_s  # throughput in samples/s
                 scored.append((not keeps, -tokens, len(scored), ev))
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]

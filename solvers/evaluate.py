@@ -92,9 +92,9 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p
         if c.param_count not in states:
             params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
             states[c.param_count] = params + grads + opt
-        if c.boundary_bytes not in sends:
+        if c.boundary_bytes not in sends:  # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
             sends[c.boundary_bytes] = pricing.collective_time("p2p", c.boundary_bytes, group_size=2,
-                                                              nodes_spanned=p2p_nodes)
+                                                              nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
     static = [states[c.param_count] for c in costs]
     send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
