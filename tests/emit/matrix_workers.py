@@ -76,8 +76,10 @@ def reference(arch: Arch, data: list[tuple[dict[str, torch.Tensor], torch.Tensor
     return losses, {k: v.detach().clone() for k, v in model.named_parameters(remove_duplicate=False)}
 
 
-def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
-    """Emit ``plan_json`` on this rank, train, and compare with the reference."""
+def run_layout(arch: Arch, plan_json: str, ref: tuple[list[float], dict] | None = None,
+               groups: list[list[str]] | None = None) -> dict[str, Any]:
+    """Emit ``plan_json`` on this rank, train, and compare with the reference (computed here unless given:
+    it depends on the architecture only, so ``check_arch`` computes it once for all layouts)."""
     from torch.distributed.tensor import DTensor
 
     import autopar
@@ -85,7 +87,7 @@ def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
 
     plan = Plan.from_json(plan_json)
     data = [batch(arch, GLOBAL_BATCH, seed=10 + i) for i in range(STEPS)]
-    ref_losses, ref_state = reference(arch, data)
+    ref_losses, ref_state = ref or reference(arch, data)
     pm = autopar.parallelize(build(arch), batch(arch, 2)[0], plan=plan)
     opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
     losses = []
@@ -97,7 +99,7 @@ def run_layout(arch: Arch, plan_json: str) -> dict[str, Any]:
     return {
         "losses": losses, "ref_losses": ref_losses,
         "max_diff": max((full[k] - ref_state[k]).abs().max().item() for k in full if k in ref_state),
-        "keys": sorted(k for k in full if k in ref_state), "ref_groups": _alias_groups(arch),
+        "keys": sorted(k for k in full if k in ref_state), "ref_groups": groups or _alias_groups(arch),
         "tp_sharded": sorted(_tp_sharded(pm)), "plan": plan.layout.describe(),
         "stages": [list(s.module_paths) for s in plan.stages],
     }
@@ -139,12 +141,17 @@ def check_arch(name: str, layouts: list[str]) -> dict[str, Any]:
     arch = ARCHS[name]
     plans = plans_for(arch, {k: LAYOUTS[k] for k in layouts})
     out: dict[str, Any] = {}
+    ref: tuple[list[float], dict] | None = None
+    groups: list[list[str]] | None = None
     for layout, text in plans.items():
         if text.startswith("error:"):
             out[layout] = {"refused": text}
             continue
         try:
-            out[layout] = run_layout(arch, text)
+            if ref is None:
+                ref = reference(arch, [batch(arch, GLOBAL_BATCH, seed=10 + i) for i in range(STEPS)])
+                groups = _alias_groups(arch)
+            out[layout] = run_layout(arch, text, ref, groups)
         except AutoparError as e:
             out[layout] = {"refused": f"error:{type(e).__name__}:{e}"}
     return out
