@@ -327,15 +327,16 @@ def _recompute_input_only_values(gm: fx.GraphModule, splits: Sequence[fx.Node]) 
     stage_of, starts = _stages(gm, splits)
     root = _root_module_stack(gm)
     params = {name for name, _ in gm.named_parameters()}
+    per_stage: dict[int, dict[fx.Node, fx.Node]] = {}  # a stage copies a shared step (rotary positions) once
     for v in [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)]:
         later = sorted({stage_of[u] for u in v.users if stage_of[u] > stage_of[v] and u.op != "output"})
         recipe = _input_only_subgraph(v, params) if later else None
         if recipe is None:
             continue
         for t in later:
-            copies: dict[fx.Node, fx.Node] = {}
+            copies = per_stage.setdefault(t, {})
             with gm.graph.inserting_before(starts[t]):
-                for node in recipe:
+                for node in (n for n in recipe if n not in copies):
                     copies[node] = gm.graph.node_copy(node, lambda a: copies.get(a, a))
                     copies[node].meta["nn_module_stack"] = root
             for u in [u for u in v.users if stage_of.get(u) == t]:
