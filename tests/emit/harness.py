@@ -26,12 +26,19 @@ PRELOAD = [
     "torch.distributed.fsdp",
     "torch.distributed.pipelining",
     "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint.state_dict",
+    "torch.distributed.tensor.experimental",
+    "torch.export._trace",
     "transformers.models.llama.modeling_llama",
     "transformers.masking_utils",
+    "autopar.api",
     "autopar.emit.build",
+    "autopar.emit.checkpoint",
+    "autopar.emit.parallelize",
     "autopar.emit.program",
     "tests.emit.zoo",
     "tests.emit.workers",
+    "tests.emit.matrix_workers",
 ]
 """Modules the fork server imports once, before any rank is forked."""
 

@@ -71,12 +71,19 @@ def _logits(family: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x) if family == "gpt" else model(input_ids=x).logits
 
 
-def reference(family: str, data: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Single-process training of the original module: losses per step and the final parameters."""
+def reference(family: str, data: list[tuple[torch.Tensor, torch.Tensor]], *,
+              fresh_optimizer_at: int | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Single-process training of the original module: losses per step and the final parameters.
+
+    With ``fresh_optimizer_at=k`` the optimizer restarts (momentum lost) before step ``k``: what a
+    resume that dropped the optimizer state would compute.
+    """
     model = build_model(family)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     losses = []
-    for x, y in data:
+    for step, (x, y) in enumerate(data):
+        if step == fresh_optimizer_at:
+            opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         loss = loss_fn(_logits(family, model, x), y)
         loss.backward()
         opt.step()
@@ -176,8 +183,11 @@ def describe(pm: Any) -> dict[str, Any]:
 def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     """Train under plan ``first``, save, load under plan ``second`` into a fresh model, continue.
 
-    Also continues once from the same checkpoint without the optimizer state, as a
-    control: its losses must differ, or the comparison proves nothing about momentum.
+    The fresh model first loads the weights alone and trains from there: a control that must
+    give the single-process run with its optimizer restarted at the resume (``fresh_losses``),
+    whose losses differ from the uninterrupted run's, or the comparison would prove nothing about
+    the optimizer state (momentum) that the checkpoint carries. Then it loads the whole checkpoint
+    again, weights and optimizer, over what the control changed, and continues.
     """
     import torch.distributed as dist
 
@@ -189,29 +199,33 @@ def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int
         losses, pm, opt = _parallel(family, first, data[: steps[0]], build_model(family).state_dict())
         path = _shared_tempdir()
         pm.save(path, opt)
-        resumed, state = _continue(family, second, path, data[steps[0]:], with_optimizer=True)
-        control, _ = _continue(family, second, path, data[steps[0]:], with_optimizer=False)
+        control, resumed, state = _continue(family, second, path, data[steps[0]:])
+        fresh_losses, _ = reference(family, data, fresh_optimizer_at=steps[0])
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(path)
         out[family] = {
             "ref_losses": ref_losses, "losses": losses + resumed, "control_losses": losses + control,
+            "fresh_losses": fresh_losses,
             "max_diff": max((state[k] - ref_state[k]).abs().max().item() for k in state), "keys": sorted(state),
         }
     return out
 
 
-def _continue(family: str, plan_kwargs: dict[str, Any], path: str, data: list[Any], *,
-              with_optimizer: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _continue(family: str, plan_kwargs: dict[str, Any], path: str,
+              data: list[Any]) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Losses from the weights alone, then from the whole checkpoint reloaded; the final state."""
     from autopar.emit.parallelize import parallelize
 
     plan = make_plan(layer_paths(family), family=family, **plan_kwargs)
     example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
     pm = parallelize(build_model(family, meta=True), example, plan=plan, seed=99)
     opt = pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM)
-    pm.load(path, opt if with_optimizer else None)
+    pm.load(path)
+    control = train(pm, data, opt)
+    pm.load(path, opt)
     losses = train(pm, data, opt)
-    return losses, full_local_state(pm)
+    return control, losses, full_local_state(pm)
 
 
 def _shared_tempdir() -> str:
