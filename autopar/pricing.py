@@ -141,6 +141,9 @@ class GraphPricing:
                                            dtype=self.dtype)
 
     def grad_bytes_per_param(self) -> float:
+        return float(REDUCE_BYTES)
+
+    def param_bytes_per_param(self) -> float:
         return float(DTYPE_BYTES[self.dtype])
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:

@@ -84,7 +84,11 @@ class Pricing(Protocol):
         ...
 
     def grad_bytes_per_param(self) -> float:
-        """Bytes of one gradient element as communicated (2 in bf16 mixed precision, 4 in fp32)."""
+        """Bytes of one gradient element as reduced over dp (the emitter's reduce dtype: fp32)."""
+        ...
+
+    def param_bytes_per_param(self) -> float:
+        """Bytes of one parameter element as all-gathered over dp (the training dtype)."""
         ...
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:

@@ -164,9 +164,9 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
     if layout.dp == 1:
         return CommBreakdown()
 
-    def t(kind: Collective, params: float = rank_params) -> float:  # at the training dtype's width
-        return pricing.collective_time(kind, params * pricing.grad_bytes_per_param(), group_size=layout.dp,
-                                       nodes_spanned=dp_nodes)
+    def t(kind: Collective, params: float = rank_params) -> float:  # gradients reduced in fp32, params gathered
+        width = pricing.param_bytes_per_param() if kind is Collective.ALL_GATHER else pricing.grad_bytes_per_param()
+        return pricing.collective_time(kind, params * width, group_size=layout.dp, nodes_spanned=dp_nodes)
 
     zero, m = layout.zero_stage, layout.num_micro_batches
     reduce = Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER

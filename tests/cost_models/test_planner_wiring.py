@@ -80,7 +80,10 @@ def test_dp_comm_gets_the_fsdp_edges_and_copies(monkeypatch: pytest.MonkeyPatch)
     assert comm.fsdp_edge_params(layers, [False, True, True, True, False]) == edge
     group = dict(group_size=2, nodes_spanned=1)
     assert kw["edge_gather_s"] == pytest.approx(pricing.collective_time(Collective.ALL_GATHER, edge * 2, **group))
-    assert kw["edge_reduce_s"] == pytest.approx(pricing.collective_time(Collective.REDUCE_SCATTER, edge * 2, **group))
+    # gathered in bf16, reduced in fp32 (emit/dp.py: MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    assert kw["edge_reduce_s"] == pytest.approx(pricing.collective_time(Collective.REDUCE_SCATTER, edge * 4, **group))
+    grads = sum(layers) * 4
+    assert kw["grad_reduce_s"] == pytest.approx(pricing.collective_time(Collective.REDUCE_SCATTER, grads, **group))
     out_s, in_s = comm.estimate_fsdp_copy_time(sum(layers), H100.gpu, gathers_per_step=4, param_bytes=2,
                                                reduce_bytes=4)  # 2 gathers per micro-batch × 2
     assert (kw["copy_out_s"], kw["copy_in_s"]) == (pytest.approx(out_s), pytest.approx(in_s))

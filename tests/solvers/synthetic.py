@@ -82,6 +82,9 @@ class SyntheticPricing:
         return 0.5e9
 
     def grad_bytes_per_param(self) -> float:
+        return 4.0
+
+    def param_bytes_per_param(self) -> float:
         return 2.0
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> dict[str, ShardingPlan]:
