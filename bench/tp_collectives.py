@@ -123,6 +123,13 @@ def run_rank(rank: int, world: int, port: int, cases: list[tuple[str, str]], que
         dist.destroy_process_group()
 
 
+def _sequence_numbers() -> dict[Any, int]:
+    """Collectives each process group of more than one rank has issued so far (its sequence number)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return {group: group._get_sequence_number_for_group() for group in c10d._world.pg_map if group.size() > 1}
+
+
 def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, int, str]]:
     """The collectives of one training step (forward, backward, optimizer), after a warm-up step."""
     spec = plan_regret.MODELS[name]
@@ -143,11 +150,15 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
         finally:
             log.phase = None
 
+    before = _sequence_numbers()
     with log:
         pm.step(x, x, loss_fn)
         log.phase = "optimizer"
         opt.step()
     opt.zero_grad()
+    issued_total = sum(after - before.get(group, 0) for group, after in _sequence_numbers().items())
+    if issued_total != len(log.calls):  # the process groups' own count: the log missed (or invented) some
+        raise RuntimeError(f"logged {len(log.calls)} collectives but the process groups issued {issued_total}")
     if log.unknown:
         print(f"{name} {plan.layout.describe()}: other c10d ops {dict(log.unknown)}", flush=True)
     return log.calls
