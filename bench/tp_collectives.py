@@ -2,6 +2,7 @@
 
     python bench/tp_collectives.py                 # plan_regret's GPT and Llama, tp=2 with and without SP
     python bench/tp_collectives.py --cluster dgx-h100
+    python bench/tp_collectives.py --data-parallel  # GPT at dp2 tp1, ZeRO 0/2/3, 2 micro-batches: DP's collectives
 
 Plans each ``plan_regret.MODELS`` model pinned to dp=1 tp=2 pp=1 (fp32, one micro-batch of the
 bench's global batch), runs one training step of each on 2 gloo ranks under a dispatch mode that
@@ -243,6 +244,33 @@ def report(graphs: dict[str, Any], plans: list[tuple[str, Any]], runs: list[Any]
             print(f"    {phase:8s} {kind:14s} {n:3d} x  {w}")
 
 
+def dp_plans(cluster: Any) -> list[tuple[str, Any]]:
+    """GPT at dp2 tp1 pp1 with 2 micro-batches of 2, ZeRO 0, 2 and 3: how often FSDP2 gathers and reduces."""
+    import autopar
+
+    spec = plan_regret.MODELS["gpt"]
+    model = regret_worker.build_model(spec)
+    example = (torch.zeros(2, spec["seq_len"], dtype=torch.long),)
+    return [("gpt", autopar.plan(model, example, cluster=cluster, global_batch_size=plan_regret.GLOBAL_BATCH,
+                                 dtype="float32", constraints=dict(dp=2, tp=1, pp=1, micro_batch_size=2, zero_stage=z,
+                                                                   recompute="none")))
+            for z in (0, 2, 3)]
+
+
+def report_dp(plans: list[tuple[str, Any]], runs: list[Any]) -> None:
+    """Issued DP collectives by phase, kind and place; the planner prices, per FSDP unit and step: ZeRO 0 one
+    all-reduce hidden behind the last backward, ZeRO 1/2 one gather and one reduce-scatter, ZeRO 3 2m gathers."""
+    by_layout = {(name, layout): calls for name, layout, calls in runs}
+    for name, plan in plans:
+        calls = by_layout.get((name, plan.layout.describe()), [])
+        print(f"\n== {name}: {plan.layout.describe()} ({plan.layout.num_micro_batches} micro-batches per rank)")
+        if isinstance(calls, str):
+            print(f"  not run: {calls}")
+            continue
+        for (phase, kind, where), n in sorted(Counter((ph, k, w) for ph, k, _, w in calls).items()):
+            print(f"  {phase:9s} {kind:14s} {n:3d} x  {where}")
+
+
 def main() -> None:
     import torch.multiprocessing as mp
 
@@ -253,11 +281,14 @@ def main() -> None:
     parser.add_argument("--cluster", default="local",
                         help="preset or YAML the plans are made for; 'local': this machine's 2 gloo ranks (as plan_regret), "
                         "measured once into bench/out/tp_collectives/ (delete to measure again)")
+    parser.add_argument("--data-parallel", action="store_true", help="GPT at dp2 tp1, ZeRO 0/2/3 instead of TP")
     args = parser.parse_args()
     local = args.cluster == "local"
     cluster = None if local else Cluster.from_yaml(args.cluster) if args.cluster.endswith((".yaml", ".yml")) else (
         Cluster.preset(args.cluster))
     graphs, plans, clusters = plans_for(cluster, local)
+    if args.data_parallel:
+        plans = dp_plans(clusters["gpt"])
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     cases = [(name, p.to_json(indent=None)) for name, p in plans]
@@ -265,7 +296,10 @@ def main() -> None:
     runs = []
     while not queue.empty():
         runs.append(queue.get())
-    report(graphs, plans, runs, clusters)
+    if args.data_parallel:
+        report_dp(plans, runs)
+    else:
+        report(graphs, plans, runs, clusters)
 
 
 if __name__ == "__main__":
