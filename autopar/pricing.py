@@ -15,9 +15,10 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from autopar.cost_models import comm, compute, loss, memory
+from autopar.cost_models import comm, compute, loss, memory, optimizer
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
+from autopar.cost_models.layer_info import layer_capture_dtype
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
 from autopar.layout import Recompute
 from autopar.plan import ShardingPlan
@@ -26,10 +27,14 @@ from autopar.solvers.space import ModelShape
 from autopar.solvers.sharding.layer_result import LayerShardingResult
 from autopar.solvers.sharding.strategies import solve_layer_sharding
 
-ADAM_BYTES_PER_PARAM = 28
-"""HBM traffic of one fused Adam update per parameter: read fp32 master, m, v (12) and the gradient (2 in
-bf16, promoted), write master, m, v (12) and the bf16 weight copy (2) — 28 bytes; fp32 training reads a
-4-byte gradient and writes no copy, also 28. The update is memory-bound (a few FLOPs per 28 bytes)."""
+OPTIMIZER = "foreach"
+"""The AdamW the planner prices (``optimizer.py``): torch's default on GPUs (``_default_to_fused_or_foreach``
+picks foreach when every tensor is on CUDA and neither flag is set), torchtitan's at its 2024-12 benchmark."""
+CLIP_GRAD_NORM = True
+"""Gradients clipped by ``clip_grad_norm_(foreach=True)`` before the step (torchtitan ``max_norm = 1.0``,
+Megatron-LM ``--clip-grad 1.0``, nanoGPT ``grad_clip = 1.0``)."""
+REDUCE_BYTES = 4
+"""FSDP2 reduces gradients in fp32 (``emit/dp.py``: ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``)."""
 
 
 class _NodePrices:
@@ -121,13 +126,24 @@ class GraphPricing:
                                              nodes_spanned=min(nodes_spanned, self.cluster.nodes))
 
     def optimizer_step_time(self, num_params: float) -> float:
-        return num_params * ADAM_BYTES_PER_PARAM / self.cluster.gpu.achievable_mem_bytes_per_s
+        return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=OPTIMIZER,
+                                                      clip_grad_norm=CLIP_GRAD_NORM)
+
+    def optimizer_temp_bytes(self, num_params: float) -> float:
+        return optimizer.optimizer_temporary_bytes(num_params, implementation=OPTIMIZER)
+
+    def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
+        return comm.estimate_fsdp_copy_time(num_params, self.cluster.gpu, gathers_per_step=gathers_per_step,
+                                            param_bytes=DTYPE_BYTES[self.dtype], reduce_bytes=REDUCE_BYTES)
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         return memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=largest_layer_params,
                                            dtype=self.dtype)
 
     def grad_bytes_per_param(self) -> float:
+        return float(REDUCE_BYTES)
+
+    def param_bytes_per_param(self) -> float:
         return float(DTYPE_BYTES[self.dtype])
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
@@ -158,10 +174,11 @@ class GraphPricing:
     def _solve_sharding(self, kind: str, tp: int, sequence_parallel: bool) -> LayerShardingResult:
         layer = self._kinds[kind]
         scale = self._float_scale()
+        captured = layer_capture_dtype(layer)
 
         def op_cost(op: Op, shard: int) -> tuple[float, float]:
             """(forward, backward) seconds with the op's work split ``shard`` ways (fixed costs are not split)."""
-            t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard)
+            t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard, capture_dtype=captured)
             return t.forward_s, t.backward_s
 
         return solve_layer_sharding(

@@ -81,8 +81,10 @@ def build_model(spec: dict[str, Any]) -> torch.nn.Module:
         return LlamaForCausalLM(LlamaConfig(**spec["config"]))
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of one micro-batch."""
+def loss_fn(output: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of one micro-batch; ``output`` is the logits or, for a Hugging Face
+    model, the ``ModelOutput`` the emitted program returns as ``model.forward`` does (its ``logits``)."""
+    logits = output.logits if hasattr(output, "logits") else output
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 

@@ -26,9 +26,10 @@ shares (NCCL runs one ring per NIC), so busbw = min(intra, (n/k) · inter per GP
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from autopar._compat import StrEnum
-from autopar.cost_models.cluster import Cluster
+from autopar.cost_models.cluster import Cluster, GPUSpec
 from autopar.layout import Collective, CommBreakdown
 
 RING_BASE_LATENCY_S = 3.6e-6
@@ -204,7 +205,8 @@ forward pass, a ``1 / COMPUTE_PER_FORWARD`` share of one micro-batch's compute."
 
 def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_reduce_s: float,
                              param_gather_s: float, rank_compute_s: float, last_backward_s: float,
-                             overlap: bool) -> CommBreakdown:
+                             overlap: bool, edge_gather_s: float = 0.0, edge_reduce_s: float = 0.0,
+                             copy_out_s: float = 0.0, copy_in_s: float = 0.0) -> CommBreakdown:
     """Data-parallel communication one pipeline rank leaves on the critical path of a step, by ZeRO collective.
 
     ZeRO 0 all-reduces gradients; ZeRO 1/2 reduce-scatter gradients and all-gather the updated
@@ -218,6 +220,12 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
     - ZeRO 3's two gathers per micro-batch hide behind that micro-batch's compute (prefetching),
       so ``m · max(0, 2·gather − compute / m)`` is exposed.
 
+    Overlap has two edges nothing can hide (FSDP units, ``fsdp_edge_params``): a forward cannot start
+    before its first units are gathered (``edge_gather_s``, once per micro-batch under ZeRO 3, whose
+    units are resharded after backward; once per step under ZeRO 1/2), and the last units' reduction
+    starts after the last backward kernel (``edge_reduce_s``), so each exposed term is at least its edge.
+    FSDP2's copy kernels run on the compute stream (``estimate_fsdp_copy_time``): ``copy_out_s`` joins the
+    all-gather term and ``copy_in_s`` the reduction term, exposed with or without overlap.
     Without overlap all of it is exposed.
 
     Args:
@@ -228,6 +236,10 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
         rank_compute_s: forward + backward compute of all m micro-batches on the rank.
         last_backward_s: backward of one micro-batch on the rank.
         overlap: whether communication overlaps compute (a plan option).
+        edge_gather_s: the all-gather of the units a forward needs first (unused under ZeRO 0).
+        edge_reduce_s: the reduction of the units whose gradients are ready last.
+        copy_out_s: FSDP2's all-gather copy-out kernels per step.
+        copy_in_s: FSDP2's reduce copy-in kernels per step.
 
     Returns:
         The data-parallel fields of a ``CommBreakdown`` (the others are 0).
@@ -240,20 +252,47 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
         ...                              rank_compute_s=1.0, last_backward_s=0.3, overlap=True)
         >>> round(c.dp_all_gather_s, 9), c.dp_reduce_scatter_s
         (1.0, 0.0)
+        >>> c = estimate_exposed_dp_comm(zero_stage=3, num_micro_batches=2, grad_reduce_s=0.1, param_gather_s=0.1,
+        ...                              rank_compute_s=1.0, last_backward_s=0.3, overlap=True,
+        ...                              edge_gather_s=0.02, edge_reduce_s=0.03)
+        >>> round(c.dp_all_gather_s, 9), round(c.dp_reduce_scatter_s, 9)  # the edges, per micro-batch and once
+        (0.04, 0.03)
     """
     if zero_stage not in (0, 1, 2, 3) or num_micro_batches < 1:
         raise ValueError(f"zero_stage={zero_stage} must be 0-3 and num_micro_batches={num_micro_batches} >= 1")
     m = num_micro_batches
     hide = last_backward_s if overlap else 0.0
-    reduce = max(0.0, grad_reduce_s - hide)
+    reduce = max(edge_reduce_s, grad_reduce_s - hide, 0.0) + copy_in_s
     if zero_stage == 0:
         return CommBreakdown(dp_all_reduce_s=reduce)
     if zero_stage < 3:
         first_forward = rank_compute_s / m / COMPUTE_PER_FORWARD if overlap else 0.0
-        return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=max(0.0, param_gather_s - first_forward))
+        gather = max(edge_gather_s, param_gather_s - first_forward, 0.0)
+        return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=gather + copy_out_s)
     per_micro_batch = 2 * param_gather_s  # forward and backward gathers of every micro-batch
-    exposed = m * max(0.0, per_micro_batch - (rank_compute_s / m if overlap else 0.0))
-    return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=exposed)
+    exposed = m * max(edge_gather_s, per_micro_batch - (rank_compute_s / m if overlap else 0.0), 0.0)
+    return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=exposed + copy_out_s)
+
+
+def fsdp_edge_params(unit_params: Sequence[float], is_block: Sequence[bool]) -> float:
+    """Parameters of the FSDP units a rank's forward gathers first and its backward reduces last.
+
+    ``emit/dp.py`` makes each repeated block an FSDP unit and the stage root (embedding, final norm,
+    head: every other layer) one more. The forward waits for the root's all-gather and then the first
+    block's (the embedding between them is too short to hide it), and the backward ends with the first
+    block's reduce-scatter and then the root's, after the last kernel: root + first block, both ways.
+
+    Example:
+        >>> fsdp_edge_params([5.0, 2.0, 2.0, 2.0, 6.0], [False, True, True, True, False])  # 5 + 6 + 2
+        13.0
+        >>> fsdp_edge_params([2.0, 2.0], [True, True])  # a middle pipeline stage: its first block
+        2.0
+    """
+    if len(unit_params) != len(is_block):
+        raise ValueError(f"{len(unit_params)} layers but {len(is_block)} block flags")
+    root = math.fsum(p for p, block in zip(unit_params, is_block) if not block)
+    first_block = next((p for p, block in zip(unit_params, is_block) if block), 0.0)
+    return root + first_block
 
 
 FSDP2_COPY_OUT_BYTES_PER_ELEMENT = 2
@@ -262,8 +301,9 @@ each unsharded parameter) reads and writes every gathered element once: 2 × the
 
 
 def fsdp_copy_bytes(num_params: float, *, gathers_per_step: int, param_bytes: int = 2, grad_bytes: int = 2,
-                    reduce_bytes: int = 4) -> float:
-    """HBM bytes FSDP2's copy kernels move on the compute stream per step, for ``num_params`` unsharded parameters.
+                    reduce_bytes: int = 4) -> tuple[float, float]:
+    """HBM bytes FSDP2's copy kernels move on the compute stream per step, for ``num_params`` unsharded
+    parameters: (all-gather copy-out, reduce copy-in).
 
     torch ``distributed/fsdp/_fully_shard``: ``wait_for_unshard`` runs the all-gather copy-out on the current
     stream (``gathers_per_step`` times: forward and, with ``reshard_after_forward``, backward), and
@@ -272,11 +312,31 @@ def fsdp_copy_bytes(num_params: float, *, gathers_per_step: int, param_bytes: in
     the reduce-scatter stream waits on it. Both serialize with compute.
 
     Example:
-        >>> fsdp_copy_bytes(1e9, gathers_per_step=2) / 1e9  # 2 × (2 + 2) + (2 + 4) bytes per parameter
-        14.0
+        >>> [b / 1e9 for b in fsdp_copy_bytes(1e9, gathers_per_step=2)]  # 2 × (2 + 2), (2 + 4) bytes per parameter
+        [8.0, 6.0]
     """
     copy_out = gathers_per_step * FSDP2_COPY_OUT_BYTES_PER_ELEMENT * param_bytes
-    return float(num_params) * (copy_out + grad_bytes + reduce_bytes)
+    return float(num_params) * copy_out, float(num_params) * (grad_bytes + reduce_bytes)
+
+
+def estimate_fsdp_copy_time(num_params: float, gpu: GPUSpec, *, gathers_per_step: int, param_bytes: int,
+                            reduce_bytes: int) -> tuple[float, float]:
+    """Seconds of FSDP2's copy kernels per step (``fsdp_copy_bytes``; gradients at the parameters' width) at
+    the GPU's achievable bandwidth: (all-gather copy-out, reduce copy-in); (0, 0) without parameters.
+
+    Example:
+        >>> from autopar.cost_models.cluster import Cluster
+        >>> gpu = Cluster.preset("dgx-h100").gpu
+        >>> [round(t * 1e3, 2) for t in estimate_fsdp_copy_time(1e9, gpu, gathers_per_step=2, param_bytes=2,
+        ...                                                      reduce_bytes=4)]
+        [2.65, 1.99]
+    """
+    if num_params <= 0:
+        return 0.0, 0.0
+    out_bytes, in_bytes = fsdp_copy_bytes(num_params, gathers_per_step=gathers_per_step, param_bytes=param_bytes,
+                                          grad_bytes=param_bytes, reduce_bytes=reduce_bytes)
+    bw = gpu.achievable_mem_bytes_per_s
+    return out_bytes / bw, in_bytes / bw
 
 
 def _check_group(cluster: Cluster, group_size: int, nodes_spanned: int) -> None:
@@ -300,7 +360,9 @@ __all__ = [
     "COMPUTE_PER_FORWARD",
     "estimate_exposed_dp_comm",
     "FSDP2_COPY_OUT_BYTES_PER_ELEMENT",
+    "estimate_fsdp_copy_time",
     "fsdp_copy_bytes",
+    "fsdp_edge_params",
     "group_bus_bandwidth",
     "wire_bytes",
 ]

@@ -71,12 +71,24 @@ class Pricing(Protocol):
         """Seconds for the optimizer update of ``num_params`` parameters held by one GPU."""
         ...
 
+    def optimizer_temp_bytes(self, num_params: float) -> float:
+        """Bytes the optimizer step allocates on top of its states for ``num_params`` parameters one GPU owns."""
+        ...
+
+    def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
+        """Seconds of FSDP's (all-gather copy-out, reduce copy-in) kernels per step on the compute stream."""
+        ...
+
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
         ...
 
     def grad_bytes_per_param(self) -> float:
-        """Bytes of one gradient element as communicated (2 in bf16 mixed precision, 4 in fp32)."""
+        """Bytes of one gradient element as reduced over dp (the emitter's reduce dtype: fp32)."""
+        ...
+
+    def param_bytes_per_param(self) -> float:
+        """Bytes of one parameter element as all-gathered over dp (the training dtype)."""
         ...
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:

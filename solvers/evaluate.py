@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from autopar.cost_models.comm import estimate_exposed_dp_comm
+from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
@@ -157,21 +158,24 @@ def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: fl
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             pricing: Pricing, dp_nodes: int, overlap: bool) -> CommBreakdown:
-    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``)."""
+             pricing: Pricing, dp_nodes: int, overlap: bool, edge_params: float = 0.0) -> CommBreakdown:
+    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``);
+    ``edge_params``: the FSDP units gathered first and reduced last (``comm.fsdp_edge_params``)."""
     if layout.dp == 1:
         return CommBreakdown()
-    grad_bytes = rank_params * pricing.grad_bytes_per_param()
 
-    def t(kind: Collective) -> float:  # gradients and updated parameters at the training dtype's width
-        return pricing.collective_time(kind, grad_bytes, group_size=layout.dp, nodes_spanned=dp_nodes)
+    def t(kind: Collective, params: float = rank_params) -> float:  # gradients reduced in fp32, params gathered
+        width = pricing.param_bytes_per_param() if kind is Collective.ALL_GATHER else pricing.grad_bytes_per_param()
+        return pricing.collective_time(kind, params * width, group_size=layout.dp, nodes_spanned=dp_nodes)
 
-    zero = layout.zero_stage
+    zero, m = layout.zero_stage, layout.num_micro_batches
+    reduce = Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER
+    copy_out, copy_in = pricing.fsdp_copy_time(rank_params, gathers_per_step=(2 * m if zero == 3 else int(zero > 0)))
     return estimate_exposed_dp_comm(
-        zero_stage=zero, num_micro_batches=layout.num_micro_batches,
-        grad_reduce_s=t(Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER),
+        zero_stage=zero, num_micro_batches=m, grad_reduce_s=t(reduce),
         param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
-        last_backward_s=last_backward_s, overlap=overlap)
+        last_backward_s=last_backward_s, overlap=overlap, edge_gather_s=t(Collective.ALL_GATHER, edge_params) if zero
+        else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
 def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
@@ -207,12 +211,15 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
     memory, dp_comm, opt_time = [], CommBreakdown(), 0.0
+    counts = Counter(c.param_count for c in costs)  # FSDP units: repeated blocks; the rest is the stage root
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
-        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
+        unit = [costs[i].param_count for i in layers]
+        edge = fsdp_edge_params(unit, [counts[p] > 1 for p in unit])
+        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce, edge)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
@@ -220,7 +227,8 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
         p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
-                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes))
+                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes,
+                                           optimizer_temp_bytes=pricing.optimizer_temp_bytes(owned)))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_comm.dp_s + opt_time

@@ -182,7 +182,48 @@ def test_fsdp2_copy_kernels_move_copy_out_and_reduce_copy_in_bytes() -> None:
     from autopar.cost_models.comm import fsdp_copy_bytes
 
     # Llama 3 8B on one rank's compute stream, reshard after forward (2 gathers), bf16 params and grads,
-    # fp32 reduce: 2 × (read 2 + write 2) + (read 2 + write 4) = 14 B per parameter
-    assert fsdp_copy_bytes(8.03e9, gathers_per_step=2) == pytest.approx(8.03e9 * 14)
-    # no reshard after forward (torchtitan under PP): one gather; fp32 grads reduced in fp32: 4 + 8
-    assert fsdp_copy_bytes(100, gathers_per_step=1, param_bytes=4, grad_bytes=4, reduce_bytes=4) == 100 * (8 + 8)
+    # fp32 reduce: copy-out 2 × (read 2 + write 2), copy-in (read 2 + write 4) = 8 + 6 B per parameter
+    out, into = fsdp_copy_bytes(8.03e9, gathers_per_step=2)
+    assert (out, into) == (pytest.approx(8.03e9 * 8), pytest.approx(8.03e9 * 6))
+    # no reshard after forward (torchtitan under PP): one gather; fp32 grads reduced in fp32: 8, 8
+    assert fsdp_copy_bytes(100, gathers_per_step=1, param_bytes=4, grad_bytes=4, reduce_bytes=4) == (800.0, 800.0)
+
+
+def test_fsdp_copy_time_is_its_bytes_at_the_achievable_bandwidth() -> None:
+    from autopar.cost_models.comm import estimate_fsdp_copy_time
+
+    gpu = H100.gpu
+    out_s, in_s = estimate_fsdp_copy_time(1e9, gpu, gathers_per_step=4, param_bytes=2, reduce_bytes=4)
+    assert out_s == pytest.approx(16e9 / gpu.achievable_mem_bytes_per_s)  # 4 × (2 + 2) B
+    assert in_s == pytest.approx(6e9 / gpu.achievable_mem_bytes_per_s)  # gradients at the params' width + fp32
+    assert estimate_fsdp_copy_time(0, gpu, gathers_per_step=2, param_bytes=2, reduce_bytes=4) == (0.0, 0.0)
+
+
+def test_fsdp_edges_are_the_root_and_the_first_block() -> None:
+    from autopar.cost_models.comm import fsdp_edge_params
+
+    # embedding 5, blocks of 2, head 6: root (5 + 6) + first block
+    assert fsdp_edge_params([5.0, 2.0, 2.0, 6.0], [False, True, True, False]) == 13.0
+    assert fsdp_edge_params([2.0, 3.0], [True, True]) == 2.0  # a middle stage: its first block, no root
+    assert fsdp_edge_params([7.0], [False]) == 7.0  # one unit: all of it
+    with pytest.raises(ValueError):
+        fsdp_edge_params([1.0], [])
+
+
+def test_exposed_dp_comm_is_at_least_its_edges_and_adds_the_copies() -> None:
+    kw = dict(num_micro_batches=4, grad_reduce_s=0.5, param_gather_s=0.3, rank_compute_s=2.4, last_backward_s=0.6,
+              overlap=True)
+    hidden = estimate_exposed_dp_comm(zero_stage=3, **kw)
+    assert hidden.dp_s == 0.0  # everything hides behind compute without edges
+    edged = estimate_exposed_dp_comm(zero_stage=3, edge_gather_s=0.05, edge_reduce_s=0.07, **kw)
+    # the first units' gather before each of the 4 forwards; the last units' reduce once
+    assert (edged.dp_all_gather_s, edged.dp_reduce_scatter_s) == (pytest.approx(0.2), pytest.approx(0.07))
+    zero1 = estimate_exposed_dp_comm(zero_stage=1, edge_gather_s=0.05, edge_reduce_s=0.07, **kw)
+    assert (zero1.dp_all_gather_s, zero1.dp_reduce_scatter_s) == (pytest.approx(0.1), pytest.approx(0.07))
+    # a larger exposed excess already contains the edge: not added twice
+    slow = estimate_exposed_dp_comm(zero_stage=3, edge_gather_s=0.05, **{**kw, "param_gather_s": 0.5})
+    assert slow.dp_all_gather_s == pytest.approx(4 * (1.0 - 0.6))
+    copies = estimate_exposed_dp_comm(zero_stage=3, copy_out_s=0.01, copy_in_s=0.02, **kw)
+    assert (copies.dp_all_gather_s, copies.dp_reduce_scatter_s) == (0.01, 0.02)
+    zero0 = estimate_exposed_dp_comm(zero_stage=0, copy_in_s=0.02, **{**kw, "overlap": False})
+    assert zero0.dp_all_reduce_s == pytest.approx(0.52)

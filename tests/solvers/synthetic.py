@@ -72,10 +72,19 @@ class SyntheticPricing:
     def optimizer_step_time(self, num_params: float) -> float:
         return 32 * num_params / 1e12
 
+    def optimizer_temp_bytes(self, num_params: float) -> float:
+        return 4 * num_params
+
+    def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
+        return 4 * gathers_per_step * num_params / 1e12, 6 * num_params / 1e12
+
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         return 0.5e9
 
     def grad_bytes_per_param(self) -> float:
+        return 4.0
+
+    def param_bytes_per_param(self) -> float:
         return 2.0
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> dict[str, ShardingPlan]:
