@@ -14,7 +14,7 @@ Step time of a layout (seconds)::
   micro-batch's backward, ZeRO 1/2's gather of updated parameters behind the next step's first
   forward (about a third of a micro-batch's compute), and ZeRO 3's parameter gathers behind each
   micro-batch's compute (prefetching), so only the excess is exposed;
-- optimizer update: memory-bound over the parameters a GPU owns (see ``Pricing``).
+- optimizer update: memory-bound over the parameters a GPU owns (``costs.Formulas.optimizer_step_time``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from autopar.cost_models.comm import estimate_exposed_dp_comm
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
-from autopar.solvers.costs import LayerCost, Pricing
+from autopar.solvers.costs import Formulas, LayerCost
 from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
@@ -85,16 +85,16 @@ def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
     return max(1, math.ceil(span / gpus_per_node)) if span > gpus_per_node else 1
 
 
-def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p2p_nodes: int) -> StageCosts:
+def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas, p2p_nodes: int) -> StageCosts:
     states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
     sends: dict[float, float] = {}
     for c in costs:
         if c.param_count not in states:
-            params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
+            params, grads, opt = formulas.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
             states[c.param_count] = params + grads + opt
         if c.boundary_bytes not in sends:  # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
-            sends[c.boundary_bytes] = pricing.collective_time("p2p", c.boundary_bytes, group_size=2,
-                                                              nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
+            sends[c.boundary_bytes] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
+                                                               nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
     static = [states[c.param_count] for c in costs]
     send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
@@ -157,14 +157,14 @@ def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: fl
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             pricing: Pricing, dp_nodes: int, overlap: bool) -> CommBreakdown:
+             formulas: Formulas, dp_nodes: int, overlap: bool) -> CommBreakdown:
     """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``)."""
     if layout.dp == 1:
         return CommBreakdown()
-    grad_bytes = rank_params * pricing.grad_bytes_per_param()
+    grad_bytes = rank_params * formulas.grad_bytes_per_param()
 
     def t(kind: Collective) -> float:  # gradients and updated parameters at the training dtype's width
-        return pricing.collective_time(kind, grad_bytes, group_size=layout.dp, nodes_spanned=dp_nodes)
+        return formulas.collective_time(kind, grad_bytes, group_size=layout.dp, nodes_spanned=dp_nodes)
 
     zero = layout.zero_stage
     return estimate_exposed_dp_comm(
@@ -174,7 +174,7 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         last_backward_s=last_backward_s, overlap=overlap)
 
 
-def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
+def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
                     overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None,
                     costs_key: Hashable = None) -> Evaluation:
     """Price ``layout`` at its (tp, sp, micro-batch) setting, each stage with the fastest policy that fits.
@@ -188,15 +188,15 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
     policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
     per_policy = [variants[rc] for rc in policies]
-    stage_variants = [_stage_costs(layout, costs, pricing, p2p_nodes) for costs in per_policy]
+    stage_variants = [_stage_costs(layout, costs, formulas, p2p_nodes) for costs in per_policy]
     largest = max(c.param_count for c in per_policy[0])
-    fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
     # total = with_headroom(states + activations + fixed buffers) must fit the GPU
     if partition_cache is not None and costs_key is None:
         raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
     key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
            layout.num_micro_batches)
-    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=fixed),
+    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
     part = chosen.partition
     stage_policy = tuple(policies[p] for p in chosen.policies)
@@ -212,15 +212,15 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
-        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce)
+        rank_comm = _dp_comm(layout, params, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
-        opt_time = max(opt_time, pricing.optimizer_step_time(owned))
-        p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
+        opt_time = max(opt_time, formulas.optimizer_step_time(owned))
+        p, g, o = formulas.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
-                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes))
+                                           fixed_bytes=fixed, capacity_bytes=formulas.gpu_mem_bytes))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_comm.dp_s + opt_time
