@@ -43,14 +43,15 @@ def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tup
     best = np.zeros((time_s.shape[0], k.shape[1]))
     with np.errstate(divide="ignore", invalid="ignore"):
         for p, (a_p, t_p) in enumerate(policies):
-            for a_q, t_q in policies[p:]:
+            best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * a_p), time_s / t_p))  # the end λ = 0
+            for a_q, t_q in policies[p + 1:]:  # λ = 1 is the other policy's own end, visited as its λ = 0
                 d_a, d_t = a_q - a_p, t_q - t_p
                 cross = (time_s * (static_bytes + k * a_p) - budget_bytes * t_p) / (budget_bytes * d_t - time_s * k * d_a)
-                for lam in (0.0, 1.0, np.nan_to_num(np.clip(cross, 0.0, 1.0))):
-                    acts, secs = a_p + lam * d_a, t_p + lam * d_t
-                    held = np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs)
-                    best = np.maximum(best, np.nan_to_num(held, nan=0.0, posinf=math.inf))
-    return best
+                lam = np.clip(cross, 0.0, 1.0)
+                lam[np.isnan(lam)] = 0.0
+                acts, secs = a_p + lam * d_a, t_p + lam * d_t
+                best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs))
+    return best  # fmax skips NaN (0/0: a block of no bytes and no time), as 0 would: best starts at 0
 
 
 def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
@@ -155,13 +156,22 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
-    """(first index, count) of each distinct value, in order of first appearance (layers compared by value)."""
+    """(first index, count) of each distinct value, in order of first appearance (layers compared by value).
+
+    Rows share one object per layer kind, so values are grouped by identity first (cheap to hash) and
+    the groups' representatives then by value: the same result as grouping every value by value.
+    """
+    by_id: dict[tuple[int, ...], list[int]] = {}  # identity of the value (or of each item of a tuple) → indices
+    for i, value in enumerate(values):
+        key = tuple(map(id, value)) if isinstance(value, tuple) else (id(value),)
+        by_id.setdefault(key, []).append(i)
     first: dict[object, int] = {}
     counts: Counter[object] = Counter()
-    for i, value in enumerate(values):
-        first.setdefault(value, i)
-        counts[value] += 1
-    return tuple((first[v], counts[v]) for v in first)
+    for indices in by_id.values():  # in order of first appearance
+        value = values[indices[0]]
+        first.setdefault(value, indices[0])
+        counts[value] += len(indices)
+    return tuple((first[v], counts[v]) for v in sorted(first, key=first.__getitem__))
 
 
 def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:

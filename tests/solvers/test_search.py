@@ -140,3 +140,50 @@ def test_recompute_is_chosen_per_stage():
     uniform = _run(_space(pricing, gpus=8, batch=32, recompute="full", **pins), pricing).ranked[0]
     assert set(uniform.stage_recompute) == {Recompute.FULL}
     assert mixed.step_time_s < uniform.step_time_s
+
+
+def test_the_search_asks_for_the_settings_it_reads_and_matches_the_full_table():
+    """Driven lazily (each request priced into a new table), the search equals the search on every setting."""
+    from autopar.solvers.costs import LayerCostTable, PriceTable
+    from autopar.solvers.search import bound_settings, search_steps
+
+    pricing = SyntheticPricing(mem=6e9)
+    space = _space(pricing)
+    full = pricing.prices(space)
+    table = PriceTable(layers=LayerCostTable.of(full.num_layers, {}), cluster=full.cluster, dtype=full.dtype)
+    steps = search_steps(space, table, top_k=3)
+    asked = [next(steps)]
+    assert asked[0] == bound_settings(space)  # first: one policy per (tp, sp, micro-batch) for the group bounds
+    assert {s.recompute for s in asked[0]} == {Recompute.NONE}
+    try:
+        while True:
+            table = table.with_layers(LayerCostTable.of(full.num_layers, {s: full.layers[s] for s in asked[-1]}))
+            asked.append(steps.send(table))
+    except StopIteration as done:
+        lazy = done.value
+    seen = [s for batch in asked for s in batch]
+    assert len(seen) == len(set(seen))  # never asks for a setting it holds
+    assert len(seen) < len(full.layers.rows)  # settings whose groups the bounds prune are never priced
+    eager = search(space, full, top_k=3)
+    assert [ev.layout for ev in lazy.ranked] == [ev.layout for ev in eager.ranked]
+    assert [ev.step_time_s for ev in lazy.ranked] == [ev.step_time_s for ev in eager.ranked]
+
+
+def test_a_table_is_a_read_only_value_and_search_refuses_a_missing_setting():
+    from types import MappingProxyType
+
+    from autopar.solvers.costs import LayerCostTable, LayerSetting, PriceTable
+
+    pricing = SyntheticPricing()
+    space = _space(pricing)
+    full = pricing.prices(space)
+    assert isinstance(full.layers.rows, MappingProxyType)
+    with pytest.raises(TypeError):
+        full.layers.rows[LayerSetting(1, False, 1, Recompute.NONE)] = ()  # type: ignore[index]
+    with pytest.raises(ValueError, match="read-only"):
+        LayerCostTable(num_layers=full.num_layers, rows={})
+    with pytest.raises(ValueError, match="do not have"):
+        LayerCostTable.of(3, {LayerSetting(1, False, 1, Recompute.NONE): ()})
+    empty = PriceTable(layers=LayerCostTable.of(full.num_layers, {}), cluster=full.cluster, dtype=full.dtype)
+    with pytest.raises(ValueError, match="lacks"):
+        search(space, empty)
