@@ -206,7 +206,7 @@ def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
 
 
 def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint | None,
-                 ranks: bool = False) -> float:
+                 ranks: bool = False, chunks: bool = False) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``alpha · max_j t_j + beta · Σ_j t_j`` (``schedule_weights``),
@@ -217,7 +217,9 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms);
     with ``ranks`` a rank's chunks take at least 1/v of the time ``rank_bottleneck_s`` finds
     for the most repeated layer over ranks that hold different numbers of micro-batches (valid for
-    layouts that fit, the only ones the ranking keeps).
+    layouts that fit, the only ones the ranking keeps). With ``chunks`` (for a layout whose time-optimal
+    partition does not fit: ``evaluate.fastest_partition_fits``) the stage DP holds each chunk to 1/v
+    of its rank's budget, so ``max_j t_j`` is at least what ``rank_bottleneck_s`` finds over the chunks.
     """
     total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, formulas, foot))
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
@@ -226,6 +228,8 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
     if ranks and foot is not None and pp > 1:
         bottleneck = max(bottleneck, _rank_bottleneck_s(layout, prices, formulas, foot) / v)
+    if chunks and foot is not None:
+        bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
     owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
     return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned)
 
@@ -239,6 +243,56 @@ def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas
                 for t in prices.variants.values()]
     return rank_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=foot.k,
                              budget_bytes=tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed))
+
+
+def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
+    """``chunk_bottleneck_s`` for the most repeated layer over the S = pp·v chunks, each held to 1/v of its
+    rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``)."""
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    block = prices.fastest[index]
+    static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                for t in prices.variants.values()]
+    v = layout.virtual_stages
+    in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                    virtual_stages=v)
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed) / v
+    return chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
+                              budget_bytes=budget)
+
+
+_ROUNDING = 1e-9
+"""Relative slack on floors and on the returned bound, so float rounding never makes a bound too high."""
+
+
+def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
+                       in_flight: Sequence[int], budget_bytes: float) -> float:
+    """Least possible ``max_j t_j`` for ``count`` equal layers over stages that each run one policy.
+
+    Stage j holds a whole number x_j of the layers under one policy p (activation bytes a_p, seconds t_p):
+    ``x_j · (static + in_flight[j] · a_p) ≤ budget_bytes`` and ``t_j ≥ x_j · t_p``. The least bottleneck is
+    one of the values c · t_p (c = 1 … count): the smallest at which the stages hold ``count`` layers.
+    +inf when no split fits. A lower bound on the stage DP's bottleneck when each stage picks one policy.
+
+    Example:
+        >>> chunk_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
+        ...                    budget_bytes=3.0) >= 3.0 * (1 - 1e-8)  # 1 layer on stage 0, 3 on stage 1
+        True
+    """
+    if count <= 0:
+        return 0.0
+    k = np.asarray(in_flight, dtype=np.float64)[None, :, None]  # (1, S, 1)
+    acts = np.asarray([a for a, _ in policies], dtype=np.float64)[None, None, :]  # (1, 1, P)
+    secs = np.asarray([t for _, t in policies], dtype=np.float64)[None, None, :]
+    by_memory = np.floor(budget_bytes / (static_bytes + k * acts) * (1 + _ROUNDING))  # (1, S, P)
+    candidates = np.unique((np.arange(1, count + 1)[:, None] * secs[0, 0][None, :]).ravel())  # (C,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_time = np.floor(candidates[:, None, None] / secs * (1 + _ROUNDING))  # (C, 1, P)
+    held = np.nan_to_num(np.minimum(by_memory, by_time), nan=0.0).max(axis=2).sum(axis=1)  # (C,)
+    feasible = np.flatnonzero(held >= count)
+    if feasible.size == 0:
+        return math.inf
+    return float(candidates[feasible[0]]) * (1 - _ROUNDING)
 
 
 def _forced_recompute_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:

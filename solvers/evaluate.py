@@ -23,6 +23,7 @@ import dataclasses
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
@@ -111,42 +112,55 @@ Variants = Mapping[Recompute, Sequence[LayerCost]]
 _RECOMPUTE_ORDER = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 
 
-def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
-               key: tuple[object, ...]) -> tuple[PolicyPartition, bool]:
-    """The stage partition and per-stage policies of ``layout``, and whether they fit ``budget`` per rank.
+def _fastest(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
+             key: tuple[object, ...]) -> PolicyPartition | None:
+    """The time-optimal partition (every stage on the fastest policy) when it fits ``budget`` per rank, else None.
 
-    The time-optimal partition depends on the stage times only, not on the ZeRO stage or dp
-    (those change memory), so it is computed once per ``key`` with no memory limit and reused;
-    the memory-constrained DP runs only when that partition does not fit.
+    It depends on the stage times only, not on the ZeRO stage or dp (those change memory), so it is
+    computed once per ``key`` with no memory limit and reused (None without a cache).
     """
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     m, schedule = layout.num_micro_batches, layout.schedule
     in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
-    alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
-
-    def priced(bounds: Sequence[int], policies: Sequence[int]) -> PolicyPartition:
-        part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
-                                  alpha=alpha, beta=beta, virtual_stages=v)
-        return PolicyPartition(partition=part, policies=tuple(policies))
-
     quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
-    if cache is not None and key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget):
-        cache = None  # no partition of the fastest policy fits: go straight to the memory-constrained DP
-    if cache is not None:
-        if key not in cache:  # without a memory limit every stage takes the fastest policy
-            fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
-                                            mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
-            cache[key] = (fastest.boundaries, (quick,) * stages)
-        candidate = priced(*cache[key])
-        if max(candidate.partition.rank_mem_bytes) <= budget:
-            return candidate, True
+    if cache is None or (key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget)):
+        return None  # no partition of the fastest policy fits: the memory-constrained DP decides
+    if key not in cache:  # without a memory limit every stage takes the fastest policy
+        fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
+                                        mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
+        cache[key] = (fastest.boundaries, (quick,) * stages)
+    candidate = _priced(layout, variants, *cache[key])
+    return candidate if max(candidate.partition.rank_mem_bytes) <= budget else None
+
+
+def _priced(layout: Layout, variants: Sequence[StageCosts], bounds: Sequence[int],
+            policies: Sequence[int]) -> PolicyPartition:
+    m, v, schedule = layout.num_micro_batches, layout.virtual_stages, layout.schedule
+    in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
+    alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+    part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
+                              alpha=alpha, beta=beta, virtual_stages=v)
+    return PolicyPartition(partition=part, policies=tuple(policies))
+
+
+def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
+               key: tuple[object, ...]) -> tuple[PolicyPartition, bool]:
+    """The stage partition and per-stage policies of ``layout``, and whether they fit ``budget`` per rank.
+
+    The time-optimal partition (``_fastest``, cached) when it fits; otherwise the memory-constrained
+    DP, which holds each of a rank's v chunks to 1/v of its budget (``solve_stage_policies``).
+    """
+    candidate = _fastest(layout, variants, budget, cache, key)
+    if candidate is not None:
+        return candidate, True
+    stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     try:
-        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
-                                    schedule=schedule, virtual_stages=v), True
+        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=layout.num_micro_batches,
+                                    mem_budget_bytes=budget, schedule=layout.schedule, virtual_stages=v), True
     except InfeasibleStagePartitionError:
         n = variants[0].num_layers
         leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
-        return priced([round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
+        return _priced(layout, variants, [round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
 
 
 def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
@@ -174,6 +188,49 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         last_backward_s=last_backward_s, overlap=overlap)
 
 
+class _Setup(NamedTuple):
+    """What pricing a layout starts from."""
+
+    policies: list[Recompute]
+    """The policies of ``variants`` in ``_RECOMPUTE_ORDER``."""
+    per_policy: list[Sequence[LayerCost]]
+    """Their per-layer costs."""
+    stage_variants: list[StageCosts]
+    """Their stage-DP inputs (model states and boundary sends of this layout)."""
+    fixed: float
+    """Buffers and runtime reservation per GPU (before headroom)."""
+    key: tuple[object, ...]
+    """What the time-optimal partition depends on (``PartitionCache`` key)."""
+
+
+def _setup(layout: Layout, variants: Variants, formulas: Formulas, gpus_per_node: int,
+           partition_cache: PartitionCache | None, costs_key: Hashable) -> _Setup:
+    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
+    policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
+    per_policy = [variants[rc] for rc in policies]
+    stage_variants = [_stage_costs(layout, costs, formulas, p2p_nodes) for costs in per_policy]
+    largest = max(c.param_count for c in per_policy[0])
+    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
+    if partition_cache is not None and costs_key is None:
+        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
+    return _Setup(policies=policies, per_policy=per_policy, stage_variants=stage_variants, fixed=fixed, key=key)
+
+
+def fastest_partition_fits(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
+                           partition_cache: PartitionCache, costs_key: Hashable) -> bool:
+    """Whether ``evaluate_layout`` would keep the time-optimal partition (it fits every rank's memory).
+
+    When it does not, the memory-constrained DP holds each chunk to 1/v of a rank's budget, which the
+    search bounds more tightly (``bounds.layout_bound`` with ``chunks``). The partition is cached, so
+    the evaluation that may follow reuses it.
+    """
+    setup = _setup(layout, variants, formulas, gpus_per_node, partition_cache, costs_key)
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=setup.fixed)
+    return _fastest(layout, setup.stage_variants, budget, partition_cache, setup.key) is not None
+
+
 def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
                     overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None,
                     costs_key: Hashable = None) -> Evaluation:
@@ -185,17 +242,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     were priced at (e.g. tp, sequence parallelism, micro-batch size and the policies).
     """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
-    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
-    policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
-    per_policy = [variants[rc] for rc in policies]
-    stage_variants = [_stage_costs(layout, costs, formulas, p2p_nodes) for costs in per_policy]
-    largest = max(c.param_count for c in per_policy[0])
-    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
-    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
-    if partition_cache is not None and costs_key is None:
-        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
-    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
-           layout.num_micro_batches)
+    policies, per_policy, stage_variants, fixed, key = _setup(layout, variants, formulas, gpus_per_node,
+                                                              partition_cache, costs_key)
     chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
     part = chosen.partition

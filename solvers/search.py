@@ -41,7 +41,7 @@ from autopar.solvers.bounds import (
     setting_prices,
 )
 from autopar.solvers.costs import Formulas, LayerCostTable, LayerSetting, PriceTable
-from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout
+from autopar.solvers.evaluate import Evaluation, PartitionCache, evaluate_layout, fastest_partition_fits
 from autopar.solvers.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     state = _State(space=space, formulas=formulas, groups=groups, top_k=top_k, overlap=overlap_grad_reduce)
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
     # (bound, group rank, layout rank): ties go to the order of enumeration
-    # level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept apart
+    # level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept apart;
+    # 3: with chunks held to 1/v of a rank's budget (when the time-optimal partition does not fit)
     queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = [
         (g.time_bound_s, i, -1, None, 0, None) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
     while queue:
@@ -269,6 +270,15 @@ class _State:
             ranked_bound = layout_bound(layout, prices, formulas, foot, ranks=True)
             if ranked_bound > bound:
                 heapq.heappush(queue, (ranked_bound, i, j, layout, 2, foot))
+                return
+        if level <= 2 and len(self.best) >= self.top_k:
+            # when memory decides the partition, each chunk runs one policy within 1/v of its rank's budget;
+            # that bound holds only if the time-optimal partition does not fit (the costlier test, second)
+            chunk_bound = layout_bound(layout, prices, formulas, foot, ranks=level == 2, chunks=True)
+            if chunk_bound > bound and not fastest_partition_fits(
+                    layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
+                    partition_cache=self.partitions, costs_key=prices.key):
+                heapq.heappush(queue, (chunk_bound, i, j, layout, 3, foot))
                 return
         ev = evaluate_layout(layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
                              overlap_grad_reduce=self.overlap, partition_cache=self.partitions, costs_key=prices.key)
