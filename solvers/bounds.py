@@ -46,7 +46,8 @@ def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tup
             best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * a_p), time_s / t_p))  # the end λ = 0
             for a_q, t_q in policies[p + 1:]:  # λ = 1 is the other policy's own end, visited as its λ = 0
                 d_a, d_t = a_q - a_p, t_q - t_p
-                cross = (time_s * (static_bytes + k * a_p) - budget_bytes * t_p) / (budget_bytes * d_t - time_s * k * d_a)
+                cross = ((time_s * (static_bytes + k * a_p) - budget_bytes * t_p)
+                         / (budget_bytes * d_t - time_s * k * d_a))
                 lam = np.clip(cross, 0.0, 1.0)
                 lam[np.isnan(lam)] = 0.0
                 acts, secs = a_p + lam * d_a, t_p + lam * d_t

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -112,9 +113,10 @@ Variants = Mapping[Recompute, Sequence[LayerCost]]
 _RECOMPUTE_ORDER = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 
 
-def _fastest(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
+def _fastest(layout: Layout, fastest: StageCosts, quick: int, budget: float, cache: PartitionCache | None,
              key: tuple[object, ...]) -> PolicyPartition | None:
-    """The time-optimal partition (every stage on the fastest policy) when it fits ``budget`` per rank, else None.
+    """The time-optimal partition (every stage on the fastest policy, index ``quick`` with costs ``fastest``)
+    when it fits ``budget`` per rank, else None.
 
     It depends on the stage times only, not on the ZeRO stage or dp (those change memory), so it is
     computed once per ``key`` with no memory limit and reused (None without a cache).
@@ -122,15 +124,23 @@ def _fastest(layout: Layout, variants: Sequence[StageCosts], budget: float, cach
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     m, schedule = layout.num_micro_batches, layout.schedule
     in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
-    quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
-    if cache is None or (key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget)):
+    if cache is None or (key not in cache and (_cannot_fit(fastest, in_flight, layout.pp, budget)
+                                               or _blocks_cannot_fit(fastest, in_flight, layout.pp, budget))):
         return None  # no partition of the fastest policy fits: the memory-constrained DP decides
     if key not in cache:  # without a memory limit every stage takes the fastest policy
-        fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
-                                        mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
-        cache[key] = (fastest.boundaries, (quick,) * stages)
-    candidate = _priced(layout, variants, *cache[key])
-    return candidate if max(candidate.partition.rank_mem_bytes) <= budget else None
+        best = solve_stage_partition(fastest, num_stages=stages, num_micro_batches=m, mem_budget_bytes=math.inf,
+                                     schedule=schedule, virtual_stages=v)
+        cache[key] = (best.boundaries, (quick,) * stages)
+    bounds, policies = cache[key]
+    candidate = _priced(layout, [fastest], bounds, [0] * stages)  # every stage on the fastest policy
+    if max(candidate.partition.rank_mem_bytes) > budget:
+        return None
+    return PolicyPartition(partition=candidate.partition, policies=tuple(policies))
+
+
+def _quickest(times: Sequence[float]) -> int:
+    """Index of the fastest policy (the first of equals)."""
+    return min(range(len(times)), key=times.__getitem__)
 
 
 def _priced(layout: Layout, variants: Sequence[StageCosts], bounds: Sequence[int],
@@ -150,7 +160,8 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
     The time-optimal partition (``_fastest``, cached) when it fits; otherwise the memory-constrained
     DP, which holds each of a rank's v chunks to 1/v of its budget (``solve_stage_policies``).
     """
-    candidate = _fastest(layout, variants, budget, cache, key)
+    quick = _quickest([sum(c.forward_s) + sum(c.backward_s) for c in variants])
+    candidate = _fastest(layout, variants[quick], quick, budget, cache, key)
     if candidate is not None:
         return candidate, True
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
@@ -168,6 +179,19 @@ def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: fl
     static bytes and at least the fewest in-flight micro-batches of every layer's activations."""
     least = (math.fsum(costs.static_mem_bytes) + min(in_flight) * math.fsum(costs.activation_bytes)) / pp
     return least > budget * (1 + 1e-9)  # a margin for the rounding of the per-rank sums
+
+
+def _blocks_cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
+    """True when the ranks cannot hold the most repeated layer (static s, activations a) even alone: rank r,
+    whose chunks hold at least k_r micro-batches each, fits at most ⌊budget / (s + k_r · a)⌋ of them."""
+    (static, acts), count = Counter(zip(costs.static_mem_bytes, costs.activation_bytes)).most_common(1)[0]
+    held = 0.0
+    for r in range(pp):
+        per_layer = static + min(in_flight[r::pp]) * acts
+        if per_layer <= 0:
+            return False
+        held += math.floor(budget / per_layer * (1 + 1e-9))  # a margin for rounding: never too few
+    return held < count
 
 
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
@@ -226,9 +250,15 @@ def fastest_partition_fits(layout: Layout, variants: Variants, formulas: Formula
     search bounds more tightly (``bounds.layout_bound`` with ``chunks``). The partition is cached, so
     the evaluation that may follow reuses it.
     """
-    setup = _setup(layout, variants, formulas, gpus_per_node, partition_cache, costs_key)
-    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=setup.fixed)
-    return _fastest(layout, setup.stage_variants, budget, partition_cache, setup.key) is not None
+    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
+    per_policy = [variants[rc] for rc in _RECOMPUTE_ORDER if rc in variants]
+    quick = _quickest([sum(c.forward_s for c in costs) + sum(c.backward_s for c in costs) for costs in per_policy])
+    largest = max(c.param_count for c in per_policy[0])
+    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
+    fastest = _stage_costs(layout, per_policy[quick], formulas, p2p_nodes)  # the other policies are not read
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
+    return _fastest(layout, fastest, quick, budget, partition_cache, key) is not None
 
 
 def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
@@ -277,7 +307,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     return Evaluation(
         layout=layout, partition=part, step_time_s=step, pipeline_time_s=pipeline,
         bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
-        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
+        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time,
+        memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
         stage_recompute=stage_policy,
     )
