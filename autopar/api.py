@@ -3,8 +3,9 @@
 Planning reads as five steps, each a function from one value to the next:
 1. capture the model into an ``OpGraph`` (``autopar.capture``);
 2. resolve the cluster (``Cluster.resolve``);
-3. price the graph on it with the cost models and the intra-op ILP (``GraphPricing``);
-4. search the layouts (``solvers.space.build_space`` and ``solvers.search.search``);
+3. price layer settings with the cost models and the intra-op ILP into frozen tables (``LayerPricer``);
+4. search the layouts (``solvers.space.build_space`` and ``solvers.search.search_steps``), which reads
+   those tables and asks for the settings it needs priced (``pricing.run_search``);
 5. build the ``Plan`` values and their explanations (``planner.build_plans``).
 """
 
@@ -27,8 +28,8 @@ from autopar.errors import UserInputError
 from autopar.graph.ir import OpGraph
 from autopar.layout import Pins
 from autopar.plan import Plan
-from autopar.pricing import GraphPricing, model_shape
-from autopar.solvers.search import SearchResult, require_plans, search
+from autopar.pricing import LayerPricer, model_shape, run_search
+from autopar.solvers.search import SearchResult, require_plans, search_steps
 from autopar.solvers.space import build_space
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def rank_plans(graph: OpGraph, cluster: Cluster | str | Path, options: PlanOptio
         options.calibration.require_device(resolved.gpu.name)
     dtype = options.training_dtype(resolved)
     report("price", 0.0)
-    pricing = GraphPricing(graph, resolved, dtype=dtype, calibration=options.calibration)  # 3. cost models
+    pricing = LayerPricer(graph, resolved, dtype=dtype, calibration=options.calibration)  # 3. cost models
     report("search", 0.0)
     goal = options.objective
     wanted = options.top_k + 1 if goal is goodput.Objective.THROUGHPUT else max(options.top_k + 1,
@@ -194,13 +195,14 @@ def rank_plans(graph: OpGraph, cluster: Cluster | str | Path, options: PlanOptio
     return tuple(plans)
 
 
-def _search(graph: OpGraph, cluster: Cluster, pricing: GraphPricing, options: PlanOptions, top_k: int,
+def _search(graph: OpGraph, cluster: Cluster, pricing: LayerPricer, options: PlanOptions, top_k: int,
             report: Progress) -> SearchResult:
     space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=cluster.gpus_per_node,
                         global_batch_size=options.global_batch_size, constraints=options.pins,
                         allow_cross_node_tp=options.allow_cross_node_tp)
-    return search(space, pricing, top_k=top_k, overlap_grad_reduce=options.overlap_grad_reduce,
-                  progress=lambda done: report("search", done))
+    steps = search_steps(space, pricing.prices(), top_k=top_k, overlap_grad_reduce=options.overlap_grad_reduce,
+                         progress=lambda done: report("search", done))
+    return run_search(steps, pricing)  # the search asks for the settings it reads; they are priced as values
 
 
 def _silent(phase: str, done: float) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from autopar.graph.ir import OpGraph
+from autopar.pricing import LayerPricer
 from autopar.plan import Plan, Predicted, StagePlan
 from autopar.report.explain import explain_choice
-from autopar.solvers.costs import Pricing
 from autopar.solvers.evaluate import Evaluation
 
 
-def _stages(ev: Evaluation, graph: OpGraph, pricing: Pricing) -> tuple[StagePlan, ...]:
+def _stages(ev: Evaluation, graph: OpGraph, pricing: LayerPricer) -> tuple[StagePlan, ...]:
     lay, part = ev.layout, ev.partition
     shardings = pricing.sharding_plans(tp=lay.tp, sequence_parallel=lay.sequence_parallel) if lay.tp > 1 else {}
     stages = []
@@ -27,7 +27,7 @@ def _stages(ev: Evaluation, graph: OpGraph, pricing: Pricing) -> tuple[StagePlan
     return tuple(stages)
 
 
-def _predicted(ev: Evaluation, pricing: Pricing, *, seq_len: int, sources: dict[str, str]) -> Predicted:
+def _predicted(ev: Evaluation, pricing: LayerPricer, *, seq_len: int, sources: dict[str, str]) -> Predicted:
     gpus = ev.layout.num_gpus
     step = ev.step_time_s
     model_tflops = ev.model_flops / step / gpus / 1e12
@@ -41,7 +41,7 @@ def _predicted(ev: Evaluation, pricing: Pricing, *, seq_len: int, sources: dict[
     )
 
 
-def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: Pricing, *, cluster_name: str,
+def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: LayerPricer, *, cluster_name: str,
                 num_gpus: int, gpus_per_node: int, dtype: str, sources: dict[str, str], keep: int) -> list[Plan]:
     """Plans for the first ``keep`` ranked evaluations; each explains itself against the next one."""
     seq_len = int(graph.info.get("seq_len", 1))

@@ -1,4 +1,4 @@
-"""``GraphPricing``: the cost models and the intra-op ILP, packaged as the numbers the search asks for.
+"""Step 3 of planning: the cost models and the intra-op ILP price layer settings into frozen tables.
 
 For each distinct (layer kind, tp, sequence parallelism) the sharding ILP picks a
 strategy per op once; for each (micro-batch, recompute) the compute model prices the
@@ -6,54 +6,31 @@ layer's forward and backward with the ops the ILP split running on 1/tp of the w
 the TP collectives the ILP issued are priced on the TP group (backward issues the
 conjugate collectives: an all-reduce for an all-reduce, reduce-scatter for all-gather),
 and the memory model measures the activations from the graph's saved tensors.
+
+``LayerPricer.table(settings)`` returns those prices as a ``LayerCostTable`` (a frozen value
+keyed by ``LayerSetting``); the search (step 4) reads them and never calls back: ``run_search``
+prices exactly the settings ``search_steps`` asks for and sends each new table in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from autopar.cost_models import comm, compute, loss, memory, optimizer
+from autopar.cost_models import comm, compute, loss, memory
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.cost_models.layer_info import layer_capture_dtype
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
 from autopar.layout import Recompute
 from autopar.plan import ShardingPlan
-from autopar.solvers.costs import LayerCost
+from autopar.solvers.costs import LayerCost, LayerCostTable, LayerSetting, PriceTable
+from autopar.solvers.search import SearchResult, Steps
 from autopar.solvers.space import ModelShape
 from autopar.solvers.sharding.layer_result import LayerShardingResult
 from autopar.solvers.sharding.strategies import solve_layer_sharding
-
-OPTIMIZER = "foreach"
-"""The AdamW the planner prices (``optimizer.py``): torch's default on GPUs (``_default_to_fused_or_foreach``
-picks foreach when every tensor is on CUDA and neither flag is set), torchtitan's at its 2024-12 benchmark."""
-CLIP_GRAD_NORM = True
-"""Gradients clipped by ``clip_grad_norm_(foreach=True)`` before the step (torchtitan ``max_norm = 1.0``,
-Megatron-LM ``--clip-grad 1.0``, nanoGPT ``grad_clip = 1.0``)."""
-REDUCE_BYTES = 4
-"""FSDP2 reduces gradients in fp32 (``emit/dp.py``: ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``)."""
-
-
-class _NodePrices:
-    """Memo tables keyed by value (the setting's arguments) for one node kind (GPU, intra-node link)."""
-
-    def __init__(self, *, node: tuple[object, object]) -> None:
-        self.node = node
-        self._tables: dict[str, dict[tuple[Any, ...], Any]] = {}
-
-    def memo(self, name: str, compute: Callable[..., Any]) -> Callable[..., Any]:
-        """``compute`` memoised in the table ``name`` by its positional arguments' values."""
-        table = self._tables.setdefault(name, {})
-
-        def cached(*args: Any) -> Any:
-            if args not in table:
-                table[args] = compute(*args)
-            return table[args]
-
-        return cached
 
 
 def model_shape(graph: OpGraph) -> ModelShape:
@@ -62,11 +39,24 @@ def model_shape(graph: OpGraph) -> ModelShape:
     return ModelShape(num_layers=len(graph.layers), num_heads=info.get("heads"), num_kv_heads=info.get("kv_heads"))
 
 
-class GraphPricing:
-    """Prices layers of one captured graph on one cluster; implements ``autopar.solvers.costs.Pricing``."""
+class _Memo:
+    """Rows and shardings already priced, keyed by value; shared by pricers of one graph on one node kind."""
+
+    def __init__(self, node: tuple[object, ...]) -> None:
+        self.node = node
+        self.rows: dict[LayerSetting, tuple[LayerCost, ...]] = {}
+        self.shardings: dict[tuple[str, int, bool], LayerShardingResult] = {}
+
+
+class LayerPricer:
+    """Prices the layers of one captured graph on one cluster's node kind (GPU and intra-node link).
+
+    Layer costs depend only on the GPU and the links inside a node (TP groups stay in a node), so a
+    pricer for another cluster of the same node kind reuses every row (``for_cluster``).
+    """
 
     def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None,
-                 node_prices: _NodePrices | None = None) -> None:
+                 _memo: _Memo | None = None) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"training dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.graph = graph
@@ -74,79 +64,41 @@ class GraphPricing:
         self.dtype = dtype
         self.calibration = calibration
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
+        self._layer_kinds = tuple(layer.kind for layer in graph.layers)
+        # layers whose input differs in size from their kind's first layer's: boundary priced apart (read once)
+        self._odd_boundaries = tuple(i for i, layer in enumerate(graph.layers)
+                                     if layer.boundary_nbytes != self._kinds[layer.kind].boundary_nbytes)
         self._logits = loss.uncaptured_logits(graph)  # a whole-graph scan: once, not per priced setting
-        node = (cluster.gpu, cluster.intra_node)
-        if node_prices is None or node_prices.node != node:
-            node_prices = _NodePrices(node=node)
-        # layer prices, shardings and model states depend only on the GPU and its node's links: keyed by
-        # value inside one _NodePrices, shared (explicitly) by the same graph on clusters of that node
-        self.node_prices = node_prices
-        self._layer_costs = node_prices.memo("layer_costs", self._compute_layer_costs)
-        self._sharding = node_prices.memo("sharding", self._solve_sharding)
-        self._states = node_prices.memo("states", self._states_uncached)
+        node = (cluster.gpu, cluster.intra_node)  # dtype and calibration: the pricer's own (for_cluster keeps them)
+        self._memo = _memo if _memo is not None and _memo.node == node else _Memo(node)
         self._collective = functools.lru_cache(maxsize=1 << 16)(self._collective_uncached)
 
-    def for_cluster(self, cluster: Cluster) -> GraphPricing:
-        """The same graph on another cluster; layer prices are reused when its nodes are the same."""
-        return GraphPricing(self.graph, cluster, dtype=self.dtype, calibration=self.calibration,
-                            node_prices=self.node_prices)
-
-    # ---- Pricing protocol --------------------------------------------------------------------
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.graph.layers)
-
-    @property
-    def gpu_mem_bytes(self) -> int:
-        return int(self.cluster.gpu.mem_bytes)
+    def for_cluster(self, cluster: Cluster) -> LayerPricer:
+        """The same graph on another cluster; rows already priced are reused when its nodes are the same."""
+        return LayerPricer(self.graph, cluster, dtype=self.dtype, calibration=self.calibration, _memo=self._memo)
 
     @property
     def peak_flops_per_s(self) -> float:
+        """Dense peak of one GPU at the training dtype."""
         return self.cluster.peak_flops(self.dtype)
 
-    def layer_costs(self, *, tp: int, sequence_parallel: bool, micro_batch_size: int,
-                    recompute: Recompute) -> tuple[LayerCost, ...]:
-        return self._layer_costs(tp, sequence_parallel, micro_batch_size, Recompute(recompute))
+    def table(self, settings: Iterable[LayerSetting]) -> LayerCostTable:
+        """The costs of every layer at each of ``settings``, as a frozen table."""
+        rows = {}
+        for setting in settings:
+            setting = LayerSetting(setting.tp, setting.sequence_parallel, setting.micro_batch_size,
+                                   Recompute(setting.recompute))
+            if setting not in self._memo.rows:
+                self._memo.rows[setting] = self._price_row(setting)
+            rows[setting] = self._memo.rows[setting]
+        return LayerCostTable.of(len(self.graph.layers), rows)
 
-    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
-        return self._states(num_params, zero_stage, dp)
-
-    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
-        return self._collective(kind, nbytes, group_size, nodes_spanned)
-
-    def _states_uncached(self, num_params: float, zero_stage: int, dp: int) -> tuple[float, float, float]:
-        s = memory.estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype)
-        return float(s.params), float(s.grads), float(s.optimizer)
-
-    def _collective_uncached(self, kind: str, nbytes: float, group_size: int, nodes_spanned: int) -> float:
-        if group_size <= 1 and kind != "p2p":
-            return 0.0
-        return comm.estimate_collective_time(comm.Collective(kind), nbytes, max(2, group_size), cluster=self.cluster,
-                                             nodes_spanned=min(nodes_spanned, self.cluster.nodes))
-
-    def optimizer_step_time(self, num_params: float) -> float:
-        return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=OPTIMIZER,
-                                                      clip_grad_norm=CLIP_GRAD_NORM)
-
-    def optimizer_temp_bytes(self, num_params: float) -> float:
-        return optimizer.optimizer_temporary_bytes(num_params, implementation=OPTIMIZER)
-
-    def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
-        return comm.estimate_fsdp_copy_time(num_params, self.cluster.gpu, gathers_per_step=gathers_per_step,
-                                            param_bytes=DTYPE_BYTES[self.dtype], reduce_bytes=REDUCE_BYTES)
-
-    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
-        return memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=largest_layer_params,
-                                           dtype=self.dtype)
-
-    def grad_bytes_per_param(self) -> float:
-        return float(REDUCE_BYTES)
-
-    def param_bytes_per_param(self) -> float:
-        return float(DTYPE_BYTES[self.dtype])
+    def prices(self, settings: Iterable[LayerSetting] = ()) -> PriceTable:
+        """A ``PriceTable`` for this pricer's cluster holding ``settings``."""
+        return PriceTable(layers=self.table(settings), cluster=self.cluster, dtype=self.dtype)
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
+        """Per layer kind: the ILP's sharding at this TP size (empty at tp = 1)."""
         if tp == 1:
             return {}
         return {kind: self._sharding(kind, tp, sequence_parallel).to_sharding_plan() for kind in self._kinds}
@@ -160,6 +112,22 @@ class GraphPricing:
         if has_routed_experts([op.target for op in self.graph.ops]):
             found["experts"] = MOE_ROUTING_SOURCE
         return found
+
+    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+        """Seconds for one collective of ``nbytes`` over a group of this cluster (TP collectives)."""
+        return self._collective(kind, nbytes, group_size, nodes_spanned)
+
+    def _collective_uncached(self, kind: str, nbytes: float, group_size: int, nodes_spanned: int) -> float:
+        if group_size <= 1 and kind != "p2p":
+            return 0.0
+        return comm.estimate_collective_time(comm.Collective(kind), nbytes, max(2, group_size), cluster=self.cluster,
+                                             nodes_spanned=min(nodes_spanned, self.cluster.nodes))
+
+    def _sharding(self, kind: str, tp: int, sequence_parallel: bool) -> LayerShardingResult:
+        key = (kind, tp, sequence_parallel)
+        if key not in self._memo.shardings:
+            self._memo.shardings[key] = self._solve_sharding(kind, tp, sequence_parallel)
+        return self._memo.shardings[key]
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -185,17 +153,14 @@ class GraphPricing:
             layer, tp=tp, sequence_parallel=sequence_parallel, op_cost=op_cost,
             collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1))
 
-    def _compute_layer_costs(self, tp: int, sequence_parallel: bool, micro_batch_size: int,
-                             recompute: Recompute) -> tuple[LayerCost, ...]:
-        by_kind = {kind: self._kind_cost(layer, tp, sequence_parallel, micro_batch_size, recompute)
-                   for kind, layer in self._kinds.items()}
-        costs = []
-        for layer in self.graph.layers:
-            cost = by_kind[layer.kind]
-            if layer.boundary_nbytes != self._kinds[layer.kind].boundary_nbytes:
-                cost = dataclasses.replace(cost, boundary_bytes=self._boundary(layer, micro_batch_size, tp,
-                                                                               sequence_parallel))
-            costs.append(cost)
+    def _price_row(self, setting: LayerSetting) -> tuple[LayerCost, ...]:
+        """Every layer's cost at ``setting``: each kind priced once, layers of a kind share its value."""
+        tp, sp, mbs, recompute = setting
+        by_kind = {kind: self._kind_cost(layer, tp, sp, mbs, recompute) for kind, layer in self._kinds.items()}
+        costs = [by_kind[kind] for kind in self._layer_kinds]
+        for i in self._odd_boundaries:
+            layer = self.graph.layers[i]
+            costs[i] = dataclasses.replace(costs[i], boundary_bytes=self._boundary(layer, mbs, tp, sp))
         return tuple(costs)
 
     def _boundary(self, layer: Layer, micro_batch_size: int, tp: int, sequence_parallel: bool) -> float:
@@ -259,3 +224,16 @@ class GraphPricing:
                 bwd[kind] = bwd.get(kind, 0.0) + seconds
         return fwd, bwd
 
+
+
+def run_search(steps: Steps, pricer: LayerPricer, prices: PriceTable | None = None) -> SearchResult:
+    """Drive ``search_steps``: price each batch of settings it asks for into a new table and send it in."""
+    table = prices if prices is not None else pricer.prices()
+    try:
+        wanted = next(steps)
+        while True:
+            table = table.with_layers(pricer.table(wanted))
+            wanted = steps.send(table)
+    except StopIteration as done:
+        result: SearchResult = done.value
+        return result

@@ -13,7 +13,7 @@ Three ways, fastest first:
    micro-batch, ZeRO stage and schedule; only data parallelism shrinks to the GPUs left (keeping
    the global batch whenever a data-parallel size divides it), and a few other pipeline depths
    are tried (``restaged_layouts``). Each gets the stage DP and a full price on the survivors; the
-   layer prices are reused (``GraphPricing.for_cluster``). A template whose shape already fits,
+   layer prices are reused (``LayerPricer.for_cluster``). A template whose shape already fits,
    differing only in its ZeRO stage, is skipped. A heuristic: the search may find better.
 3. **search** — the full search on the survivors (when no template fits, or ``exhaustive=True``).
 
@@ -39,7 +39,7 @@ from autopar.replan_record import ReplanRecord
 if TYPE_CHECKING:  # the solver side loads on first use: a contingency lookup stays an import of plan.py
     from autopar.cost_models.cluster import Cluster
     from autopar.graph.ir import OpGraph
-    from autopar.pricing import GraphPricing
+    from autopar.pricing import LayerPricer
     from autopar.solvers.evaluate import Evaluation
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ RESTAGED_PER_TEMPLATE = 3
 
 
 def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None = None, graph: OpGraph | None = None,
-           model: Any = None, example_inputs: Any = None, pricing: GraphPricing | None = None,
+           model: Any = None, example_inputs: Any = None, pricing: LayerPricer | None = None,
            templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None,
            objective: str = "throughput") -> Plan:
     """The best plan for ``plan``'s cluster minus ``lost_nodes`` nodes: same model, same global batch if possible.
@@ -62,7 +62,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         lost_nodes: nodes that failed (at least 1, fewer than the cluster has).
         cluster: the cluster the plan was made for (default: the preset named in the plan).
         graph, model + example_inputs, pricing: the model, as a captured graph, a module to capture,
-            or a ``GraphPricing`` kept from planning (fastest). Not needed when the plan carries a
+            or a ``LayerPricer`` kept from planning (fastest). Not needed when the plan carries a
             contingency for ``lost_nodes``.
         templates: more layouts to try (e.g. the other ranked plans); the plan's own always is.
         exhaustive: run the full search instead of re-pricing templates.
@@ -115,7 +115,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
 
 def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluster | str | Path | None = None,
                              graph: OpGraph | None = None, model: Any = None, example_inputs: Any = None,
-                             pricing: GraphPricing | None = None, templates: Sequence[Layout] = (),
+                             pricing: LayerPricer | None = None, templates: Sequence[Layout] = (),
                              calibration: Any = None, exhaustive: bool = True, objective: str = "throughput") -> Plan:
     """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``).
 
@@ -163,8 +163,8 @@ def _resolve_cluster(plan: Plan, cluster: Cluster | str | Path | None) -> Cluste
 
 
 def _pricing(plan: Plan, cluster: Cluster, *, graph: OpGraph | None, model: Any, example_inputs: Any,
-             pricing: GraphPricing | None, calibration: Any) -> GraphPricing:
-    from autopar.pricing import GraphPricing
+             pricing: LayerPricer | None, calibration: Any) -> LayerPricer:
+    from autopar.pricing import LayerPricer
 
     if pricing is None:
         if graph is None:
@@ -175,7 +175,7 @@ def _pricing(plan: Plan, cluster: Cluster, *, graph: OpGraph | None, model: Any,
             from autopar.capture import capture
 
             graph = capture(model, example_inputs)
-        pricing = GraphPricing(graph, cluster, dtype=plan.dtype, calibration=calibration)
+        pricing = LayerPricer(graph, cluster, dtype=plan.dtype, calibration=calibration)
     plan.validate_for(pricing.graph.fingerprint())
     if pricing.dtype != plan.dtype:
         raise PlanValidationError(f"the pricing is for {pricing.dtype} but the plan trains in {plan.dtype}")
@@ -262,21 +262,26 @@ def _layout_like(t: Layout, *, dp: int, num_micro_batches: int, num_layers: int)
     return dataclasses.replace(t, dp=dp, num_micro_batches=m, zero_stage=t.zero_stage if dp > 1 else 0)
 
 
-def _variants(pricing: GraphPricing, layout: Layout) -> dict[Recompute, Any]:
+def _variants(pricing: LayerPricer, layout: Layout) -> dict[Recompute, Any]:
+    from autopar.solvers.costs import LayerSetting
+
+    table = pricing.table(LayerSetting(layout.tp, layout.sequence_parallel, layout.micro_batch_size, rc)
+                          for rc in Recompute)
     variants: dict[Recompute, Any] = {}
     for rc in Recompute:
-        costs = pricing.layer_costs(tp=layout.tp, sequence_parallel=layout.sequence_parallel,
-                                    micro_batch_size=layout.micro_batch_size, recompute=rc)
+        costs = table[LayerSetting(layout.tp, layout.sequence_parallel, layout.micro_batch_size, rc)]
         if costs not in variants.values():
             variants[rc] = costs
     return variants
 
 
-def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing,
+def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: LayerPricer,
                      survivors: Cluster) -> list[Evaluation]:
     """Fitting evaluations of every template on the survivors, best first (same global batch before others)."""
+    from autopar.solvers.costs import Formulas
     from autopar.solvers.evaluate import PartitionCache, evaluate_layout
 
+    formulas = Formulas(survivors, pricing.dtype)
     seen: set[Layout] = set()
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
@@ -290,7 +295,7 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
                 continue
             seen.add(layout)
             variants = _variants(pricing, layout)
-            ev = evaluate_layout(layout, variants, pricing, gpus_per_node=survivors.gpus_per_node,
+            ev = evaluate_layout(layout, variants, formulas, gpus_per_node=survivors.gpus_per_node,
                                  partition_cache=cache, costs_key=(layout.tp, layout.sequence_parallel,
                                                                    layout.micro_batch_size, tuple(variants)))
             if ev.fits:
@@ -299,16 +304,16 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: GraphPricing
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]
 
 
-def _search(plan: Plan, pricing: GraphPricing, survivors: Cluster, *, many: bool) -> list[Evaluation]:
-    from autopar.pricing import model_shape
-    from autopar.solvers.search import search
+def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, *, many: bool) -> list[Evaluation]:
+    from autopar.pricing import model_shape, run_search
+    from autopar.solvers.search import search_steps
     from autopar.solvers.space import build_space
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size)
     from autopar.goodput import GOODPUT_CANDIDATES
 
-    result = search(space, pricing, top_k=GOODPUT_CANDIDATES if many else 2)
+    result = run_search(search_steps(space, pricing.prices(), top_k=GOODPUT_CANDIDATES if many else 2), pricing)
     if not result.ranked:
         raise InfeasiblePlanError(f"no plan for {plan.model_name} fits on the {survivors.num_gpus} GPUs left "
                                   f"with global batch {plan.layout.global_batch_size}")

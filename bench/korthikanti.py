@@ -17,7 +17,7 @@ import time
 import torch
 
 import autopar
-from autopar import pricing
+from autopar.solvers import costs
 from autopar.api import plan_graph
 from autopar.examples.gpt import GPT, GPTConfig
 
@@ -39,14 +39,14 @@ MEGATRON_OPTIMIZER = "fused"
 """Megatron-LM's Adam is apex's ``FusedAdam`` (``megatron/optimizer/__init__.py``: ``from apex.optimizers import
 FusedAdam as Adam``), a multi-tensor kernel that reads and writes each state once: the planner's ``fused`` AdamW
 (28 B/param), plus ``--clip-grad 1.0`` (its default, ``arguments.py``). The planner's default is torch's foreach
-AdamW (``pricing.OPTIMIZER``), what torchtitan and a plain ``torch.optim.AdamW`` on GPUs run."""
+AdamW (``solvers/costs.py``: ``OPTIMIZER``), what torchtitan and a plain ``torch.optim.AdamW`` on GPUs run."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(PUBLISHED))
     args = parser.parse_args()
-    pricing.OPTIMIZER = MEGATRON_OPTIMIZER  # the runs' own optimizer implementation (see above)
+    costs.OPTIMIZER = MEGATRON_OPTIMIZER  # the runs' own optimizer implementation (see above)
     print(f"{'model':<6} {'setting':<14} {'predicted s':>11} {'measured s':>10} {'ratio':>6} "
           f"{'pred MFU':>8} {'pub MFU':>7}  plan time")
     for name in args.models.split(","):

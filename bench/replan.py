@@ -23,9 +23,9 @@ from pathlib import Path
 import autopar
 from autopar.goodput import Objective, rank_plans
 from autopar.models import resolve_model
-from autopar.pricing import GraphPricing, model_shape
+from autopar.pricing import LayerPricer, model_shape, run_search
 from autopar.replanning import precompute_contingencies, replan
-from autopar.solvers.search import search
+from autopar.solvers.search import search_steps
 from autopar.solvers.space import build_space
 
 NODES, BATCH, SEQ = 128, 1024, 4096
@@ -57,9 +57,9 @@ def main() -> None:
     print(f"llama:70b seq {SEQ}, global batch {BATCH}, {cluster.num_gpus} × {cluster.gpu.name} "
           f"(captured in {time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()
-    pricing = GraphPricing(graph, cluster)  # kept from planning: its layer prices are what re-planning reuses
+    pricing = LayerPricer(graph, cluster)  # kept from planning: its layer prices are what re-planning reuses
     space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=8, global_batch_size=BATCH)
-    result = search(space, pricing, top_k=TEMPLATES + 1)
+    result = run_search(search_steps(space, pricing.prices(), top_k=TEMPLATES + 1), pricing)
     plans = rank_plans(Objective.THROUGHPUT, result.ranked, graph, pricing, cluster=cluster, keep=TEMPLATES,
                        complete=False, dtype="bfloat16")
     plans = [p.__class__.from_dict({**p.to_dict(), "model_name": "llama:70b"}) for p in plans]

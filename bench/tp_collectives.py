@@ -9,7 +9,7 @@ bench's global batch), runs one training step of each on 2 gloo ranks under a di
 logs every c10d collective (kind, bytes of its tensors, forward or backward, and where: the
 innermost module in forward, the autograd node in backward), and prints per (phase, kind) the
 count and bytes issued next to what the pricing charges: the sharding ILP's collectives of each
-layer (``GraphPricing``'s ``LayerShardingResult``) times its layers, at the micro-batch's size.
+layer (``LayerPricer``'s ``LayerShardingResult``) times its layers, at the micro-batch's size.
 Counts are load-independent: this is the mechanism behind plan_regret's TP timings.
 """
 
@@ -168,10 +168,10 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
 def priced(graph: Any, plan: Any, cluster: Any) -> dict[tuple[str, str], tuple[int, float]]:
     """(phase, kind) -> (count, bytes) the pricing charges per step for ``plan``'s TP collectives."""
     from autopar.layout import Recompute
-    from autopar.pricing import GraphPricing
+    from autopar.pricing import LayerPricer
 
     lay = plan.layout
-    pricing = GraphPricing(graph, cluster, dtype=plan.dtype)
+    pricing = LayerPricer(graph, cluster, dtype=plan.dtype)
     scale = lay.micro_batch_size / graph.batch_size * lay.num_micro_batches
     out: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
     in_plan = {sh.layer_kind: sh.forward_collectives for st in plan.stages for sh in st.sharding}

@@ -1,6 +1,9 @@
-"""Lower bounds for the outer search that couple memory and time per pipeline rank.
+"""Lower bounds for the outer search: on a setting's groups and on each layout, in time and memory.
 
-The search's cheaper bounds (``search._layout_bound``) spread the work evenly over the stages and
+The layout bounds (``layout_bound``, ``layout_memory_bound``) hold for every stage partition and
+every recomputation policy per stage; ``rank_bottleneck_s`` couples memory and time per pipeline rank.
+
+The cheaper layout bound (``layout_bound``) spread the work evenly over the stages and
 price the recomputation memory forces over all ranks together, so they miss that the first ranks of
 a 1F1B pipeline hold more micro-batches in flight and must take fewer layers or recompute. The bound
 here keeps the ranks apart for the most repeated layer alone (the other layers only add time and
@@ -10,9 +13,16 @@ memory, so leaving them out keeps it a lower bound).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
+
+from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
+from autopar.layout import Layout, Recompute
+from autopar.schedule import in_flight_per_stage, schedule_weights
+from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
 
 _GRID = 64
 """Candidate bottlenecks tried at once in each round of the search for the least feasible one."""
@@ -33,14 +43,16 @@ def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tup
     best = np.zeros((time_s.shape[0], k.shape[1]))
     with np.errstate(divide="ignore", invalid="ignore"):
         for p, (a_p, t_p) in enumerate(policies):
-            for a_q, t_q in policies[p:]:
+            best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * a_p), time_s / t_p))  # the end λ = 0
+            for a_q, t_q in policies[p + 1:]:  # λ = 1 is the other policy's own end, visited as its λ = 0
                 d_a, d_t = a_q - a_p, t_q - t_p
-                cross = (time_s * (static_bytes + k * a_p) - budget_bytes * t_p) / (budget_bytes * d_t - time_s * k * d_a)
-                for lam in (0.0, 1.0, np.nan_to_num(np.clip(cross, 0.0, 1.0))):
-                    acts, secs = a_p + lam * d_a, t_p + lam * d_t
-                    held = np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs)
-                    best = np.maximum(best, np.nan_to_num(held, nan=0.0, posinf=math.inf))
-    return best
+                cross = ((time_s * (static_bytes + k * a_p) - budget_bytes * t_p)
+                         / (budget_bytes * d_t - time_s * k * d_a))
+                lam = np.clip(cross, 0.0, 1.0)
+                lam[np.isnan(lam)] = 0.0
+                acts, secs = a_p + lam * d_a, t_p + lam * d_t
+                best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs))
+    return best  # fmax skips NaN (0/0: a block of no bytes and no time), as 0 would: best starts at 0
 
 
 def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
@@ -76,3 +88,284 @@ def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tup
             break
         low, high = float(grid[first - 1]), float(grid[first])
     return low * (1 - 1e-9)  # infeasible at low: the least bottleneck is above it (a margin for rounding)
+
+
+class SettingPrices(NamedTuple):
+    """Per-layer costs of one (tp, sp, micro-batch) setting under each recomputation policy allowed."""
+
+    variants: dict[Recompute, tuple[LayerCost, ...]]
+    """Policy → per-layer costs (each stage picks the fastest that fits: ``stage_policies``)."""
+    fastest: tuple[LayerCost, ...]
+    """The costs with the least time (for time bounds)."""
+    leanest: tuple[LayerCost, ...]
+    """The costs with the least activation memory (for memory bounds)."""
+    key: tuple[object, ...]
+    """The setting's value (tp, sp, micro-batch, policies): what cached partitions are keyed by."""
+    repeats: tuple[tuple[int, int], ...]
+    """(first layer index, count) per distinct layer, equal by value under every policy."""
+    block: tuple[int, int]
+    """(index, count) of the most repeated layer in ``leanest``."""
+    sums: Sums
+    """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
+
+
+class Sums(NamedTuple):
+    """Totals over every layer of one setting's ``fastest`` and ``leanest`` costs."""
+
+    fastest_s: float
+    """Σ forward + backward of ``fastest``."""
+    fastest_params: float
+    """Σ parameters of ``fastest``."""
+    fastest_acts: float
+    """Σ activation bytes of ``fastest``."""
+    leanest_params: float
+    """Σ parameters of ``leanest``."""
+    leanest_acts: float
+    """Σ activation bytes of ``leanest``."""
+    largest_params: float
+    """The most parameters of one layer of ``leanest``."""
+    runs: tuple[tuple[int, float], ...]
+    """(count, forward + backward seconds in ``fastest``) of each distinct layer."""
+
+
+def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
+          repeats: tuple[tuple[int, int], ...]) -> Sums:
+    return Sums(runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
+                fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
+                fastest_params=sum(c.param_count for c in fastest),
+                fastest_acts=sum(c.activation_bytes for c in fastest),
+                leanest_params=sum(c.param_count for c in leanest),
+                leanest_acts=sum(c.activation_bytes for c in leanest),
+                largest_params=max(c.param_count for c in leanest))
+
+
+def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int, sp: bool,
+                   mbs: int) -> SettingPrices:
+    """The rows of one (tp, sp, micro-batch) setting under ``policies``, with the totals the bounds read."""
+    variants: dict[Recompute, tuple[LayerCost, ...]] = {}
+    for rc in policies:
+        costs = table[LayerSetting(tp, sp, mbs, rc)]
+        if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
+            variants[rc] = costs
+    tables = list(variants.values())
+    leanest = min(tables, key=lambda cs: sum(c.activation_bytes for c in cs))
+    fastest = min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs))
+    repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
+    return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
+                         repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
+                         sums=_sums(fastest, leanest, repeats))
+
+
+def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
+    """(first index, count) of each distinct value, in order of first appearance (layers compared by value).
+
+    Rows share one object per layer kind, so values are grouped by identity first (cheap to hash) and
+    the groups' representatives then by value: the same result as grouping every value by value.
+    """
+    by_id: dict[tuple[int, ...], list[int]] = {}  # identity of the value (or of each item of a tuple) → indices
+    for i, value in enumerate(values):
+        key = tuple(map(id, value)) if isinstance(value, tuple) else (id(value),)
+        by_id.setdefault(key, []).append(i)
+    first: dict[object, int] = {}
+    counts: Counter[object] = Counter()
+    for indices in by_id.values():  # in order of first appearance
+        value = values[indices[0]]
+        first.setdefault(value, indices[0])
+        counts[value] += len(indices)
+    return tuple((first[v], counts[v]) for v in sorted(first, key=first.__getitem__))
+
+
+def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:
+    """Smallest possible peak per GPU of a (dp, pp) group: ZeRO-3 states and one micro-batch of the leanest
+    policy, spread over pp."""
+    zero = 3 if dp > 1 else 0
+    states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=dp))
+    return (states + sums.leanest_acts) / pp
+
+
+class Footprint(NamedTuple):
+    """Memory terms of a layout that do not depend on the stage partition or the recompute policy."""
+
+    states: float
+    """Model-state bytes of the whole model on one (tp, dp) slice, summed over pipeline ranks."""
+    fixed: float
+    """Communication buffers and runtime reservation per GPU (before headroom)."""
+    k: list[int]
+    """Per pipeline rank, the fewest micro-batches in flight on any of its chunks."""
+
+
+def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
+    """Computed once per layout for both bounds (parameters do not depend on the recompute policy)."""
+    states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=layout.zero_stage, dp=layout.dp))
+    fixed = formulas.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
+                                  dp=layout.dp)
+    in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                    virtual_stages=layout.virtual_stages)
+    # chunk j runs on rank j mod pp: row c of the (v, pp) reshape holds the ranks' c-th chunks
+    k = np.asarray(in_flight).reshape(layout.virtual_stages, layout.pp).min(axis=0).tolist()
+    return Footprint(states=states, fixed=fixed, k=k)
+
+
+def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint | None,
+                 ranks: bool = False, chunks: bool = False) -> float:
+    """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
+
+    With S = pp·v stages the pipeline takes ``alpha · max_j t_j + beta · Σ_j t_j`` (``schedule_weights``),
+    where Σ is at least the fastest policy's total plus the recomputation memory forces
+    (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
+    equal layers, ⌈n/S⌉ times such a layer's fastest time;
+    the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
+    Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms);
+    with ``ranks`` a rank's chunks take at least 1/v of the time ``rank_bottleneck_s`` finds
+    for the most repeated layer over ranks that hold different numbers of micro-batches (valid for
+    layouts that fit, the only ones the ranking keeps). With ``chunks`` (for a layout whose time-optimal
+    partition does not fit: ``evaluate.fastest_partition_fits``) the stage DP holds each chunk to 1/v
+    of its rank's budget, so ``max_j t_j`` is at least what ``rank_bottleneck_s`` finds over the chunks.
+    """
+    total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, formulas, foot))
+    m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
+    alpha, beta = schedule_weights(layout.schedule, num_micro_batches=m, virtual_stages=v)
+    stages = pp * v  # some stage holds at least ⌈n/S⌉ of n equal layers (pigeonhole)
+    bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
+    if ranks and foot is not None and pp > 1:
+        bottleneck = max(bottleneck, _rank_bottleneck_s(layout, prices, formulas, foot) / v)
+    if chunks and foot is not None:
+        bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
+    owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
+    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned)
+
+
+def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
+    """``rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout."""
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    block = prices.fastest[index]
+    static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                for t in prices.variants.values()]
+    return rank_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=foot.k,
+                             budget_bytes=tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed))
+
+
+def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
+    """``chunk_bottleneck_s`` for the most repeated layer over the S = pp·v chunks, each held to 1/v of its
+    rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``)."""
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    block = prices.fastest[index]
+    static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                for t in prices.variants.values()]
+    v = layout.virtual_stages
+    in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
+                                    virtual_stages=v)
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed) / v
+    return chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
+                              budget_bytes=budget)
+
+
+_ROUNDING = 1e-9
+"""Relative slack on floors and on the returned bound, so float rounding never makes a bound too high."""
+
+
+def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
+                       in_flight: Sequence[int], budget_bytes: float) -> float:
+    """Least possible ``max_j t_j`` for ``count`` equal layers over stages that each run one policy.
+
+    Stage j holds a whole number x_j of the layers under one policy p (activation bytes a_p, seconds t_p):
+    ``x_j · (static + in_flight[j] · a_p) ≤ budget_bytes`` and ``t_j ≥ x_j · t_p``. The least bottleneck is
+    one of the values c · t_p (c = 1 … count): the smallest at which the stages hold ``count`` layers.
+    +inf when no split fits. A lower bound on the stage DP's bottleneck when each stage picks one policy.
+
+    Example:
+        >>> chunk_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
+        ...                    budget_bytes=3.0) >= 3.0 * (1 - 1e-8)  # 1 layer on stage 0, 3 on stage 1
+        True
+    """
+    if count <= 0:
+        return 0.0
+    k = np.asarray(in_flight, dtype=np.float64)[None, :, None]  # (1, S, 1)
+    acts = np.asarray([a for a, _ in policies], dtype=np.float64)[None, None, :]  # (1, 1, P)
+    secs = np.asarray([t for _, t in policies], dtype=np.float64)[None, None, :]
+    by_memory = np.floor(budget_bytes / (static_bytes + k * acts) * (1 + _ROUNDING))  # (1, S, P)
+    candidates = np.unique((np.arange(1, count + 1)[:, None] * secs[0, 0][None, :]).ravel())  # (C,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_time = np.floor(candidates[:, None, None] / secs * (1 + _ROUNDING))  # (C, 1, P)
+    held = np.nan_to_num(np.minimum(by_memory, by_time), nan=0.0).max(axis=2).sum(axis=1)  # (C,)
+    feasible = np.flatnonzero(held >= count)
+    if feasible.size == 0:
+        return math.inf
+    return float(candidates[feasible[0]]) * (1 - _ROUNDING)
+
+
+def _forced_recompute_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
+    """Least extra time (summed over layers) that recomputation must add for the layout to fit.
+
+    Every rank holds at least k_min micro-batches, so any feasible choice of policies keeps
+    ``Σ_i (w_i + k_min · a_i) ≤ pp · budget``. Relaxing the choice per layer to fractions gives the
+    LP of a multiple-choice knapsack; its optimum takes, in order of time added per byte saved,
+    the segments of each layer's lower convex hull of (bytes saved, time added) until the excess
+    is covered (Sinha & Zoltners 1979). Returns inf when even the leanest policies do not fit.
+    """
+    if len(prices.variants) == 1:
+        return 0.0
+    k = min(foot.k)
+    base = prices.fastest
+    budget = layout.pp * tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed)
+    excess = foot.states + k * prices.sums.fastest_acts - budget
+    if excess <= 0:
+        return 0.0
+    tables = list(prices.variants.values())
+    segments: list[tuple[float, float]] = []  # (seconds per byte, bytes) of every hull segment, all layers
+    for i, count in prices.repeats:  # repeated layers share costs
+        segments.extend((rate, count * nbytes) for rate, nbytes in _hull_segments(
+            [(k * (base[i].activation_bytes - t[i].activation_bytes),
+              (t[i].forward_s + t[i].backward_s) - (base[i].forward_s + base[i].backward_s)) for t in tables]))
+    extra = 0.0
+    for rate, nbytes in sorted(segments):
+        take = min(nbytes, excess)
+        extra += rate * take
+        excess -= take
+        if excess <= 0:
+            return extra
+    return math.inf
+
+
+def _hull_segments(options: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Segments (slope, width) of the lower convex hull from (0, 0) through (bytes saved, time added) options."""
+    hull = [(0.0, 0.0)]
+    for saved, added in sorted(set(options)):
+        if saved <= hull[-1][0]:
+            continue
+        while len(hull) >= 2 and (added - hull[-2][1]) * (hull[-1][0] - hull[-2][0]) <= \
+                (hull[-1][1] - hull[-2][1]) * (saved - hull[-2][0]):
+            hull.pop()
+        hull.append((saved, added))
+    return [((b[1] - a[1]) / (b[0] - a[0]), b[0] - a[0]) for a, b in zip(hull, hull[1:])]
+
+
+def layout_memory_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
+    """Lower bound on the fullest rank's memory over every stage partition.
+
+    Rank r holds its states S_r and k_r micro-batches of its activations A_r (k_r: the fewest
+    in flight on any of its chunks). Weighting ranks by w_r = (1/k_r)/H with H = Σ_r 1/k_r,
+    ``max_r (S_r + k_r·A_r) ≥ Σ_r w_r (S_r + k_r·A_r) ≥ S/(k_max·H) + A/H`` for S = Σ S_r, A = Σ A_r;
+    uniform weights give ``(S + k_min·A)/pp``; the larger of the two holds. Buffers and headroom are
+    added as ``evaluate_layout`` adds them.
+    """
+    states, fixed, k = foot
+    acts = prices.sums.leanest_acts
+    h = sum(1.0 / kr for kr in k)
+    spread = max(states / (max(k) * h) + acts / h, (states + min(k) * acts) / layout.pp,
+                 _repeated_block_bound(layout, prices, formulas, k))
+    return with_headroom(spread + fixed)
+
+
+def _repeated_block_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, k: list[int]) -> float:
+    """Bound from the most repeated layer alone (identical costs; the other layers only add memory).
+
+    N blocks of states s and activations a, n_r of them on rank r: ``max_r n_r·(s + k_r·a)`` over real
+    n_r ≥ 0 summing to N is smallest when every term is equal, at ``N / Σ_r 1/(s + k_r·a)``.
+    """
+    index, n = prices.block
+    block = prices.leanest[index]
+    s = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    return n / sum(1.0 / (s + kr * block.activation_bytes) for kr in k)

@@ -1,17 +1,29 @@
-"""What the outer search needs priced, as numbers: per-layer costs and a pricing protocol.
+"""Prices as values: what the solvers read, and the cost-model formulas they apply to those values.
 
-The planner (``autopar/api.py``) implements ``Pricing`` with the cost models and the
-intra-op ILP; the search only sees numbers, so it never imports torch.
+Planning prices in two steps, each a function from values to a value (``autopar.api.plan``):
+
+1. the cost models price layer settings into a frozen ``LayerCostTable`` keyed by
+   ``LayerSetting(tp, sequence_parallel, micro_batch_size, recompute)`` (``autopar/pricing.py``);
+2. the search reads a ``PriceTable`` (that table, the cluster and the training dtype) and never calls
+   back. The per-layout formulas that are not per-layer (model states, collectives, the optimizer
+   step, buffers) are ``autopar.cost_models`` functions of values, each called in one place below.
+
+The search asks for the settings it will read before it reads them (``search.search_steps``), so the
+planner prices only those: the group bounds need one policy per (tp, sp, micro-batch), the other
+policies only the settings whose groups survive the bounds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple
 
-from autopar.layout import Recompute
-from autopar.plan import ShardingPlan
+from autopar.cost_models import comm, memory, optimizer
+from autopar.cost_models.cluster import Cluster
+from autopar.graph.ir import DTYPE_BYTES
+from autopar.layout import Collective, Recompute
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,61 +48,176 @@ class LayerCost:
     """TP collective time per micro-batch (forward + backward), already inside the times above."""
 
 
-class Pricing(Protocol):
-    """Prices the search asks for. Implemented by the planner on top of ``autopar.cost_models``."""
+class LayerSetting(NamedTuple):
+    """The value one row of layer costs is priced at (a NamedTuple: hashed tens of thousands of times)."""
+
+    tp: int
+    """Tensor-parallel size."""
+    sequence_parallel: bool
+    """Megatron sequence parallelism in the TP group."""
+    micro_batch_size: int
+    """Samples per micro-batch."""
+    recompute: Recompute
+    """Activation recomputation policy."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerCostTable:
+    """Per-layer costs of one graph on one node kind, for the settings priced: a read-only mapping."""
+
+    num_layers: int
+    """Layers in the graph (every row has this many entries)."""
+    rows: Mapping[LayerSetting, tuple[LayerCost, ...]]
+    """Setting → per-layer costs in model order (read-only)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows, MappingProxyType):
+            raise ValueError("LayerCostTable.rows must be read-only: build the table with LayerCostTable.of")
+        bad = [s for s, row in self.rows.items() if len(row) != self.num_layers]
+        if bad:
+            raise ValueError(f"rows {bad[:3]} do not have {self.num_layers} layer costs")
+
+    @classmethod
+    def of(cls, num_layers: int, rows: Mapping[LayerSetting, tuple[LayerCost, ...]]) -> LayerCostTable:
+        """A table over a read-only copy of ``rows``."""
+        return cls(num_layers=num_layers, rows=MappingProxyType(dict(rows)))
+
+    def __getitem__(self, setting: LayerSetting) -> tuple[LayerCost, ...]:
+        return self.rows[setting]
+
+    def __contains__(self, setting: object) -> bool:
+        return setting in self.rows
+
+    def missing(self, settings: Iterable[LayerSetting]) -> frozenset[LayerSetting]:
+        """The settings of ``settings`` this table has no row for."""
+        return frozenset(s for s in settings if s not in self.rows)
+
+    def merged(self, other: LayerCostTable) -> LayerCostTable:
+        """A new table with the rows of both (``other`` wins on a shared setting; they are equal by value)."""
+        if other.num_layers != self.num_layers:
+            raise ValueError(f"tables of {self.num_layers} and {other.num_layers} layers do not merge")
+        return LayerCostTable.of(self.num_layers, {**self.rows, **other.rows})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriceTable:
+    """Everything the search prices with: the layer costs, the cluster and the training dtype."""
+
+    layers: LayerCostTable
+    """Per-layer costs by setting."""
+    cluster: Cluster
+    """The hardware (memory, links, peak FLOP/s) the per-layout formulas read."""
+    dtype: str
+    """Training dtype (weights, gradients and activations)."""
 
     @property
     def num_layers(self) -> int:
         """Layers in the graph."""
-        ...
+        return self.layers.num_layers
 
     @property
     def gpu_mem_bytes(self) -> int:
         """Memory per GPU."""
-        ...
+        return int(self.cluster.gpu.mem_bytes)
 
     @property
     def peak_flops_per_s(self) -> float:
         """Dense peak of one GPU at the training dtype."""
-        ...
+        return self.cluster.peak_flops(self.dtype)
 
-    def layer_costs(self, *, tp: int, sequence_parallel: bool, micro_batch_size: int,
-                    recompute: Recompute) -> tuple[LayerCost, ...]:
-        """Costs of every layer at one setting (cached by the implementation)."""
-        ...
+    def with_layers(self, more: LayerCostTable) -> PriceTable:
+        """The same prices with ``more`` rows of layer costs."""
+        return PriceTable(layers=self.layers.merged(more), cluster=self.cluster, dtype=self.dtype)
+
+
+OPTIMIZER = "foreach"
+"""The AdamW the planner prices (``optimizer.py``): torch's default on GPUs (``_default_to_fused_or_foreach``
+picks foreach when every tensor is on CUDA and neither flag is set), torchtitan's at its 2024-12 benchmark."""
+CLIP_GRAD_NORM = True
+"""Gradients clipped by ``clip_grad_norm_(foreach=True)`` before the step (torchtitan ``max_norm = 1.0``,
+Megatron-LM ``--clip-grad 1.0``, nanoGPT ``grad_clip = 1.0``)."""
+REDUCE_BYTES = 4
+"""FSDP2 reduces gradients in fp32 (``emit/dp.py``: ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``)."""
+
+
+class Formulas:
+    """The per-layout formulas on one cluster at one dtype: one ``cost_models`` call each, memoised by value.
+
+    One instance lives for one search (or one evaluation); it holds no state but the memo tables of
+    pure functions of its arguments, so it never changes a result.
+    """
+
+    __slots__ = ("cluster", "dtype", "_states", "_collectives", "_fixed")
+
+    def __init__(self, cluster: Cluster, dtype: str) -> None:
+        self.cluster = cluster
+        self.dtype = dtype
+        self._states: dict[tuple[float, int, int], tuple[float, float, float]] = {}
+        self._collectives: dict[tuple[Collective, float, int, int], float] = {}
+        self._fixed: dict[tuple[float, int, int], float] = {}
+
+    @classmethod
+    def of(cls, prices: PriceTable) -> Formulas:
+        """The formulas of ``prices``'s cluster and dtype."""
+        return cls(prices.cluster, prices.dtype)
+
+    @property
+    def gpu_mem_bytes(self) -> int:
+        """Memory per GPU."""
+        return int(self.cluster.gpu.mem_bytes)
 
     def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
         """(params, grads, optimizer) bytes per GPU for ``num_params`` under ZeRO over ``dp`` ranks."""
-        ...
+        key = (num_params, zero_stage, dp)
+        if key not in self._states:
+            s = memory.estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp,  # type: ignore[arg-type]
+                                                  dtype=self.dtype)
+            self._states[key] = (float(s.params), float(s.grads), float(s.optimizer))
+        return self._states[key]
 
-    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
-        """Seconds for one collective of ``nbytes`` over a group."""
-        ...
+    def collective_time(self, kind: Collective, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
+        """Seconds for one collective of ``nbytes`` over a group (0 for a group of one, except a send)."""
+        key = (kind, nbytes, group_size, nodes_spanned)
+        if key not in self._collectives:
+            if group_size <= 1 and kind is not Collective.SEND_RECV:
+                seconds = 0.0
+            else:
+                cluster = self.cluster
+                seconds = comm.estimate_collective_time(kind, nbytes, max(2, group_size), cluster=cluster,
+                                                        nodes_spanned=min(nodes_spanned, cluster.nodes))
+            self._collectives[key] = seconds
+        return self._collectives[key]
 
     def optimizer_step_time(self, num_params: float) -> float:
-        """Seconds for the optimizer update of ``num_params`` parameters held by one GPU."""
-        ...
+        """Seconds for the optimizer update of ``num_params`` parameters held by one GPU (``OPTIMIZER``)."""
+        return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=OPTIMIZER,
+                                                      clip_grad_norm=CLIP_GRAD_NORM)
 
     def optimizer_temp_bytes(self, num_params: float) -> float:
         """Bytes the optimizer step allocates on top of its states for ``num_params`` parameters one GPU owns."""
-        ...
+        return optimizer.optimizer_temporary_bytes(num_params, implementation=OPTIMIZER)
 
     def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
         """Seconds of FSDP's (all-gather copy-out, reduce copy-in) kernels per step on the compute stream."""
-        ...
+        return comm.estimate_fsdp_copy_time(num_params, self.cluster.gpu, gathers_per_step=gathers_per_step,
+                                            param_bytes=DTYPE_BYTES[self.dtype], reduce_bytes=REDUCE_BYTES)
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
         """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
-        ...
+        key = (largest_layer_params, zero_stage, dp)
+        if key not in self._fixed:
+            self._fixed[key] = memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp,
+                                                           largest_layer_params=largest_layer_params,
+                                                           dtype=self.dtype)
+        return self._fixed[key]
 
     def grad_bytes_per_param(self) -> float:
         """Bytes of one gradient element as reduced over dp (the emitter's reduce dtype: fp32)."""
-        ...
+        return float(REDUCE_BYTES)
 
     def param_bytes_per_param(self) -> float:
         """Bytes of one parameter element as all-gathered over dp (the training dtype)."""
-        ...
+        return float(DTYPE_BYTES[self.dtype])
 
-    def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
-        """Per layer kind: the ILP's sharding at this TP size (empty at tp = 1)."""
-        ...
+
+__all__ = ["LayerCost", "LayerSetting", "LayerCostTable", "PriceTable", "Formulas"]

@@ -14,7 +14,7 @@ Step time of a layout (seconds)::
   micro-batch's backward, ZeRO 1/2's gather of updated parameters behind the next step's first
   forward (about a third of a micro-batch's compute), and ZeRO 3's parameter gathers behind each
   micro-batch's compute (prefetching), so only the excess is exposed;
-- optimizer update: memory-bound over the parameters a GPU owns (see ``Pricing``).
+- optimizer update: memory-bound over the parameters a GPU owns (``costs.Formulas.optimizer_step_time``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
-from autopar.solvers.costs import LayerCost, Pricing
+from autopar.solvers.costs import Formulas, LayerCost
 from autopar.solvers.pipeline.stage_dp import (
     InfeasibleStagePartitionError,
     StageCosts,
@@ -86,16 +87,16 @@ def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
     return max(1, math.ceil(span / gpus_per_node)) if span > gpus_per_node else 1
 
 
-def _stage_costs(layout: Layout, costs: Sequence[LayerCost], pricing: Pricing, p2p_nodes: int) -> StageCosts:
+def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas, p2p_nodes: int) -> StageCosts:
     states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
     sends: dict[float, float] = {}
     for c in costs:
         if c.param_count not in states:
-            params, grads, opt = pricing.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
+            params, grads, opt = formulas.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
             states[c.param_count] = params + grads + opt
         if c.boundary_bytes not in sends:  # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
-            sends[c.boundary_bytes] = pricing.collective_time("p2p", c.boundary_bytes, group_size=2,
-                                                              nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
+            sends[c.boundary_bytes] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
+                                                               nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
     static = [states[c.param_count] for c in costs]
     send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
@@ -112,42 +113,65 @@ Variants = Mapping[Recompute, Sequence[LayerCost]]
 _RECOMPUTE_ORDER = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
 
 
-def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
-               key: tuple[object, ...]) -> tuple[PolicyPartition, bool]:
-    """The stage partition and per-stage policies of ``layout``, and whether they fit ``budget`` per rank.
+def _fastest(layout: Layout, fastest: StageCosts, quick: int, budget: float, cache: PartitionCache | None,
+             key: tuple[object, ...]) -> PolicyPartition | None:
+    """The time-optimal partition (every stage on the fastest policy, index ``quick`` with costs ``fastest``)
+    when it fits ``budget`` per rank, else None.
 
-    The time-optimal partition depends on the stage times only, not on the ZeRO stage or dp
-    (those change memory), so it is computed once per ``key`` with no memory limit and reused;
-    the memory-constrained DP runs only when that partition does not fit.
+    It depends on the stage times only, not on the ZeRO stage or dp (those change memory), so it is
+    computed once per ``key`` with no memory limit and reused (None without a cache).
     """
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     m, schedule = layout.num_micro_batches, layout.schedule
     in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
+    if cache is None or (key not in cache and (_cannot_fit(fastest, in_flight, layout.pp, budget)
+                                               or _blocks_cannot_fit(fastest, in_flight, layout.pp, budget))):
+        return None  # no partition of the fastest policy fits: the memory-constrained DP decides
+    if key not in cache:  # without a memory limit every stage takes the fastest policy
+        best = solve_stage_partition(fastest, num_stages=stages, num_micro_batches=m, mem_budget_bytes=math.inf,
+                                     schedule=schedule, virtual_stages=v)
+        cache[key] = (best.boundaries, (quick,) * stages)
+    bounds, policies = cache[key]
+    candidate = _priced(layout, [fastest], bounds, [0] * stages)  # every stage on the fastest policy
+    if max(candidate.partition.rank_mem_bytes) > budget:
+        return None
+    return PolicyPartition(partition=candidate.partition, policies=tuple(policies))
+
+
+def _quickest(times: Sequence[float]) -> int:
+    """Index of the fastest policy (the first of equals)."""
+    return min(range(len(times)), key=times.__getitem__)
+
+
+def _priced(layout: Layout, variants: Sequence[StageCosts], bounds: Sequence[int],
+            policies: Sequence[int]) -> PolicyPartition:
+    m, v, schedule = layout.num_micro_batches, layout.virtual_stages, layout.schedule
+    in_flight = in_flight_per_stage(schedule, pp=layout.pp, num_micro_batches=m, virtual_stages=v)
     alpha, beta = schedule_weights(schedule, num_micro_batches=m, virtual_stages=v)
+    part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
+                              alpha=alpha, beta=beta, virtual_stages=v)
+    return PolicyPartition(partition=part, policies=tuple(policies))
 
-    def priced(bounds: Sequence[int], policies: Sequence[int]) -> PolicyPartition:
-        part = evaluate_partition(composite_costs(variants, bounds, policies), bounds, in_flight=in_flight,
-                                  alpha=alpha, beta=beta, virtual_stages=v)
-        return PolicyPartition(partition=part, policies=tuple(policies))
 
-    quick = min(range(len(variants)), key=lambda p: sum(variants[p].forward_s) + sum(variants[p].backward_s))
-    if cache is not None and key not in cache and _cannot_fit(variants[quick], in_flight, layout.pp, budget):
-        cache = None  # no partition of the fastest policy fits: go straight to the memory-constrained DP
-    if cache is not None:
-        if key not in cache:  # without a memory limit every stage takes the fastest policy
-            fastest = solve_stage_partition(variants[quick], num_stages=stages, num_micro_batches=m,
-                                            mem_budget_bytes=math.inf, schedule=schedule, virtual_stages=v)
-            cache[key] = (fastest.boundaries, (quick,) * stages)
-        candidate = priced(*cache[key])
-        if max(candidate.partition.rank_mem_bytes) <= budget:
-            return candidate, True
+def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, cache: PartitionCache | None,
+               key: tuple[object, ...]) -> tuple[PolicyPartition, bool]:
+    """The stage partition and per-stage policies of ``layout``, and whether they fit ``budget`` per rank.
+
+    The time-optimal partition (``_fastest``, cached) when it fits; otherwise the memory-constrained
+    DP, which holds each of a rank's v chunks to 1/v of its budget (``solve_stage_policies``).
+    """
+    quick = _quickest([sum(c.forward_s) + sum(c.backward_s) for c in variants])
+    candidate = _fastest(layout, variants[quick], quick, budget, cache, key)
+    if candidate is not None:
+        return candidate, True
+    stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     try:
-        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=m, mem_budget_bytes=budget,
-                                    schedule=schedule, virtual_stages=v), True
+        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=layout.num_micro_batches,
+                                    mem_budget_bytes=budget, schedule=layout.schedule, virtual_stages=v), True
     except InfeasibleStagePartitionError:
         n = variants[0].num_layers
         leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
-        return priced([round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
+        return _priced(layout, variants, [round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
 
 
 def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
@@ -157,20 +181,33 @@ def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: fl
     return least > budget * (1 + 1e-9)  # a margin for the rounding of the per-rank sums
 
 
+def _blocks_cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:
+    """True when the ranks cannot hold the most repeated layer (static s, activations a) even alone: rank r,
+    whose chunks hold at least k_r micro-batches each, fits at most ⌊budget / (s + k_r · a)⌋ of them."""
+    (static, acts), count = Counter(zip(costs.static_mem_bytes, costs.activation_bytes)).most_common(1)[0]
+    held = 0.0
+    for r in range(pp):
+        per_layer = static + min(in_flight[r::pp]) * acts
+        if per_layer <= 0:
+            return False
+        held += math.floor(budget / per_layer * (1 + 1e-9))  # a margin for rounding: never too few
+    return held < count
+
+
 def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             pricing: Pricing, dp_nodes: int, overlap: bool, edge_params: float = 0.0) -> CommBreakdown:
+             formulas: Formulas, dp_nodes: int, overlap: bool, edge_params: float = 0.0) -> CommBreakdown:
     """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``);
     ``edge_params``: the FSDP units gathered first and reduced last (``comm.fsdp_edge_params``)."""
     if layout.dp == 1:
         return CommBreakdown()
 
     def t(kind: Collective, params: float = rank_params) -> float:  # gradients reduced in fp32, params gathered
-        width = pricing.param_bytes_per_param() if kind is Collective.ALL_GATHER else pricing.grad_bytes_per_param()
-        return pricing.collective_time(kind, params * width, group_size=layout.dp, nodes_spanned=dp_nodes)
+        width = formulas.param_bytes_per_param() if kind is Collective.ALL_GATHER else formulas.grad_bytes_per_param()
+        return formulas.collective_time(kind, params * width, group_size=layout.dp, nodes_spanned=dp_nodes)
 
     zero, m = layout.zero_stage, layout.num_micro_batches
     reduce = Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER
-    copy_out, copy_in = pricing.fsdp_copy_time(rank_params, gathers_per_step=(2 * m if zero == 3 else int(zero > 0)))
+    copy_out, copy_in = formulas.fsdp_copy_time(rank_params, gathers_per_step=(2 * m if zero == 3 else int(zero > 0)))
     return estimate_exposed_dp_comm(
         zero_stage=zero, num_micro_batches=m, grad_reduce_s=t(reduce),
         param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
@@ -178,7 +215,56 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
-def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpus_per_node: int,
+class _Setup(NamedTuple):
+    """What pricing a layout starts from."""
+
+    policies: list[Recompute]
+    """The policies of ``variants`` in ``_RECOMPUTE_ORDER``."""
+    per_policy: list[Sequence[LayerCost]]
+    """Their per-layer costs."""
+    stage_variants: list[StageCosts]
+    """Their stage-DP inputs (model states and boundary sends of this layout)."""
+    fixed: float
+    """Buffers and runtime reservation per GPU (before headroom)."""
+    key: tuple[object, ...]
+    """What the time-optimal partition depends on (``PartitionCache`` key)."""
+
+
+def _setup(layout: Layout, variants: Variants, formulas: Formulas, gpus_per_node: int,
+           partition_cache: PartitionCache | None, costs_key: Hashable) -> _Setup:
+    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
+    policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
+    per_policy = [variants[rc] for rc in policies]
+    stage_variants = [_stage_costs(layout, costs, formulas, p2p_nodes) for costs in per_policy]
+    largest = max(c.param_count for c in per_policy[0])
+    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
+    if partition_cache is not None and costs_key is None:
+        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
+    return _Setup(policies=policies, per_policy=per_policy, stage_variants=stage_variants, fixed=fixed, key=key)
+
+
+def fastest_partition_fits(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
+                           partition_cache: PartitionCache, costs_key: Hashable) -> bool:
+    """Whether ``evaluate_layout`` would keep the time-optimal partition (it fits every rank's memory).
+
+    When it does not, the memory-constrained DP holds each chunk to 1/v of a rank's budget, which the
+    search bounds more tightly (``bounds.layout_bound`` with ``chunks``). The partition is cached, so
+    the evaluation that may follow reuses it.
+    """
+    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
+    per_policy = [variants[rc] for rc in _RECOMPUTE_ORDER if rc in variants]
+    quick = _quickest([sum(c.forward_s for c in costs) + sum(c.backward_s for c in costs) for costs in per_policy])
+    largest = max(c.param_count for c in per_policy[0])
+    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
+    fastest = _stage_costs(layout, per_policy[quick], formulas, p2p_nodes)  # the other policies are not read
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
+    return _fastest(layout, fastest, quick, budget, partition_cache, key) is not None
+
+
+def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, gpus_per_node: int,
                     overlap_grad_reduce: bool = True, partition_cache: PartitionCache | None = None,
                     costs_key: Hashable = None) -> Evaluation:
     """Price ``layout`` at its (tp, sp, micro-batch) setting, each stage with the fastest policy that fits.
@@ -189,18 +275,9 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     were priced at (e.g. tp, sequence parallelism, micro-batch size and the policies).
     """
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
-    p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
-    policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
-    per_policy = [variants[rc] for rc in policies]
-    stage_variants = [_stage_costs(layout, costs, pricing, p2p_nodes) for costs in per_policy]
-    largest = max(c.param_count for c in per_policy[0])
-    fixed = pricing.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
-    # total = with_headroom(states + activations + fixed buffers) must fit the GPU
-    if partition_cache is not None and costs_key is None:
-        raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
-    key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule,
-           layout.num_micro_batches)
-    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(pricing.gpu_mem_bytes, fixed_bytes=fixed),
+    policies, per_policy, stage_variants, fixed, key = _setup(layout, variants, formulas, gpus_per_node,
+                                                              partition_cache, costs_key)
+    chosen, solved = _partition(layout, stage_variants, tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed),
                                 partition_cache, key)
     part = chosen.partition
     stage_policy = tuple(policies[p] for p in chosen.policies)
@@ -219,16 +296,16 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
         unit = [costs[i].param_count for i in layers]
         edge = fsdp_edge_params(unit, [counts[p] > 1 for p in unit])
-        rank_comm = _dp_comm(layout, params, compute, last_bwd, pricing, dp_nodes, overlap_grad_reduce, edge)
+        rank_comm = _dp_comm(layout, params, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
-        opt_time = max(opt_time, pricing.optimizer_step_time(owned))
-        p, g, o = pricing.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
+        opt_time = max(opt_time, formulas.optimizer_step_time(owned))
+        p, g, o = formulas.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
-                                           fixed_bytes=fixed, capacity_bytes=pricing.gpu_mem_bytes,
-                                           optimizer_temp_bytes=pricing.optimizer_temp_bytes(owned)))
+                                           fixed_bytes=fixed, capacity_bytes=formulas.gpu_mem_bytes,
+                                           optimizer_temp_bytes=formulas.optimizer_temp_bytes(owned)))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_comm.dp_s + opt_time
@@ -237,7 +314,8 @@ def evaluate_layout(layout: Layout, variants: Variants, pricing: Pricing, *, gpu
     return Evaluation(
         layout=layout, partition=part, step_time_s=step, pipeline_time_s=pipeline,
         bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
-        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time, memory=tuple(memory), model_flops=3 * fwd,
+        communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time,
+        memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
         stage_recompute=stage_policy,
     )

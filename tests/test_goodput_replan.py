@@ -17,7 +17,7 @@ from autopar.errors import UserInputError
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.goodput import plan_goodput
 from autopar.plan import Layout, Plan, Recompute, Schedule
-from autopar.pricing import GraphPricing
+from autopar.pricing import LayerPricer
 from autopar.replanning import (
     _variants,
     contingency_for,
@@ -26,6 +26,7 @@ from autopar.replanning import (
     restaged_layouts,
     survivor_layouts,
 )
+from autopar.solvers.costs import Formulas
 from autopar.solvers.evaluate import evaluate_layout
 
 BATCH = 48
@@ -100,7 +101,7 @@ def test_survivor_layouts_against_brute_force(gpus: int, batch: int, mbs: int) -
 
 def test_replan_is_the_best_template_on_the_survivors(graph, cluster, ranked) -> None:
     plan = ranked[0]
-    pricing = GraphPricing(graph, cluster)
+    pricing = LayerPricer(graph, cluster)
     new = replan(plan, lost_nodes=1, pricing=pricing, templates=[p.layout for p in ranked])
     survivors = cluster.with_nodes(3)
     assert new.num_gpus_available == 24 and new.layout.num_gpus <= 24
@@ -112,7 +113,8 @@ def test_replan_is_the_best_template_on_the_survivors(graph, cluster, ranked) ->
                                                        num_layers=plan.num_layers) if keeps]
         return same + restaged_layouts(t, num_gpus=24, global_batch_size=BATCH, num_layers=plan.num_layers)
 
-    best = max((evaluate_layout(lay, _variants(on, lay), on, gpus_per_node=8)
+    formulas = Formulas(survivors, on.dtype)
+    best = max((evaluate_layout(lay, _variants(on, lay), formulas, gpus_per_node=8)
                 for t in [plan.layout, *(p.layout for p in ranked)] for lay in options(t)),
                key=lambda ev: (ev.fits, -ev.step_time_s))
     assert new.predicted.step_time_s == pytest.approx(best.step_time_s, rel=1e-9)
@@ -129,7 +131,7 @@ def test_replan_is_the_best_template_on_the_survivors(graph, cluster, ranked) ->
 
 
 def test_contingencies_answer_without_the_model(graph, cluster, ranked) -> None:
-    pricing = GraphPricing(graph, cluster)
+    pricing = LayerPricer(graph, cluster)
     with_c = precompute_contingencies(ranked[0], max_lost_nodes=2, pricing=pricing,
                                       templates=[p.layout for p in ranked])
     loaded = Plan.from_json(with_c.to_json())
@@ -197,13 +199,13 @@ def test_replanning_a_cluster_file_needs_the_file(cpu_plan, capsys) -> None:
 
 def test_goodput_bound_holds_for_every_layout_outside_the_top_k(graph, cluster) -> None:
     from autopar.goodput import goodput_bound_outside, rank_by_goodput
-    from autopar.pricing import model_shape
-    from autopar.solvers.search import search
+    from autopar.pricing import model_shape, run_search
+    from autopar.solvers.search import search_steps
     from autopar.solvers.space import build_space
 
-    pricing = GraphPricing(graph, cluster)
+    pricing = LayerPricer(graph, cluster)
     space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=8, global_batch_size=BATCH)
-    every = search(space, pricing, top_k=10_000).ranked  # all layouts that fit, fastest first
+    every = run_search(search_steps(space, pricing.prices(), top_k=10_000), pricing).ranked  # all layouts that fit, fastest first
     assert len(every) > 20
     for k in (1, 3, 10):
         bound = goodput_bound_outside(every[:k], complete=False, cluster=cluster, seq_len=512,
@@ -228,7 +230,7 @@ def test_restaged_layouts_keep_the_batch_and_fill_the_survivors(gpus: int, batch
 
 
 def test_replan_by_goodput_keeps_the_best_goodput(graph, cluster, ranked) -> None:
-    pricing = GraphPricing(graph, cluster)
+    pricing = LayerPricer(graph, cluster)
     kwargs = dict(lost_nodes=1, pricing=pricing, templates=[p.layout for p in ranked])
     fast = replan(ranked[0], **kwargs)
     good = replan(ranked[0], objective="goodput", **kwargs)

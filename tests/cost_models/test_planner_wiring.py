@@ -17,8 +17,9 @@ from autopar.cost_models.cluster import Cluster
 from autopar.cost_models.layer_info import layer_capture_dtype
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.layout import Collective
-from autopar.pricing import GraphPricing
+from autopar.pricing import LayerPricer
 from autopar.solvers import evaluate
+from autopar.solvers.costs import Formulas
 
 H100 = Cluster.preset("dgx-h100")
 EXAMPLE = (torch.zeros(1, 128, dtype=torch.long),)
@@ -34,7 +35,7 @@ def _graph(dtype: torch.dtype = torch.float32) -> autopar.OpGraph:
 
 
 def test_the_optimizer_step_and_its_temporaries_are_optimizer_py() -> None:
-    pricing = GraphPricing(_graph(), H100)
+    pricing = Formulas(H100, "bfloat16")
     assert pricing.optimizer_step_time(1e9) == optimizer.estimate_optimizer_step_time(
         1e9, H100.gpu, implementation="foreach", clip_grad_norm=True)
     assert pricing.optimizer_temp_bytes(1e9) == optimizer.optimizer_temporary_bytes(1e9, implementation="foreach")
@@ -76,7 +77,7 @@ def test_dp_comm_gets_the_fsdp_edges_and_copies(monkeypatch: pytest.MonkeyPatch)
     kw = next(c for c in calls if c["zero_stage"] == 3 and c["num_micro_batches"] == 2)
     layers = [layer.num_params for layer in graph.layers]  # embedding, 3 blocks, head
     edge = layers[0] + layers[-1] + layers[1]  # the root unit and the first block
-    pricing = GraphPricing(graph, H100)
+    pricing = Formulas(H100, "bfloat16")
     assert comm.fsdp_edge_params(layers, [False, True, True, True, False]) == edge
     group = dict(group_size=2, nodes_spanned=1)
     assert kw["edge_gather_s"] == pytest.approx(pricing.collective_time(Collective.ALL_GATHER, edge * 2, **group))
@@ -103,6 +104,6 @@ def test_the_sharding_ilp_prices_ops_at_the_layers_capture_dtype(monkeypatch: py
 
     graph = _graph(torch.bfloat16)
     monkeypatch.setattr(compute, "estimate_op_time", spy)
-    GraphPricing(graph, H100).sharding_plans(tp=2, sequence_parallel=False)
+    LayerPricer(graph, H100).sharding_plans(tp=2, sequence_parallel=False)
     assert seen and set(seen) <= {layer_capture_dtype(layer) for layer in graph.layers}
     assert "bfloat16" in seen and "missing" not in seen

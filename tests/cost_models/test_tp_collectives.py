@@ -22,7 +22,7 @@ import autopar
 from autopar.cost_models.cluster import Cluster
 from autopar.examples.gpt import GPT, GPTConfig
 from autopar.plan import TPStyle
-from autopar.pricing import GraphPricing
+from autopar.pricing import LayerPricer
 
 LOCAL2 = Path(__file__).parent / "data" / "local2_gloo.yaml"
 MICRO_BATCH = 8
@@ -36,7 +36,7 @@ STYLES = {"attn.q_proj": TPStyle.COLWISE, "attn.k_proj": TPStyle.COLWISE, "attn.
 """The blocks' sharding the recording ran (the ILP's choice on ``LOCAL2``)."""
 
 
-def _priced(pricing: GraphPricing, graph: autopar.OpGraph) -> Counter[tuple[str, str, int]]:
+def _priced(pricing: LayerPricer, graph: autopar.OpGraph) -> Counter[tuple[str, str, int]]:
     scale = MICRO_BATCH // graph.batch_size
     out: Counter[tuple[str, str, int]] = Counter()
     for layer in graph.layers:
@@ -50,7 +50,7 @@ def test_gpt_tp2_prices_the_collectives_the_emitted_program_issues() -> None:
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, block_size=128, dropout=0.0))
     graph = autopar.capture(model, (torch.zeros(2, 128, dtype=torch.long, device="meta"),))
-    pricing = GraphPricing(graph, Cluster.from_yaml(LOCAL2), dtype="float32")
+    pricing = LayerPricer(graph, Cluster.from_yaml(LOCAL2), dtype="float32")
     block = graph.layers[1].kind
     assert dict(pricing._sharding(block, 2, False).modules) == STYLES, "the ILP chose another sharding: re-record"
     assert _priced(pricing, graph) == Counter(ISSUED)

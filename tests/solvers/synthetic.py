@@ -1,12 +1,18 @@
-"""A closed-form ``Pricing`` for search tests: transformer-like layers, alpha-beta links, ZeRO states."""
+"""Closed-form prices for search tests: transformer-like layers in a ``LayerCostTable`` on a made-up cluster.
+
+The layer rows are closed forms; the per-layout formulas (model states, collectives, the optimizer
+step, buffers) are the cost models' own, on a cluster with these GPUs and links.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from types import MappingProxyType
 
-from autopar.plan import Recompute, ShardingPlan
-from autopar.solvers.costs import LayerCost
+from autopar.cost_models.cluster import Cluster, GPUSpec, LinkKind, LinkSpec
+from autopar.plan import Recompute
+from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting, PriceTable
+from autopar.solvers.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -31,16 +37,36 @@ class SyntheticPricing:
     def gpu_mem_bytes(self) -> int:
         return int(self.mem)
 
-    @property
-    def peak_flops_per_s(self) -> float:
-        return self.peak
+    def cluster(self, nodes: int = 64) -> Cluster:
+        """8-GPU nodes of these GPUs (28 optimizer bytes per parameter at 0.875 TB/s: 32 ps per parameter)."""
+        gpu = GPUSpec(name="synthetic", peak_flops_per_s=MappingProxyType({"bfloat16": self.peak}),
+                      mem_bytes=int(self.mem), mem_bytes_per_s=0.875e12, matmul_efficiency=1.0,
+                      memory_efficiency=1.0, kernel_launch_s=1e-6, half_efficiency_s=1e-6)
+        return Cluster(name="synthetic", gpu=gpu, gpus_per_node=8, nodes=nodes, host_mem_bytes=2**40,
+                       intra_node=LinkSpec(kind=LinkKind.NVLINK, bytes_per_s=self.intra_bw, latency_s=self.latency,
+                                           efficiency=1.0),
+                       inter_node=LinkSpec(kind=LinkKind.INFINIBAND, bytes_per_s=self.inter_bw,
+                                           latency_s=self.latency, efficiency=1.0))
 
-    @lru_cache(maxsize=None)
+    def prices(self, space: SearchSpace) -> PriceTable:
+        """Every setting of ``space`` under every policy, priced."""
+        rows = {LayerSetting(tp, sp, mbs, rc): self.layer_costs(tp=tp, sequence_parallel=sp, micro_batch_size=mbs,
+                                                                 recompute=rc)
+                for tp in space.tp for sp in space.sequence_parallel for mbs in space.micro_batch_size
+                for rc in Recompute}
+        return PriceTable(layers=LayerCostTable.of(self.num_layers, rows), cluster=self.cluster(), dtype="bfloat16")
+
+    def formulas(self) -> Formulas:
+        return Formulas(self.cluster(), "bfloat16")
+
+    def _all_reduce_s(self, nbytes: float, group_size: int) -> float:
+        return self.latency + 2 * (group_size - 1) / group_size * nbytes / self.intra_bw
+
     def layer_costs(self, *, tp: int, sequence_parallel: bool, micro_batch_size: int,
                     recompute: Recompute) -> tuple[LayerCost, ...]:
         h, s, b = self.hidden, self.seq, micro_batch_size
         block_flops = 24 * b * s * h * h + 4 * b * s * s * h
-        comm = 4 * self.collective_time("all_reduce", 2 * b * s * h, group_size=tp, nodes_spanned=1) if tp > 1 else 0
+        comm = 4 * self._all_reduce_s(2 * b * s * h, tp) if tp > 1 else 0
         act = s * b * h * (34 / tp if sequence_parallel else 10 + 24 / tp)
         extra = {Recompute.NONE: 0.0, Recompute.SELECTIVE: 0.1, Recompute.FULL: 1.0}[recompute]
         if recompute is Recompute.FULL:
@@ -57,35 +83,3 @@ class SyntheticPricing:
                          forward_flops=head_flops, recompute_flops=0.0, activation_bytes=2 * b * s * h,
                          param_count=h * self.vocab / tp, boundary_bytes=2 * b * s * h)
         return (edge,) + (block,) * self.blocks + (edge,)
-
-    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
-        p, g, o = 2 * num_params, 2 * num_params, 12 * num_params
-        return (p / dp if zero_stage >= 3 else p, g / dp if zero_stage >= 2 else g, o / dp if zero_stage >= 1 else o)
-
-    def collective_time(self, kind: str, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
-        bw = self.inter_bw if nodes_spanned > 1 else self.intra_bw
-        n = group_size
-        factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-                  "p2p": 1.0}[kind]
-        return self.latency + factor * nbytes / bw
-
-    def optimizer_step_time(self, num_params: float) -> float:
-        return 32 * num_params / 1e12
-
-    def optimizer_temp_bytes(self, num_params: float) -> float:
-        return 4 * num_params
-
-    def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
-        return 4 * gathers_per_step * num_params / 1e12, 6 * num_params / 1e12
-
-    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
-        return 0.5e9
-
-    def grad_bytes_per_param(self) -> float:
-        return 4.0
-
-    def param_bytes_per_param(self) -> float:
-        return 2.0
-
-    def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> dict[str, ShardingPlan]:
-        return {}

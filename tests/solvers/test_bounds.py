@@ -54,3 +54,36 @@ def test_memory_moves_layers_to_the_ranks_with_fewer_micro_batches():
                              budget_bytes=2.0) == math.inf  # 1 + 2 layers fit at most
     assert rank_bottleneck_s(count=8, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
                              budget_bytes=1e9) == pytest.approx(4.0, rel=1e-3)  # memory no limit: even
+
+
+def _best_one_policy_split(count, static, policies, in_flight, budget):
+    """Least max over stages of n_j · t_p, over every integer split and one policy per stage that fits."""
+    best = math.inf
+    for split in itertools.product(range(count + 1), repeat=len(in_flight)):
+        if sum(split) != count:
+            continue
+        worst = 0.0
+        for n, k in zip(split, in_flight):
+            fits = [n * t for a, t in policies if n * (static + k * a) <= budget]
+            worst = max(worst, min(fits, default=math.inf))
+        best = min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunk_bound_equals_the_best_one_policy_split(seed):
+    """Exact for the repeated layers alone: never above the brute force (a valid bound), and equal to it."""
+    from autopar.solvers.bounds import chunk_bottleneck_s
+
+    rng = random.Random(seed)
+    count, stages = rng.randint(1, 7), rng.randint(1, 3)
+    policies = [(rng.uniform(0.1, 3.0), rng.uniform(0.5, 2.0)) for _ in range(rng.randint(1, 3))]
+    in_flight = [rng.randint(1, 4) for _ in range(stages)]
+    static, budget = rng.uniform(0.0, 2.0), rng.uniform(2.0, 20.0)
+    got = chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
+                             budget_bytes=budget)
+    want = _best_one_policy_split(count, static, policies, in_flight, budget)
+    if math.isinf(want):
+        assert math.isinf(got)
+    else:
+        assert got <= want and got == pytest.approx(want, rel=1e-8)

@@ -14,7 +14,7 @@ import pytest
 from autopar.layout import CommBreakdown, Layout, Recompute, Schedule
 from autopar.report.explain import explain_choice
 from autopar.solvers import evaluate
-from autopar.solvers.search import _prices
+from autopar.solvers.bounds import setting_prices
 from autopar.solvers.space import ModelShape, build_space
 
 from .synthetic import SyntheticPricing
@@ -22,6 +22,7 @@ from .synthetic import SyntheticPricing
 PRICING = SyntheticPricing()
 SPACE = build_space(ModelShape(num_layers=PRICING.num_layers, num_heads=16), num_gpus=16, gpus_per_node=8,
                     global_batch_size=32)
+TABLE = PRICING.prices(SPACE)
 
 
 def _layout(**kw: object) -> Layout:
@@ -31,8 +32,9 @@ def _layout(**kw: object) -> Layout:
 
 
 def _evaluate(layout: Layout) -> evaluate.Evaluation:
-    prices = _prices(SPACE, PRICING, layout.tp, layout.sequence_parallel, layout.micro_batch_size)
-    return evaluate.evaluate_layout(layout, prices.variants, PRICING, gpus_per_node=8)
+    prices = setting_prices(TABLE.layers, SPACE.recompute, layout.tp, layout.sequence_parallel,
+                            layout.micro_batch_size)
+    return evaluate.evaluate_layout(layout, prices.variants, PRICING.formulas(), gpus_per_node=8)
 
 
 def test_step_time_adds_the_exposed_dp_comm_the_cost_model_returns(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,9 @@ import pytest
 from autopar.errors import InfeasiblePlanError, PlanValidationError
 from autopar.plan import Recompute, Schedule
 from autopar.solvers.evaluate import evaluate_layout
-from autopar.solvers.search import _groups, _layouts, _prices, require_plans, search
+from autopar.solvers.bounds import setting_prices
+from autopar.solvers.costs import Formulas
+from autopar.solvers.search import _groups, _layouts, require_plans, search
 from autopar.solvers.space import ModelShape, build_space
 
 from .synthetic import SyntheticPricing
@@ -22,13 +24,18 @@ def _space(pricing, gpus=16, batch=32, **pins):
                        global_batch_size=batch, constraints=pins or None)
 
 
+def _run(space, pricing, **kw):
+    return search(space, pricing.prices(space), **kw)
+
+
 def _exhaustive(space, pricing):
     """Every layout the search may consider, all priced; the fastest that fits."""
     best = None
-    for group, setting in _groups(space, pricing):
-        prices = _prices(space, pricing, *setting)
+    table = pricing.prices(space)
+    for group, setting in _groups(space, table.layers):
+        prices = setting_prices(table.layers, space.recompute, *setting)
         for layout in _layouts(group, space, len(prices.fastest)):
-            ev = evaluate_layout(layout, prices.variants, pricing, gpus_per_node=space.gpus_per_node)
+            ev = evaluate_layout(layout, prices.variants, Formulas.of(table), gpus_per_node=space.gpus_per_node)
             if ev.fits and (best is None or ev.step_time_s < best.step_time_s):
                 best = ev
     return best
@@ -39,16 +46,16 @@ def _exhaustive(space, pricing):
 def test_branch_and_bound_matches_exhaustive(kw):
     pricing = SyntheticPricing(**kw)
     space = _space(pricing)
-    result = search(space, pricing, top_k=1)
+    result = _run(space, pricing, top_k=1)
     best = _exhaustive(space, pricing)
     assert best is not None and result.ranked
     assert result.ranked[0].step_time_s == pytest.approx(best.step_time_s, rel=1e-12)
-    assert result.candidates_priced <= sum(1 for _ in _groups(space, pricing)) * 12
+    assert result.candidates_priced <= sum(1 for _ in _groups(space, pricing.prices(space).layers)) * 12
 
 
 def test_top_k_is_sorted_and_distinct():
     pricing = SyntheticPricing(mem=8e9)
-    result = search(_space(pricing), pricing, top_k=5)
+    result = _run(_space(pricing), pricing, top_k=5)
     times = [ev.step_time_s for ev in result.ranked]
     assert len(times) == 5 and times == sorted(times)
     assert len({ev.layout for ev in result.ranked}) == 5
@@ -56,13 +63,13 @@ def test_top_k_is_sorted_and_distinct():
 
 def test_small_model_gets_pure_data_parallelism():
     pricing = SyntheticPricing(hidden=512, blocks=4, mem=80e9)
-    best = search(_space(pricing, gpus=8, batch=64), pricing).ranked[0]
+    best = _run(_space(pricing, gpus=8, batch=64), pricing).ranked[0]
     assert (best.layout.dp, best.layout.tp, best.layout.pp) == (8, 1, 1)
 
 
 def test_big_model_is_split():
     pricing = SyntheticPricing(hidden=8192, blocks=16, mem=40e9)
-    best = search(_space(pricing, gpus=16, batch=16), pricing).ranked[0]
+    best = _run(_space(pricing, gpus=16, batch=16), pricing).ranked[0]
     assert best.layout.tp * best.layout.pp > 1 or best.layout.zero_stage == 3
     assert best.fits
 
@@ -71,13 +78,13 @@ def test_faster_fabric_never_slower():
     times = []
     for bw in (1e9, 5e9, 25e9, 100e9):
         pricing = SyntheticPricing(hidden=2048, blocks=8, mem=20e9, inter_bw=bw)
-        times.append(search(_space(pricing, gpus=32, batch=64), pricing).ranked[0].step_time_s)
+        times.append(_run(_space(pricing, gpus=32, batch=64), pricing).ranked[0].step_time_s)
     assert all(a >= b for a, b in zip(times, times[1:]))
 
 
 def test_num_gpus_pin_fixes_the_world_size():
     pricing = SyntheticPricing(hidden=512, blocks=4, mem=80e9)
-    best = search(_space(pricing, gpus=16, batch=64, num_gpus=4), pricing).ranked[0]
+    best = _run(_space(pricing, gpus=16, batch=64, num_gpus=4), pricing).ranked[0]
     assert best.layout.num_gpus == 4
     with pytest.raises(PlanValidationError, match="more than the cluster"):
         _space(pricing, gpus=16, num_gpus=32)
@@ -85,14 +92,14 @@ def test_num_gpus_pin_fixes_the_world_size():
 
 def test_one_f_one_b_needs_pp_micro_batches():
     pricing = SyntheticPricing()
-    for ev in search(_space(pricing, gpus=16, batch=4, pp=4), pricing, top_k=5).ranked:
+    for ev in _run(_space(pricing, gpus=16, batch=4, pp=4), pricing, top_k=5).ranked:
         if ev.layout.num_micro_batches < 4:
             assert ev.layout.schedule is not Schedule.ONE_F_ONE_B
 
 
 def test_pins_are_respected():
     pricing = SyntheticPricing()
-    best = search(_space(pricing, tp=2, pp=2, schedule="gpipe", recompute="full"), pricing).ranked[0]
+    best = _run(_space(pricing, tp=2, pp=2, schedule="gpipe", recompute="full"), pricing).ranked[0]
     lay = best.layout
     assert (lay.tp, lay.pp, lay.schedule, lay.recompute) == (2, 2, Schedule.GPIPE, Recompute.FULL)
 
@@ -117,7 +124,7 @@ def test_contradictory_pins_raise(pins, match):
 def test_infeasible_reports_memory():
     pricing = SyntheticPricing(hidden=16384, blocks=8, mem=2e9)
     space = _space(pricing, gpus=8, batch=8)
-    result = search(space, pricing)
+    result = _run(space, pricing)
     assert not result.ranked
     with pytest.raises(InfeasiblePlanError, match=r"needs \d+\.\d GiB per GPU, dominated by"):
         require_plans(result, capacity_bytes=pricing.gpu_mem_bytes, num_gpus=8, smallest_fit="64 GPUs")
@@ -125,11 +132,60 @@ def test_infeasible_reports_memory():
 
 def test_recompute_is_chosen_per_stage():
     """Under 1F1B the first stage holds the most micro-batches: it recomputes, later stages need not."""
-    pricing = SyntheticPricing(hidden=2048, blocks=16, mem=4e9, seq=4096)
+    # 4.5 GB: the first stage fits only with full recompute, the last two without any (4 GB fit none
+    # once the foreach AdamW's temporaries joined each rank's memory)
+    pricing = SyntheticPricing(hidden=2048, blocks=16, mem=4.5e9, seq=4096)
     pins = dict(pp=4, tp=2, dp=1, micro_batch_size=1, schedule="1f1b", zero_stage=0)
-    mixed = search(_space(pricing, gpus=8, batch=32, **pins), pricing).ranked[0]
+    mixed = _run(_space(pricing, gpus=8, batch=32, **pins), pricing).ranked[0]
     assert len(set(mixed.stage_recompute)) > 1 and mixed.stage_recompute[0] is Recompute.FULL
     assert mixed.layout.recompute is Recompute.FULL  # the layout names the most recomputing stage's policy
-    uniform = search(_space(pricing, gpus=8, batch=32, recompute="full", **pins), pricing).ranked[0]
+    uniform = _run(_space(pricing, gpus=8, batch=32, recompute="full", **pins), pricing).ranked[0]
     assert set(uniform.stage_recompute) == {Recompute.FULL}
     assert mixed.step_time_s < uniform.step_time_s
+
+
+def test_the_search_asks_for_the_settings_it_reads_and_matches_the_full_table():
+    """Driven lazily (each request priced into a new table), the search equals the search on every setting."""
+    from autopar.solvers.costs import LayerCostTable, PriceTable
+    from autopar.solvers.search import bound_settings, search_steps
+
+    pricing = SyntheticPricing(mem=6e9)
+    space = _space(pricing)
+    full = pricing.prices(space)
+    table = PriceTable(layers=LayerCostTable.of(full.num_layers, {}), cluster=full.cluster, dtype=full.dtype)
+    steps = search_steps(space, table, top_k=3)
+    asked = [next(steps)]
+    assert asked[0] == bound_settings(space)  # first: one policy per (tp, sp, micro-batch) for the group bounds
+    assert {s.recompute for s in asked[0]} == {Recompute.NONE}
+    try:
+        while True:
+            table = table.with_layers(LayerCostTable.of(full.num_layers, {s: full.layers[s] for s in asked[-1]}))
+            asked.append(steps.send(table))
+    except StopIteration as done:
+        lazy = done.value
+    seen = [s for batch in asked for s in batch]
+    assert len(seen) == len(set(seen))  # never asks for a setting it holds
+    assert len(seen) < len(full.layers.rows)  # settings whose groups the bounds prune are never priced
+    eager = search(space, full, top_k=3)
+    assert [ev.layout for ev in lazy.ranked] == [ev.layout for ev in eager.ranked]
+    assert [ev.step_time_s for ev in lazy.ranked] == [ev.step_time_s for ev in eager.ranked]
+
+
+def test_a_table_is_a_read_only_value_and_search_refuses_a_missing_setting():
+    from types import MappingProxyType
+
+    from autopar.solvers.costs import LayerCostTable, LayerSetting, PriceTable
+
+    pricing = SyntheticPricing()
+    space = _space(pricing)
+    full = pricing.prices(space)
+    assert isinstance(full.layers.rows, MappingProxyType)
+    with pytest.raises(TypeError):
+        full.layers.rows[LayerSetting(1, False, 1, Recompute.NONE)] = ()  # type: ignore[index]
+    with pytest.raises(ValueError, match="read-only"):
+        LayerCostTable(num_layers=full.num_layers, rows={})
+    with pytest.raises(ValueError, match="do not have"):
+        LayerCostTable.of(3, {LayerSetting(1, False, 1, Recompute.NONE): ()})
+    empty = PriceTable(layers=LayerCostTable.of(full.num_layers, {}), cluster=full.cluster, dtype=full.dtype)
+    with pytest.raises(ValueError, match="lacks"):
+        search(space, empty)
