@@ -32,6 +32,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
+from autopar.graph.flops import GROUPED_MATMUL, op_name
 from autopar.graph.ir import Op, OpClass, TensorMeta
 from autopar.solvers.sharding.op_rules import (
     OpStrategy,
@@ -42,6 +43,7 @@ from autopar.solvers.sharding.op_rules import (
     dims_except_strategies,
     elementwise_strategies,
     embedding_strategies,
+    grouped_matmul_strategies,
     loss_strategies,
     matmul_strategies,
     norm_strategies,
@@ -60,6 +62,7 @@ def op_strategies(op: Op, *, tp: int, hints: Sequence[Iterable[Placement]] | Non
         tp: size of the tensor-parallel axis.
         hints: per tensor input, placements its producer can deliver; used to offer
             strided shards (``S(d,sf=k)``) that match them, and the candidate inputs of views.
+            For a parameter: the strided shards it may take besides R and S(d) (``fused_param_placements``).
         allow_batch_split: keep strategies that split a matmul's/embedding's work over a replicated weight.
 
     Returns:
@@ -90,12 +93,17 @@ def _rule_for(op: Op, tp: int, hints: Sequence[frozenset[Placement]]) -> list[Op
     if not op.inputs:
         return creation_strategies(op)
     if name in VIEW_TARGETS and len(op.inputs) == 1:
-        if not hints[0]:  # a view of a parameter: the parameter's own placement is the choice
+        if op.input_params[0] is not None and op.input_ops[0] is None:
+            # a view of a parameter: the parameter's own placement is the choice (hints: its strided ones)
+            return view_strategies(op, tp, [*_all_placements(op.inputs[0]), *_ordered(hints[0])])
+        if not hints[0]:
             return view_strategies(op, tp, _all_placements(op.inputs[0]))
         deferred = OpStrategy(inputs=(REPLICATE,), outputs=(REPLICATE,) * len(op.outputs), work_split=False,
                               partial_grad=True)
         return [deferred, *view_strategies(op, tp, _ordered(hints[0]))]
     match op.op_class:
+        case OpClass.MATMUL if op_name(op.target) in GROUPED_MATMUL:
+            return grouped_matmul_strategies(op)
         case OpClass.MATMUL:
             return matmul_strategies(op)
         case OpClass.ATTENTION:

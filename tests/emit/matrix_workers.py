@@ -124,12 +124,13 @@ def _alias_groups(arch: Arch) -> list[list[str]]:
 def _tp_sharded(pm: Any) -> list[str]:
     """Parameters split over the ``tp`` mesh axis on this rank."""
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     out = []
     for name, p in pm.named_parameters():
         if isinstance(p, DTensor) and "tp" in (p.device_mesh.mesh_dim_names or ()):
             axis = p.device_mesh.mesh_dim_names.index("tp")
-            if isinstance(p.placements[axis], Shard):
+            if isinstance(p.placements[axis], (Shard, _StridedShard)):  # strided: a fused projection's parts
                 out.append(name.replace("_checkpoint_wrapped_module.", ""))
     return out
 
