@@ -232,7 +232,8 @@ class _ProblemBuilder:
     def _add_op(self, op: Op) -> None:
         srcs = self.graph.sources[op.name]
         hints = [frozenset(self.plans[self.tensor_node[s]].outs) if s in self.tensor_node
-                 else self._fused_param(meta) if s.kind is SourceKind.PARAM else None
+                 else self._fused_param(meta) if s.kind is SourceKind.PARAM and s.name in self.graph.trainable
+                 else None
                  for s, meta in zip(srcs, op.inputs)]
         strategies = op_strategies(op, tp=self.tp, hints=[h or () for h in hints],
                                    allow_batch_split=self.allow_batch_split)
@@ -254,7 +255,7 @@ class _ProblemBuilder:
             self._register(tensor, f"{op.name}#{i}")
 
     def _fused_param(self, meta: TensorMeta) -> frozenset[Placement]:
-        """The strided shards a parameter of this shape may take (``fused_param_placements``)."""
+        """The strided shards a trainable parameter of this shape may take (``fused_param_placements``)."""
         if self._cuts is None:
             self._cuts = fused_cuts(self.graph.layer.ops)
         return fused_param_placements(meta.shape, self._cuts, self.tp)
