@@ -1,7 +1,9 @@
 """Tensor (and sequence) parallelism: the plan's shardings as DTensor placements on the stage's parameters.
 
 The ILP decides, per layer kind, which parameterised modules are split and how
-(``ShardingPlan.modules``: ``colwise``, ``rowwise``, ``replicate``). Every
+(``ShardingPlan.modules``: ``colwise``, ``rowwise``, ``replicate``; ``ShardingPlan.params``
+for splits no style says: an MoE's stacked expert weights, and a fused projection
+strided over its parts, e.g. gate/up, so each part is split alike). Every
 parameter of the stage becomes a DTensor on the ``tp`` axis with the placement
 that decision implies, and the stage's exported program then runs on DTensors:
 DTensor's sharding propagation computes every op (views with global shapes,

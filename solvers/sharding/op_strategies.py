@@ -10,6 +10,7 @@ Rules, by op family (R everywhere is always a strategy):
 
 * matmuls (mm, addmm, bmm, baddbmm, linear) as einsums: shard one index; an index
   that is summed over gives a partial output (and a partial addend/bias);
+* routed experts' grouped GEMM: each expert's matmul split on N (column) or K (row, P out);
 * attention kernels: shard the heads dim (1) of q/k/v/out (and the batch dim 0 on request);
 * pointwise ops and dropout: any output dim, inputs agree, broadcast dims stay R;
   linear ones (add, sub, neg, mul/div by a replicated factor) also take P → P;
@@ -17,6 +18,8 @@ Rules, by op family (R everywhere is always a strategy):
 * softmax: any dim but the softmax dim; reductions: kept dims, or the reduced dim → P (sum/mean);
 * embedding: vocab split (weight S(0), output P) or embedding-dim split (weight S(1));
 * views, reshapes, transposes, slices, splits: the input placement mapped through (``view_rules``);
+  a parameter may also take the strided shards a split of its layer asks for (a fused projection
+  cut into k equal parts: ``S(d,sf=k)``, split at the parts' seams; ``fused_param_placements``);
 * cat/stack: any dim but the joined one; losses: batch split → P;
 * anything else: replicate only.
 
