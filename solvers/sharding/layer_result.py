@@ -236,12 +236,15 @@ def _modules(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, T
 def _params(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, str]:
     """Relative parameter path → placement, for split parameters no module style describes: weights of more
     than two dims (an MoE's stacked experts, (E, out, in)) and strided shards (a fused projection split at its
-    seams). Other 1-D parameters follow their module's style (a bias) or stay replicated, as before."""
+    seams). 1-D parameters follow their module's style or stay replicated, as before: a fused projection's
+    bias is then plainly split (DTensor moves its few elements to the strided layout the output needs), and
+    FSDP can still split it on dim 0 (torch cannot reassemble a strided TP split that FSDP splits again on
+    the same dim; ``autopar.emit.dp.beside_strided_tp`` moves FSDP to another dim where a weight has one)."""
     out: dict[str, str] = {}
     for op in graph.layer.ops:
         for meta, src, p in zip(op.inputs, graph.sources[op.name], chosen[op.name].inputs):
             if src.kind is SourceKind.PARAM and src.name in graph.trainable and p.is_shard \
-                    and (len(meta.shape) > 2 or p.sf > 1):
+                    and (len(meta.shape) > 2 or (p.sf > 1 and len(meta.shape) == 2)):
                 out[relative_param(src.name, graph.layer.module_path)] = str(p)
     return out
 

@@ -94,3 +94,37 @@ def test_a_split_off_the_seams_runs_as_dtensor_does(mesh: object) -> None:
     t = distribute_tensor(torch.randn(4, 12), mesh, [_StridedShard(1, split_factor=2)], src_data_rank=None)
     assert _strided_pieces(t, 4, 1) is None
     assert _strided_pieces(t.to_local(), 3, 1) is None  # a plain tensor
+
+
+def test_fsdp_splits_a_dim_that_a_strided_tp_split_leaves_whole(mesh: object) -> None:
+    """Phi-3's gate/up weight is strided over TP on dim 0: FSDP takes dim 1 (torch cannot reassemble both on
+    dim 0); the experts' (E, 2I, H) weight is strided on dim 1, so FSDP keeps its default (dim 0)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from autopar.emit.dp import beside_strided_tp
+
+    def param(shape: tuple[int, ...], placement: object) -> torch.nn.Parameter:
+        return torch.nn.Parameter(distribute_tensor(torch.zeros(shape), mesh, [placement], src_data_rank=None))
+
+    assert beside_strided_tp(param((8, 4), _StridedShard(0, split_factor=2))) == Shard(1)
+    assert beside_strided_tp(param((2, 8, 4), _StridedShard(1, split_factor=2))) is None
+    assert beside_strided_tp(param((8, 4), Shard(0))) is None
+    assert beside_strided_tp(torch.nn.Parameter(torch.zeros(8, 4))) is None
+
+
+def test_checkpoints_hold_strided_tensors_replicated_and_give_them_back_strided(mesh: object) -> None:
+    """DCP stores one box per rank; a strided shard is several, so it is saved replicated over its axis."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from autopar.emit.checkpoint import restrided, unstrided
+
+    strided = distribute_tensor(torch.zeros(8, 4), mesh, [_StridedShard(0, split_factor=2)], src_data_rank=None)
+    plain = distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)], src_data_rank=None)
+    state = {"model": {"fused": strided, "plain": plain}, "optim": {"fused.momentum": strided, "step": 3}}
+    saved = unstrided(state)
+    assert saved["model"]["fused"].placements == (Replicate(),) == saved["optim"]["fused.momentum"].placements
+    assert saved["model"]["plain"] is plain and saved["optim"]["step"] == 3
+    back = restrided(saved, state)
+    assert back["model"]["fused"].placements == strided.placements and back["model"]["plain"] is plain
