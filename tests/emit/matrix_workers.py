@@ -186,9 +186,10 @@ def check_dropout(steps: int = 2) -> dict[str, Any]:
         runs.append(losses)
     replicated = {n: (t.to_local() == 0).flatten().tolist() for n, t in masks.items()
                   if all(isinstance(p, Replicate) for p in t.placements)}
+    sharded = {n: (t.to_local() == 0).flatten().tolist() for n, t in masks.items() if n not in replicated}
     ref_no_dropout, _ = reference(arch, data)
-    return {"runs": runs, "replicated_masks": replicated, "no_dropout_losses": ref_no_dropout,
-            "sharded_weights": len(_tp_sharded(pm))}
+    return {"runs": runs, "replicated_masks": replicated, "sharded_masks": sharded,
+            "no_dropout_losses": ref_no_dropout, "sharded_weights": len(_tp_sharded(pm))}
 
 
 def _keep_first(store: dict[str, Any], name: str, out: Any) -> None:
