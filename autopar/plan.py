@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ class ShardingPlan:
     """Module path relative to the layer (e.g. ``"attn.q_proj"``) → style, for modules with weights."""
     ops: Mapping[str, str]
     """Op name (of the first layer of that kind) → chosen strategy, e.g. ``"S1 = R x S1"``; for inspection."""
+    params: Mapping[str, str] = field(default_factory=dict)
+    """Parameter path relative to the layer → its split where no module style says it: ``"S(d)"``, or the
+    strided ``"S(d,sf=k)"`` (each of k blocks of dim d split alike: a fused projection's gate and up halves).
+    For weights that are not 2-D (an MoE's stacked experts) and strided splits; it overrides ``modules``."""
     forward_collectives: tuple[tuple[str, int], ...] = ()
     """(collective kind, bytes per micro-batch) issued by one forward pass of one layer."""
 
@@ -54,6 +59,9 @@ class ShardingPlan:
         for path, style in self.modules.items():
             if not isinstance(style, TPStyle):
                 raise PlanValidationError(f"sharding of {path!r} must be a TPStyle, got {style!r}")
+        for path, text in self.params.items():
+            if not re.fullmatch(r"S\(\d+(,sf=[1-9]\d*)?\)", text):
+                raise PlanValidationError(f"split of parameter {path!r} must read S(d) or S(d,sf=k), got {text!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -405,6 +413,8 @@ def _field_from_json(cls: type, name: str, raw: Any) -> Any:
         return tuple(raw)
     if cls is ShardingPlan and name == "modules":
         return {k: TPStyle(v) for k, v in raw.items()}
+    if cls is ShardingPlan and name == "params":
+        return {str(k): str(v) for k, v in raw.items()}
     if cls is ShardingPlan and name == "forward_collectives":
         return tuple((str(k), int(b)) for k, b in raw)
     if cls is Predicted and name == "memory":

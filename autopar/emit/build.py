@@ -36,7 +36,7 @@ from autopar.emit.mesh import DistEnv, MeshAxis, axis_rank, build_mesh
 from autopar.emit.pipeline import build_schedule, validate_schedule
 from autopar.emit.program import Program, build_program, retarget_device
 from autopar.emit.runtime import LossSlot, ParallelModel, StageRole
-from autopar.emit.tp import apply_tp, param_placements, resolve_styles
+from autopar.emit.tp import apply_tp, param_placements, resolve_param_splits, resolve_styles
 from autopar.errors import PlanValidationError
 from autopar.layout import Schedule
 from autopar.plan import Plan, StagePlan
@@ -63,6 +63,7 @@ def prepare(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Plan) ->
         for stage in plan.stages:
             names = [n for n, _ in program.stage_module(stage.index).named_parameters(remove_duplicate=False)]
             param_placements(model, resolve_styles(model, stage), names)
+            resolve_param_splits(model, stage)
     return program
 
 

@@ -131,7 +131,7 @@ def save_checkpoint(
     state: dict[str, Any] = {"model": pm.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer_state_dict(pm, optimizer)
-    dcp.save(state, checkpoint_id=str(staging))
+    dcp.save(unstrided(state), checkpoint_id=str(staging))
     extras = _run_state(scheduler, generators, world)
     if rank == 0:
         _write_run_state(staging / RUN_STATE_NAME, extras)
@@ -205,14 +205,47 @@ def _read_into(pm: ParallelModel, directory: Path, optimizer: torch.optim.Optimi
     state: dict[str, Any] = {"model": pm.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer_state_dict(pm, optimizer)
+    readable = unstrided(state)
     try:
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp.load(readable, checkpoint_id=str(directory))
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:  # verified files: a mismatch
         raise CheckpointError(f"checkpoint {str(directory)!r} does not fit this model or optimizer: "
                               f"{_short(e)}") from None
+    state = restrided(readable, state)
     pm.load_state_dict(state["model"])
     if optimizer is not None:
         load_optimizer_state_dict(pm, optimizer, state["optim"])
+
+
+def unstrided(state: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``state`` with every strided-sharded DTensor replicated over its strided mesh axes.
+
+    DCP stores each rank's shard as one box of the global tensor, and a strided shard
+    (a fused projection's gate and up halves, each split over TP) is several boxes:
+    DCP would record them as one and overlap them. Replicated over those axes, the
+    tensor is stored once, whole, and loads under any other plan.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def plain(v: Any) -> Any:
+        if not isinstance(v, DTensor) or not any(isinstance(p, _StridedShard) for p in v.placements):
+            return v
+        return v.redistribute(placements=[Replicate() if isinstance(p, _StridedShard) else p for p in v.placements])
+
+    return {group: {k: plain(v) for k, v in values.items()} for group, values in state.items()}
+
+
+def restrided(loaded: Mapping[str, Mapping[str, Any]], like: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``loaded`` (read through ``unstrided``) with each tensor back in the placements of ``like``."""
+    from torch.distributed.tensor import DTensor
+
+    def back(v: Any, want: Any) -> Any:
+        if isinstance(v, DTensor) and isinstance(want, DTensor) and v.placements != want.placements:
+            return v.redistribute(placements=want.placements)
+        return v
+
+    return {group: {k: back(v, like[group][k]) for k, v in values.items()} for group, values in loaded.items()}
 
 
 def _first_problem(directory: Path, rank: int, world: int) -> str | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -83,8 +83,28 @@ def apply_dp(
         reshard = zero_stage == 3
         for path in block_paths:
             fully_shard(stage_module.get_submodule(path), mesh=dp_mesh, reshard_after_forward=reshard,
-                        mp_policy=mp_policy)
-        fully_shard(stage_module, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+                        mp_policy=mp_policy, shard_placement_fn=beside_strided_tp)
+        fully_shard(stage_module, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy,
+                    shard_placement_fn=beside_strided_tp)
         what = f"fully_shard (ZeRO-{zero_stage}, reshard_after_forward={reshard}) over dp={dp_mesh.size()}"
     logger.info("%s, compute dtype %s", what, dtype)
     return what
+
+
+def beside_strided_tp(param: nn.Parameter) -> Any:
+    """FSDP's dim for a parameter: dim 0 (FSDP's default, None), unless tensor parallelism splits dim 0 strided.
+
+    A fused projection split at its seams over TP (``_StridedShard``: Phi-3's gate/up
+    weight, dim 0) cannot be split again on the same dim by FSDP: torch composes the
+    two into a layout that trains right but reassembles wrong (``full_tensor``,
+    checkpoints). FSDP then splits the first dim TP leaves whole.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(param, DTensor) or not any(isinstance(p, _StridedShard) and p.dim == 0
+                                                  for p in param.placements):
+        return None
+    taken = {p.dim for p in param.placements if isinstance(p, (Shard, _StridedShard))}
+    free = [d for d in range(param.dim()) if d not in taken]
+    return Shard(free[0]) if free else None

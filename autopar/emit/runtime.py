@@ -226,12 +226,15 @@ class ParallelModel:
 
         Replicated activations then get identical dropout masks across the
         tensor-parallel group, and a seed replays the same masks run after run.
-        On CUDA meshes DTensor's offset-based tracker also keeps sharded
-        activations' masks independent. The caller's RNG state is restored.
+        Sharded activations get independent masks: DTensor's offset-based
+        tracker on CUDA, ``autopar.emit.rng.ShardSeedTracker`` on CPU. The caller's RNG state is restored.
         """
+        from autopar.emit.rng import shard_seeded_dropout
+
         seed = hash((self._seed, self._steps, axis_rank(self.mesh, MeshAxis.PP),
                      axis_rank(self.mesh, MeshAxis.DP))) % (2**63)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                shard_seeded_dropout(self.device):
             torch.manual_seed(seed)
             yield
 

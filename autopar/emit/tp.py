@@ -1,7 +1,9 @@
 """Tensor (and sequence) parallelism: the plan's shardings as DTensor placements on the stage's parameters.
 
 The ILP decides, per layer kind, which parameterised modules are split and how
-(``ShardingPlan.modules``: ``colwise``, ``rowwise``, ``replicate``). Every
+(``ShardingPlan.modules``: ``colwise``, ``rowwise``, ``replicate``; ``ShardingPlan.params``
+for splits no style says: an MoE's stacked expert weights, and a fused projection
+strided over its parts, e.g. gate/up, so each part is split alike). Every
 parameter of the stage becomes a DTensor on the ``tp`` axis with the placement
 that decision implies, and the stage's exported program then runs on DTensors:
 DTensor's sharding propagation computes every op (views with global shapes,
@@ -105,6 +107,44 @@ def resolve_styles(model: nn.Module, stage: StagePlan) -> dict[str, TPStyle]:
     return styles
 
 
+def resolve_param_splits(model: nn.Module, stage: StagePlan) -> dict[str, str]:
+    """Absolute parameter name → split (``"S(1,sf=2)"``) from the stage's ``ShardingPlan.params``.
+
+    These are the splits no module style says: weights of more than two dims (an
+    MoE's stacked experts) and strided shards (a fused projection split at its
+    seams). They are matched to layers as ``resolve_styles`` matches styles.
+    """
+    modules = {name for name, _ in model.named_modules()}
+    params = {name: p.dim() for name, p in model.named_parameters(remove_duplicate=False)}
+    splits: dict[str, str] = {}
+    for layer_path in stage.module_paths:
+        root = layer_path if layer_path in modules else ""
+        for sharding in stage.sharding:
+            targets = {_join(root, rel): text for rel, text in sharding.params.items()}
+            if targets and all(t in params for t in targets):
+                for name, text in targets.items():
+                    if split_placement(text).dim >= params[name]:
+                        raise PlanValidationError(f"parameter {name!r} has {params[name]} dims; the plan splits it "
+                                                  f"{text}; pin tp=1")
+                    splits.setdefault(name, text)
+    return splits
+
+
+def split_placement(text: str) -> Placement:
+    """DTensor placement of a split text: ``"S(2)"`` → ``Shard(2)``, ``"S(1,sf=2)"`` → ``_StridedShard(1, 2)``
+    (each of the 2 blocks of dim 1 split over the ranks: DTensor's strided shard, the solver's ``S(d,sf=k)``)."""
+    import re
+
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    match = re.fullmatch(r"S\((\d+)(?:,sf=(\d+))?\)", text)
+    if match is None:
+        raise PlanValidationError(f"parameter split {text!r} must read S(d) or S(d,sf=k)")
+    dim, sf = int(match.group(1)), int(match.group(2) or 1)
+    return Shard(dim) if sf == 1 else _StridedShard(dim, split_factor=sf)
+
+
 def param_placements(model: nn.Module, styles: Mapping[str, TPStyle], names: Sequence[str]) -> dict[str, int | None]:
     """Parameter name → the dim it is sharded on over ``tp`` (None: replicated).
 
@@ -151,17 +191,27 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
     """
     import torch.fx as fx
 
-    from autopar.emit.dtensor_rules import register_rules, replicate_unruled_ops
+    from autopar.emit.dtensor_rules import (
+        keep_fused_splits_sharded,
+        register_program_rules,
+        register_rules,
+        replicate_unruled_ops,
+    )
 
     register_rules()
     graphs = [m for m in stage_module.modules() if isinstance(getattr(m, "graph", None), fx.Graph)]
+    register_program_rules(graphs)
     replicated = replicate_unruled_ops(graphs)
     if replicated:
         logger.info("stage %d: ops without a DTensor rule run replicated: %s", stage.index, replicated)
+    keep_fused_splits_sharded(graphs)
     styles = resolve_styles(model, stage)
     names = [n for n, _ in stage_module.named_parameters(remove_duplicate=False)]
     dims = param_placements(model, styles, names)
-    _distribute(stage_module, tp_mesh, dims)
+    splits = {name: split_placement(text) for name, text in resolve_param_splits(model, stage).items()
+              if name in dims}
+    dims.update({name: p.dim for name, p in splits.items()})
+    _distribute(stage_module, tp_mesh, dims, splits)
     stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh), with_kwargs=True)
     stage_module.register_forward_hook(_outputs_to_local)
     _reduce_row_outputs(stage_module, model, styles, sequence_parallel)
@@ -173,15 +223,17 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
     return dims
 
 
-def _distribute(stage_module: nn.Module, mesh: DeviceMesh, dims: Mapping[str, int | None]) -> None:
-    """Replace each parameter by a DTensor parameter; a tensor under several names stays one tensor."""
+def _distribute(stage_module: nn.Module, mesh: DeviceMesh, dims: Mapping[str, int | None],
+                splits: Mapping[str, Placement]) -> None:
+    """Replace each parameter by a DTensor parameter (``splits`` first, else ``Shard(dims[name])``); a tensor
+    under several names stays one tensor."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     done: dict[int, nn.Parameter] = {}
     for name, param in list(stage_module.named_parameters(remove_duplicate=False)):
         if id(param) not in done:
             dim = dims[name]
-            placement: Placement = Replicate() if dim is None else Shard(dim)
+            placement: Placement = splits.get(name) or (Replicate() if dim is None else Shard(dim))
             data = distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None)
             done[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
         parent, _, leaf = name.rpartition(".")

@@ -96,6 +96,8 @@ class LayerShardingResult:
     """Bytes of replicated parameters whose gradients are partial over TP (all-reduced once per step)."""
     modules: Mapping[str, TPStyle]
     """Relative module path → TP style, for modules whose weight feeds a Linear or an Embedding."""
+    params: Mapping[str, str]
+    """Relative parameter path → placement (``"S(1,sf=2)"``) where no module style says it (``ShardingPlan.params``)."""
     optimal: bool
     """False when the ILP hit its time limit before proving optimality."""
 
@@ -148,7 +150,8 @@ class LayerShardingResult:
 
     def to_sharding_plan(self) -> ShardingPlan:
         """The ``ShardingPlan`` stored in a ``StagePlan``."""
-        return ShardingPlan(layer_kind=self.layer_kind, modules=dict(self.modules), ops=dict(self.strategies),
+        return ShardingPlan(layer_kind=self.layer_kind, modules=dict(self.modules), params=dict(self.params),
+                            ops=dict(self.strategies),
                             forward_collectives=self.forward_collectives)
 
     def rebind(self, layer: Layer) -> LayerShardingResult:
@@ -230,6 +233,32 @@ def _modules(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, T
     return styles
 
 
+def _params(graph: LayerGraph, chosen: Mapping[str, OpStrategy]) -> dict[str, str]:
+    """Relative parameter path → placement, for split parameters no module style describes: weights of more
+    than two dims (an MoE's stacked experts, (E, out, in)) and strided shards (a fused projection split at its
+    seams). 1-D parameters follow their module's style or stay replicated, as before: a fused projection's
+    bias is then plainly split (DTensor moves its few elements to the strided layout the output needs), and
+    FSDP can still split it on dim 0 (torch cannot reassemble a strided TP split that FSDP splits again on
+    the same dim; ``autopar.emit.dp.beside_strided_tp`` moves FSDP to another dim where a weight has one)."""
+    out: dict[str, str] = {}
+    for op in graph.layer.ops:
+        for meta, src, p in zip(op.inputs, graph.sources[op.name], chosen[op.name].inputs):
+            if src.kind is SourceKind.PARAM and src.name in graph.trainable and p.is_shard \
+                    and (len(meta.shape) > 2 or (p.sf > 1 and len(meta.shape) == 2)):
+                out[relative_param(src.name, graph.layer.module_path)] = str(p)
+    return out
+
+
+def relative_param(param: str, layer_path: str) -> str:
+    """A parameter's path relative to the layer when the layer is a module.
+
+    Example:
+        >>> relative_param("model.layers.0.mlp.experts.down_proj", "model.layers.0")
+        'mlp.experts.down_proj'
+    """
+    return param[len(layer_path) + 1:] if layer_path and param.startswith(layer_path + ".") else param
+
+
 def build_result(graph: LayerGraph, *, tp: int, sequence_parallel: bool, solution: ShardingSolution,
                  strategies: Mapping[str, tuple[OpStrategy, ...]], fwd_calls: list[CollectiveCall],
                  bwd_calls: list[CollectiveCall], forward_time: Callable[[Op, bool], float]) -> LayerShardingResult:
@@ -260,8 +289,9 @@ def build_result(graph: LayerGraph, *, tp: int, sequence_parallel: bool, solutio
         forward_compute_s=compute, forward_comm_s=math.fsum(c.time_s for c in fwd_calls),
         backward_comm_s=math.fsum(c.time_s for c in bwd_calls), objective_s=solution.cost_s,
         param_bytes_per_gpu=params, params_per_gpu=count, tp_grad_sync_bytes=sync, modules=_modules(graph, chosen),
+        params=_params(graph, chosen),
         optimal=solution.optimal,
     )
 
 
-__all__ = ["CollectiveCall", "LayerShardingResult", "build_result", "relative_module"]
+__all__ = ["CollectiveCall", "LayerShardingResult", "build_result", "relative_module", "relative_param"]

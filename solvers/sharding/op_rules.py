@@ -270,6 +270,39 @@ def matmul_strategies(op: Op) -> list[OpStrategy]:
     return found
 
 
+GROUPED_LABELS = (("sk", "ekn", "e"), "sn")
+"""Grouped GEMM as einsum labels: input (S, K) rows sorted by expert, weight (E, K, N), group ends (E,)."""
+
+
+def grouped_matmul_strategies(op: Op) -> list[OpStrategy]:
+    """Routed experts' grouped GEMM (``transformers::grouped_mm_fallback``, ``aten._grouped_mm``).
+
+    Every expert's (K, N) matmul may be split like a Linear: on N (column split:
+    weight S(2), output S(1)) or on K (row split: input S(1), weight S(1), output P).
+    The row dim S and the expert dim E are coupled through the group ends (which
+    rows belong to which expert), so neither is split here.
+
+    Example:
+        >>> from autopar.graph.ir import OpClass
+        >>> m = lambda *s, dtype="float32": TensorMeta(shape=s, dtype=dtype)
+        >>> g = Op(name="g", target="transformers.grouped_mm_fallback.default", op_class=OpClass.MATMUL,
+        ...        inputs=(m(32, 32), m(4, 32, 128), m(4, dtype="int32")), input_ops=("x", "t", "offs"),
+        ...        input_params=(None, None, None), outputs=(m(32, 128),), flops=0, nbytes_moved=0, module_path="e")
+        >>> [s.name for s in grouped_matmul_strategies(g)]
+        ['P = S(1) x S(1) x R', 'S(1) = R x S(2) x R']
+    """
+    (x, w, offs), out = GROUPED_LABELS
+    shapes = [t.shape for t in op.inputs]
+    if [len(s) for s in shapes] != [2, 3, 1]:
+        return []
+    found = []
+    for label in "kn":
+        ins = tuple(shard(lab.index(label)) if label in lab else REPLICATE for lab in (x, w, offs))
+        outs = (shard(out.index(label)) if label in out else PARTIAL,) * len(op.outputs)
+        found.append(OpStrategy(inputs=ins, outputs=outs, work_split=True))
+    return found
+
+
 def attention_strategies(op: Op) -> list[OpStrategy]:
     """Fused attention: shard heads (dim 1) of q, k, v and of every (B, H, ...) output; or the batch (dim 0).
 
@@ -309,6 +342,7 @@ __all__ = [
     "dims_except_strategies",
     "elementwise_strategies",
     "embedding_strategies",
+    "grouped_matmul_strategies",
     "is_float",
     "loss_strategies",
     "matmul_strategies",

@@ -10,6 +10,7 @@ Rules, by op family (R everywhere is always a strategy):
 
 * matmuls (mm, addmm, bmm, baddbmm, linear) as einsums: shard one index; an index
   that is summed over gives a partial output (and a partial addend/bias);
+* routed experts' grouped GEMM: each expert's matmul split on N (column) or K (row, P out);
 * attention kernels: shard the heads dim (1) of q/k/v/out (and the batch dim 0 on request);
 * pointwise ops and dropout: any output dim, inputs agree, broadcast dims stay R;
   linear ones (add, sub, neg, mul/div by a replicated factor) also take P → P;
@@ -17,6 +18,8 @@ Rules, by op family (R everywhere is always a strategy):
 * softmax: any dim but the softmax dim; reductions: kept dims, or the reduced dim → P (sum/mean);
 * embedding: vocab split (weight S(0), output P) or embedding-dim split (weight S(1));
 * views, reshapes, transposes, slices, splits: the input placement mapped through (``view_rules``);
+  a parameter may also take the strided shards a split of its layer asks for (a fused projection
+  cut into k equal parts: ``S(d,sf=k)``, split at the parts' seams; ``fused_param_placements``);
 * cat/stack: any dim but the joined one; losses: batch split → P;
 * anything else: replicate only.
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
+from autopar.graph.flops import GROUPED_MATMUL, op_name
 from autopar.graph.ir import Op, OpClass, TensorMeta
 from autopar.solvers.sharding.op_rules import (
     OpStrategy,
@@ -42,6 +46,7 @@ from autopar.solvers.sharding.op_rules import (
     dims_except_strategies,
     elementwise_strategies,
     embedding_strategies,
+    grouped_matmul_strategies,
     loss_strategies,
     matmul_strategies,
     norm_strategies,
@@ -60,6 +65,7 @@ def op_strategies(op: Op, *, tp: int, hints: Sequence[Iterable[Placement]] | Non
         tp: size of the tensor-parallel axis.
         hints: per tensor input, placements its producer can deliver; used to offer
             strided shards (``S(d,sf=k)``) that match them, and the candidate inputs of views.
+            For a parameter: the strided shards it may take besides R and S(d) (``fused_param_placements``).
         allow_batch_split: keep strategies that split a matmul's/embedding's work over a replicated weight.
 
     Returns:
@@ -90,12 +96,17 @@ def _rule_for(op: Op, tp: int, hints: Sequence[frozenset[Placement]]) -> list[Op
     if not op.inputs:
         return creation_strategies(op)
     if name in VIEW_TARGETS and len(op.inputs) == 1:
-        if not hints[0]:  # a view of a parameter: the parameter's own placement is the choice
+        if op.input_params[0] is not None and op.input_ops[0] is None:
+            # a view of a parameter: the parameter's own placement is the choice (hints: its strided ones)
+            return view_strategies(op, tp, [*_all_placements(op.inputs[0]), *_ordered(hints[0])])
+        if not hints[0]:
             return view_strategies(op, tp, _all_placements(op.inputs[0]))
         deferred = OpStrategy(inputs=(REPLICATE,), outputs=(REPLICATE,) * len(op.outputs), work_split=False,
                               partial_grad=True)
         return [deferred, *view_strategies(op, tp, _ordered(hints[0]))]
     match op.op_class:
+        case OpClass.MATMUL if op_name(op.target) in GROUPED_MATMUL:
+            return grouped_matmul_strategies(op)
         case OpClass.MATMUL:
             return matmul_strategies(op)
         case OpClass.ATTENTION:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from autopar.errors import InfeasiblePlanError
-from autopar.graph.ir import Layer, Op
+from autopar.graph.ir import Layer, Op, TensorMeta
 from autopar.layout import Collective
 from autopar.solvers.sharding.layer_graph import LayerGraph, Source, SourceKind, build_layer_graph
 from autopar.solvers.sharding.layer_result import CollectiveCall, LayerShardingResult, build_result
@@ -58,7 +58,7 @@ from autopar.solvers.sharding.placement import (
     shard,
 )
 from autopar.solvers.sharding.sharding_ilp import ShardingEdge, ShardingNode, ShardingProblem, ShardingSolution, solve_sharding
-from autopar.solvers.sharding.view_rules import VIEW_TARGETS, packet, shard_fits
+from autopar.solvers.sharding.view_rules import VIEW_TARGETS, fused_cuts, fused_param_placements, packet, shard_fits
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class _ProblemBuilder:
         self.nodes: list[ShardingNode] = []
         self.edges: list[ShardingEdge] = []
         self.edge_info: list[tuple[str, str, Source, int]] = []  # src node, dst node, tensor, dst input index
+        self._cuts: frozenset[tuple[int, int]] | None = None  # fused-projection splits of the layer
 
     # ---- costs ----
 
@@ -230,7 +231,10 @@ class _ProblemBuilder:
 
     def _add_op(self, op: Op) -> None:
         srcs = self.graph.sources[op.name]
-        hints = [frozenset(self.plans[self.tensor_node[s]].outs) if s in self.tensor_node else None for s in srcs]
+        hints = [frozenset(self.plans[self.tensor_node[s]].outs) if s in self.tensor_node
+                 else self._fused_param(meta) if s.kind is SourceKind.PARAM and s.name in self.graph.trainable
+                 else None
+                 for s, meta in zip(srcs, op.inputs)]
         strategies = op_strategies(op, tp=self.tp, hints=[h or () for h in hints],
                                    allow_batch_split=self.allow_batch_split)
         self.strategies[op.name] = strategies
@@ -249,6 +253,12 @@ class _ProblemBuilder:
             self.plans[f"{op.name}#{i}"] = NodePlan(name=op.name, outs=tuple(s.outputs[i] for s in strategies),
                                                     grad_needs=tuple(s.output_grads()[i] for s in strategies))
             self._register(tensor, f"{op.name}#{i}")
+
+    def _fused_param(self, meta: TensorMeta) -> frozenset[Placement]:
+        """The strided shards a trainable parameter of this shape may take (``fused_param_placements``)."""
+        if self._cuts is None:
+            self._cuts = fused_cuts(self.graph.layer.ops)
+        return fused_param_placements(meta.shape, self._cuts, self.tp)
 
     def _follow(self, op: Op, strategies: tuple[OpStrategy, ...]) -> tuple[str | None, tuple[int, ...]]:
         """Views follow their producer: the strategy whose input is the producer's output, else R (index 0)."""

@@ -210,8 +210,59 @@ def _map_indexing(op: Op, p: Placement) -> Placement | None:
             return None
         return shard(p.dim - (p.dim > removed), p.sf)
     if dim is not None and p.dim == dim and src[dim] != dst[dim]:
+        if p.sf > 1 and equal_pieces(op) == p.sf:
+            return shard(dim)  # a fused projection cut at its seams: each piece is plainly sharded
         return None
     return p
 
 
-__all__ = ["VIEW_TARGETS", "changed_dim", "map_placement", "packet", "shard_fits", "view_groups"]
+def equal_pieces(op: Op) -> int:
+    """How many equal pieces a split/chunk cuts its input into along its dim (0: not such an op).
+
+    Example:
+        >>> from autopar.graph.ir import Op, OpClass, TensorMeta
+        >>> m = lambda *s: TensorMeta(shape=s, dtype="float32")
+        >>> op = Op(name="split", target="aten.split.Tensor", op_class=OpClass.VIEW, inputs=(m(32, 128),),
+        ...         input_ops=("g",), input_params=(None,), outputs=(m(32, 64), m(32, 64)), flops=0,
+        ...         nbytes_moved=0, module_path="", scalars=(64, -1))
+        >>> equal_pieces(op)
+        2
+    """
+    if packet(op.target) not in ("split", "split_with_sizes", "chunk") or len(op.outputs) < 2:
+        return 0
+    dim = changed_dim(op)
+    shapes = {o.shape for o in op.outputs}
+    if dim is None or len(shapes) != 1 or op.inputs[0].shape[dim] != len(op.outputs) * op.outputs[0].shape[dim]:
+        return 0
+    return len(op.outputs)
+
+
+def fused_cuts(ops: Sequence[Op]) -> frozenset[tuple[int, int]]:
+    """(size, k) for every split of ``ops`` that cuts a dim of that size into k equal pieces."""
+    return frozenset((op.inputs[0].shape[d], k) for op in ops
+                     if (k := equal_pieces(op)) and (d := changed_dim(op)) is not None)
+
+
+def fused_param_placements(shape: Sequence[int], cuts: frozenset[tuple[int, int]], tp: int) -> frozenset[Placement]:
+    """Strided shards a parameter may take: S(d,sf=k) where a split of the layer cuts a dim of d's size
+    into k equal pieces (a fused projection: Phi-3's and the MoE experts' gate/up, GPT-2's q/k/v).
+
+    Split t ways within each of its k blocks, the weight computes each piece sharded, so the
+    pieces are split at the fused tensor's seams (``_map_indexing``). A size that matches by
+    chance only adds a candidate that the costs decide on.
+
+    Example:
+        >>> from autopar.graph.ir import Op, OpClass, TensorMeta
+        >>> m = lambda *s: TensorMeta(shape=s, dtype="float32")
+        >>> split = Op(name="split", target="aten.split.Tensor", op_class=OpClass.VIEW, inputs=(m(32, 128),),
+        ...            input_ops=("g",), input_params=(None,), outputs=(m(32, 64), m(32, 64)), flops=0,
+        ...            nbytes_moved=0, module_path="", scalars=(64, -1))
+        >>> sorted(map(str, fused_param_placements((4, 128, 32), fused_cuts([split]), tp=2)))
+        ['S(1,sf=2)']
+    """
+    return frozenset(shard(d, k) for d, size in enumerate(shape) for cut, k in cuts
+                     if size == cut and shard_fits(size, k, tp))
+
+
+__all__ = ["VIEW_TARGETS", "changed_dim", "equal_pieces", "fused_cuts", "fused_param_placements", "map_placement", "packet",
+           "shard_fits", "view_groups"]

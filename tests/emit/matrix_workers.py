@@ -124,12 +124,13 @@ def _alias_groups(arch: Arch) -> list[list[str]]:
 def _tp_sharded(pm: Any) -> list[str]:
     """Parameters split over the ``tp`` mesh axis on this rank."""
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     out = []
     for name, p in pm.named_parameters():
         if isinstance(p, DTensor) and "tp" in (p.device_mesh.mesh_dim_names or ()):
             axis = p.device_mesh.mesh_dim_names.index("tp")
-            if isinstance(p.placements[axis], Shard):
+            if isinstance(p.placements[axis], (Shard, _StridedShard)):  # strided: a fused projection's parts
                 out.append(name.replace("_checkpoint_wrapped_module.", ""))
     return out
 
@@ -185,9 +186,10 @@ def check_dropout(steps: int = 2) -> dict[str, Any]:
         runs.append(losses)
     replicated = {n: (t.to_local() == 0).flatten().tolist() for n, t in masks.items()
                   if all(isinstance(p, Replicate) for p in t.placements)}
+    sharded = {n: (t.to_local() == 0).flatten().tolist() for n, t in masks.items() if n not in replicated}
     ref_no_dropout, _ = reference(arch, data)
-    return {"runs": runs, "replicated_masks": replicated, "no_dropout_losses": ref_no_dropout,
-            "sharded_weights": len(_tp_sharded(pm))}
+    return {"runs": runs, "replicated_masks": replicated, "sharded_masks": sharded,
+            "no_dropout_losses": ref_no_dropout, "sharded_weights": len(_tp_sharded(pm))}
 
 
 def _keep_first(store: dict[str, Any], name: str, out: Any) -> None:

@@ -21,6 +21,10 @@ def test_dropout_masks_agree_across_tp_ranks_and_a_seed_replays_them() -> None:
     assert any(any(m) for m in masks0.values())  # some elements were dropped
     for name in masks0:  # a replicated activation got the same mask on both TP ranks
         assert masks0[name] == masks1[name], name
+    sharded0, sharded1 = first["sharded_masks"], second["sharded_masks"]
+    assert sharded0 and sharded0.keys() == sharded1.keys()  # GPT-2's attention dropout, on head shards
+    for name in sharded0:  # shards of one activation got independent masks
+        assert sharded0[name] != sharded1[name], name
 
 
 @pytest.mark.parametrize(("first", "second"), [("tp2_pp2_1f1b", "dp2_tp2_sp"), ("zero3_dp2_pp2", "tp2_pp2_1f1b")])

@@ -31,12 +31,6 @@ ATTENTION = ("attn", "attention", "SelfAttention", "EncDecAttention")
 MLP = ("mlp", "fc1", "fc_in", "intermediate", "DenseReluDense", "dense_h_to_4h", "c_fc")
 """Module-path fragments of MLP weights across the families."""
 
-EXPERTS_REPLICATED = {
-    "mixtral": "the routed experts' 3-D weights (experts.gate_up_proj, experts.down_proj) have no TP style yet: "
-               "they stay replicated (correct, not split); TP2 splits attention and the router only",
-}
-"""MoE architectures whose experts TP does not split yet; their check asserts exactly that, so a fix shows."""
-
 REFUSED: dict[tuple[str, str], str] = {}
 """(architecture, layout) → regex the refusal must match: what autopar cannot emit, and why."""
 
@@ -58,10 +52,9 @@ def _check_layout(arch: str, layout: str, per_rank: list[dict[str, Any]]) -> Non
     if LAYOUTS[layout]["tp"] > 1:
         sharded = set().union(*(r["tp_sharded"] for r in per_rank))
         assert any(f in name for name in sharded for f in ATTENTION), (arch, layout, sorted(sharded))
-        if arch in EXPERTS_REPLICATED:
-            assert not any(".experts." in name for name in sharded), f"{arch}: experts now split, update the test"
-        else:
-            assert any(f in name for name in sharded for f in MLP), (arch, layout, sorted(sharded))
+        assert any(f in name for name in sharded for f in MLP), (arch, layout, sorted(sharded))
+        experts = {name for names in per_rank[0]["ref_groups"] for name in names if ".experts." in name}
+        assert experts <= sharded, (arch, layout, sorted(experts - sharded))  # an MoE's routed experts split too
     if LAYOUTS[layout]["pp"] > 1:
         assert len(per_rank[0]["stages"]) == 2
 
