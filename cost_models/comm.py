@@ -319,6 +319,18 @@ def fsdp_copy_bytes(num_params: float, *, gathers_per_step: int, param_bytes: in
     return float(num_params) * copy_out, float(num_params) * (grad_bytes + reduce_bytes)
 
 
+def fsdp_gathers_per_step(zero_stage: int, num_micro_batches: int) -> int:
+    """All-gathers of each FSDP unit per step: ZeRO 3 gathers before every micro-batch's forward and backward
+    (2m, resharded after each); ZeRO 1/2 once (kept from the first forward to the last backward,
+    ``emit/runtime.py``); ZeRO 0 gathers nothing.
+
+    Example:
+        >>> [fsdp_gathers_per_step(z, 4) for z in (0, 1, 2, 3)]
+        [0, 1, 1, 8]
+    """
+    return 2 * num_micro_batches if zero_stage == 3 else int(zero_stage > 0)
+
+
 def estimate_fsdp_copy_time(num_params: float, gpu: GPUSpec, *, gathers_per_step: int, param_bytes: int,
                             reduce_bytes: int) -> tuple[float, float]:
     """Seconds of FSDP2's copy kernels per step (``fsdp_copy_bytes``; gradients at the parameters' width) at
@@ -361,6 +373,7 @@ __all__ = [
     "estimate_exposed_dp_comm",
     "FSDP2_COPY_OUT_BYTES_PER_ELEMENT",
     "estimate_fsdp_copy_time",
+    "fsdp_gathers_per_step",
     "fsdp_copy_bytes",
     "fsdp_edge_params",
     "group_bus_bandwidth",

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from autopar.cost_models.comm import fsdp_gathers_per_step
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.layout import Layout, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
@@ -214,7 +215,8 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     where Σ is at least the fastest policy's total plus the recomputation memory forces
     (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
     equal layers, ⌈n/S⌉ times such a layer's fastest time;
-    the optimizer update of the most loaded rank takes at least that of an even share of the parameters.
+    the optimizer update of the most loaded rank takes at least that of an even share of the parameters,
+    and so do FSDP2's copy kernels (on the compute stream, exposed however the collectives overlap).
     Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms);
     with ``ranks`` a rank's chunks take at least 1/v of the time ``rank_bottleneck_s`` finds
     for the most repeated layer over ranks that hold different numbers of micro-batches (valid for
@@ -232,7 +234,18 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     if chunks and foot is not None:
         bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
     owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned)
+    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned) + _fsdp_copy_floor_s(layout, prices,
+                                                                                                        formulas)
+
+
+def _fsdp_copy_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas) -> float:
+    """FSDP2's copy kernels of an even share of the parameters over pipeline ranks: the slowest rank's
+    data-parallel term (``evaluate._dp_comm``) holds at least its own, linear in its parameters."""
+    if layout.dp == 1:
+        return 0.0
+    share = prices.sums.fastest_params / layout.pp
+    gathers = fsdp_gathers_per_step(layout.zero_stage, layout.num_micro_batches)
+    return sum(formulas.fsdp_copy_time(share, gathers_per_step=gathers))
 
 
 def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:

@@ -26,7 +26,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params
+from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params, fsdp_gathers_per_step
 from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
@@ -207,7 +207,7 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
 
     zero, m = layout.zero_stage, layout.num_micro_batches
     reduce = Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER
-    copy_out, copy_in = formulas.fsdp_copy_time(rank_params, gathers_per_step=(2 * m if zero == 3 else int(zero > 0)))
+    copy_out, copy_in = formulas.fsdp_copy_time(rank_params, gathers_per_step=fsdp_gathers_per_step(zero, m))
     return estimate_exposed_dp_comm(
         zero_stage=zero, num_micro_batches=m, grad_reduce_s=t(reduce),
         param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
