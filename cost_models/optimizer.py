@@ -18,6 +18,7 @@ gradients (``reduce_dtype=float32``) and both moments in fp32, so every width he
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -56,6 +57,7 @@ IMPLEMENTATIONS = ("fused", "foreach")
 """AdamW implementations priced here."""
 
 
+@functools.cache  # a constant per implementation: the planner asks for it once per priced layout
 def adamw_step_bytes_per_param(*, implementation: str = "foreach", clip_grad_norm: bool = False,
                                state_bytes: int = STATE_BYTES) -> int:
     """HBM bytes one AdamW step reads and writes per parameter.

@@ -127,11 +127,28 @@ class Sums(NamedTuple):
     """The most parameters of one layer of ``leanest``."""
     runs: tuple[tuple[int, float], ...]
     """(count, forward + backward seconds in ``fastest``) of each distinct layer."""
+    slowest_s: float
+    """Σ over layers of the slowest policy's forward + backward (no partition computes more)."""
+    slowest_backward_s: float
+    """Σ over layers of the slowest policy's backward."""
+    root_params: float
+    """Parameters of the layers that do not repeat (FSDP's stage-root units, ``comm.fsdp_edge_params``)."""
+    first_block_params: float
+    """Parameters of the first repeated layer (0 if none)."""
+    every_layer_has_params: bool
+    """Whether each layer holds parameters (then every pipeline rank's FSDP collectives are non-empty)."""
 
 
 def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
-          repeats: tuple[tuple[int, int], ...]) -> Sums:
-    return Sums(runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
+          repeats: tuple[tuple[int, int], ...], tables: Sequence[tuple[LayerCost, ...]]) -> Sums:
+    params = [c.param_count for c in fastest]
+    counts = Counter(params)
+    return Sums(slowest_s=sum(max(t[i].forward_s + t[i].backward_s for t in tables) for i in range(len(fastest))),
+                slowest_backward_s=sum(max(t[i].backward_s for t in tables) for i in range(len(fastest))),
+                root_params=sum(p for p in params if counts[p] == 1),
+                first_block_params=next((p for p in params if counts[p] > 1), 0.0),
+                every_layer_has_params=min(params) > 0,
+                runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
                 fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
                 fastest_params=sum(c.param_count for c in fastest),
                 fastest_acts=sum(c.activation_bytes for c in fastest),
@@ -154,7 +171,7 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
     repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                          repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
-                         sums=_sums(fastest, leanest, repeats))
+                         sums=_sums(fastest, leanest, repeats, tables))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
@@ -208,7 +225,7 @@ def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
 
 
 def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint | None,
-                 ranks: bool = False, chunks: bool = False) -> float:
+                 ranks: bool = False, chunks: bool = False, overlap: bool = True, gpus_per_node: int = 0) -> float:
     """Lower bound on a layout's step time, valid for every stage partition and policy per stage.
 
     With S = pp·v stages the pipeline takes ``alpha · max_j t_j + beta · Σ_j t_j`` (``schedule_weights``),
@@ -216,8 +233,12 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
     equal layers, ⌈n/S⌉ times such a layer's fastest time;
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters,
-    and so do FSDP2's copy kernels (on the compute stream, exposed however the collectives overlap).
-    Without ``foot`` the forced recomputation is left out (a weaker bound that needs no memory terms);
+    and so do FSDP2's copy kernels (on the compute stream, exposed however the collectives overlap); a
+    single pipeline rank's data-parallel term is at least the one its most compute would leave exposed
+    (``overlap`` and ``gpus_per_node`` as ``evaluate_layout`` is given them; without ``gpus_per_node`` only
+    the copy kernels count).
+    Without ``foot`` the forced recomputation and the data-parallel term are left out (a weaker, cheaper
+    bound that needs no memory terms);
     with ``ranks`` a rank's chunks take at least 1/v of the time ``rank_bottleneck_s`` finds
     for the most repeated layer over ranks that hold different numbers of micro-batches (valid for
     layouts that fit, the only ones the ranking keeps). With ``chunks`` (for a layout whose time-optimal
@@ -234,15 +255,32 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     if chunks and foot is not None:
         bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
     owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned) + _fsdp_copy_floor_s(layout, prices,
-                                                                                                        formulas)
+    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned) + (0.0 if foot is None else _dp_floor_s(
+        layout, prices, formulas, overlap, gpus_per_node))
 
 
-def _fsdp_copy_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas) -> float:
-    """FSDP2's copy kernels of an even share of the parameters over pipeline ranks: the slowest rank's
-    data-parallel term (``evaluate._dp_comm``) holds at least its own, linear in its parameters."""
+def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overlap: bool, gpus_per_node: int) -> float:
+    """At least the exposed data-parallel time of the slowest rank (``evaluate._dp_comm``).
+
+    A rank's term grows with its parameters and FSDP edge units and shrinks with the compute it hides
+    behind. With one pipeline rank those are known (compute at most the slowest policies'). Over several,
+    the term is convex in them when each collective in it is affine in its bytes (ring all-gather and
+    reduce-scatter with every rank's buffers non-empty; ZeRO 0's all-reduce takes the faster of ring and
+    tree, which is not), so the slowest rank's is at least that of the ranks' mean (Jensen): an even share
+    of the parameters and of the root units (first blocks left out), the slowest compute spread evenly.
+    Otherwise: FSDP2's copy kernels of an even share of the parameters (linear in them).
+    """
     if layout.dp == 1:
         return 0.0
+    sums, pp = prices.sums, layout.pp
+    convex = layout.zero_stage >= 1 and sums.every_layer_has_params
+    if gpus_per_node and (pp == 1 or convex):
+        from autopar.solvers.evaluate import dp_comm_s
+
+        edge = sums.root_params + (sums.first_block_params if pp == 1 else 0.0)
+        return dp_comm_s(layout, sums.fastest_params / pp, layout.num_micro_batches * sums.slowest_s / pp,
+                         sums.slowest_backward_s / pp, formulas, gpus_per_node=gpus_per_node, overlap=overlap,
+                         edge_params=edge / pp)
     share = prices.sums.fastest_params / layout.pp
     gathers = fsdp_gathers_per_step(layout.zero_stage, layout.num_micro_batches)
     return sum(formulas.fsdp_copy_time(share, gathers_per_step=gathers))

@@ -215,6 +215,13 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
+def dp_comm_s(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float, formulas: Formulas,
+              *, gpus_per_node: int, overlap: bool, edge_params: float) -> float:
+    """``_dp_comm``'s total for a rank spanning ``layout``'s data-parallel group as ``evaluate_layout`` places it."""
+    dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
+    return _dp_comm(layout, rank_params, rank_compute_s, last_backward_s, formulas, dp_nodes, overlap, edge_params).dp_s
+
+
 class _Setup(NamedTuple):
     """What pricing a layout starts from."""
 

@@ -251,7 +251,13 @@ class _State:
             return
         self.group_prices[i] = prices
         for j, lay in enumerate(_layouts(group, self.space, len(prices.fastest))):  # a cheap bound first
-            yield layout_bound(lay, prices, self.formulas, None), i, j, lay, 0, None
+            yield self.bound(lay, prices, None), i, j, lay, 0, None
+
+    def bound(self, layout: Layout, prices: SettingPrices, foot: Footprint | None, *, ranks: bool = False,
+              chunks: bool = False) -> float:
+        """``layout_bound`` with this search's cluster shape and overlap (as ``evaluate_layout`` prices)."""
+        return layout_bound(layout, prices, self.formulas, foot, ranks=ranks, chunks=chunks, overlap=self.overlap,
+                            gpus_per_node=self.space.gpus_per_node)
 
     def visit(self, entry: tuple[float, int, int, Layout | None, int, Footprint | None],
               queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]]) -> None:
@@ -264,17 +270,17 @@ class _State:
             if layout_memory_bound(layout, prices, formulas, foot) > formulas.gpu_mem_bytes:
                 self.pruned_layouts += 1
             else:
-                heapq.heappush(queue, (layout_bound(layout, prices, formulas, foot), i, j, layout, 1, foot))
+                heapq.heappush(queue, (self.bound(layout, prices, foot), i, j, layout, 1, foot))
             return
         if level == 1 and len(self.best) >= self.top_k:  # about to be priced: the tightest bound first
-            ranked_bound = layout_bound(layout, prices, formulas, foot, ranks=True)
+            ranked_bound = self.bound(layout, prices, foot, ranks=True)
             if ranked_bound > bound:
                 heapq.heappush(queue, (ranked_bound, i, j, layout, 2, foot))
                 return
         if level <= 2 and len(self.best) >= self.top_k:
             # when memory decides the partition, each chunk runs one policy within 1/v of its rank's budget;
             # that bound holds only if the time-optimal partition does not fit (the costlier test, second)
-            chunk_bound = layout_bound(layout, prices, formulas, foot, ranks=level == 2, chunks=True)
+            chunk_bound = self.bound(layout, prices, foot, ranks=level == 2, chunks=True)
             if chunk_bound > bound and not fastest_partition_fits(
                     layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
                     partition_cache=self.partitions, costs_key=prices.key):

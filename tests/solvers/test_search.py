@@ -53,6 +53,34 @@ def test_branch_and_bound_matches_exhaustive(kw):
     assert result.candidates_priced <= sum(1 for _ in _groups(space, pricing.prices(space).layers)) * 12
 
 
+@pytest.mark.parametrize(("kw", "overlap"), [(dict(inter_bw=1e9, blocks=12, mem=8e9), True),
+                                             (dict(hidden=4096, mem=40e9), False)])
+def test_every_layout_bound_is_below_its_price(kw, overlap):
+    """Each bound the search prunes with, at every level, is at most the layout's evaluated step (when it fits):
+    the data-parallel floor (convex over pipeline ranks) and FSDP's copies included."""
+    from autopar.solvers.bounds import footprint, layout_bound
+
+    pricing = SyntheticPricing(**kw)
+    space = _space(pricing, gpus=16, batch=32)
+    table = pricing.prices(space)
+    formulas = Formulas.of(table)
+    checked = 0
+    for group, setting in _groups(space, table.layers):
+        prices = setting_prices(table.layers, space.recompute, *setting)
+        for layout in _layouts(group, space, len(prices.fastest)):
+            ev = evaluate_layout(layout, prices.variants, formulas, gpus_per_node=space.gpus_per_node,
+                                 overlap_grad_reduce=overlap)
+            if not ev.fits:
+                continue
+            foot = footprint(layout, prices.sums, formulas)
+            for level in (dict(), dict(ranks=True)):
+                bound = layout_bound(layout, prices, formulas, foot, overlap=overlap,
+                                     gpus_per_node=space.gpus_per_node, **level)
+                assert bound <= ev.step_time_s * (1 + 1e-9), (layout.describe(), level, bound, ev.step_time_s)
+            checked += layout.dp > 1
+    assert checked > 20  # data-parallel layouts, where the floor is not zero
+
+
 def test_top_k_is_sorted_and_distinct():
     pricing = SyntheticPricing(mem=8e9)
     result = _run(_space(pricing), pricing, top_k=5)
