@@ -237,7 +237,12 @@ def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mappi
 
 
 def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], block_paths: Sequence[str]) -> None:
-    """Blocks hand on ``Shard(1)`` hidden states; column-split modules gather their input first."""
+    """Blocks hand on ``Shard(1)`` hidden states; column-split modules gather their input first.
+
+    A block's child with weights but no column-split module (attention or MLP that
+    the plan replicates) gathers its input instead: nothing else would, and attention
+    cannot run on a sequence shard.
+    """
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.utils._pytree import tree_map
 
@@ -254,10 +259,18 @@ def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], b
     def gather_in(module: nn.Module, args: tuple) -> tuple:
         return tuple(tree_map(to(Replicate()), a) for a in args)
 
+    def gather_all_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return gather_in(module, args), tree_map(to(Replicate()), kwargs)
+
     names = {name for name, _ in stage_module.named_modules()}
     for path in block_paths:
         if path in names:
             stage_module.get_submodule(path).register_forward_hook(block_out)
+            for child_name, child in stage_module.get_submodule(path).named_children():
+                inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
+                if (any(weight_kind(m) for m in inner.values())
+                        and not any(styles.get(n) is TPStyle.COLWISE for n in inner)):
+                    child.register_forward_pre_hook(gather_all_in, with_kwargs=True)
     for path, style in styles.items():
         if style is TPStyle.COLWISE and path in names:
             stage_module.get_submodule(path).register_forward_pre_hook(gather_in)
