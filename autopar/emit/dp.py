@@ -12,9 +12,11 @@ zero   mechanism
 1      same as 2. FSDP2 has no mode that shards only the optimizer state;
        ZeRO-2 sends the same bytes (reduce-scatter of gradients + all-gather of
        parameters) and holds less, so a ZeRO-1 plan is run as ZeRO-2.
-0      ``replicate`` (``torch.distributed._composable.replicate_with_fsdp``):
-       FSDP2's machinery with replicated parameters, i.e. DDP's all-reduce of
-       gradients. It works on gloo and NCCL, accepts tensor-parallel DTensor
+0      ``replicate`` (``torch.distributed._composable.replicate_with_fsdp``)
+       per block and on the stage root: FSDP2's machinery with replicated
+       parameters, i.e. DDP's all-reduce of gradients, one per block as its
+       backward ends (overlapped, as bucketed DDP and the pricing have it).
+       It works on gloo and NCCL, accepts tensor-parallel DTensor
        parameters (2-D), and pipelining treats it like FSDP (gradients reduced
        once, after the last micro-batch).
 =====  ======================================================================
@@ -76,7 +78,9 @@ def apply_dp(
         param_dtype=compute_dtype if compute_dtype != torch.float32 else None,
         reduce_dtype=torch.float32,
     )
-    if zero_stage == 0:
+    if zero_stage == 0:  # per block, so each block's gradients all-reduce as soon as its backward is done
+        for path in block_paths:
+            replicate(stage_module.get_submodule(path), mesh=dp_mesh, mp_policy=mp_policy)
         replicate(stage_module, mesh=dp_mesh, mp_policy=mp_policy)
         what = f"replicate (all-reduce) over dp={dp_mesh.size()}"
     else:

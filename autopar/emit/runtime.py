@@ -261,9 +261,12 @@ class ParallelModel:
         nmb = self.plan.layout.num_micro_batches
         x_chunks = {k: v.chunk(nmb) for k, v in xs.items()}
         total = torch.zeros((), device=self.device)
+        keep_gathered = self.plan.layout.zero_stage in (1, 2)  # ZeRO 1/2: gather once per step, as priced
         for i, y_mb in enumerate(y.chunk(nmb)):
             if isinstance(module, FSDPModule):  # reduce gradients once, after the last micro-batch
                 module.set_requires_gradient_sync(i == nmb - 1)
+                if keep_gathered:  # FSDP2 reshards after every backward unless told not to
+                    module.set_reshard_after_backward(i == nmb - 1)
             self._loss_slot.fn = loss_fn
             loss = self._loss_slot(module(**{k: c[i] for k, c in x_chunks.items()}), y_mb)
             (loss / nmb).backward()

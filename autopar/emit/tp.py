@@ -19,7 +19,7 @@ the one piece of module knowledge here (``WEIGHT_DIMS``): a Linear keeps
 With sequence parallelism the residual stream between blocks is kept sharded
 along the sequence (``Shard(1)``): each block's outputs are redistributed to
 ``Shard(1)`` (a reduce-scatter of the row-parallel partial sums), and each
-column-parallel module gathers its input first (``Replicate``), Megatron's
+block's attention / MLP gathers its input once (``Replicate``), Megatron's
 pattern written as explicit redistributes.
 """
 
@@ -289,14 +289,21 @@ def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mappi
 
 
 def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], block_paths: Sequence[str]) -> None:
-    """Blocks hand on ``Shard(1)`` hidden states; column-split modules gather their input first."""
+    """Blocks hand on ``Shard(1)`` hidden states; each block's attention / MLP gathers its input first.
+
+    Every child of a block that holds weights (attention, MLP, whether the plan
+    splits them or not: attention cannot run on a sequence shard) gathers its
+    input once, however many column-split modules read it (torchtitan's
+    ``PrepareModuleInput``; Megatron's one all-gather per sub-layer). Column-split
+    modules outside such a child (an LM head) gather their own input.
+    """
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.utils._pytree import tree_map
 
     def to(placement: Any) -> Any:
         def convert(t: Any) -> Any:
-            if isinstance(t, DTensor) and t.dim() >= 3 and t.is_floating_point():
-                return t.redistribute(placements=[placement])
+            if isinstance(t, DTensor) and t.dim() >= 3 and t.is_floating_point() and t.placements != (placement,):
+                return t.redistribute(placements=[placement])  # (a no-op one would all-reduce partial gradients)
             return t
         return convert
 
@@ -306,10 +313,19 @@ def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], b
     def gather_in(module: nn.Module, args: tuple) -> tuple:
         return tuple(tree_map(to(Replicate()), a) for a in args)
 
+    def gather_all_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return gather_in(module, args), tree_map(to(Replicate()), kwargs)
+
     names = {name for name, _ in stage_module.named_modules()}
+    gathered: set[str] = set()  # modules whose input is already gathered at their block child's input
     for path in block_paths:
         if path in names:
             stage_module.get_submodule(path).register_forward_hook(block_out)
+            for child_name, child in stage_module.get_submodule(path).named_children():
+                inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
+                if any(weight_kind(m) for m in inner.values()):
+                    child.register_forward_pre_hook(gather_all_in, with_kwargs=True)
+                    gathered |= set(inner)
     for path, style in styles.items():
-        if style is TPStyle.COLWISE and path in names:
+        if style is TPStyle.COLWISE and path in names and path not in gathered:
             stage_module.get_submodule(path).register_forward_pre_hook(gather_in)

@@ -149,14 +149,22 @@ def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, 
             for family in FAMILIES}
 
 
-def check_planned_equivalence(constraints: dict[str, Any], global_batch_size: int, steps: int = 3) -> dict[str, Any]:
-    """As ``check_equivalence``, with the plan made by autopar's planner on rank 0 (``plan=None``)."""
+def check_planned_equivalence(constraints: dict[str, Any], global_batch_size: int, steps: int = 3,
+                              sp_families: tuple[str, ...] = ()) -> dict[str, Any]:
+    """As ``check_equivalence``, with the plan made by autopar's planner on rank 0 (``plan=None``).
+
+    ``sp_families`` are planned and run a second time with sequence parallelism pinned (key ``FAMILY_sp``).
+    """
     out: dict[str, Any] = {}
-    for family in FAMILIES:
-        pm = _parallelize(family, cluster="dgx-h100", global_batch_size=global_batch_size, constraints=constraints,
+    runs = [(f, f, constraints) for f in FAMILIES]
+    runs += [(f"{f}_sp", f, {**constraints, "sequence_parallel": True}) for f in sp_families]
+    for key, family, pins in runs:
+        pm = _parallelize(family, cluster="dgx-h100", global_batch_size=global_batch_size, constraints=pins,
                           dtype="float32")
-        out[family] = {**_compare(family, pm, steps), "plan": pm.plan.layout.describe(),
-                       "sharded_kinds": len({s.layer_kind for st in pm.plan.stages for s in st.sharding})}
+        out[key] = {**_compare(family, pm, steps), "plan": pm.plan.layout.describe(),
+                    "sharded_kinds": len({s.layer_kind for st in pm.plan.stages for s in st.sharding}),
+                    "split_modules": sum(v.value != "replicate" for st in pm.plan.stages for s in st.sharding
+                                         for v in s.modules.values())}
     return out
 
 
