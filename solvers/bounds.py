@@ -24,6 +24,7 @@ from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.layout import Layout, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
+from autopar.solvers.evaluate import dp_comm_s, fsdp_blocks
 
 _GRID = 64
 """Candidate bottlenecks tried at once in each round of the search for the least feasible one."""
@@ -142,11 +143,11 @@ class Sums(NamedTuple):
 def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
           repeats: tuple[tuple[int, int], ...], tables: Sequence[tuple[LayerCost, ...]]) -> Sums:
     params = [c.param_count for c in fastest]
-    counts = Counter(params)
+    blocks = fsdp_blocks(params)
     return Sums(slowest_s=sum(max(t[i].forward_s + t[i].backward_s for t in tables) for i in range(len(fastest))),
                 slowest_backward_s=sum(max(t[i].backward_s for t in tables) for i in range(len(fastest))),
-                root_params=sum(p for p in params if counts[p] == 1),
-                first_block_params=next((p for p in params if counts[p] > 1), 0.0),
+                root_params=sum(p for p, block in zip(params, blocks) if not block),
+                first_block_params=next((p for p, block in zip(params, blocks) if block), 0.0),
                 every_layer_has_params=min(params) > 0,
                 runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
                 fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
@@ -233,10 +234,9 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     (``_forced_recompute_s``) and ``max_j t_j`` at least Σ / S and, as some stage holds ⌈n/S⌉ of any n
     equal layers, ⌈n/S⌉ times such a layer's fastest time;
     the optimizer update of the most loaded rank takes at least that of an even share of the parameters,
-    and so do FSDP2's copy kernels (on the compute stream, exposed however the collectives overlap); a
-    single pipeline rank's data-parallel term is at least the one its most compute would leave exposed
-    (``overlap`` and ``gpus_per_node`` as ``evaluate_layout`` is given them; without ``gpus_per_node`` only
-    the copy kernels count).
+    and the slowest rank's exposed data-parallel time is at least ``_dp_floor_s`` (``overlap`` and
+    ``gpus_per_node`` as ``evaluate_layout`` is given them; without ``gpus_per_node`` only FSDP2's copy
+    kernels count).
     Without ``foot`` the forced recomputation and the data-parallel term are left out (a weaker, cheaper
     bound that needs no memory terms);
     with ``ranks`` a rank's chunks take at least 1/v of the time ``rank_bottleneck_s`` finds
@@ -275,13 +275,11 @@ def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overl
     sums, pp = prices.sums, layout.pp
     convex = layout.zero_stage >= 1 and sums.every_layer_has_params
     if gpus_per_node and (pp == 1 or convex):
-        from autopar.solvers.evaluate import dp_comm_s
-
         edge = sums.root_params + (sums.first_block_params if pp == 1 else 0.0)
         return dp_comm_s(layout, sums.fastest_params / pp, layout.num_micro_batches * sums.slowest_s / pp,
                          sums.slowest_backward_s / pp, formulas, gpus_per_node=gpus_per_node, overlap=overlap,
                          edge_params=edge / pp)
-    share = prices.sums.fastest_params / layout.pp
+    share = sums.fastest_params / pp
     gathers = fsdp_gathers_per_step(layout.zero_stage, layout.num_micro_batches)
     return sum(formulas.fsdp_copy_time(share, gathers_per_step=gathers))
 

@@ -215,6 +215,13 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
+def fsdp_blocks(params: Sequence[float]) -> list[bool]:
+    """Which layers are FSDP block units: those whose parameter count repeats in the model (``emit/dp.py``
+    wraps each repeated block; every other layer joins the stage root)."""
+    counts = Counter(params)
+    return [counts[p] > 1 for p in params]
+
+
 def dp_comm_s(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float, formulas: Formulas,
               *, gpus_per_node: int, overlap: bool, edge_params: float) -> float:
     """``_dp_comm``'s total for a rank spanning ``layout``'s data-parallel group as ``evaluate_layout`` places it."""
@@ -295,14 +302,14 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
     memory, dp_comm, opt_time = [], CommBreakdown(), 0.0
-    counts = Counter(c.param_count for c in costs)  # FSDP units: repeated blocks; the rest is the stage root
+    blocks = fsdp_blocks([c.param_count for c in costs])
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
         unit = [costs[i].param_count for i in layers]
-        edge = fsdp_edge_params(unit, [counts[p] > 1 for p in unit])
+        edge = fsdp_edge_params(unit, [blocks[i] for i in layers])
         rank_comm = _dp_comm(layout, params, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm

@@ -43,15 +43,21 @@ def test_the_optimizer_step_and_its_temporaries_are_optimizer_py() -> None:
     assert pricing.optimizer_step_time(1e9) == pytest.approx(96e9 / H100.gpu.achievable_mem_bytes_per_s)
 
 
-def test_rank_memory_holds_the_optimizer_temporaries_of_the_owned_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, float]] = []
-    real = evaluate.estimate_rank_memory
+def _record_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[dict[str, float]]:
+    """The keyword arguments of every call ``evaluate`` makes to its ``name`` (which still runs)."""
+    calls: list[dict[str, float]] = []
+    real = getattr(evaluate, name)
 
     def spy(**kw: float) -> object:
-        seen.append(kw)
+        calls.append(kw)
         return real(**kw)
 
-    monkeypatch.setattr(evaluate, "estimate_rank_memory", spy)
+    monkeypatch.setattr(evaluate, name, spy)
+    return calls
+
+
+def test_rank_memory_holds_the_optimizer_temporaries_of_the_owned_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _record_calls(monkeypatch, "estimate_rank_memory")
     model = _gpt()
     plan = autopar.plan(model, EXAMPLE, cluster=H100, global_batch_size=4,
                         constraints=dict(dp=2, tp=1, pp=1, zero_stage=1, micro_batch_size=2))
@@ -62,14 +68,7 @@ def test_rank_memory_holds_the_optimizer_temporaries_of_the_owned_parameters(mon
 
 
 def test_dp_comm_gets_the_fsdp_edges_and_copies(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, float]] = []
-    real = evaluate.estimate_exposed_dp_comm
-
-    def spy(**kw: float) -> object:
-        calls.append(kw)
-        return real(**kw)
-
-    monkeypatch.setattr(evaluate, "estimate_exposed_dp_comm", spy)
+    calls = _record_calls(monkeypatch, "estimate_exposed_dp_comm")
     graph = _graph()
     plan = autopar.plan(_gpt(), EXAMPLE, cluster=H100, global_batch_size=8,
                         constraints=dict(dp=2, tp=1, pp=1, zero_stage=3, micro_batch_size=2))
