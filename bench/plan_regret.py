@@ -11,7 +11,9 @@ For each model and rank count N:
    (dp/tp/pp, micro-batch, ZeRO stage, recompute, SP, schedule);
 3. run each layout with ``autopar.parallelize`` (AdamW), steps repeated until their minimum is
    stable (the step alone, on a shared machine; the median and spread are printed too), and take
-   each rank's peak live bytes (see ``regret_worker.py`` for both mechanisms);
+   each rank's peak live tensor bytes (see ``regret_worker.py`` for both mechanisms); a layout on
+   fewer ranks than the cluster runs as that many independent copies at once, so every core is busy
+   as when the cluster's compute was measured;
 4. print predicted vs measured step time and memory per layout, Spearman's rho, the regret of
    autopar's own choice (its measured time over the fastest measured, minus 1), the memory error,
    and save a scatter chart.
@@ -85,20 +87,25 @@ def run_case(name: str, ranks: int, out_dir: Path) -> dict[str, Any]:
         by_size[p.layout.num_gpus].append(p)
     results: dict[str, dict[str, Any]] = {}
     for world, group in sorted(by_size.items()):
-        results.update(_run_group(world, spec, group))
+        results.update(_run_group(world, ranks, spec, group))
     rows = [{"layout": p.layout.describe(), "predicted_s": p.predicted.step_time_s,
              "predicted_bytes": predicted_live_bytes(p), **results.get(p.layout.describe(), {"error": "not run"})}
             for p in plans]
     return {"model": name, "ranks": ranks, "rows": rows, "chosen": plans[0].layout.describe()}
 
 
-def _run_group(world: int, spec: dict[str, Any], plans: list[Any]) -> dict[str, dict[str, Any]]:
+def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any]) -> dict[str, dict[str, Any]]:
+    """Run ``plans`` (each on ``world`` ranks) as ``ranks // world`` independent jobs at once, so every one of
+    the cluster's ``ranks`` processes is busy, as when its compute was measured; the first job reports."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     texts = [p.to_json(indent=None) for p in plans]
-    mp.start_processes(regret_worker.run_rank, args=(world, free_port(), spec, texts, queue), nprocs=world,
+    ports: list[int] = []
+    while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
+        ports += [port for port in [free_port()] if port not in ports]
+    mp.start_processes(regret_worker.run_job_rank, args=(world, ports, spec, texts, queue), nprocs=world * len(ports),
                        join=True, start_method="spawn")
     out = {}
     while not queue.empty():

@@ -6,18 +6,17 @@ repeat until ``WINDOW`` more samples no longer lower the minimum by ``TOLERANCE`
 ``MAX_STEPS``). The minimum is the figure compared: on a machine shared with other processes a
 sample is the step plus whatever they stole (the median is reported too, with the spread).
 
-Peak memory per rank: live heap bytes, read from glibc's allocator (``mallinfo2``:
-``uordblks + hblkhd``, the bytes malloc has handed out and not had back, small and mmapped
-blocks) after every ATen op of one extra step, by a ``TorchDispatchMode``; minus the level
-just before the model was materialised. PyTorch's CPU allocator is plain malloc, so this counts
-every tensor (weights, gradients, optimizer states, activations, communication buffers, the
-optimizer's temporaries) at op granularity; a kernel's internal scratch freed within one op
-is not seen.
+Peak memory per rank: live tensor bytes. At the start of one extra step (after ``zero_grad``), the
+bytes of every distinct CPU tensor storage the garbage collector can reach (weights, optimizer states,
+the batch); during the step, the running sum of torch's CPU allocator reports (the profiler's memory
+events, ``profile_memory=True``: every allocation and free of c10's CPU allocator, inside an op or not,
+in time order); the peak is the start plus the sum's maximum, at op granularity. Only tensors count:
+Python objects, export caches and gloo's own buffers are not tensors (a heap measure, glibc's
+``mallinfo2``, read 9-13 MB of those on top of a 16 MB model).
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import statistics
@@ -27,9 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from autopar.cost_models.profiling.fidelity import min_is_stable, spread
+from autopar.cost_models.profiling.tensor_memory import peak_tensor_bytes
 
 WARMUP_STEPS = 2
 """Untimed steps first (allocator warm-up, gloo connections of new groups)."""
@@ -39,34 +38,6 @@ TOLERANCE = 0.03
 """Improvement of the minimum that still counts (3 %)."""
 MAX_STEPS = 12
 """Cap on timed steps per layout."""
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-_LIBC = ctypes.CDLL("libc.so.6")
-_LIBC.mallinfo2.restype = _MallInfo2
-
-
-def heap_in_use() -> int:
-    """Bytes malloc has handed out and not had back (glibc ``mallinfo2``)."""
-    info = _LIBC.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
-class PeakHeap(TorchDispatchMode):
-    """Highest ``heap_in_use`` seen after any ATen op while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak = heap_in_use()
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        self.peak = max(self.peak, heap_in_use())
-        return out
 
 
 def build_model(spec: dict[str, Any]) -> torch.nn.Module:
@@ -88,8 +59,15 @@ def loss_fn(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def run_job_rank(index: int, world: int, ports: list[int], spec: dict[str, Any], plans: list[str], queue: Any) -> None:
+    """Process ``index`` of ``len(ports)`` independent jobs of ``world`` ranks each (job j on ``ports[j]``), all
+    running ``plans`` at once; only the first job reports."""
+    job, rank = divmod(index, world)
+    run_rank(rank, world, ports[job], spec, plans, queue if job == 0 else None)
+
+
 def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list[str], queue: Any) -> None:
-    """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue``."""
+    """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue`` (if any)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -103,7 +81,7 @@ def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list
                 result = _measure(plan, spec)
             except Exception as e:  # a layout the emitter refuses is reported, not fatal
                 result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            if rank == 0:
+            if rank == 0 and queue is not None:
                 queue.put({"layout": plan.layout.describe(), **result})
             gc.collect()
             dist.barrier()
@@ -114,8 +92,6 @@ def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list
 def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
     from autopar.emit.parallelize import parallelize
 
-    gc.collect()
-    base = heap_in_use()
     seq, vocab = spec["seq_len"], spec["vocab"]
     example = (torch.zeros(2, seq, dtype=torch.long),)
     pm = parallelize(build_model(spec), example, plan=plan, seed=0)
@@ -140,10 +116,9 @@ def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
         took = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
         samples.append(float(took.item()))
-    with PeakHeap() as peak:
-        step()
+    peak = peak_tensor_bytes(step)
     peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(peaks, torch.tensor([float(peak.peak - base)], dtype=torch.float64))
+    dist.all_gather(peaks, torch.tensor([float(peak)], dtype=torch.float64))
     del pm, opt
     return {"min_s": min(samples), "median_s": statistics.median(samples), "spread": spread(samples),
             "steps": len(samples), "peak_bytes": max(float(p.item()) for p in peaks)}

@@ -73,6 +73,12 @@ class GPUSpec:
     """Floor on the time of one eager op: host dispatch plus kernel launch."""
     half_efficiency_s: float
     """Hockney's n½ as time: a kernel whose work takes this long at full rate runs at half efficiency."""
+    dtensor_op_s: float = 0.0
+    """Host time DTensor adds to each forward op of a tensor-parallel stage (sharding propagation, wrapping),
+    where it adds to the op's time: on a rank whose host runs the kernels (a CPU rank, measured by
+    ``autopar profile --ranks``). 0 on GPUs, whose kernels of the sizes planned here outlast it."""
+    dtensor_backward_op_s: float = 0.0
+    """The same for the backward ops of one forward op."""
 
     def __post_init__(self) -> None:
         if not self.peak_flops_per_s:
@@ -83,10 +89,13 @@ class GPUSpec:
             _require_positive(f"gpu.{name}", getattr(self, name))
         for name in ("matmul_efficiency", "memory_efficiency"):
             _require_fraction(f"gpu.{name}", getattr(self, name))
+        for name in ("dtensor_op_s", "dtensor_backward_op_s"):
+            _require_non_negative(f"gpu.{name}", getattr(self, name))
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops_per_s.items())), self.mem_bytes, self.mem_bytes_per_s,
-                     self.matmul_efficiency, self.memory_efficiency, self.kernel_launch_s, self.half_efficiency_s))
+                     self.matmul_efficiency, self.memory_efficiency, self.kernel_launch_s, self.half_efficiency_s,
+                     self.dtensor_op_s, self.dtensor_backward_op_s))
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype`` (aliases such as ``"bf16"`` accepted).
@@ -395,6 +404,8 @@ def _build_gpu(data: Mapping[str, Any]) -> GPUSpec:
         kernel_launch_s=_positive(_get(data, "kernel_launch_s", "gpu."), UnitKind.SECONDS, "gpu.kernel_launch_s"),
         half_efficiency_s=_positive(_get(data, "half_efficiency_s", "gpu."), UnitKind.SECONDS,
                                     "gpu.half_efficiency_s"),
+        **{key: _non_negative(data[key], UnitKind.SECONDS, f"gpu.{key}")
+           for key in ("dtensor_op_s", "dtensor_backward_op_s") if key in data},
     )
 
 
@@ -419,6 +430,12 @@ def _positive(value: object, kind: UnitKind, key: str) -> float:
     return number
 
 
+def _non_negative(value: object, kind: UnitKind, key: str) -> float:
+    number = parse_quantity(value, kind, key=key)
+    _require_non_negative(key, number)
+    return number
+
+
 def _fraction(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ClusterSpecError(f"{key} must be a number in (0, 1], got {value!r}")
@@ -435,6 +452,11 @@ def _count(value: object, key: str) -> int:
 def _require_positive(key: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ClusterSpecError(f"{key} must be a positive number, got {value!r}")
+
+
+def _require_non_negative(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ClusterSpecError(f"{key} must be a number >= 0, got {value!r}")
 
 
 def _require_fraction(key: str, value: float) -> None:

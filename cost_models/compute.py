@@ -345,6 +345,22 @@ def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
     return result
 
 
+def dtensor_host_s(num_ops: int, gpu: GPUSpec) -> tuple[float, float]:
+    """(forward, backward) seconds DTensor's dispatch adds to ``num_ops`` ops of a tensor-parallel stage.
+
+    The emitted stage runs every op on DTensors when tp > 1 (``emit/tp.py``), each paying sharding
+    propagation and wrapping on the host; where the host runs the kernels (a CPU rank) that time adds,
+    measured per forward op and per forward op's backward (``GPUSpec.dtensor_op_s``, 0 on GPUs).
+
+    Example:
+        >>> import dataclasses
+        >>> gpu = dataclasses.replace(Cluster.preset("dgx-h100").gpu, dtensor_op_s=1e-4, dtensor_backward_op_s=2e-4)
+        >>> tuple(round(t, 6) for t in dtensor_host_s(38, gpu))
+        (0.0038, 0.0076)
+    """
+    return num_ops * gpu.dtensor_op_s, num_ops * gpu.dtensor_backward_op_s
+
+
 def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",
                         batch_scale: float = 1.0, shard: int = 1, sharded_op: Callable[[Op], bool] | None = None,
                         recompute: Recompute = Recompute.NONE, calibration: CalibrationTable | None = None,
@@ -356,7 +372,7 @@ def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtyp
         cluster_or_gpu: the device to price on.
         dtype: training dtype.
         batch_scale: micro-batch size / captured batch size.
-        shard: tensor-parallel size.
+        shard: tensor-parallel size (above 1, every op also pays DTensor's host time: ``dtensor_host_s``).
         sharded_op: which ops split their work over the ``shard`` ranks (default: all of them, as
             with Megatron TP plus sequence parallelism); the others run replicated.
         recompute: ``NONE``; ``SELECTIVE`` re-runs the s×s attention core in backward; ``FULL`` re-runs
@@ -399,12 +415,15 @@ def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, s
         op_shard = shard if sharded_op is None or sharded_op(op) else 1
         times[op.name] = estimate_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=op_shard,
                                           calibration=calibration, grad_inputs=grads[op.name], capture_dtype=captured)
-    forward = sum(t.forward_s for t in times.values())
+    dtensor_f, dtensor_b = dtensor_host_s(len(layer.ops), gpu) if shard > 1 else (0.0, 0.0)
+    forward = sum(t.forward_s for t in times.values()) + dtensor_f
     match recompute:
         case Recompute.NONE:
             recompute_s = 0.0
         case Recompute.SELECTIVE:
-            recompute_s = sum(times[op.name].forward_s for op in attention_core_ops(layer, seq_len))
+            core = attention_core_ops(layer, seq_len)
+            recompute_s = sum(times[op.name].forward_s for op in core) + (
+                dtensor_host_s(len(core), gpu)[0] if shard > 1 else 0.0)
         case Recompute.FULL:
             recompute_s = forward
         case _:
@@ -413,7 +432,7 @@ def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, s
     sources = {t.source for t in counted}
     profiled = sum(1 for t in counted if t.source != TimeSource.ROOFLINE.value)
     source = sources.pop() if len(sources) == 1 else (TimeSource.MIXED.value if sources else TimeSource.ROOFLINE.value)
-    return LayerTime(forward_s=forward, backward_s=sum(t.backward_s for t in times.values()) + recompute_s,
+    return LayerTime(forward_s=forward, backward_s=sum(t.backward_s for t in times.values()) + dtensor_b + recompute_s,
                      recompute_s=recompute_s, source=source, num_profiled=profiled,
                      num_estimated=len(counted) - profiled)
 

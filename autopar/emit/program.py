@@ -140,9 +140,29 @@ def build_program(model: nn.Module, inputs: Mapping[str, torch.Tensor], plan: Pl
             f"was the plan made for this model?"
         )
     _restore_non_persistent(pipe, model)
+    run_generated_code(pipe.split_gm)
     return Program(pipe=pipe, out_spec=exported.call_spec.out_spec, output_order=_output_order(pipe),
                    input_names=tuple(mb),
                    block_paths=stage_blocks, tied=tied_groups(model))
+
+
+def run_generated_code(root: nn.Module) -> int:
+    """Make every ``InterpreterModule`` under ``root`` run its graph's generated Python code; returns how many.
+
+    ``torch.export.unflatten`` (which the pipeline split uses) builds them to run through ``fx.Interpreter``,
+    for stack traces: a Python call per node, and a progress bar built per call, about as much host time
+    as a small layer's kernels on a CPU. The generated code computes the same graph (torch runs it so under
+    Dynamo); every pass here that edits a graph recompiles its ``graph_module`` (``retarget_device``,
+    ``dtensor_rules.keep_fused_splits_sharded``). A graph with a value named ``self`` (the output of a
+    submodule called ``self``, as BERT's attention has) keeps the interpreter: its generated code would
+    rebind the module's own ``self``.
+    """
+    count = 0
+    for module in root.modules():
+        if getattr(module, "_run_with_interpreter", False) and all(n.name != "self" for n in module.graph.nodes):
+            module._run_with_interpreter = False
+            count += 1
+    return count
 
 
 def _split(model: nn.Module, exported: Any, policy: Any) -> Pipe:

@@ -70,6 +70,26 @@ class LossSlot:
         return self.fn(unflatten_output(output, self.out_spec, self.order), target)
 
 
+def optimizer_kwargs(optimizer_cls: type[torch.optim.Optimizer], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``foreach=True`` added when the optimizer takes it and neither ``foreach`` nor ``fused``
+    is given: the multi-tensor implementation the plan prices (``solvers/costs.py::OPTIMIZER``), which torch
+    picks by itself only when every tensor is on CUDA (``torch/optim/optimizer.py::_default_to_fused_or_foreach``;
+    elsewhere it runs a Python loop over the parameters, one dispatch per tensor and op).
+
+    Example:
+        >>> optimizer_kwargs(torch.optim.AdamW, {"lr": 1e-3})
+        {'lr': 0.001, 'foreach': True}
+        >>> optimizer_kwargs(torch.optim.AdamW, {"fused": True}), optimizer_kwargs(torch.optim.LBFGS, {})
+        ({'fused': True}, {})
+    """
+    import inspect
+
+    out = dict(kwargs)
+    if "foreach" not in out and "fused" not in out and "foreach" in inspect.signature(optimizer_cls).parameters:
+        out["foreach"] = True
+    return out
+
+
 class PartsOptimizer(torch.optim.Optimizer):
     """One optimizer per local model part, stepped together (for interleaved pipelines).
 
@@ -150,6 +170,7 @@ class ParallelModel:
 
         With several local parts it is a ``PartsOptimizer`` holding one optimizer per part.
         """
+        kwargs = optimizer_kwargs(optimizer_cls, kwargs)
         optimizers = [optimizer_cls(part.parameters(), **kwargs) for part in self.parts]
         return optimizers[0] if len(optimizers) == 1 else PartsOptimizer(optimizers)
 

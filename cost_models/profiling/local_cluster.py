@@ -6,7 +6,8 @@ exactly that:
 
 * compute per rank with all N processes running at once (one thread each), so the rates
   include the memory-bandwidth and cache contention of N busy ranks: a GEMM rate, a copy
-  bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``);
+  bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``),
+  and the host time DTensor adds to each op (forward, and backward per forward op);
 * for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
   (2, 4, ... up to N), the time over message sizes, fitted as t = alpha + beta · S (Hockney's
   alpha-beta model) by least squares;
@@ -83,6 +84,10 @@ class RankCompute:
     """Time of a one-element eager op (median over ranks)."""
     half_efficiency_s: float
     """Excess time of a small GEMM over the peak rate (Hockney's n½ as time)."""
+    dtensor_op_s: float = 0.0
+    """Host time DTensor adds per forward op on a rank (``local_worker._dtensor_overhead``; median over ranks)."""
+    dtensor_backward_op_s: float = 0.0
+    """The same for the backward ops of one forward op."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +206,8 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         "  memory_efficiency: 1.0",
         f"  kernel_launch_s: {c.op_floor_s:.6g}",
         f"  half_efficiency_s: {c.half_efficiency_s:.6g}",
+        f"  dtensor_op_s: {c.dtensor_op_s:.6g}  # added per op of a tensor-parallel stage (host runs the kernels)",
+        f"  dtensor_backward_op_s: {c.dtensor_backward_op_s:.6g}",
         f"gpus_per_node: {profile.ranks}",
         "nodes: 1",
         *_link_lines("intra_node", latency, bus_bw),
@@ -266,7 +273,8 @@ def _combine(results: Sequence[Mapping[str, Any]], ranks: int) -> LocalClusterPr
         return statistics.median(r["compute"][key] for r in results)
 
     compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
-                          op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"))
+                          op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"),
+                          dtensor_op_s=med("dtensor_op_s"), dtensor_backward_op_s=med("dtensor_backward_op_s"))
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)

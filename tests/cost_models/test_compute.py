@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -168,6 +169,20 @@ def test_recompute_is_priced_in_backward(gpt_unfused: OpGraph, gpt_fused: OpGrap
     fused = block(gpt_fused)
     assert attention_core_ops(fused) == ()
     assert estimate_layer_time(fused, H100, recompute=Recompute.SELECTIVE).recompute_s == 0.0
+
+
+def test_a_tensor_parallel_layer_pays_dtensor_host_time_per_op(gpt_unfused: OpGraph) -> None:
+    """Above tp = 1 every op runs on DTensors: n ops add n·δ forward and n·δ_b backward, and recomputation
+    re-runs the forward ops' dispatch (all of them for full, the attention core's for selective)."""
+    layer = block(gpt_unfused)
+    gpu = dataclasses.replace(H100.gpu, dtensor_op_s=1e-4, dtensor_backward_op_s=3e-4)
+    n, core = len(layer.ops), len(attention_core_ops(layer))
+    for rc, rerun in ((Recompute.NONE, 0), (Recompute.SELECTIVE, core), (Recompute.FULL, n)):
+        base, with_host = (estimate_layer_time(layer, g, shard=2, recompute=rc) for g in (H100.gpu, gpu))
+        assert with_host.forward_s - base.forward_s == pytest.approx(n * 1e-4)
+        assert with_host.backward_s - base.backward_s == pytest.approx(n * 3e-4 + rerun * 1e-4)
+        assert estimate_layer_time(layer, gpu, shard=1, recompute=rc) == estimate_layer_time(layer, H100.gpu, shard=1,
+                                                                                          recompute=rc)
 
 
 def test_layer_sources_and_sharded_ops(gpt_fused: OpGraph) -> None:

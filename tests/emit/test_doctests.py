@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["autopar.emit.mesh", "autopar.emit.dp", "autopar.emit.tp", "autopar.emit.program", "tests.emit.plans"]
+MODULES = ["autopar.emit.mesh", "autopar.emit.dp", "autopar.emit.tp", "autopar.emit.program", "autopar.emit.runtime",
+           "tests.emit.plans"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -43,6 +43,9 @@ def test_stages_chain_to_the_original_forward(family: str) -> None:
     keys = [k for i in range(3) for k in program.stage_module(i).state_dict()]
     assert sorted(keys) == sorted(model.state_dict())  # every parameter in exactly one stage, same name
     assert program.block_paths[0] and not set(program.block_paths[0]) & set(program.block_paths[1])
+    # the stages run their graphs' generated code, not fx.Interpreter (a Python call per node)
+    flags = [m._run_with_interpreter for m in program.pipe.split_gm.modules() if hasattr(m, "_run_with_interpreter")]
+    assert flags and not any(flags)
 
 
 def test_mistral_sliding_window_survives_the_split() -> None:
