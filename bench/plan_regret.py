@@ -18,8 +18,8 @@ For each model and rank count N:
    autopar's own choice (its measured time over the fastest measured, minus 1), the memory error,
    and save a scatter chart.
 
-Predicted memory is the plan's tensor terms (weights + gradients + optimizer + activations):
-its buffer term is GPU runtime reservation and allocator headroom, which a CPU heap does not have.
+Predicted memory is the plan's tensors (weights, gradients, optimizer states and temporaries, activations,
+communication buffers): the plan's total without the GPU runtime's reservation and the allocator's headroom.
 Timings are noisy on a shared machine: each layout's spread (IQR / median) is printed.
 """
 
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import regret_worker  # noqa: E402
 
 import autopar  # noqa: E402
+from autopar.cost_models.memory import ALLOCATOR_HEADROOM, RUNTIME_RESERVED_BYTES  # noqa: E402
 from autopar.cost_models.profiling.fidelity import regret, relative_error, spearman  # noqa: E402
 from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster  # noqa: E402
 from autopar.cost_models.profiling.local_worker import free_port  # noqa: E402
@@ -64,8 +65,10 @@ MODELS: dict[str, dict[str, Any]] = {
 
 
 def predicted_live_bytes(plan: Any) -> float:
-    """The plan's tensor terms on its fullest rank (weights, gradients, optimizer, activations)."""
-    return max(m.params + m.grads + m.optimizer + m.activations for m in plan.predicted.memory)
+    """The plan's tensors on its fullest rank: weights, gradients, optimizer states, activations, communication
+    buffers and the optimizer's temporaries; not the GPU runtime's reservation or the caching allocator's
+    headroom (``memory.estimate_rank_memory``), which a CPU rank does not have."""
+    return max(m.total / (1 + ALLOCATOR_HEADROOM) - RUNTIME_RESERVED_BYTES for m in plan.predicted.memory)
 
 
 def run_case(name: str, ranks: int, out_dir: Path) -> dict[str, Any]:

@@ -1,20 +1,44 @@
 """Peak tensor bytes of a step on CPU, measured: what ``bench/plan_regret.py`` holds the memory model to.
 
-At the start, the bytes of every distinct CPU storage held by a tensor the garbage collector can
-reach (weights, optimizer states, the batch); during the step, the running sum of c10's CPU allocator
-reports, which torch's profiler records with ``profile_memory=True`` (every allocation and free, inside
-an op or not, in time order). The peak is the start plus the running sum's maximum, at op granularity:
-scratch a kernel allocates and frees within one op is not seen. Only tensors count, as the memory
-model counts them: Python objects, export caches and gloo's own buffers do not (a heap measure such as
-glibc's ``mallinfo2`` reads 9-13 MB of those on top of a 16 MB model).
+PyTorch's CPU allocator is plain malloc, so the bytes malloc has handed out and not had back
+(glibc's ``mallinfo2``: ``uordblks + hblkhd``) rise and fall with every tensor; they are read after
+every ATen op of the step (a ``TorchDispatchMode``), so the peak is seen at op granularity with
+every tensor alive at that moment (a kernel's scratch freed within one op is not). The heap also
+holds what is not a tensor: Python objects, export caches, gloo's buffers (9-13 MB on a 16 MB
+model). That part is taken as the heap at the start of the step minus the tensors alive then (every
+distinct CPU storage of a tensor the garbage collector reaches: weights, optimizer states, the
+batch, when no activation is alive), and subtracted from the peak.
+
+torch's profiler (``profile_memory=True``) was tried first and is not used: it nets each op's
+allocations and frees at the op's start time, so an autograd node's release of its saved tensors
+lands before its kernel's allocation, and under FSDP2 a step's frees did not all appear (48 MB
+never freed of a 65 MB peak).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+_LIBC = ctypes.CDLL("libc.so.6")
+_LIBC.mallinfo2.restype = _MallInfo2
+
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not had back (glibc ``mallinfo2``: small blocks and mmapped ones)."""
+    info = _LIBC.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 def live_tensor_bytes() -> int:
@@ -31,20 +55,29 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
+class _PeakHeap(TorchDispatchMode):
+    """The highest ``heap_in_use`` seen after any ATen op while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = heap_in_use()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return out
+
+
 def peak_tensor_bytes(step: Callable[[], None]) -> int:
-    """Most tensor bytes alive during ``step()`` (see the module docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Most tensor bytes alive after any op of ``step()``, with no activation alive at its start (see the
+    module docstring)."""
+    with _PeakHeap():  # the mode's own first-use allocations (Python's dispatch machinery) happen here
+        torch.zeros(1).add_(1)
     gc.collect()
-    start = live_tensor_bytes()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    not_tensors = heap_in_use() - live_tensor_bytes()
+    with _PeakHeap() as heap:
         step()
-    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    level = peak = 0
-    for _, nbytes in changes:
-        level += nbytes
-        peak = max(peak, level)
-    return start + peak
+    return heap.peak - not_tensors
 
 
-__all__ = ["live_tensor_bytes", "peak_tensor_bytes"]
+__all__ = ["heap_in_use", "live_tensor_bytes", "peak_tensor_bytes"]

@@ -7,6 +7,7 @@ import torch
 from autopar.cost_models.profiling.tensor_memory import live_tensor_bytes, peak_tensor_bytes
 
 MB = 2**20
+SLACK = 64 * 2**10
 
 
 def test_peak_is_held_bytes_plus_the_most_allocated_at_once() -> None:
@@ -22,8 +23,11 @@ def test_peak_is_held_bytes_plus_the_most_allocated_at_once() -> None:
         del b, c
 
     peak = peak_tensor_bytes(step)
-    assert peak - before == 5 * MB  # a and b together; after a is freed, b + ones + c is 5 MB too, never more
+    # a and b together; after a is freed, b + ones + c is 5 MB too, never more (malloc's headers, page rounding
+    # and the Python objects the step makes add a few KB)
+    assert 5 * MB <= peak - before <= 5 * MB + SLACK
     assert live_tensor_bytes() == before  # the step let go of everything
+    assert peak_tensor_bytes(lambda: None) - before <= SLACK  # nothing allocated: nothing measured
     del held
 
 
