@@ -87,7 +87,7 @@ def partition_runs(work: Sequence[float], send: Sequence[float], *, num_stages: 
 
     Example:
         >>> partition_runs([1.0] + [3.0] * 6 + [2.0], [0.0] * 8, num_stages=3, alpha=7, beta=1)
-        (0, 3, 6, 8)
+        (0, 3, 5, 8)
     """
     num_layers = len(work)
     r0, r1 = longest_run(work, send)
