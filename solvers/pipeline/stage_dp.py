@@ -42,6 +42,7 @@ from autopar.errors import InfeasiblePlanError
 from autopar.layout import Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.pipeline.band import StageTimes, feasible_width, partition_times, stage_times
+from autopar.solvers.pipeline.runs import partition_runs
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +187,10 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
     the first T with ``alpha · T + beta · G_∞ >= best``; the first feasible T is
     found by a min-max DP in one pass. With many identical layers
     the scan ends after one or two DPs, and when alpha = 0 (m = 1) the T = ∞ DP is
-    the answer.
+    the answer. With no memory limit (``mem_budget_bytes = inf``) and a model that is a short
+    prefix, a run of identical layers and a short suffix, ``runs.partition_runs`` counts the run's
+    layers per stage instead, in time independent of L (its ties: least bottleneck, then the
+    lexicographically smallest boundaries).
 
     Args:
         costs: per-layer times and memory.
@@ -211,6 +215,11 @@ def partition_stages(costs: StageCosts, *, num_stages: int, in_flight: Sequence[
         (0, 2, 3, 4)
     """
     check_stage_count(costs, num_stages, in_flight)
+    if math.isinf(mem_budget_bytes) and mem_budget_bytes > 0:  # times alone decide: count the identical layers
+        work = [f + b for f, b in zip(costs.forward_s, costs.backward_s)]
+        counted = partition_runs(work, costs.boundary_send_s, num_stages=num_stages, alpha=alpha, beta=beta)
+        if counted is not None:
+            return counted
     times = masked_stage_times(costs, num_stages=num_stages, in_flight=in_flight, mem_budget_bytes=mem_budget_bytes)
     bounds = partition_times(times, alpha=alpha, beta=beta)
     if bounds is None:
