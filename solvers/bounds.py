@@ -12,6 +12,8 @@ memory, so leaving them out keeps it a lower bound).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ import numpy as np
 
 from autopar.cost_models.comm import fsdp_gathers_per_step
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
-from autopar.layout import Layout, Recompute
+from autopar.layout import Layout, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
 from autopar.solvers.evaluate import dp_comm_s, fsdp_blocks
@@ -109,6 +111,10 @@ class SettingPrices(NamedTuple):
     """(index, count) of the most repeated layer in ``leanest``."""
     sums: Sums
     """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
+    least_s: tuple[float, ...]
+    """Per layer, the least forward + backward over the policies."""
+    bottlenecks: dict[int, float]
+    """Memo of ``least_bottleneck_s(least_s, S)`` by the number of stages S (filled as layouts ask)."""
 
 
 class Sums(NamedTuple):
@@ -116,6 +122,8 @@ class Sums(NamedTuple):
 
     fastest_s: float
     """Σ forward + backward of ``fastest``."""
+    fastest_forward_s: float
+    """Σ forward of ``fastest``."""
     fastest_params: float
     """Σ parameters of ``fastest``."""
     fastest_acts: float
@@ -151,6 +159,7 @@ def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
                 every_layer_has_params=min(params) > 0,
                 runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
                 fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
+                fastest_forward_s=sum(c.forward_s for c in fastest),
                 fastest_params=sum(c.param_count for c in fastest),
                 fastest_acts=sum(c.activation_bytes for c in fastest),
                 leanest_params=sum(c.param_count for c in leanest),
@@ -172,7 +181,9 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
     repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                          repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
-                         sums=_sums(fastest, leanest, repeats, tables))
+                         sums=_sums(fastest, leanest, repeats, tables), bottlenecks={},
+                         least_s=tuple(min(t[i].forward_s + t[i].backward_s for t in tables)
+                                       for i in range(len(leanest))))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
@@ -194,12 +205,12 @@ def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
     return tuple((first[v], counts[v]) for v in sorted(first, key=first.__getitem__))
 
 
-def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:
+def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
     """Smallest possible peak per GPU of a (dp, pp) group: ZeRO-3 states and one micro-batch of the leanest
-    policy, spread over pp."""
+    policy (unless not ``activations``), spread over pp."""
     zero = 3 if dp > 1 else 0
     states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=dp))
-    return (states + sums.leanest_acts) / pp
+    return (states + (sums.leanest_acts if activations else 0.0)) / pp
 
 
 class Footprint(NamedTuple):
@@ -248,18 +259,121 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, formulas, foot))
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
     alpha, beta = schedule_weights(layout.schedule, num_micro_batches=m, virtual_stages=v)
-    stages = pp * v  # some stage holds at least ⌈n/S⌉ of n equal layers (pigeonhole)
-    bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
+    bottleneck = max(_even_bottleneck_s(total, pp * v, prices.sums.runs), _partition_bottleneck_s(prices, pp * v))
     if ranks and foot is not None and pp > 1:
         bottleneck = max(bottleneck, _rank_bottleneck_s(layout, prices, formulas, foot) / v)
     if chunks and foot is not None:
         bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
-    owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned) + (0.0 if foot is None else _dp_floor_s(
-        layout, prices, formulas, overlap, gpus_per_node))
+    step = alpha * bottleneck + beta * total + _optimizer_s(layout.zero_stage, layout.dp, pp, prices.sums, formulas)
+    return step + (0.0 if foot is None else _dp_floor_s(layout, prices.sums, formulas, overlap, gpus_per_node))
 
 
-def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overlap: bool, gpus_per_node: int) -> float:
+def _even_bottleneck_s(total_s: float, stages: int, runs: tuple[tuple[int, float], ...]) -> float:
+    """Least ``max_j t_j`` over ``stages`` stages: the mean, and ⌈n/S⌉ of any n equal layers (pigeonhole)."""
+    return max(total_s / stages, *(-(-n // stages) * work for n, work in runs))
+
+
+def _partition_bottleneck_s(prices: SettingPrices, stages: int) -> float:
+    """``least_bottleneck_s`` of the setting's least per-layer times over ``stages`` stages (memoised)."""
+    if stages not in prices.bottlenecks:
+        prices.bottlenecks[stages] = least_bottleneck_s(prices.least_s, stages)
+    return prices.bottlenecks[stages]
+
+
+_BISECTIONS = 24
+"""Halvings of the interval the least bottleneck lies in: within 2⁻²⁴ of the longest layer below it."""
+
+
+def least_bottleneck_s(times: Sequence[float], stages: int) -> float:
+    """Least possible ``max_j`` (Σ of ``times`` in stage j) over cuts of ``times`` into ``stages`` contiguous
+    stages, from below (a time the greedy cut finds infeasible, less a margin for rounding).
+
+    A stage's time in any partition is at least the sum of its layers' least times (sends and the
+    policy chosen only add to it), so this is a lower bound on every partition's bottleneck.
+
+    Example:
+        >>> round(least_bottleneck_s([1.0, 1.0, 1.0, 1.0, 3.0], 2), 5)  # [1, 1, 1, 1] [3]
+        4.0
+    """
+    n = len(times)
+    longest = max(times, default=0.0)
+    if stages >= n:
+        return longest * (1 - _ROUNDING)
+    prefix = list(itertools.accumulate(times, initial=0.0))
+
+    def fits(limit: float) -> bool:  # the greedy cut: each stage takes as many layers as fit under limit
+        i = 0
+        for _ in range(stages):
+            i = bisect.bisect_right(prefix, prefix[i] + limit) - 1
+            if i >= n:
+                return True
+        return False
+
+    low = max(prefix[-1] / stages, longest)
+    if fits(low):
+        return low * (1 - _ROUNDING)
+    high = prefix[-1] / stages + longest  # feasible: each greedy stage but the last exceeds high − longest
+    for _ in range(_BISECTIONS):
+        mid = (low + high) / 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return low * (1 - _ROUNDING)
+
+
+def _optimizer_s(zero_stage: int, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:
+    """The most loaded rank's optimizer step: at least that of an even share of the parameters it owns."""
+    return formulas.optimizer_step_time(sums.fastest_params / pp / (dp if zero_stage >= 1 else 1))
+
+
+def pipeline_weights(pipelines: Sequence[tuple[Schedule, int]], m: int) -> tuple[tuple[float, float, int], ...]:
+    """(alpha, beta, virtual stages) of each (schedule, virtual stages) with ``m`` micro-batches."""
+    return tuple((*schedule_weights(schedule, num_micro_batches=m, virtual_stages=v), v) for schedule, v in pipelines)
+
+
+def pipeline_floor_s(weights: Sequence[tuple[float, float, int]], pp: int, sums: Sums) -> float:
+    """Least pipeline term of ``layout_bound`` without memory terms over ``weights`` (+inf when empty)."""
+    total = sums.fastest_s
+    return min((alpha * _even_bottleneck_s(total, pp * v, sums.runs) + beta * total for alpha, beta, v in weights),
+               default=math.inf)
+
+
+def group_bound(*, tp: int, sp: bool, mbs: int, pp: int, dp: int, m: int, pipeline_s: float, zeros: Sequence[int],
+                sums: Sums, formulas: Formulas, dp_floor: bool = False, overlap: bool = True,
+                gpus_per_node: int = 0) -> float:
+    """Least ``layout_bound`` over a group's layouts, with or without ``_dp_floor_s``.
+
+    The layouts are every ZeRO stage in ``zeros`` × (schedule, virtual stages) of one (tp, sp,
+    micro-batch, pp, dp) with ``m`` micro-batches, whose least pipeline term is ``pipeline_s``
+    (``pipeline_floor_s``). The pipeline term depends on the second choice only, the optimizer step
+    and the data-parallel floor on the first, so the least sum is ``pipeline_s`` plus the least of the
+    rest. With ``dp_floor``, ``sums.slowest_*`` must bound every policy's compute from above
+    (``recompute_ceiling``): compute hides communication, so more of it lowers the floor.
+    """
+    if not dp_floor:  # the optimizer step reads only whether the stage is at least 1
+        return pipeline_s + min(_optimizer_s(z, dp, pp, sums, formulas) for z in {min(z, 1) for z in zeros})
+    rest = math.inf
+    for z in set(zeros):
+        layout = Layout(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=m, zero_stage=z,
+                        recompute=Recompute.NONE, sequence_parallel=sp, schedule=Schedule.ONE_F_ONE_B)
+        rest = min(rest, _optimizer_s(z, dp, pp, sums, formulas)  # the floor reads neither schedule nor policy
+                   + _dp_floor_s(layout, sums, formulas, overlap, gpus_per_node))
+    return pipeline_s + rest
+
+
+def recompute_ceiling(sums: Sums) -> Sums:
+    """``sums`` of the ``NONE`` policy alone, with the slowest-policy totals raised to what any policy can take.
+
+    The cost model adds at most the forward again to a layer's backward under any recomputation
+    policy (``compute.estimate_layer_time``: ``recompute_s`` is 0, the attention core's forward or the
+    whole forward; ``pricing._tp_comm`` repeats the forward's TP collectives under full recomputation;
+    the forward itself is the same), so a policy's forward + backward is at most 2·forward + backward
+    of ``NONE`` and its backward at most forward + backward of ``NONE``. ``group_bound`` reads these
+    totals as an upper bound on the compute that hides communication: with them it stays a lower bound
+    before the other policies are priced. ``test_search.py`` checks the premise on the cost model.
+    """
+    return sums._replace(slowest_s=sums.fastest_s + sums.fastest_forward_s, slowest_backward_s=sums.fastest_s)
+
+
+def _dp_floor_s(layout: Layout, sums: Sums, formulas: Formulas, overlap: bool, gpus_per_node: int) -> float:
     """At least the exposed data-parallel time of the slowest rank (``evaluate._dp_comm``).
 
     A rank's term grows with its parameters and FSDP edge units and shrinks with the compute it hides
@@ -272,7 +386,7 @@ def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overl
     """
     if layout.dp == 1:
         return 0.0
-    sums, pp = prices.sums, layout.pp
+    pp = layout.pp
     convex = layout.zero_stage >= 1 and sums.every_layer_has_params
     if gpus_per_node and (pp == 1 or convex):
         edge = sums.root_params + (sums.first_block_params if pp == 1 else 0.0)
