@@ -86,6 +86,11 @@ class _Group(NamedTuple):
     micro_batch_size: int
     sequence_parallel: bool
 
+    @property
+    def setting(self) -> Setting:
+        """The layer setting its prices belong to."""
+        return self.tp, self.sequence_parallel, self.micro_batch_size
+
 
 Setting = tuple[int, bool, int]
 """(tp, sequence parallelism, micro-batch size): the layer setting a group's prices belong to."""
@@ -127,8 +132,7 @@ def _bound_sums(space: SearchSpace, table: LayerCostTable) -> dict[Setting, Sums
     return out
 
 
-def _groups(space: SearchSpace, table: LayerCostTable,
-            sums: dict[Setting, Sums] | None = None) -> Iterator[tuple[_Group, Setting]]:
+def _groups(space: SearchSpace, table: LayerCostTable, sums: dict[Setting, Sums] | None = None) -> Iterator[_Group]:
     """Every group with its cheapest bound: m · Σ fastest forward + backward / pp (every GPU busy, no
     bubble, no optimizer step, no data-parallel term); the search tightens it (``group_bound``) when it
     reaches the group."""
@@ -144,7 +148,7 @@ def _groups(space: SearchSpace, table: LayerCostTable,
                 if space.global_batch_size % (dp * mbs):
                     continue
                 m = space.global_batch_size // (dp * mbs)
-                yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), (tp, sp, mbs)
+                yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp)
 
 
 def _priced(table: PriceTable, wanted: Collection[LayerSetting]) -> Generator[frozenset[LayerSetting], PriceTable,
@@ -223,7 +227,7 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     prices = yield from _priced(prices, bound_settings(space))
     formulas = Formulas.of(prices)
     sums = _bound_sums(space, prices.layers)
-    groups = sorted(_groups(space, prices.layers, sums), key=lambda gc: gc[0].time_bound_s)
+    groups = sorted(_groups(space, prices.layers, sums), key=lambda g: g.time_bound_s)
     state = _State(space=space, formulas=formulas, groups=groups, top_k=top_k, overlap=overlap_grad_reduce,
                    num_layers=prices.layers.num_layers)
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
@@ -232,14 +236,13 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     # (tightened only once top_k plans are found: before, nothing is pruned);
     # a layout's level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept
     # apart; 3: with chunks held to 1/v of a rank's budget (when the time-optimal partition does not fit)
-    queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = [
-        (g.time_bound_s, i, -1, None, 0, None) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
-    while queue:
-        entry = heapq.heappop(queue)
+    queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = []
+    for entry in _merged(groups, queue):  # the groups at level 0 stay in their sorted list, not in the heap
         bound, i, j, layout, level, foot = entry
         if len(state.best) >= top_k and bound >= -state.best[0][0]:
             break  # everything left is bounded by at least this: nothing can win
-        group, setting = groups[i]
+        group = groups[i]
+        setting = group.setting
         if layout is None and level < 2:  # tighten the group's bound before expanding it
             tighter = state.tighter_group_bound(group, sums[setting], level)
             if tighter > bound:
@@ -261,10 +264,25 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     return state.result()
 
 
+def _merged(groups: list[_Group], queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]]
+            ) -> Iterator[tuple[float, int, int, Layout | None, int, Footprint | None]]:
+    """Pop the least of ``queue`` (a heap the caller pushes to) and of the groups' level-0 entries, in the
+    order one heap holding both would pop them; tens of thousands of groups never enter the heap."""
+    nxt = 0
+    while True:
+        if nxt < len(groups) and (not queue or (groups[nxt].time_bound_s, nxt, -1) < queue[0][:3]):
+            yield groups[nxt].time_bound_s, nxt, -1, None, 0, None
+            nxt += 1
+        elif queue:
+            yield heapq.heappop(queue)
+        else:
+            return
+
+
 class _State:
     """What one search has found so far (mutable, local to one ``search_steps`` run)."""
 
-    def __init__(self, *, space: SearchSpace, formulas: Formulas, groups: list[tuple[_Group, Setting]],
+    def __init__(self, *, space: SearchSpace, formulas: Formulas, groups: list[_Group],
                  top_k: int, overlap: bool, num_layers: int) -> None:
         self.space, self.formulas, self.groups, self.top_k, self.overlap = space, formulas, groups, top_k, overlap
         self.num_layers = num_layers

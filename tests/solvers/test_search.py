@@ -32,7 +32,8 @@ def _exhaustive(space, pricing):
     """Every layout the search may consider, all priced; the fastest that fits."""
     best = None
     table = pricing.prices(space)
-    for group, setting in _groups(space, table.layers):
+    for group in _groups(space, table.layers):
+        setting = group.setting
         prices = setting_prices(table.layers, space.recompute, *setting)
         for layout in _layouts(group, space, len(prices.fastest)):
             ev = evaluate_layout(layout, prices.variants, Formulas.of(table), gpus_per_node=space.gpus_per_node)
@@ -71,7 +72,8 @@ def test_every_layout_bound_is_below_its_price(kw, overlap):
     state = _State(space=space, formulas=formulas, groups=[], top_k=1, overlap=overlap,
                    num_layers=table.layers.num_layers)
     checked = tighter = 0
-    for group, setting in _groups(space, table.layers):
+    for group in _groups(space, table.layers):
+        setting = group.setting
         prices = setting_prices(table.layers, space.recompute, *setting)
         levels = (group.time_bound_s, state.group_bound(group, sums[setting], dp_floor=False),
                   state.group_bound(group, sums[setting], dp_floor=True))
