@@ -1,11 +1,13 @@
 """Outer search: enumerate layouts, prune, price each survivor, keep the fastest that fit.
 
 Order of work (cheapest test first):
-1. groups (tp, sp, micro-batch, recompute) × pp × dp get a *lower bound* on step time —
-   every GPU busy, no bubble, no data-parallel communication — and a lower bound on
-   memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory bound exceeds
-   the GPU are dropped; the rest are visited in order of their time bound, and the
-   search stops once a bound is no better than the k-th best plan found (branch and bound);
+1. groups (tp, sp, micro-batch) × pp × dp get a *lower bound* on step time — every GPU
+   busy, no bubble, no data-parallel communication — tightened when the search reaches
+   them (``bounds.group_bound``: the least bubble over the allowed schedules and the least
+   optimizer step, then the least data-parallel floor over the allowed ZeRO stages) — and a
+   lower bound on memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory
+   bound exceeds the GPU are dropped; the rest are visited in order of their time bound, and
+   the search stops once a bound is no better than the k-th best plan found (branch and bound);
 2. inside a group, dominated choices are skipped: GPipe keeps more micro-batches in
    flight than 1F1B for the same step time in this model, so it is priced only when
    pinned; interleaving is tried only when pp > 1 and every virtual stage gets a layer;
