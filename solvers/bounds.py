@@ -1,7 +1,9 @@
 """Lower bounds for the outer search: on a setting's groups and on each layout, in time and memory.
 
 The layout bounds (``layout_bound``, ``layout_memory_bound``) hold for every stage partition and
-every recomputation policy per stage; ``rank_bottleneck_s`` couples memory and time per pipeline rank.
+every recomputation policy per stage; ``rank_bottleneck_s`` couples memory and time per pipeline rank
+(the least-bottleneck solvers are in ``bottlenecks``). A group's bound (``group_bound``) is the least
+layout bound over its ZeRO stages and schedules, read off ``NONE``'s prices alone (``recompute_ceiling``).
 
 The cheaper layout bound (``layout_bound``) spread the work evenly over the stages and
 price the recomputation memory forces over all ranks together, so they miss that the first ranks of
@@ -21,75 +23,11 @@ import numpy as np
 
 from autopar.cost_models.comm import fsdp_gathers_per_step
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
-from autopar.layout import Layout, Recompute
+from autopar.layout import Layout, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
+from autopar.solvers.bottlenecks import chunk_bottleneck_s, least_bottleneck_s, rank_bottleneck_s
 from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
 from autopar.solvers.evaluate import dp_comm_s, fsdp_blocks
-
-_GRID = 64
-"""Candidate bottlenecks tried at once in each round of the search for the least feasible one."""
-_ROUNDS = 3
-"""Rounds of refinement: the bound is within 64⁻³ of the first interval's width of the least bottleneck."""
-
-
-def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tuple[float, float]],
-              in_flight: np.ndarray, budget_bytes: float) -> np.ndarray:
-    """Per candidate time (rows) and rank (columns), the most blocks (fractional) a rank can hold.
-
-    A rank holding x blocks under a mix of policies with mean (activation bytes ā, seconds τ̄) needs
-    ``x·(s + k·ā) ≤ budget`` and ``x·τ̄ ≤ T``; the mixes form the hull of the policies' points, and the
-    best one lies on a segment between two of them, at an end or where the two limits cross.
-    """
-    k = in_flight.astype(np.float64)[None, :]
-    time_s = time_s[:, None]
-    best = np.zeros((time_s.shape[0], k.shape[1]))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for p, (a_p, t_p) in enumerate(policies):
-            best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * a_p), time_s / t_p))  # the end λ = 0
-            for a_q, t_q in policies[p + 1:]:  # λ = 1 is the other policy's own end, visited as its λ = 0
-                d_a, d_t = a_q - a_p, t_q - t_p
-                cross = ((time_s * (static_bytes + k * a_p) - budget_bytes * t_p)
-                         / (budget_bytes * d_t - time_s * k * d_a))
-                lam = np.clip(cross, 0.0, 1.0)
-                lam[np.isnan(lam)] = 0.0
-                acts, secs = a_p + lam * d_a, t_p + lam * d_t
-                best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs))
-    return best  # fmax skips NaN (0/0: a block of no bytes and no time), as 0 would: best starts at 0
-
-
-def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
-                      in_flight: Sequence[int], budget_bytes: float) -> float:
-    """Least possible ``max_r T_r`` for ``count`` equal layers over ranks holding ``in_flight[r]`` micro-batches.
-
-    ``policies`` lists (activation bytes, forward + backward seconds) of one layer per recomputation
-    policy; ``static_bytes`` is its model state per GPU. Rank r's layers must fit
-    ``Σ (static + in_flight[r] · activations) ≤ budget_bytes``. Layers may be split fractionally and
-    policies mixed (a relaxation), so the result is a lower bound; +inf when no split fits.
-
-    Example:
-        >>> round(rank_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
-        ...                         budget_bytes=3.0), 3)  # rank 0 fits 1.5 layers, rank 1 the other 2.5
-        2.5
-    """
-    k = np.asarray(in_flight)
-    if count <= 0:
-        return 0.0
-
-    def fits(times: np.ndarray) -> np.ndarray:
-        return _capacity(times, static_bytes=static_bytes, policies=policies, in_flight=k,
-                         budget_bytes=budget_bytes).sum(axis=1) >= count
-
-    lean = min(policies)  # the fewest activation bytes: it fits the most layers when time is no limit
-    low, high = 0.0, count * lean[1]
-    if not fits(np.array([high]))[0]:
-        return math.inf
-    for _ in range(_ROUNDS):  # capacity grows with the time allowed: the feasible times are an interval
-        grid = np.linspace(low, high, _GRID + 1)
-        first = int(np.argmax(fits(grid)))  # the last point (high) is feasible
-        if first == 0:
-            break
-        low, high = float(grid[first - 1]), float(grid[first])
-    return low * (1 - 1e-9)  # infeasible at low: the least bottleneck is above it (a margin for rounding)
 
 
 class SettingPrices(NamedTuple):
@@ -109,6 +47,10 @@ class SettingPrices(NamedTuple):
     """(index, count) of the most repeated layer in ``leanest``."""
     sums: Sums
     """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
+    least_s: tuple[float, ...]
+    """Per layer, the least forward + backward over the policies."""
+    bottlenecks: dict[int, float]
+    """Memo of ``least_bottleneck_s(least_s, S)`` by the number of stages S (filled as layouts ask)."""
 
 
 class Sums(NamedTuple):
@@ -116,6 +58,8 @@ class Sums(NamedTuple):
 
     fastest_s: float
     """Σ forward + backward of ``fastest``."""
+    fastest_forward_s: float
+    """Σ forward of ``fastest``."""
     fastest_params: float
     """Σ parameters of ``fastest``."""
     fastest_acts: float
@@ -151,6 +95,7 @@ def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
                 every_layer_has_params=min(params) > 0,
                 runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
                 fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
+                fastest_forward_s=sum(c.forward_s for c in fastest),
                 fastest_params=sum(c.param_count for c in fastest),
                 fastest_acts=sum(c.activation_bytes for c in fastest),
                 leanest_params=sum(c.param_count for c in leanest),
@@ -172,7 +117,9 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
     repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                          repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
-                         sums=_sums(fastest, leanest, repeats, tables))
+                         sums=_sums(fastest, leanest, repeats, tables), bottlenecks={},
+                         least_s=tuple(min(t[i].forward_s + t[i].backward_s for t in tables)
+                                       for i in range(len(leanest))))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
@@ -194,12 +141,12 @@ def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
     return tuple((first[v], counts[v]) for v in sorted(first, key=first.__getitem__))
 
 
-def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:
+def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
     """Smallest possible peak per GPU of a (dp, pp) group: ZeRO-3 states and one micro-batch of the leanest
-    policy, spread over pp."""
+    policy (unless not ``activations``), spread over pp."""
     zero = 3 if dp > 1 else 0
     states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=dp))
-    return (states + sums.leanest_acts) / pp
+    return (states + (sums.leanest_acts if activations else 0.0)) / pp
 
 
 class Footprint(NamedTuple):
@@ -248,18 +195,82 @@ def layout_bound(layout: Layout, prices: SettingPrices, formulas: Formulas, foot
     total = prices.sums.fastest_s + (0.0 if foot is None else _forced_recompute_s(layout, prices, formulas, foot))
     m, pp, v = layout.num_micro_batches, layout.pp, layout.virtual_stages
     alpha, beta = schedule_weights(layout.schedule, num_micro_batches=m, virtual_stages=v)
-    stages = pp * v  # some stage holds at least ⌈n/S⌉ of n equal layers (pigeonhole)
-    bottleneck = max(total / stages, *(-(-n // stages) * work for n, work in prices.sums.runs))
+    bottleneck = max(_even_bottleneck_s(total, pp * v, prices.sums.runs), _partition_bottleneck_s(prices, pp * v))
     if ranks and foot is not None and pp > 1:
         bottleneck = max(bottleneck, _rank_bottleneck_s(layout, prices, formulas, foot) / v)
     if chunks and foot is not None:
         bottleneck = max(bottleneck, _chunk_bottleneck_s(layout, prices, formulas, foot))
-    owned = prices.sums.fastest_params / pp / (layout.dp if layout.zero_stage >= 1 else 1)
-    return alpha * bottleneck + beta * total + formulas.optimizer_step_time(owned) + (0.0 if foot is None else _dp_floor_s(
-        layout, prices, formulas, overlap, gpus_per_node))
+    step = alpha * bottleneck + beta * total + _optimizer_s(layout.zero_stage, layout.dp, pp, prices.sums, formulas)
+    return step + (0.0 if foot is None else _dp_floor_s(layout, prices.sums, formulas, overlap, gpus_per_node))
 
 
-def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overlap: bool, gpus_per_node: int) -> float:
+def _even_bottleneck_s(total_s: float, stages: int, runs: tuple[tuple[int, float], ...]) -> float:
+    """Least ``max_j t_j`` over ``stages`` stages: the mean, and ⌈n/S⌉ of any n equal layers (pigeonhole)."""
+    return max(total_s / stages, *(-(-n // stages) * work for n, work in runs))
+
+
+def _partition_bottleneck_s(prices: SettingPrices, stages: int) -> float:
+    """``least_bottleneck_s`` of the setting's least per-layer times over ``stages`` stages (memoised)."""
+    if stages not in prices.bottlenecks:
+        prices.bottlenecks[stages] = least_bottleneck_s(prices.least_s, stages)
+    return prices.bottlenecks[stages]
+
+
+def _optimizer_s(zero_stage: int, dp: int, pp: int, sums: Sums, formulas: Formulas) -> float:
+    """The most loaded rank's optimizer step: at least that of an even share of the parameters it owns."""
+    return formulas.optimizer_step_time(sums.fastest_params / pp / (dp if zero_stage >= 1 else 1))
+
+
+def pipeline_weights(pipelines: Sequence[tuple[Schedule, int]], m: int) -> tuple[tuple[float, float, int], ...]:
+    """(alpha, beta, virtual stages) of each (schedule, virtual stages) with ``m`` micro-batches."""
+    return tuple((*schedule_weights(schedule, num_micro_batches=m, virtual_stages=v), v) for schedule, v in pipelines)
+
+
+def pipeline_floor_s(weights: Sequence[tuple[float, float, int]], pp: int, sums: Sums) -> float:
+    """Least pipeline term of ``layout_bound`` without memory terms over ``weights`` (+inf when empty)."""
+    total = sums.fastest_s
+    return min((alpha * _even_bottleneck_s(total, pp * v, sums.runs) + beta * total for alpha, beta, v in weights),
+               default=math.inf)
+
+
+def group_bound(*, tp: int, sp: bool, mbs: int, pp: int, dp: int, m: int, pipeline_s: float, zeros: Sequence[int],
+                sums: Sums, formulas: Formulas, dp_floor: bool = False, overlap: bool = True,
+                gpus_per_node: int = 0) -> float:
+    """Least ``layout_bound`` over a group's layouts, with or without ``_dp_floor_s``.
+
+    The layouts are every ZeRO stage in ``zeros`` × (schedule, virtual stages) of one (tp, sp,
+    micro-batch, pp, dp) with ``m`` micro-batches, whose least pipeline term is ``pipeline_s``
+    (``pipeline_floor_s``). The pipeline term depends on the second choice only, the optimizer step
+    and the data-parallel floor on the first, so the least sum is ``pipeline_s`` plus the least of the
+    rest. With ``dp_floor``, ``sums.slowest_*`` must bound every policy's compute from above
+    (``recompute_ceiling``): compute hides communication, so more of it lowers the floor.
+    """
+    if not dp_floor:  # the optimizer step reads only whether the stage is at least 1
+        return pipeline_s + min(_optimizer_s(z, dp, pp, sums, formulas) for z in {min(z, 1) for z in zeros})
+    rest = math.inf
+    for z in set(zeros):
+        layout = Layout(dp=dp, tp=tp, pp=pp, micro_batch_size=mbs, num_micro_batches=m, zero_stage=z,
+                        recompute=Recompute.NONE, sequence_parallel=sp, schedule=Schedule.ONE_F_ONE_B)
+        rest = min(rest, _optimizer_s(z, dp, pp, sums, formulas)  # the floor reads neither schedule nor policy
+                   + _dp_floor_s(layout, sums, formulas, overlap, gpus_per_node))
+    return pipeline_s + rest
+
+
+def recompute_ceiling(sums: Sums) -> Sums:
+    """``sums`` of the ``NONE`` policy alone, with the slowest-policy totals raised to what any policy can take.
+
+    The cost model adds at most the forward again to a layer's backward under any recomputation
+    policy (``compute.estimate_layer_time``: ``recompute_s`` is 0, the attention core's forward or the
+    whole forward; ``pricing._tp_comm`` repeats the forward's TP collectives under full recomputation;
+    the forward itself is the same), so a policy's forward + backward is at most 2·forward + backward
+    of ``NONE`` and its backward at most forward + backward of ``NONE``. ``group_bound`` reads these
+    totals as an upper bound on the compute that hides communication: with them it stays a lower bound
+    before the other policies are priced. ``test_search.py`` checks the premise on the cost model.
+    """
+    return sums._replace(slowest_s=sums.fastest_s + sums.fastest_forward_s, slowest_backward_s=sums.fastest_s)
+
+
+def _dp_floor_s(layout: Layout, sums: Sums, formulas: Formulas, overlap: bool, gpus_per_node: int) -> float:
     """At least the exposed data-parallel time of the slowest rank (``evaluate._dp_comm``).
 
     A rank's term grows with its parameters and FSDP edge units and shrinks with the compute it hides
@@ -272,7 +283,7 @@ def _dp_floor_s(layout: Layout, prices: SettingPrices, formulas: Formulas, overl
     """
     if layout.dp == 1:
         return 0.0
-    sums, pp = prices.sums, layout.pp
+    pp = layout.pp
     convex = layout.zero_stage >= 1 and sums.every_layer_has_params
     if gpus_per_node and (pp == 1 or convex):
         edge = sums.root_params + (sums.first_block_params if pp == 1 else 0.0)
@@ -309,40 +320,6 @@ def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formula
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed) / v
     return chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
                               budget_bytes=budget)
-
-
-_ROUNDING = 1e-9
-"""Relative slack on floors and on the returned bound, so float rounding never makes a bound too high."""
-
-
-def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
-                       in_flight: Sequence[int], budget_bytes: float) -> float:
-    """Least possible ``max_j t_j`` for ``count`` equal layers over stages that each run one policy.
-
-    Stage j holds a whole number x_j of the layers under one policy p (activation bytes a_p, seconds t_p):
-    ``x_j · (static + in_flight[j] · a_p) ≤ budget_bytes`` and ``t_j ≥ x_j · t_p``. The least bottleneck is
-    one of the values c · t_p (c = 1 … count): the smallest at which the stages hold ``count`` layers.
-    +inf when no split fits. A lower bound on the stage DP's bottleneck when each stage picks one policy.
-
-    Example:
-        >>> chunk_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
-        ...                    budget_bytes=3.0) >= 3.0 * (1 - 1e-8)  # 1 layer on stage 0, 3 on stage 1
-        True
-    """
-    if count <= 0:
-        return 0.0
-    k = np.asarray(in_flight, dtype=np.float64)[None, :, None]  # (1, S, 1)
-    acts = np.asarray([a for a, _ in policies], dtype=np.float64)[None, None, :]  # (1, 1, P)
-    secs = np.asarray([t for _, t in policies], dtype=np.float64)[None, None, :]
-    by_memory = np.floor(budget_bytes / (static_bytes + k * acts) * (1 + _ROUNDING))  # (1, S, P)
-    candidates = np.unique((np.arange(1, count + 1)[:, None] * secs[0, 0][None, :]).ravel())  # (C,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        by_time = np.floor(candidates[:, None, None] / secs * (1 + _ROUNDING))  # (C, 1, P)
-    held = np.nan_to_num(np.minimum(by_memory, by_time), nan=0.0).max(axis=2).sum(axis=1)  # (C,)
-    feasible = np.flatnonzero(held >= count)
-    if feasible.size == 0:
-        return math.inf
-    return float(candidates[feasible[0]]) * (1 - _ROUNDING)
 
 
 def _forced_recompute_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:

@@ -1,11 +1,13 @@
 """Outer search: enumerate layouts, prune, price each survivor, keep the fastest that fit.
 
 Order of work (cheapest test first):
-1. groups (tp, sp, micro-batch, recompute) × pp × dp get a *lower bound* on step time —
-   every GPU busy, no bubble, no data-parallel communication — and a lower bound on
-   memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory bound exceeds
-   the GPU are dropped; the rest are visited in order of their time bound, and the
-   search stops once a bound is no better than the k-th best plan found (branch and bound);
+1. groups (tp, sp, micro-batch) × pp × dp get a *lower bound* on step time — every GPU
+   busy, no bubble, no data-parallel communication — tightened when the search reaches
+   them (``bounds.group_bound``: the least bubble over the allowed schedules and the least
+   optimizer step, then the least data-parallel floor over the allowed ZeRO stages) — and a
+   lower bound on memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory
+   bound exceeds the GPU are dropped; the rest are visited in order of their time bound, and
+   the search stops once a bound is no better than the k-th best plan found (branch and bound);
 2. inside a group, dominated choices are skipped: GPipe keeps more micro-batches in
    flight than 1F1B for the same step time in this model, so it is priced only when
    pinned; interleaving is tried only when pp > 1 and every virtual stage gets a layer;
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,10 +37,15 @@ from autopar.schedule import fits_micro_batches
 from autopar.solvers.bounds import (
     Footprint,
     SettingPrices,
+    Sums,
     footprint,
+    group_bound,
+    pipeline_floor_s,
+    pipeline_weights,
     layout_bound,
     layout_memory_bound,
     memory_bound,
+    recompute_ceiling,
     setting_prices,
 )
 from autopar.solvers.costs import Formulas, LayerCostTable, LayerSetting, PriceTable
@@ -80,6 +88,11 @@ class _Group(NamedTuple):
     micro_batch_size: int
     sequence_parallel: bool
 
+    @property
+    def setting(self) -> Setting:
+        """The layer setting its prices belong to."""
+        return self.tp, self.sequence_parallel, self.micro_batch_size
+
 
 Setting = tuple[int, bool, int]
 """(tp, sequence parallelism, micro-batch size): the layer setting a group's prices belong to."""
@@ -110,19 +123,26 @@ def bound_settings(space: SearchSpace) -> frozenset[LayerSetting]:
     return frozenset(LayerSetting(tp, sp, mbs, rc) for tp, sp, mbs in _settings(space) for rc in policies)
 
 
-def _fastest_total_s(space: SearchSpace, table: LayerCostTable, tp: int, sp: bool, mbs: int) -> float:
-    """Σ forward + backward over layers of the fastest allowed policy: a group's time bound."""
+def _bound_sums(space: SearchSpace, table: LayerCostTable) -> dict[Setting, Sums]:
+    """Per setting, the totals of its ``_bound_policies``; when those leave policies out (``NONE`` alone),
+    the slowest-policy totals are raised to ``recompute_ceiling``'s (an upper bound on every policy's)."""
     policies = _bound_policies(space)
-    if len(policies) == 1:
-        return sum(c.forward_s + c.backward_s for c in table[LayerSetting(tp, sp, mbs, policies[0])])
-    return setting_prices(table, policies, tp, sp, mbs).sums.fastest_s
+    out = {}
+    for tp, sp, mbs in _settings(space):
+        sums = setting_prices(table, policies, tp, sp, mbs).sums
+        out[tp, sp, mbs] = recompute_ceiling(sums) if len(policies) < len(space.recompute) else sums
+    return out
 
 
-def _groups(space: SearchSpace, table: LayerCostTable) -> Iterator[tuple[_Group, Setting]]:
+def _groups(space: SearchSpace, table: LayerCostTable, sums: dict[Setting, Sums] | None = None) -> Iterator[_Group]:
+    """Every group with its cheapest bound: m · Σ fastest forward + backward / pp (every GPU busy, no
+    bubble, no optimizer step, no data-parallel term); the search tightens it (``group_bound``) when it
+    reaches the group."""
+    sums = _bound_sums(space, table) if sums is None else sums
     dp_sizes = {(tp, pp): tuple(space.dp_sizes(tp, pp)) for tp in space.tp for pp in space.pp}
     num_layers = table.num_layers
-    for tp, sp, mbs in _settings(space):
-        total_s = _fastest_total_s(space, table, tp, sp, mbs)
+    for (tp, sp, mbs), setting_sums in sums.items():
+        total_s = setting_sums.fastest_s
         for pp in space.pp:
             if pp > num_layers or tp * pp > space.num_gpus:
                 continue
@@ -130,7 +150,7 @@ def _groups(space: SearchSpace, table: LayerCostTable) -> Iterator[tuple[_Group,
                 if space.global_batch_size % (dp * mbs):
                     continue
                 m = space.global_batch_size // (dp * mbs)
-                yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp), (tp, sp, mbs)
+                yield _Group(m * total_s / pp, tp, pp, dp, mbs, sp)
 
 
 def _priced(table: PriceTable, wanted: Collection[LayerSetting]) -> Generator[frozenset[LayerSetting], PriceTable,
@@ -146,30 +166,41 @@ def _priced(table: PriceTable, wanted: Collection[LayerSetting]) -> Generator[fr
     return table
 
 
+def _zeros(space: SearchSpace, dp: int) -> list[int]:
+    """The ZeRO stages of a group's layouts: any allowed with dp > 1, else 0."""
+    return [z for z in space.zero_stage if dp > 1 or z == 0] or [0]
+
+
+def _pipelines(space: SearchSpace, pp: int, m: int, num_layers: int) -> Iterator[tuple[Schedule, int]]:
+    """The (schedule, virtual stages) of a group's layouts with ``m`` micro-batches over ``pp`` ranks."""
+    pinned_schedule = "schedule" in space.pinned
+    for schedule in space.schedule:
+        if pp == 1 and schedule is not Schedule.ONE_F_ONE_B:
+            if pinned_schedule and schedule is Schedule.GPIPE:
+                pass  # a pinned GPipe with pp = 1 is plain gradient accumulation
+            else:
+                continue
+        if schedule is Schedule.GPIPE and not pinned_schedule and pp > 1 and m >= pp:
+            continue  # dominated by 1F1B: same time, more activations in flight
+        if not fits_micro_batches(schedule, pp=pp, num_micro_batches=m):
+            continue  # 1F1B with fewer than pp micro-batches is GPipe; interleaving needs multiples of pp
+        for v in space.virtual_stages:
+            interleaved = schedule is Schedule.INTERLEAVED_1F1B
+            if (v > 1) != interleaved or pp * v > num_layers:
+                continue
+            yield schedule, v
+
+
 def _layouts(group: _Group, space: SearchSpace, num_layers: int,
              recompute: Recompute = Recompute.NONE) -> Iterator[Layout]:
     """Layouts of a group; ``recompute`` is provisional (evaluation sets the policy its stages use)."""
     m = space.global_batch_size // (group.dp * group.micro_batch_size)
-    zeros = [z for z in space.zero_stage if group.dp > 1 or z == 0] or [0]
-    pinned_schedule = "schedule" in space.pinned
-    for zero in zeros:
-        for schedule in space.schedule:
-            if group.pp == 1 and schedule is not Schedule.ONE_F_ONE_B:
-                if pinned_schedule and schedule is Schedule.GPIPE:
-                    pass  # a pinned GPipe with pp = 1 is plain gradient accumulation
-                else:
-                    continue
-            if schedule is Schedule.GPIPE and not pinned_schedule and group.pp > 1 and m >= group.pp:
-                continue  # dominated by 1F1B: same time, more activations in flight
-            if not fits_micro_batches(schedule, pp=group.pp, num_micro_batches=m):
-                continue  # 1F1B with fewer than pp micro-batches is GPipe; interleaving needs multiples of pp
-            for v in space.virtual_stages:
-                interleaved = schedule is Schedule.INTERLEAVED_1F1B
-                if (v > 1) != interleaved or group.pp * v > num_layers:
-                    continue
-                yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
-                             num_micro_batches=m, zero_stage=zero, recompute=recompute,
-                             sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
+    pipelines = tuple(_pipelines(space, group.pp, m, num_layers))
+    for zero in _zeros(space, group.dp):
+        for schedule, v in pipelines:
+            yield Layout(dp=group.dp, tp=group.tp, pp=group.pp, micro_batch_size=group.micro_batch_size,
+                         num_micro_batches=m, zero_stage=zero, recompute=recompute,
+                         sequence_parallel=group.sequence_parallel, schedule=schedule, virtual_stages=v)
 
 
 def search(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, overlap_grad_reduce: bool = True,
@@ -197,20 +228,28 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     """
     prices = yield from _priced(prices, bound_settings(space))
     formulas = Formulas.of(prices)
-    groups = sorted(_groups(space, prices.layers), key=lambda gc: gc[0].time_bound_s)
-    state = _State(space=space, formulas=formulas, groups=groups, top_k=top_k, overlap=overlap_grad_reduce)
+    sums = _bound_sums(space, prices.layers)
+    groups = sorted(_groups(space, prices.layers, sums), key=lambda g: g.time_bound_s)
+    state = _State(space=space, formulas=formulas, groups=groups, top_k=top_k, overlap=overlap_grad_reduce,
+                   num_layers=prices.layers.num_layers)
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
     # (bound, group rank, layout rank): ties go to the order of enumeration
-    # level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept apart;
-    # 3: with chunks held to 1/v of a rank's budget (when the time-optimal partition does not fit)
-    queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = [
-        (g.time_bound_s, i, -1, None, 0, None) for i, (g, _) in enumerate(groups)]  # already a heap: sorted
-    while queue:
-        entry = heapq.heappop(queue)
+    # a group's level 0: every GPU busy; 1: with the bubble and the optimizer step; 2: with the data-parallel floor
+    # (tightened only once top_k plans are found: before, nothing is pruned);
+    # a layout's level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept
+    # apart; 3: with chunks held to 1/v of a rank's budget (when the time-optimal partition does not fit)
+    queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = []
+    for entry in _merged(groups, queue):  # the groups at level 0 stay in their sorted list, not in the heap
         bound, i, j, layout, level, foot = entry
         if len(state.best) >= top_k and bound >= -state.best[0][0]:
             break  # everything left is bounded by at least this: nothing can win
-        group, setting = groups[i]
+        group = groups[i]
+        setting = group.setting
+        if layout is None and level < 2:  # tighten the group's bound before expanding it
+            tighter = state.tighter_group_bound(group, sums[setting], level)
+            if tighter > bound:
+                heapq.heappush(queue, (tighter, i, -1, None, level + 1, None))
+                continue
         if layout is None:  # expand the group
             state.expanded += 1
             if progress is not None and state.expanded % 64 == 0:
@@ -227,12 +266,29 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     return state.result()
 
 
+def _merged(groups: list[_Group], queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]]
+            ) -> Iterator[tuple[float, int, int, Layout | None, int, Footprint | None]]:
+    """Pop the least of ``queue`` (a heap the caller pushes to) and of the groups' level-0 entries, in the
+    order one heap holding both would pop them; tens of thousands of groups never enter the heap."""
+    nxt = 0
+    while True:
+        if nxt < len(groups) and (not queue or (groups[nxt].time_bound_s, nxt, -1) < queue[0][:3]):
+            yield groups[nxt].time_bound_s, nxt, -1, None, 0, None
+            nxt += 1
+        elif queue:
+            yield heapq.heappop(queue)
+        else:
+            return
+
+
 class _State:
     """What one search has found so far (mutable, local to one ``search_steps`` run)."""
 
-    def __init__(self, *, space: SearchSpace, formulas: Formulas, groups: list[tuple[_Group, Setting]],
-                 top_k: int, overlap: bool) -> None:
+    def __init__(self, *, space: SearchSpace, formulas: Formulas, groups: list[_Group],
+                 top_k: int, overlap: bool, num_layers: int) -> None:
         self.space, self.formulas, self.groups, self.top_k, self.overlap = space, formulas, groups, top_k, overlap
+        self.num_layers = num_layers
+        self.weights: dict[tuple[int, int], tuple[tuple[float, float, int], ...]] = {}  # by (pp, m)
         self.best: list[tuple[float, float, tuple[int, int], Evaluation]] = []  # max-heap via negation
         self.priced = self.expanded = self.pruned_layouts = 0
         self.min_mem: tuple[int, tuple[int, int], Evaluation] | None = None  # (peak, order, evaluation)
@@ -252,6 +308,28 @@ class _State:
         self.group_prices[i] = prices
         for j, lay in enumerate(_layouts(group, self.space, len(prices.fastest))):  # a cheap bound first
             yield self.bound(lay, prices, None), i, j, lay, 0, None
+
+    def tighter_group_bound(self, group: _Group, sums: Sums, level: int) -> float:
+        """``group_bound`` of a group at ``level`` + 1 (``sums``: ``_bound_sums``, its compute bounded above);
+        -inf where tightening cannot pay: a group whose model states alone overflow the GPU (the memory test
+        of ``expand`` drops it), and the data-parallel floor before top_k plans are found or without dp."""
+        if level == 0 and memory_bound(dp=group.dp, pp=group.pp, sums=sums, formulas=self.formulas,
+                                       activations=False) > self.formulas.gpu_mem_bytes:
+            return -math.inf
+        if level == 1 and (group.dp == 1 or len(self.best) < self.top_k):
+            return -math.inf
+        return self.group_bound(group, sums, dp_floor=level == 1)
+
+    def group_bound(self, group: _Group, sums: Sums, *, dp_floor: bool) -> float:
+        """``bounds.group_bound`` of a group, with or without the data-parallel floor."""
+        m = self.space.global_batch_size // (group.dp * group.micro_batch_size)
+        if (group.pp, m) not in self.weights:
+            self.weights[group.pp, m] = pipeline_weights(tuple(_pipelines(self.space, group.pp, m, self.num_layers)),
+                                                         m)
+        return group_bound(tp=group.tp, sp=group.sequence_parallel, mbs=group.micro_batch_size, pp=group.pp,
+                           dp=group.dp, m=m, pipeline_s=pipeline_floor_s(self.weights[group.pp, m], group.pp, sums),
+                           zeros=_zeros(self.space, group.dp), sums=sums, formulas=self.formulas,
+                           dp_floor=dp_floor, overlap=self.overlap, gpus_per_node=self.space.gpus_per_node)
 
     def bound(self, layout: Layout, prices: SettingPrices, foot: Footprint | None, *, ranks: bool = False,
               chunks: bool = False) -> float:

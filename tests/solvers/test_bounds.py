@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from autopar.solvers.bounds import rank_bottleneck_s
+from autopar.solvers.bottlenecks import rank_bottleneck_s
 
 
 def _best_split(count, static, policies, in_flight, budget):
@@ -73,7 +73,7 @@ def _best_one_policy_split(count, static, policies, in_flight, budget):
 @pytest.mark.parametrize("seed", range(40))
 def test_chunk_bound_equals_the_best_one_policy_split(seed):
     """Exact for the repeated layers alone: never above the brute force (a valid bound), and equal to it."""
-    from autopar.solvers.bounds import chunk_bottleneck_s
+    from autopar.solvers.bottlenecks import chunk_bottleneck_s
 
     rng = random.Random(seed)
     count, stages = rng.randint(1, 7), rng.randint(1, 3)
@@ -87,3 +87,21 @@ def test_chunk_bound_equals_the_best_one_policy_split(seed):
         assert math.isinf(got)
     else:
         assert got <= want and got == pytest.approx(want, rel=1e-8)
+
+
+def test_least_bottleneck_matches_brute_force_from_below():
+    """``least_bottleneck_s`` is at most, and within 1e-6 of, the least max stage sum over every contiguous cut."""
+    import itertools
+    import random
+
+    from autopar.solvers.bottlenecks import least_bottleneck_s
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        stages = rng.randint(1, n + 1)
+        times = [rng.choice([0.0, rng.random(), 1.0, 3.0]) for _ in range(n)]
+        best = min(max(sum(times[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+                   for cuts in itertools.combinations(range(1, n), min(stages, n) - 1))
+        got = least_bottleneck_s(times, stages)
+        assert got <= best and got >= best - 1e-6 * max(times + [1.0]), (times, stages, got, best)

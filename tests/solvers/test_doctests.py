@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["pipeline.stage_dp", "pipeline.runs", "sharding.sharding_problem", "sharding.sharding_ilp", "oracles", "sharding.placement",
+MODULES = ["bottlenecks", "pipeline.stage_dp", "pipeline.runs", "sharding.sharding_problem", "sharding.sharding_ilp",
+           "oracles", "sharding.placement",
            "sharding.view_rules", "sharding.op_rules", "sharding.op_strategies", "sharding.layer_graph",
            "sharding.layer_result", "sharding.strategies"]
 

@@ -32,7 +32,8 @@ def _exhaustive(space, pricing):
     """Every layout the search may consider, all priced; the fastest that fits."""
     best = None
     table = pricing.prices(space)
-    for group, setting in _groups(space, table.layers):
+    for group in _groups(space, table.layers):
+        setting = group.setting
         prices = setting_prices(table.layers, space.recompute, *setting)
         for layout in _layouts(group, space, len(prices.fastest)):
             ev = evaluate_layout(layout, prices.variants, Formulas.of(table), gpus_per_node=space.gpus_per_node)
@@ -57,28 +58,40 @@ def test_branch_and_bound_matches_exhaustive(kw):
                                              (dict(hidden=4096, mem=40e9), False)])
 def test_every_layout_bound_is_below_its_price(kw, overlap):
     """Each bound the search prunes with, at every level, is at most the layout's evaluated step (when it fits):
-    the data-parallel floor (convex over pipeline ranks) and FSDP's copies included."""
+    the data-parallel floor (convex over pipeline ranks) and FSDP's copies included. So are the bounds its
+    group is visited by (every GPU busy; + bubble and optimizer step; + the data-parallel floor, read off the
+    ``NONE`` prices alone with the compute raised to ``recompute_ceiling``), for every layout of the group."""
     from autopar.solvers.bounds import footprint, layout_bound
+    from autopar.solvers.search import _bound_sums, _State
 
     pricing = SyntheticPricing(**kw)
     space = _space(pricing, gpus=16, batch=32)
     table = pricing.prices(space)
     formulas = Formulas.of(table)
-    checked = 0
-    for group, setting in _groups(space, table.layers):
+    sums = _bound_sums(space, table.layers)
+    state = _State(space=space, formulas=formulas, groups=[], top_k=1, overlap=overlap,
+                   num_layers=table.layers.num_layers)
+    checked = tighter = 0
+    for group in _groups(space, table.layers):
+        setting = group.setting
         prices = setting_prices(table.layers, space.recompute, *setting)
+        levels = (group.time_bound_s, state.group_bound(group, sums[setting], dp_floor=False),
+                  state.group_bound(group, sums[setting], dp_floor=True))
+        assert levels[0] <= levels[1] * (1 + 1e-12) and levels[1] <= levels[2] * (1 + 1e-12)
+        tighter += levels[2] > levels[1] * 1.01
         for layout in _layouts(group, space, len(prices.fastest)):
             ev = evaluate_layout(layout, prices.variants, formulas, gpus_per_node=space.gpus_per_node,
                                  overlap_grad_reduce=overlap)
             if not ev.fits:
                 continue
+            assert levels[2] <= ev.step_time_s * (1 + 1e-9), (layout.describe(), levels, ev.step_time_s)
             foot = footprint(layout, prices.sums, formulas)
             for level in (dict(), dict(ranks=True)):
                 bound = layout_bound(layout, prices, formulas, foot, overlap=overlap,
                                      gpus_per_node=space.gpus_per_node, **level)
                 assert bound <= ev.step_time_s * (1 + 1e-9), (layout.describe(), level, bound, ev.step_time_s)
             checked += layout.dp > 1
-    assert checked > 20  # data-parallel layouts, where the floor is not zero
+    assert checked > 20 and tighter > 10  # data-parallel layouts and groups, where the floor is not zero
 
 
 def test_top_k_is_sorted_and_distinct():
@@ -217,3 +230,25 @@ def test_a_table_is_a_read_only_value_and_search_refuses_a_missing_setting():
     empty = PriceTable(layers=LayerCostTable.of(full.num_layers, {}), cluster=full.cluster, dtype=full.dtype)
     with pytest.raises(ValueError, match="lacks"):
         search(space, empty)
+
+
+def test_recomputation_adds_at_most_the_forward_to_backward(tiny_gpt_graph):
+    """The premise of ``bounds.recompute_ceiling`` on the cost model itself: under every policy a layer's
+    forward is the same and its backward at most ``NONE``'s forward + backward (full recomputation re-runs
+    the forward and its TP collectives), so ``NONE``'s prices bound every policy's compute from above."""
+    from autopar.cost_models.cluster import Cluster
+    from autopar.pricing import LayerPricer
+    from autopar.solvers.costs import LayerSetting
+
+    pricer = LayerPricer(tiny_gpt_graph, Cluster.preset("dgx-h100"))
+    settings = [(tp, False, mbs) for tp in (1, 2) for mbs in (1, 4)]
+    table = pricer.table([LayerSetting(tp, sp, mbs, rc) for tp, sp, mbs in settings for rc in Recompute])
+    grew = 0
+    for tp, sp, mbs in settings:
+        none = table[LayerSetting(tp, sp, mbs, Recompute.NONE)]
+        for rc in (Recompute.SELECTIVE, Recompute.FULL):
+            for base, cost in zip(none, table[LayerSetting(tp, sp, mbs, rc)]):
+                assert cost.forward_s == pytest.approx(base.forward_s, rel=1e-12)
+                assert base.backward_s <= cost.backward_s <= (base.backward_s + base.forward_s) * (1 + 1e-12)
+                grew += cost.backward_s > base.backward_s * 1.01
+    assert grew >= len(settings)  # recomputation does add time (the test is not vacuous)
