@@ -140,6 +140,7 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
     x = torch.randint(0, spec["vocab"], (plan.layout.global_batch_size, spec["seq_len"]))
     pm.step(x, x, regret_worker.loss_fn)  # warm-up: lazy init of FSDP/DTensor state
     opt.step()
+    opt.zero_grad()  # as a training loop does: the logged step's gradients do not accumulate into these
     log = CollectiveLog()
     for part in pm.parts:
         log.hook(part)
@@ -151,11 +152,24 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
         finally:
             log.phase = None
 
+    import autopar.emit.grads as grads
+
+    def reduce_grads(parts: Any) -> int:  # the runtime's one gradient sync after backward, logged as its own phase
+        log.phase = "grads"
+        try:
+            return real_reduce_grads(parts)
+        finally:
+            log.phase = None
+
+    real_reduce_grads, grads.reduce_grads = grads.reduce_grads, reduce_grads
     before = _sequence_numbers()
-    with log:
-        pm.step(x, x, loss_fn)
-        log.phase = "optimizer"
-        opt.step()
+    try:
+        with log:
+            pm.step(x, x, loss_fn)
+            log.phase = "optimizer"
+            opt.step()
+    finally:
+        grads.reduce_grads = real_reduce_grads
     opt.zero_grad()
     issued_total = sum(after - before.get(group, 0) for group, after in _sequence_numbers().items())
     if issued_total != len(log.calls):  # the process groups' own count: the log missed (or invented) some
