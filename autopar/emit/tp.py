@@ -309,51 +309,68 @@ def _prepare_block_inputs(stage_module: nn.Module, styles: Mapping[str, TPStyle]
                           sequence_parallel: bool) -> None:
     """Each block child that holds weights (attention, MLP) takes its input whole, and reduces its gradient once.
 
-    Forward, under SP: blocks hand on ``Shard(1)`` hidden states, and each such
-    child (whether the plan splits it or not: attention cannot run on a sequence
-    shard) gathers its input once, however many column-split modules read it
-    (torchtitan's ``PrepareModuleInput``; Megatron's one all-gather per
-    sub-layer); the gather's backward reduce-scatters the gradient.
+    Under SP, blocks take and hand on ``Shard(1)`` hidden states (a block's
+    input is moved there first: from the embedding's hidden-dim shard, an
+    all-to-all), and each such child (whether the plan splits it or not:
+    attention cannot run on a sequence shard) gathers its input once, however
+    many column-split modules read it (torchtitan's ``PrepareModuleInput``;
+    Megatron's one all-gather per sub-layer); the gather's backward
+    reduce-scatters the gradient.
 
     Every other differentiable input passes through Megatron's *f*
     (``_reduce_grad_here``): the column-split modules' input gradients are
     ``Partial`` sums, all-reduced once at the child's input instead of reaching
     the norm's backward, where DTensor's rules for RMSNorm's ``pow``/``mul``
-    reduce-scatter and re-gather them. Column-split modules outside such a child
-    (an LM head) prepare their own input alike.
+    reduce-scatter and re-gather them. Split modules outside the blocks (an LM
+    head) prepare their own input alike; a row-split one under SP takes its
+    sequence-sharded input on the hidden dim it splits (an all-to-all).
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
+
+    def hidden(t: Any) -> Any:
+        return Shard(t.dim() - 1)
+
+    sequence, whole = _to_placement(lambda t: Shard(1), sequence_parallel), _to_placement(
+        lambda t: Replicate(), sequence_parallel)
+    residual = _to_placement(lambda t: Shard(1) if t.requires_grad else None, sequence_parallel)
+    names = {name for name, _ in stage_module.named_modules()}
+    prepared: set[str] = set()  # modules whose input is already prepared at their block child's input
+    for path in block_paths:
+        if path not in names:
+            continue
+        block = stage_module.get_submodule(path)
+        if sequence_parallel:  # the residual stream (the inputs that carry gradients: not masks, not rotary tables)
+            block.register_forward_pre_hook(lambda m, args, kwargs: (residual(args), residual(kwargs)),
+                                            with_kwargs=True)
+            block.register_forward_hook(lambda m, args, out: sequence(out))
+        for child_name, child in block.named_children():
+            inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
+            if any(weight_kind(m) for m in inner.values()):
+                child.register_forward_pre_hook(lambda m, args, kwargs: (whole(args), whole(kwargs)),
+                                                with_kwargs=True)
+                prepared |= set(inner)
+    row_in = _to_placement(hidden, sequence_parallel)
+    for path, style in styles.items():  # a row-split one too: its input gradient is a shard, gathered here once
+        if style is not TPStyle.REPLICATE and path in names and path not in prepared:
+            convert = row_in if style is TPStyle.ROWWISE and sequence_parallel else whole
+            stage_module.get_submodule(path).register_forward_pre_hook(lambda m, args, c=convert: c(args))
+
+
+def _to_placement(target: Any, sequence_parallel: bool) -> Any:
+    """A function mapping a pytree's floating DTensors to ``target(t)`` (None: left as they are): under SP,
+    redistributed (activations of 3 or more dims); otherwise (or already there) a replicated one passes through
+    Megatron's *f*."""
+    from torch.distributed.tensor import DTensor, Replicate
     from torch.utils._pytree import tree_map
 
-    def to(placement: Any) -> Any:
-        def convert(t: Any) -> Any:
-            if not isinstance(t, DTensor) or not t.is_floating_point():
-                return t
-            if sequence_parallel and t.dim() >= 3 and t.placements != (placement,):
-                return t.redistribute(placements=[placement])
-            return _reduce_grad_here(t) if t.requires_grad and placement == Replicate() else t
-        return convert
+    def convert(t: Any) -> Any:
+        if not isinstance(t, DTensor) or not t.is_floating_point():
+            return t
+        placement = target(t)
+        if placement is None:
+            return t
+        if sequence_parallel and t.dim() >= 3 and t.placements != (placement,):
+            return t.redistribute(placements=[placement])
+        return _reduce_grad_here(t) if t.requires_grad and placement == Replicate() else t
 
-    def block_out(module: nn.Module, args: Any, output: Any) -> Any:
-        return tree_map(to(Shard(1)), output)
-
-    def gather_in(module: nn.Module, args: tuple) -> tuple:
-        return tuple(tree_map(to(Replicate()), a) for a in args)
-
-    def gather_all_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return gather_in(module, args), tree_map(to(Replicate()), kwargs)
-
-    names = {name for name, _ in stage_module.named_modules()}
-    gathered: set[str] = set()  # modules whose input is already prepared at their block child's input
-    for path in block_paths:
-        if path in names:
-            if sequence_parallel:
-                stage_module.get_submodule(path).register_forward_hook(block_out)
-            for child_name, child in stage_module.get_submodule(path).named_children():
-                inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
-                if any(weight_kind(m) for m in inner.values()):
-                    child.register_forward_pre_hook(gather_all_in, with_kwargs=True)
-                    gathered |= set(inner)
-    for path, style in styles.items():  # a row-split one too: its input gradient is a shard, gathered here once
-        if style is not TPStyle.REPLICATE and path in names and path not in gathered:
-            stage_module.get_submodule(path).register_forward_pre_hook(gather_in)
+    return lambda tree: tree_map(convert, tree)
