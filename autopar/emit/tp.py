@@ -20,7 +20,11 @@ With sequence parallelism the residual stream between blocks is kept sharded
 along the sequence (``Shard(1)``): each block's outputs are redistributed to
 ``Shard(1)`` (a reduce-scatter of the row-parallel partial sums), and each
 block's attention / MLP gathers its input once (``Replicate``), Megatron's
-pattern written as explicit redistributes.
+pattern written as explicit redistributes. Without it, the attention / MLP
+input passes through Megatron's *f*, so the column-parallel modules' partial
+input gradients are all-reduced once there. Gradients that still end in another
+placement than their parameter's are moved once per step after backward
+(``autopar.emit.grads``).
 """
 
 from __future__ import annotations
