@@ -16,9 +16,11 @@ Counts are load-independent: this is the mechanism behind plan_regret's TP timin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,7 @@ class CollectiveLog(TorchDispatchMode):
         self.module_stack: list[str] = []
         self.unknown: Counter[str] = Counter()  # c10d ops that are not collectives KINDS names (waits, ...)
         self.phase: str | None = None  # set around the optimizer step and the loss
+        self.in_alltoall = False  # inside DTensor's shard_dim_alltoall: on gloo an all-gather stands in for it
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         from torch.distributed.tensor import DTensor
@@ -84,7 +87,8 @@ class CollectiveLog(TorchDispatchMode):
             node = torch._C._current_autograd_node()
             phase = self.phase or ("backward" if node is not None else "forward")
             where = node.name() if node is not None else (self.module_stack[-1] if self.module_stack else "-")
-            self.calls.append((phase, KINDS[name], _nbytes(KINDS[name], args, out), where))
+            kind = "all_to_all" if self.in_alltoall and KINDS[name] == "all_gather" else KINDS[name]
+            self.calls.append((phase, kind, _nbytes(kind, args, out), where))
         elif ns in ("c10d", "_c10d_functional"):
             self.unknown[name] += 1
         return out
@@ -140,20 +144,13 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
     x = torch.randint(0, spec["vocab"], (plan.layout.global_batch_size, spec["seq_len"]))
     pm.step(x, x, regret_worker.loss_fn)  # warm-up: lazy init of FSDP/DTensor state
     opt.step()
+    opt.zero_grad()  # as a training loop does: the logged step's gradients do not accumulate into these
     log = CollectiveLog()
     for part in pm.parts:
         log.hook(part)
-
-    def loss_fn(output: Any, targets: torch.Tensor) -> torch.Tensor:
-        log.phase = "loss"
-        try:
-            return regret_worker.loss_fn(output, targets)
-        finally:
-            log.phase = None
-
     before = _sequence_numbers()
-    with log:
-        pm.step(x, x, loss_fn)
+    with _labelled(log), log:
+        pm.step(x, x, _in_phase(log, "loss", regret_worker.loss_fn))
         log.phase = "optimizer"
         opt.step()
     opt.zero_grad()
@@ -163,6 +160,46 @@ def _one_step(name: str, plan: Any, parallelize: Any) -> list[tuple[str, str, in
     if log.unknown:
         print(f"{name} {plan.layout.describe()}: other c10d ops {dict(log.unknown)}", flush=True)
     return log.calls
+
+
+def _in_phase(log: CollectiveLog, phase: str, fn: Any) -> Any:
+    """``fn`` with its collectives logged under ``phase``."""
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        log.phase = phase
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            log.phase = None
+    return wrapped
+
+
+@contextlib.contextmanager
+def _labelled(log: CollectiveLog) -> Iterator[None]:
+    """Label two kinds of collectives by what they are, not by how they are issued:
+
+    - the runtime's gradient sync after backward (``autopar.emit.grads.reduce_grads``): phase ``grads``;
+    - DTensor's Shard(i) -> Shard(j): an all-to-all on NCCL; gloo has none, and torch runs an all-gather +
+      chunk instead ("CPU process group does not support alltoall yet"). Logged as the all-to-all it stands
+      for, at the all-to-all's size (the local shard), as the pricing counts it.
+    """
+    import torch.distributed.tensor.placement_types as placement_types
+
+    import autopar.emit.grads as grads
+
+    real_reduce, real_alltoall = grads.reduce_grads, placement_types.shard_dim_alltoall
+
+    def alltoall(*args: Any, **kwargs: Any) -> Any:
+        log.in_alltoall = True
+        try:
+            return real_alltoall(*args, **kwargs)
+        finally:
+            log.in_alltoall = False
+
+    grads.reduce_grads, placement_types.shard_dim_alltoall = _in_phase(log, "grads", real_reduce), alltoall
+    try:
+        yield
+    finally:
+        grads.reduce_grads, placement_types.shard_dim_alltoall = real_reduce, real_alltoall
 
 
 def priced(graph: Any, plan: Any, cluster: Any) -> dict[tuple[str, str], tuple[int, float]]:

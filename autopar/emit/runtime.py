@@ -225,7 +225,9 @@ class ParallelModel:
         with self._step_rng(), implicit_replication():  # tensors the program makes (masks) act as replicated
             loss = self._accumulate(xs, y, loss_fn) if self._schedule is None else self._pipeline(xs, y, loss_fn)
         from autopar.emit.tied import sum_tied_grads
+        from autopar.emit.grads import reduce_grads
 
+        reduce_grads(self.parts)  # once per step, not in every optimizer kernel
         sum_tied_grads(self.parts, self._program.tied, self.mesh)
         self._steps += 1
         return self._global_mean(loss)

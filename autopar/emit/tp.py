@@ -20,7 +20,11 @@ With sequence parallelism the residual stream between blocks is kept sharded
 along the sequence (``Shard(1)``): each block's outputs are redistributed to
 ``Shard(1)`` (a reduce-scatter of the row-parallel partial sums), and each
 block's attention / MLP gathers its input once (``Replicate``), Megatron's
-pattern written as explicit redistributes.
+pattern written as explicit redistributes. Without it, the attention / MLP
+input passes through Megatron's *f*, so the column-parallel modules' partial
+input gradients are all-reduced once there. Gradients that still end in another
+placement than their parameter's are moved once per step after backward
+(``autopar.emit.grads``).
 """
 
 from __future__ import annotations
@@ -214,9 +218,8 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
     _distribute(stage_module, tp_mesh, dims, splits)
     stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh), with_kwargs=True)
     stage_module.register_forward_hook(_outputs_to_local)
-    _reduce_row_outputs(stage_module, model, styles, sequence_parallel)
-    if sequence_parallel:
-        _sequence_parallel(stage_module, styles, block_paths)
+    _reduce_row_outputs(stage_module, styles, sequence_parallel, block_paths)
+    _prepare_block_inputs(stage_module, styles, block_paths, sequence_parallel)
     split = sum(d is not None for d in dims.values())
     logger.info("stage %d: tensor parallel over %d ranks, %d of %d parameters sharded%s", stage.index,
                 tp_mesh.size(), split, len(dims), " with sequence parallelism" if sequence_parallel else "")
@@ -263,9 +266,11 @@ def _outputs_to_local(module: nn.Module, args: Any, output: Any) -> Any:
     return tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, output)
 
 
-def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mapping[str, TPStyle],
-                        sequence_parallel: bool) -> None:
-    """Row-split modules reduce their partial sums on the way out (all-reduce, or reduce-scatter under SP).
+def _reduce_row_outputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], sequence_parallel: bool,
+                        block_paths: Sequence[str]) -> None:
+    """Row-split modules reduce their partial sums on the way out: all-reduce, or under SP, inside a block,
+    reduce-scatter to the sequence shard the block hands on (outside the blocks, e.g. an LM head whose output
+    leaves the stage whole, an all-reduce: one collective where a reduce-scatter and a gather would be two).
 
     A vocabulary-split embedding must: its masked partial result carries the
     mask only until the next op.
@@ -273,10 +278,10 @@ def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mappi
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.utils._pytree import tree_map
 
-    def reduce(t: Any) -> Any:
+    def reduce(t: Any, in_block: bool) -> Any:
         if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
             return t
-        target = [Shard(1) if sequence_parallel and t.dim() >= 3 else Replicate()]
+        target = [Shard(1) if sequence_parallel and in_block and t.dim() >= 3 else Replicate()]
         # through a local tensor, so the gradient arrives in ``target`` (DTensor cannot turn a partial
         # gradient into the embedding's masked-partial layout)
         return DTensor.from_local(t.redistribute(placements=target).to_local(), t.device_mesh, target,
@@ -285,47 +290,91 @@ def _reduce_row_outputs(stage_module: nn.Module, model: nn.Module, styles: Mappi
     names = {name for name, _ in stage_module.named_modules()}
     for path, style in styles.items():
         if style is TPStyle.ROWWISE and path in names:
-            stage_module.get_submodule(path).register_forward_hook(lambda m, a, out: tree_map(reduce, out))
+            in_block = any(path.startswith(f"{block}.") for block in block_paths)
+            stage_module.get_submodule(path).register_forward_hook(
+                lambda m, a, out, b=in_block: tree_map(lambda t: reduce(t, b), out))
 
 
-def _sequence_parallel(stage_module: nn.Module, styles: Mapping[str, TPStyle], block_paths: Sequence[str]) -> None:
-    """Blocks hand on ``Shard(1)`` hidden states; each block's attention / MLP gathers its input first.
+def _reduce_grad_here(t: Any) -> Any:
+    """Megatron's *f*: ``t`` unchanged, and in backward its gradient brought to ``t``'s own placement here.
 
-    Every child of a block that holds weights (attention, MLP, whether the plan
-    splits them or not: attention cannot run on a sequence shard) gathers its
-    input once, however many column-split modules read it (torchtitan's
-    ``PrepareModuleInput``; Megatron's one all-gather per sub-layer). Column-split
-    modules outside such a child (an LM head) gather their own input.
+    ``to_local`` → ``from_local`` is the identity forward. In backward,
+    ``_FromTorchTensor`` redistributes the incoming gradient to the forward
+    placement (a ``Partial`` one becomes ``Replicate``: one all-reduce) and
+    ``_ToTorchTensor`` hands it on under that placement.
     """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t.to_local(), t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                              stride=t.stride())
+
+
+def _prepare_block_inputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], block_paths: Sequence[str],
+                          sequence_parallel: bool) -> None:
+    """Each block child that holds weights (attention, MLP) takes its input whole, and reduces its gradient once.
+
+    Under SP, blocks take and hand on ``Shard(1)`` hidden states (a block's
+    input is moved there first: from the embedding's hidden-dim shard, an
+    all-to-all), and each such child (whether the plan splits it or not:
+    attention cannot run on a sequence shard) gathers its input once, however
+    many column-split modules read it (torchtitan's ``PrepareModuleInput``;
+    Megatron's one all-gather per sub-layer); the gather's backward
+    reduce-scatters the gradient.
+
+    Every other differentiable input passes through Megatron's *f*
+    (``_reduce_grad_here``): the column-split modules' input gradients are
+    ``Partial`` sums, all-reduced once at the child's input instead of reaching
+    the norm's backward, where DTensor's rules for RMSNorm's ``pow``/``mul``
+    reduce-scatter and re-gather them. Split modules outside the blocks (an LM
+    head) prepare their own input alike; a row-split one under SP takes its
+    sequence-sharded input on the hidden dim it splits (an all-to-all).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    def hidden(t: Any) -> Any:
+        return Shard(t.dim() - 1)
+
+    sequence, whole = _to_placement(lambda t: Shard(1), sequence_parallel), _to_placement(
+        lambda t: Replicate(), sequence_parallel)
+    residual = _to_placement(lambda t: Shard(1) if t.requires_grad else None, sequence_parallel)
+    names = {name for name, _ in stage_module.named_modules()}
+    prepared: set[str] = set()  # modules whose input is already prepared at their block child's input
+    for path in block_paths:
+        if path not in names:
+            continue
+        block = stage_module.get_submodule(path)
+        if sequence_parallel:  # the residual stream (the inputs that carry gradients: not masks, not rotary tables)
+            block.register_forward_pre_hook(lambda m, args, kwargs: (residual(args), residual(kwargs)),
+                                            with_kwargs=True)
+            block.register_forward_hook(lambda m, args, out: sequence(out))
+        for child_name, child in block.named_children():
+            inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
+            if any(weight_kind(m) for m in inner.values()):
+                child.register_forward_pre_hook(lambda m, args, kwargs: (whole(args), whole(kwargs)),
+                                                with_kwargs=True)
+                prepared |= set(inner)
+    row_in = _to_placement(hidden, sequence_parallel)
+    for path, style in styles.items():  # a row-split one too: its input gradient is a shard, gathered here once
+        if style is not TPStyle.REPLICATE and path in names and path not in prepared:
+            convert = row_in if style is TPStyle.ROWWISE and sequence_parallel else whole
+            stage_module.get_submodule(path).register_forward_pre_hook(lambda m, args, c=convert: c(args))
+
+
+def _to_placement(target: Any, sequence_parallel: bool) -> Any:
+    """A function mapping a pytree's floating DTensors to ``target(t)`` (None: left as they are): under SP,
+    redistributed (activations of 3 or more dims); otherwise (or already there) a replicated one passes through
+    Megatron's *f*."""
+    from torch.distributed.tensor import DTensor, Replicate
     from torch.utils._pytree import tree_map
 
-    def to(placement: Any) -> Any:
-        def convert(t: Any) -> Any:
-            if isinstance(t, DTensor) and t.dim() >= 3 and t.is_floating_point() and t.placements != (placement,):
-                return t.redistribute(placements=[placement])  # (a no-op one would all-reduce partial gradients)
+    def convert(t: Any) -> Any:
+        if not isinstance(t, DTensor) or not t.is_floating_point():
             return t
-        return convert
+        placement = target(t)
+        if placement is None:
+            return t
+        if sequence_parallel and t.dim() >= 3 and t.placements != (placement,):
+            return t.redistribute(placements=[placement])
+        return _reduce_grad_here(t) if t.requires_grad and placement == Replicate() else t
 
-    def block_out(module: nn.Module, args: Any, output: Any) -> Any:
-        return tree_map(to(Shard(1)), output)
-
-    def gather_in(module: nn.Module, args: tuple) -> tuple:
-        return tuple(tree_map(to(Replicate()), a) for a in args)
-
-    def gather_all_in(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return gather_in(module, args), tree_map(to(Replicate()), kwargs)
-
-    names = {name for name, _ in stage_module.named_modules()}
-    gathered: set[str] = set()  # modules whose input is already gathered at their block child's input
-    for path in block_paths:
-        if path in names:
-            stage_module.get_submodule(path).register_forward_hook(block_out)
-            for child_name, child in stage_module.get_submodule(path).named_children():
-                inner = {_join(_join(path, child_name), n): m for n, m in child.named_modules()}
-                if any(weight_kind(m) for m in inner.values()):
-                    child.register_forward_pre_hook(gather_all_in, with_kwargs=True)
-                    gathered |= set(inner)
-    for path, style in styles.items():
-        if style is TPStyle.COLWISE and path in names and path not in gathered:
-            stage_module.get_submodule(path).register_forward_pre_hook(gather_in)
+    return lambda tree: tree_map(convert, tree)
