@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -27,7 +27,7 @@ from autopar.layout import Layout, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.bottlenecks import chunk_bottleneck_s, least_bottleneck_s, rank_bottleneck_s
 from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
-from autopar.solvers.evaluate import dp_comm_s, fsdp_blocks
+from autopar.solvers.evaluate import dp_comm_s
 
 
 class SettingPrices(NamedTuple):
@@ -86,21 +86,32 @@ class Sums(NamedTuple):
 
 def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
           repeats: tuple[tuple[int, int], ...], tables: Sequence[tuple[LayerCost, ...]]) -> Sums:
-    params = [c.param_count for c in fastest]
-    blocks = fsdp_blocks(params)
-    return Sums(slowest_s=sum(max(t[i].forward_s + t[i].backward_s for t in tables) for i in range(len(fastest))),
-                slowest_backward_s=sum(max(t[i].backward_s for t in tables) for i in range(len(fastest))),
-                root_params=sum(p for p, block in zip(params, blocks) if not block),
-                first_block_params=next((p for p, block in zip(params, blocks) if block), 0.0),
-                every_layer_has_params=min(params) > 0,
+    """Totals over the distinct layers (``repeats``: equal under every policy) times their counts: a
+    transformer's blocks are summed once, however deep it is."""
+    def total(costs: Sequence[LayerCost], value: Callable[[LayerCost], float]) -> float:
+        return sum(n * value(costs[i]) for i, n in repeats)
+
+    def slowest(value: Callable[[LayerCost], float]) -> float:
+        return sum(n * max(value(t[i]) for t in tables) for i, n in repeats)
+
+    param_layers = Counter[float]()  # layers per parameter count: FSDP's blocks are the counts that repeat
+    for i, n in repeats:
+        param_layers[fastest[i].param_count] += n
+    roots = [(i, n) for i, n in repeats if param_layers[fastest[i].param_count] == 1]
+    return Sums(slowest_s=slowest(lambda c: c.forward_s + c.backward_s),
+                slowest_backward_s=slowest(lambda c: c.backward_s),
+                root_params=sum(n * fastest[i].param_count for i, n in roots),
+                first_block_params=next((fastest[i].param_count for i, _ in repeats
+                                         if param_layers[fastest[i].param_count] > 1), 0.0),
+                every_layer_has_params=min(fastest[i].param_count for i, _ in repeats) > 0,
                 runs=tuple((n, fastest[i].forward_s + fastest[i].backward_s) for i, n in repeats),
-                fastest_s=sum(c.forward_s + c.backward_s for c in fastest),
-                fastest_forward_s=sum(c.forward_s for c in fastest),
-                fastest_params=sum(c.param_count for c in fastest),
-                fastest_acts=sum(c.activation_bytes for c in fastest),
-                leanest_params=sum(c.param_count for c in leanest),
-                leanest_acts=sum(c.activation_bytes for c in leanest),
-                largest_params=max(c.param_count for c in leanest))
+                fastest_s=total(fastest, lambda c: c.forward_s + c.backward_s),
+                fastest_forward_s=total(fastest, lambda c: c.forward_s),
+                fastest_params=total(fastest, lambda c: c.param_count),
+                fastest_acts=total(fastest, lambda c: c.activation_bytes),
+                leanest_params=total(leanest, lambda c: c.param_count),
+                leanest_acts=total(leanest, lambda c: c.activation_bytes),
+                largest_params=max(leanest[i].param_count for i, _ in repeats))
 
 
 def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int, sp: bool,
@@ -112,33 +123,45 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
         if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
             variants[rc] = costs
     tables = list(variants.values())
-    leanest = min(tables, key=lambda cs: sum(c.activation_bytes for c in cs))
-    fastest = min(tables, key=lambda cs: sum(c.forward_s + c.backward_s for c in cs))
-    repeats = _repeats([tuple(t[i] for t in tables) for i in range(len(leanest))])
+    n = len(tables[0])
+    repeats, member = _distinct([tuple(t[i] for t in tables) for i in range(n)])
+
+    def total(costs: tuple[LayerCost, ...], value: Callable[[LayerCost], float]) -> float:
+        return sum(k * value(costs[i]) for i, k in repeats)
+
+    leanest = min(tables, key=lambda cs: total(cs, lambda c: c.activation_bytes))
+    fastest = min(tables, key=lambda cs: total(cs, lambda c: c.forward_s + c.backward_s))
+    least = {i: min(t[i].forward_s + t[i].backward_s for t in tables) for i, _ in repeats}
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                          repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
                          sums=_sums(fastest, leanest, repeats, tables), bottlenecks={},
-                         least_s=tuple(min(t[i].forward_s + t[i].backward_s for t in tables)
-                                       for i in range(len(leanest))))
+                         least_s=tuple(least[i] for i in member))
 
 
 def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
-    """(first index, count) of each distinct value, in order of first appearance (layers compared by value).
+    """(first index, count) of each distinct value, in order of first appearance (layers compared by value)."""
+    return _distinct(values)[0]
+
+
+def _distinct(values: list[object]) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+    """``_repeats`` of ``values``, and for each value the first index of its equals.
 
     Rows share one object per layer kind, so values are grouped by identity first (cheap to hash) and
     the groups' representatives then by value: the same result as grouping every value by value.
     """
-    by_id: dict[tuple[int, ...], list[int]] = {}  # identity of the value (or of each item of a tuple) → indices
-    for i, value in enumerate(values):
-        key = tuple(map(id, value)) if isinstance(value, tuple) else (id(value),)
-        by_id.setdefault(key, []).append(i)
-    first: dict[object, int] = {}
-    counts: Counter[object] = Counter()
-    for indices in by_id.values():  # in order of first appearance
-        value = values[indices[0]]
-        first.setdefault(value, indices[0])
-        counts[value] += len(indices)
-    return tuple((first[v], counts[v]) for v in sorted(first, key=first.__getitem__))
+    keys = [tuple(map(id, v)) if isinstance(v, tuple) else id(v) for v in values]  # identity of each (item)
+    first_of_key: dict[object, int] = {}
+    for i, key in enumerate(keys):
+        first_of_key.setdefault(key, i)
+    per_key = Counter(keys)
+    head: dict[object, int] = {}  # value → first index of its equals
+    counts: Counter[int] = Counter()
+    head_of_key = {}
+    for key, i in first_of_key.items():  # in order of first appearance
+        first = head.setdefault(values[i], i)
+        head_of_key[key] = first
+        counts[first] += per_key[key]
+    return tuple((i, counts[i]) for i in sorted(counts)), [head_of_key[key] for key in keys]
 
 
 def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
