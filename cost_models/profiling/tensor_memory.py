@@ -42,10 +42,11 @@ def heap_in_use() -> int:
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of every distinct CPU storage held by a tensor the garbage collector can reach (a DTensor's
-    local shard is such a tensor; its wrapper has no storage of its own)."""
+    """Bytes of every distinct CPU storage held by a live tensor the garbage collector can reach, after a
+    collection (a DTensor's local shard is such a tensor; its wrapper has no storage of its own)."""
     from torch.distributed.tensor import DTensor
 
+    gc.collect()  # tensors only garbage (in unreachable cycles) are not alive
     storages: dict[int, int] = {}
     for obj in gc.get_objects():  # type(), not isinstance: some objects warn when asked for __class__
         if issubclass(type(obj), torch.Tensor) and not issubclass(type(obj), DTensor) and obj.device.type == "cpu":
@@ -73,8 +74,8 @@ def peak_tensor_bytes(step: Callable[[], None]) -> int:
     module docstring)."""
     with _PeakHeap():  # the mode's own first-use allocations (Python's dispatch machinery) happen here
         torch.zeros(1).add_(1)
-    gc.collect()
-    not_tensors = heap_in_use() - live_tensor_bytes()
+    tensors = live_tensor_bytes()  # collects first, so the heap read next has no garbage in it
+    not_tensors = heap_in_use() - tensors
     with _PeakHeap() as heap:
         step()
     return heap.peak - not_tensors
