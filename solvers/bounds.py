@@ -149,14 +149,14 @@ def _distinct(values: list[object]) -> tuple[tuple[tuple[int, int], ...], list[i
     Rows share one object per layer kind, so values are grouped by identity first (cheap to hash) and
     the groups' representatives then by value: the same result as grouping every value by value.
     """
-    keys = [tuple(map(id, v)) if isinstance(v, tuple) else id(v) for v in values]  # identity of each (item)
+    keys: list[object] = [tuple(map(id, v)) if isinstance(v, tuple) else id(v) for v in values]  # identities
     first_of_key: dict[object, int] = {}
     for i, key in enumerate(keys):
         first_of_key.setdefault(key, i)
     per_key = Counter(keys)
     head: dict[object, int] = {}  # value → first index of its equals
     counts: Counter[int] = Counter()
-    head_of_key = {}
+    head_of_key: dict[object, int] = {}
     for key, i in first_of_key.items():  # in order of first appearance
         first = head.setdefault(values[i], i)
         head_of_key[key] = first
