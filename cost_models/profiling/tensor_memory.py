@@ -50,9 +50,13 @@ def live_tensor_bytes() -> int:
     storages: dict[int, int] = {}
     for obj in gc.get_objects():  # type(), not isinstance: some objects warn when asked for __class__
         if issubclass(type(obj), torch.Tensor) and not issubclass(type(obj), DTensor) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            if storage.data_ptr():
-                storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = obj.untyped_storage()
+                ptr = storage.data_ptr()
+            except RuntimeError:  # no real storage: a FakeTensor or FunctionalTensor an export left alive
+                continue
+            if ptr:
+                storages[ptr] = storage.nbytes()
     return sum(storages.values())
 
 

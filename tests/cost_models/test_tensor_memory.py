@@ -37,3 +37,14 @@ def test_views_and_shared_storages_count_once() -> None:
     views = [x[:MB], x.view(2, -1), x]
     assert live_tensor_bytes() - base == 4 * MB
     del x, views
+
+
+def test_tensors_without_storage_hold_no_memory() -> None:
+    """An export can leave FakeTensors alive: they have no data pointer, hold nothing and are not an error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base = live_tensor_bytes()
+    with FakeTensorMode():
+        fake = torch.empty(4 * MB, dtype=torch.uint8)
+    assert live_tensor_bytes() == base
+    del fake
