@@ -7,7 +7,6 @@ Each returns a lower bound on the slowest stage (or rank) of every partition it 
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -51,14 +50,6 @@ def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tup
 
 def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
                       in_flight: Sequence[int], budget_bytes: float) -> float:
-    """``_rank_bottleneck_s``, remembered: the search asks it again for every ZeRO stage and schedule of a shape."""
-    return _rank_bottleneck_s(count, float(static_bytes), tuple(map(tuple, policies)), tuple(in_flight),
-                              float(budget_bytes))
-
-
-@functools.lru_cache(maxsize=4096)
-def _rank_bottleneck_s(count: int, static_bytes: float, policies: tuple[tuple[float, float], ...],
-                       in_flight: tuple[int, ...], budget_bytes: float) -> float:
     """Least possible ``max_r T_r`` for ``count`` equal layers over ranks holding ``in_flight[r]`` micro-batches.
 
     ``policies`` lists (activation bytes, forward + backward seconds) of one layer per recomputation
@@ -67,7 +58,8 @@ def _rank_bottleneck_s(count: int, static_bytes: float, policies: tuple[tuple[fl
     policies mixed (a relaxation), so the result is a lower bound; +inf when no split fits.
 
     Example:
-        >>> round(_rank_bottleneck_s(4, 0.0, ((1.0, 1.0),), (2, 1), 3.0), 3)  # rank 0 fits 1.5 layers, rank 1 2.5
+        >>> round(rank_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
+        ...                         budget_bytes=3.0), 3)  # rank 0 fits 1.5 layers, rank 1 the other 2.5
         2.5
     """
     k = np.asarray(in_flight)
@@ -132,14 +124,6 @@ def least_bottleneck_s(times: Sequence[float], stages: int) -> float:
 
 def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
                        in_flight: Sequence[int], budget_bytes: float) -> float:
-    """``_chunk_bottleneck_s``, remembered (asked again for every ZeRO stage of a pipeline shape)."""
-    return _chunk_bottleneck_s(count, float(static_bytes), tuple(map(tuple, policies)), tuple(in_flight),
-                               float(budget_bytes))
-
-
-@functools.lru_cache(maxsize=4096)
-def _chunk_bottleneck_s(count: int, static_bytes: float, policies: tuple[tuple[float, float], ...],
-                        in_flight: tuple[int, ...], budget_bytes: float) -> float:
     """Least possible ``max_j t_j`` for ``count`` equal layers over stages that each run one policy.
 
     Stage j holds a whole number x_j of the layers under one policy p (activation bytes a_p, seconds t_p):
@@ -148,7 +132,8 @@ def _chunk_bottleneck_s(count: int, static_bytes: float, policies: tuple[tuple[f
     +inf when no split fits. A lower bound on the stage DP's bottleneck when each stage picks one policy.
 
     Example:
-        >>> _chunk_bottleneck_s(4, 0.0, ((1.0, 1.0),), (2, 1), 3.0) >= 3.0 * (1 - 1e-8)  # 1 layer, then 3
+        >>> chunk_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
+        ...                    budget_bytes=3.0) >= 3.0 * (1 - 1e-8)  # 1 layer on stage 0, 3 on stage 1
         True
     """
     if count <= 0:

@@ -84,12 +84,18 @@ class Sums(NamedTuple):
     """Whether each layer holds parameters (then every pipeline rank's FSDP collectives are non-empty)."""
 
 
+def _total(costs: Sequence[LayerCost], repeats: tuple[tuple[int, int], ...],
+           value: Callable[[LayerCost], float]) -> float:
+    """Σ ``value`` over every layer, each distinct layer (``repeats``: first index, count) valued once."""
+    return sum(n * value(costs[i]) for i, n in repeats)
+
+
 def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
           repeats: tuple[tuple[int, int], ...], tables: Sequence[tuple[LayerCost, ...]]) -> Sums:
     """Totals over the distinct layers (``repeats``: equal under every policy) times their counts: a
     transformer's blocks are summed once, however deep it is."""
     def total(costs: Sequence[LayerCost], value: Callable[[LayerCost], float]) -> float:
-        return sum(n * value(costs[i]) for i, n in repeats)
+        return _total(costs, repeats, value)
 
     def slowest(value: Callable[[LayerCost], float]) -> float:
         return sum(n * max(value(t[i]) for t in tables) for i, n in repeats)
@@ -126,11 +132,8 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
     n = len(tables[0])
     repeats, member = _distinct([tuple(t[i] for t in tables) for i in range(n)])
 
-    def total(costs: tuple[LayerCost, ...], value: Callable[[LayerCost], float]) -> float:
-        return sum(k * value(costs[i]) for i, k in repeats)
-
-    leanest = min(tables, key=lambda cs: total(cs, lambda c: c.activation_bytes))
-    fastest = min(tables, key=lambda cs: total(cs, lambda c: c.forward_s + c.backward_s))
+    leanest = min(tables, key=lambda cs: _total(cs, repeats, lambda c: c.activation_bytes))
+    fastest = min(tables, key=lambda cs: _total(cs, repeats, lambda c: c.forward_s + c.backward_s))
     least = {i: min(t[i].forward_s + t[i].backward_s for t in tables) for i, _ in repeats}
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
                          repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
