@@ -109,7 +109,7 @@ class LayerPricer:
         found = {"compute": "profiled table + roofline" if calib else "roofline",
                  "calibration": str(calib or "none"), "communication": "alpha-beta (NCCL tuning model)",
                  "memory": "saved tensors measured on meta + ZeRO formulas"}
-        if has_routed_experts([op.target for op in self.graph.ops]):
+        if has_routed_experts([op.target for layer in self._kinds.values() for op in layer.ops]):  # one per kind
             found["experts"] = MOE_ROUTING_SOURCE
         return found
 

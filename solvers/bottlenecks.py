@@ -10,6 +10,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,29 +24,44 @@ _ROUNDS = 3
 """Rounds of refinement: the bound is within 64⁻³ of the first interval's width of the least bottleneck."""
 
 
-def _capacity(time_s: np.ndarray, *, static_bytes: float, policies: Sequence[tuple[float, float]],
-              in_flight: np.ndarray, budget_bytes: float) -> np.ndarray:
+class _Segments(NamedTuple):
+    """The segments p → q (p ≤ q: the ends included) between every two policies' (bytes, seconds) points."""
+
+    acts: np.ndarray
+    """Activation bytes at p."""
+    secs: np.ndarray
+    """Seconds at p."""
+    d_acts: np.ndarray
+    """Bytes at q less bytes at p."""
+    d_secs: np.ndarray
+    """Seconds at q less seconds at p."""
+
+    @classmethod
+    def of(cls, policies: Sequence[tuple[float, float]]) -> _Segments:
+        p, q = (np.asarray(i) for i in zip(*itertools.combinations_with_replacement(range(len(policies)), 2)))
+        acts, secs = (np.asarray(v, dtype=np.float64) for v in zip(*policies))
+        return cls(acts=acts[p], secs=secs[p], d_acts=acts[q] - acts[p], d_secs=secs[q] - secs[p])
+
+
+def _capacity(time_s: np.ndarray, *, static_bytes: float, segments: _Segments, in_flight: np.ndarray,
+              budget_bytes: float) -> np.ndarray:
     """Per candidate time (rows) and rank (columns), the most blocks (fractional) a rank can hold.
 
     A rank holding x blocks under a mix of policies with mean (activation bytes ā, seconds τ̄) needs
     ``x·(s + k·ā) ≤ budget`` and ``x·τ̄ ≤ T``; the mixes form the hull of the policies' points, and the
-    best one lies on a segment between two of them, at an end or where the two limits cross.
+    best one lies on a segment between two of them, at an end or where the two limits cross. Candidates,
+    ranks and segments are the three axes of one array.
     """
-    k = in_flight.astype(np.float64)[None, :]
-    time_s = time_s[:, None]
-    best = np.zeros((time_s.shape[0], k.shape[1]))
+    a_p, t_p, d_a, d_t = segments
+    k = in_flight.astype(np.float64)[None, :, None]
+    time_s = time_s[:, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        for p, (a_p, t_p) in enumerate(policies):
-            best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * a_p), time_s / t_p))  # the end λ = 0
-            for a_q, t_q in policies[p + 1:]:  # λ = 1 is the other policy's own end, visited as its λ = 0
-                d_a, d_t = a_q - a_p, t_q - t_p
-                cross = ((time_s * (static_bytes + k * a_p) - budget_bytes * t_p)
-                         / (budget_bytes * d_t - time_s * k * d_a))
-                lam = np.clip(cross, 0.0, 1.0)
-                lam[np.isnan(lam)] = 0.0
-                acts, secs = a_p + lam * d_a, t_p + lam * d_t
-                best = np.fmax(best, np.minimum(budget_bytes / (static_bytes + k * acts), time_s / secs))
-    return best  # fmax skips NaN (0/0: a block of no bytes and no time), as 0 would: best starts at 0
+        cross = ((time_s * (static_bytes + k * a_p) - budget_bytes * t_p)
+                 / (budget_bytes * d_t - time_s * k * d_a))
+        lam = np.clip(cross, 0.0, 1.0)
+        lam[np.isnan(lam)] = 0.0  # λ = 0 at the ends, where d_a = d_t = 0
+        held = np.minimum(budget_bytes / (static_bytes + k * (a_p + lam * d_a)), time_s / (t_p + lam * d_t))
+    return np.fmax(np.fmax.reduce(held, axis=2), 0.0)  # fmax skips NaN (0/0: a block of no bytes and no time)
 
 
 def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
@@ -65,13 +81,14 @@ def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tup
     k = np.asarray(in_flight)
     if count <= 0:
         return 0.0
+    segments = _Segments.of(policies)
 
     def fits(times: np.ndarray) -> np.ndarray:
-        return _capacity(times, static_bytes=static_bytes, policies=policies, in_flight=k,
+        return _capacity(times, static_bytes=static_bytes, segments=segments, in_flight=k,
                          budget_bytes=budget_bytes).sum(axis=1) >= count
 
     lean = min(policies)  # the fewest activation bytes: it fits the most layers when time is no limit
-    low, high = 0.0, count * lean[1]
+    low, high = count * min(t for _, t in policies) / len(k), count * lean[1]  # below: even at the fastest
     if not fits(np.array([high]))[0]:
         return math.inf
     for _ in range(_ROUNDS):  # capacity grows with the time allowed: the feasible times are an interval
@@ -83,8 +100,8 @@ def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tup
     return low * (1 - 1e-9)  # infeasible at low: the least bottleneck is above it (a margin for rounding)
 
 
-_BISECTIONS = 24
-"""Halvings of the interval the least bottleneck lies in: within 2⁻²⁴ of the longest layer below it."""
+_PRECISION = 1e-6
+"""Relative width at which the bisection for the least bottleneck stops: the bound is within 10⁻⁶ of it, below."""
 
 
 def least_bottleneck_s(times: Sequence[float], stages: int) -> float:
@@ -102,24 +119,49 @@ def least_bottleneck_s(times: Sequence[float], stages: int) -> float:
     longest = max(times, default=0.0)
     if stages >= n:
         return longest * (1 - _ROUNDING)
-    prefix = list(itertools.accumulate(times, initial=0.0))
+    runs = [(t, sum(1 for _ in group)) for t, group in itertools.groupby(times)]
+    total = math.fsum(times)
+    if len(runs) < stages:  # a transformer: few runs of equal layers; each run is crossed in one step
+        def fits(limit: float) -> bool:
+            return _greedy_stages(runs, limit, stages) <= stages
+    else:
+        prefix = list(itertools.accumulate(times, initial=0.0))
 
-    def fits(limit: float) -> bool:  # the greedy cut: each stage takes as many layers as fit under limit
-        i = 0
-        for _ in range(stages):
-            i = bisect.bisect_right(prefix, prefix[i] + limit) - 1
-            if i >= n:
-                return True
-        return False
+        def fits(limit: float) -> bool:  # the greedy cut: each stage takes as many layers as fit under limit
+            i = 0
+            for _ in range(stages):
+                i = bisect.bisect_right(prefix, prefix[i] + limit) - 1
+                if i >= n:
+                    return True
+            return False
 
-    low = max(prefix[-1] / stages, longest)
+    low = max(total / stages, longest)
     if fits(low):
         return low * (1 - _ROUNDING)
-    high = prefix[-1] / stages + longest  # feasible: each greedy stage but the last exceeds high − longest
-    for _ in range(_BISECTIONS):
+    high = total / stages + longest  # feasible: each greedy stage but the last exceeds high − longest
+    while high - low > _PRECISION * high:
         mid = (low + high) / 2
         low, high = (low, mid) if fits(mid) else (mid, high)
     return low * (1 - _ROUNDING)
+
+
+def _greedy_stages(runs: Sequence[tuple[float, int]], limit: float, most: int) -> int:
+    """Stages the greedy cut takes (each as many layers as fit under ``limit``) over ``runs`` of (seconds,
+    count) equal layers, counted run by run; stops early past ``most``. Every layer must fit: t ≤ limit."""
+    used, room = 1, limit
+    for t, m in runs:
+        if t <= 0.0:
+            continue
+        take = min(m, int(room // t))  # into the stage already open
+        m, room = m - take, room - take * t
+        if m:  # the rest opens stages holding ⌊limit / t⌋ each, the last one partly full
+            per = int(limit // t)
+            full, rest = divmod(m, per)
+            used += full + (rest > 0)
+            room = limit - (rest or per) * t
+            if used > most:
+                return used
+    return used
 
 
 def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
@@ -138,18 +180,24 @@ def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tu
     """
     if count <= 0:
         return 0.0
-    k = np.asarray(in_flight, dtype=np.float64)[None, :, None]  # (1, S, 1)
-    acts = np.asarray([a for a, _ in policies], dtype=np.float64)[None, None, :]  # (1, 1, P)
-    secs = np.asarray([t for _, t in policies], dtype=np.float64)[None, None, :]
-    by_memory = np.floor(budget_bytes / (static_bytes + k * acts) * (1 + _ROUNDING))  # (1, S, P)
-    candidates = np.unique((np.arange(1, count + 1)[:, None] * secs[0, 0][None, :]).ravel())  # (C,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        by_time = np.floor(candidates[:, None, None] / secs * (1 + _ROUNDING))  # (C, 1, P)
-    held = np.nan_to_num(np.minimum(by_memory, by_time), nan=0.0).max(axis=2).sum(axis=1)  # (C,)
-    feasible = np.flatnonzero(held >= count)
-    if feasible.size == 0:
+    k = np.asarray(in_flight, dtype=np.float64)[:, None]  # (S, 1)
+    acts = np.asarray([a for a, _ in policies], dtype=np.float64)[None, :]  # (1, P)
+    secs = np.asarray([t for _, t in policies], dtype=np.float64)
+    by_memory = np.floor(budget_bytes / (static_bytes + k * acts) * (1 + _ROUNDING))  # (S, P)
+    candidates = np.unique((np.arange(1, count + 1)[:, None] * secs[None, :]).ravel())  # (C,), sorted
+
+    def held(c: float) -> float:  # layers the stages hold within c seconds: grows with c
+        with np.errstate(divide="ignore", invalid="ignore"):
+            by_time = np.floor(c / secs * (1 + _ROUNDING))  # (P,)
+        return float(np.fmax.reduce(np.minimum(by_memory, by_time), axis=1, initial=0.0).sum())  # NaN: 0
+
+    if held(candidates[-1]) < count:
         return math.inf
-    return float(candidates[feasible[0]]) * (1 - _ROUNDING)
+    lo, hi = 0, len(candidates) - 1  # the first feasible candidate is in [lo, hi]; hi is feasible
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if held(candidates[mid]) >= count else (mid + 1, hi)
+    return float(candidates[hi]) * (1 - _ROUNDING)
 
 
 __all__ = ["chunk_bottleneck_s", "least_bottleneck_s", "rank_bottleneck_s"]

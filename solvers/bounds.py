@@ -15,6 +15,7 @@ memory, so leaving them out keeps it a lower bound).
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -49,8 +50,9 @@ class SettingPrices(NamedTuple):
     """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
     least_s: tuple[float, ...]
     """Per layer, the least forward + backward over the policies."""
-    bottlenecks: dict[int, float]
-    """Memo of ``least_bottleneck_s(least_s, S)`` by the number of stages S (filled as layouts ask)."""
+    bottlenecks: dict[object, float]
+    """Memo of the bottleneck bounds, filled as layouts ask: ``least_bottleneck_s(least_s, S)`` by the number of
+    stages S, ``rank_bottleneck_s`` of the most repeated layer by (states, in-flight counts, budget)."""
 
 
 class Sums(NamedTuple):
@@ -129,42 +131,43 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
         if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
             variants[rc] = costs
     tables = list(variants.values())
-    n = len(tables[0])
-    repeats, member = _distinct([tuple(t[i] for t in tables) for i in range(n)])
-
+    repeats, member = _distinct(tables)
     leanest = min(tables, key=lambda cs: _total(cs, repeats, lambda c: c.activation_bytes))
     fastest = min(tables, key=lambda cs: _total(cs, repeats, lambda c: c.forward_s + c.backward_s))
     least = {i: min(t[i].forward_s + t[i].backward_s for t in tables) for i, _ in repeats}
     return SettingPrices(variants=variants, fastest=fastest, leanest=leanest, key=(tp, sp, mbs, tuple(variants)),
-                         repeats=repeats, block=max(_repeats(list(leanest)), key=lambda ic: ic[1]),
+                         repeats=repeats, block=_most_repeated(leanest, repeats),
                          sums=_sums(fastest, leanest, repeats, tables), bottlenecks={},
-                         least_s=tuple(least[i] for i in member))
+                         least_s=tuple(map(least.__getitem__, member)))
 
 
-def _repeats(values: list[object]) -> tuple[tuple[int, int], ...]:
-    """(first index, count) of each distinct value, in order of first appearance (layers compared by value)."""
-    return _distinct(values)[0]
+def _most_repeated(costs: Sequence[LayerCost], repeats: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """(first index, count) of the layer of ``costs`` repeated most by value (``repeats``: a finer grouping)."""
+    head: dict[LayerCost, int] = {}
+    counts: Counter[int] = Counter()
+    for i, n in repeats:
+        counts[head.setdefault(costs[i], i)] += n
+    return max(sorted(counts.items()), key=operator.itemgetter(1))
 
 
-def _distinct(values: list[object]) -> tuple[tuple[tuple[int, int], ...], list[int]]:
-    """``_repeats`` of ``values``, and for each value the first index of its equals.
+def _distinct(tables: Sequence[Sequence[object]]) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+    """Layers equal by value in every one of ``tables`` (per-layer values, one table per policy): (first index,
+    count) of each distinct layer in order of first appearance, and for each layer the first index of its equals.
 
-    Rows share one object per layer kind, so values are grouped by identity first (cheap to hash) and
-    the groups' representatives then by value: the same result as grouping every value by value.
+    Rows share one object per layer kind, so layers are grouped by identity first (cheap to hash, at C speed)
+    and the groups' representatives then by value: the same result as grouping every layer by value.
     """
-    keys: list[object] = [tuple(map(id, v)) if isinstance(v, tuple) else id(v) for v in values]  # identities
-    first_of_key: dict[object, int] = {}
-    for i, key in enumerate(keys):
-        first_of_key.setdefault(key, i)
+    keys = list(zip(*(map(id, t) for t in tables)))  # per layer, its objects' identities under every policy
+    first_of_key = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # the first index wins
     per_key = Counter(keys)
     head: dict[object, int] = {}  # value → first index of its equals
     counts: Counter[int] = Counter()
     head_of_key: dict[object, int] = {}
-    for key, i in first_of_key.items():  # in order of first appearance
-        first = head.setdefault(values[i], i)
+    for key, i in sorted(first_of_key.items(), key=operator.itemgetter(1)):  # in order of first appearance
+        first = head.setdefault(tuple(t[i] for t in tables), i)
         head_of_key[key] = first
         counts[first] += per_key[key]
-    return tuple((i, counts[i]) for i in sorted(counts)), [head_of_key[key] for key in keys]
+    return tuple((i, counts[i]) for i in sorted(counts)), list(map(head_of_key.__getitem__, keys))
 
 
 def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
@@ -322,14 +325,19 @@ def _dp_floor_s(layout: Layout, sums: Sums, formulas: Formulas, overlap: bool, g
 
 
 def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
-    """``rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout."""
+    """``rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout (memoised:
+    layouts of a setting share it when their states per block, in-flight counts and budget agree)."""
     index, count = max(prices.repeats, key=lambda ic: ic[1])
     block = prices.fastest[index]
     static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
-    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
-                for t in prices.variants.values()]
-    return rank_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=foot.k,
-                             budget_bytes=tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed))
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed)
+    key = ("ranks", static, tuple(foot.k), budget)
+    if key not in prices.bottlenecks:
+        policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                    for t in prices.variants.values()]
+        prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
+                                                    in_flight=foot.k, budget_bytes=budget)
+    return prices.bottlenecks[key]
 
 
 def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:

@@ -290,10 +290,10 @@ class OpGraph:
         """
         h = hashlib.sha256()
         h.update(f"{self.model_name}|{self.num_params}".encode())
-        for op in self.ops:  # what runs where; shapes enter through params and per-sample inputs
-            h.update(f"{op.module_path}:{op.target}".encode())
-        for p in self.params:
-            h.update(f"{p.name}{p.shape}".encode())
+        # what runs where; shapes enter through params and per-sample inputs (one update of the concatenation
+        # is the same digest as one update per op)
+        h.update("".join([f"{op.module_path}:{op.target}" for op in self.ops]).encode())
+        h.update("".join([f"{p.name}{p.shape}" for p in self.params]).encode())
         per_sample = [t.shape[1:] for t in self.inputs]
         h.update(repr(per_sample).encode())
         return h.hexdigest()[:16]

@@ -90,18 +90,26 @@ def test_chunk_bound_equals_the_best_one_policy_split(seed):
 
 
 def test_least_bottleneck_matches_brute_force_from_below():
-    """``least_bottleneck_s`` is at most, and within 1e-6 of, the least max stage sum over every contiguous cut."""
+    """``least_bottleneck_s`` is at most, and within a relative 1e-6 of, the least max stage sum over every
+    contiguous cut: on layers of mixed times (the greedy cut by bisection) and on a few runs of equal layers,
+    fewer runs than stages (the greedy cut run by run), as a transformer's embedding, blocks and head."""
     import itertools
     import random
 
     from autopar.solvers.bottlenecks import least_bottleneck_s
 
     rng = random.Random(0)
-    for _ in range(200):
-        n = rng.randint(1, 9)
-        stages = rng.randint(1, n + 1)
-        times = [rng.choice([0.0, rng.random(), 1.0, 3.0]) for _ in range(n)]
+    for case in range(400):
+        if case % 2:
+            n = rng.randint(1, 9)
+            stages = rng.randint(1, n + 1)
+            times = [rng.choice([0.0, rng.random(), 1.0, 3.0]) for _ in range(n)]
+        else:
+            runs = [(rng.choice([0.0, rng.random(), 1.0, 3.0]), rng.randint(1, 5)) for _ in range(rng.randint(1, 3))]
+            times = [t for t, m in runs for _ in range(m)][:12]
+            n = len(times)
+            stages = rng.randint(min(n, len(runs) + 1), n)
         best = min(max(sum(times[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
                    for cuts in itertools.combinations(range(1, n), min(stages, n) - 1))
         got = least_bottleneck_s(times, stages)
-        assert got <= best and got >= best - 1e-6 * max(times + [1.0]), (times, stages, got, best)
+        assert got <= best and got >= best * (1 - 2e-6), (times, stages, got, best)
