@@ -45,8 +45,12 @@ def alpa() -> None:
             model = GPT(cfg)
         graph = autopar.capture(model, (torch.zeros(1, 1024, dtype=torch.long, device="meta"),))
         start = time.perf_counter()
-        plan = plan_graph(graph, cluster=autopar.Cluster.preset("v100-p3", nodes=gpus // 8), global_batch_size=1024,
-                          dtype="float16")
+        try:
+            plan = plan_graph(graph, cluster=autopar.Cluster.preset("v100-p3", nodes=gpus // 8),
+                              global_batch_size=1024, dtype="float16")
+        except autopar.InfeasiblePlanError as e:  # the emitted program's states may not fit where Alpa's did
+            print(f"  {name}: no plan fits: {e}\n  {'published':>{len(name)}}: {published}")
+            continue
         _row(name, plan, published, time.perf_counter() - start)
 
 
