@@ -182,28 +182,35 @@ class LayerPricer:
         flops = layer.forward_flops * scale
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
-        loss_fwd, loss_bwd, loss_acts = self._loss_terms(layer, scale, sharding)
+        loss_fwd, loss_bwd, loss_acts, loss_working, logits = self._loss_terms(layer, scale, sharding)
         return LayerCost(
             forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd,
             backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd,
             forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts) + loss_acts,
             param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp),
-            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()),
+            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()), working_bytes=loss_working,
+            output_bytes=logits,
         )
 
     def _loss_terms(self, layer: Layer, scale: float,
-                    sharding: LayerShardingResult | None) -> tuple[float, float, float]:
-        """(forward_s, backward_s, saved bytes) of the fp32 cross-entropy on the last layer's logits (loss.py)."""
+                    sharding: LayerShardingResult | None) -> tuple[float, float, float, float, float]:
+        """(forward_s, backward_s, saved bytes, backward working bytes, logits bytes) of the fp32 cross-entropy
+        on the last layer's logits, one micro-batch (loss.py)."""
         logits = self._logits
         if logits is None or layer.kind != self.graph.layers[-1].kind:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0, 0.0
         op, tokens, vocab = logits
         out = sharding.output_placements.get(op.name, ()) if sharding is not None else ()
+        split = vocab
         if out and out[0].is_shard and out[0].dim == len(op.outputs[0].shape) - 1:
-            vocab //= sharding.tp if sharding is not None else 1  # vocab-parallel logits: V/t per rank
-        fwd, bwd = loss.estimate_cross_entropy_time(tokens * scale, vocab, logits_dtype=self.dtype,
+            split //= sharding.tp if sharding is not None else 1  # vocab-parallel logits: V/t per rank
+        fwd, bwd = loss.estimate_cross_entropy_time(tokens * scale, split, logits_dtype=self.dtype,
                                                     gpu=self.cluster.gpu)
-        return fwd, bwd, loss.cross_entropy_saved_bytes(tokens * scale, vocab)
+        # memory at the whole vocabulary: the emitted stage hands the loss full logits on every TP rank
+        # (``emit/tp.py``: ``_outputs_to_local`` gathers them; no vocab-parallel loss), measured on 2 gloo ranks
+        return (fwd, bwd, loss.cross_entropy_saved_bytes(tokens * scale, vocab),
+                loss.cross_entropy_backward_working_bytes(tokens * scale, vocab),
+                tokens * scale * vocab * DTYPE_BYTES[self.dtype])
 
     def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,
                  recompute: Recompute) -> tuple[dict[str, float], dict[str, float]]:

@@ -2,6 +2,7 @@
 
     python bench/plan_regret.py                       # GPT + Llama (HF) on 2 and 4 ranks (~10-15 min on 2 busy cores)
     python bench/plan_regret.py --models gpt --ranks 2   # one case (~2 min)
+    python bench/plan_regret.py --models gpt --ranks 2 --memory-only   # the memory column only (~1 min)
 
 For each model and rank count N:
 
@@ -21,11 +22,17 @@ For each model and rank count N:
 Predicted memory is the plan's tensors (weights, gradients, optimizer states and temporaries, activations,
 communication buffers): the plan's total without the GPU runtime's reservation and the allocator's headroom.
 Timings are noisy on a shared machine: each layout's spread (IQR / median) is printed.
+
+``--memory-only`` runs each layout for the warm-up steps and the one measured step that peak memory needs and
+skips the timing loop (no time column, Spearman or regret). Memory does not depend on load, so it can run
+while other processes use the machine; the cluster is still measured, since the plans (the sharding ILP's
+choices) are made on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -71,7 +78,7 @@ def predicted_live_bytes(plan: Any) -> float:
     return max(m.total / (1 + ALLOCATOR_HEADROOM) - RUNTIME_RESERVED_BYTES for m in plan.predicted.memory)
 
 
-def run_case(name: str, ranks: int, out_dir: Path) -> dict[str, Any]:
+def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False) -> dict[str, Any]:
     spec = MODELS[name]
     model = regret_worker.build_model(spec)
     example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
@@ -90,14 +97,16 @@ def run_case(name: str, ranks: int, out_dir: Path) -> dict[str, Any]:
         by_size[p.layout.num_gpus].append(p)
     results: dict[str, dict[str, Any]] = {}
     for world, group in sorted(by_size.items()):
-        results.update(_run_group(world, ranks, spec, group))
+        results.update(_run_group(world, ranks, spec, group, memory_only))
     rows = [{"layout": p.layout.describe(), "predicted_s": p.predicted.step_time_s,
-             "predicted_bytes": predicted_live_bytes(p), **results.get(p.layout.describe(), {"error": "not run"})}
+             "predicted_bytes": predicted_live_bytes(p), "predicted_memory": [dataclasses.asdict(m) for m in p.predicted.memory],
+             **results.get(p.layout.describe(), {"error": "not run"})}
             for p in plans]
     return {"model": name, "ranks": ranks, "rows": rows, "chosen": plans[0].layout.describe()}
 
 
-def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any]) -> dict[str, dict[str, Any]]:
+def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
+               memory_only: bool = False) -> dict[str, dict[str, Any]]:
     """Run ``plans`` (each on ``world`` ranks) as ``ranks // world`` independent jobs at once, so every one of
     the cluster's ``ranks`` processes is busy, as when its compute was measured; the first job reports."""
     import torch.multiprocessing as mp
@@ -108,7 +117,7 @@ def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any]) -
     ports: list[int] = []
     while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
         ports += [port for port in [free_port()] if port not in ports]
-    mp.start_processes(regret_worker.run_job_rank, args=(world, ports, spec, texts, queue), nprocs=world * len(ports),
+    mp.start_processes(regret_worker.run_job_rank, args=(world, ports, spec, texts, queue, memory_only), nprocs=world * len(ports),
                        join=True, start_method="spawn")
     out = {}
     while not queue.empty():
@@ -121,7 +130,8 @@ def summarize(case: dict[str, Any]) -> dict[str, float]:
     ok = [r for r in case["rows"] if "min_s" in r]
     pred, meas = [r["predicted_s"] for r in ok], [r["min_s"] for r in ok]
     chosen = next((r for r in ok if r["layout"] == case["chosen"]), None)
-    mem_err = [abs(relative_error(r["predicted_bytes"], r["peak_bytes"])) for r in ok if r["peak_bytes"] > 0]
+    mem_err = [abs(relative_error(r["predicted_bytes"], r["peak_bytes"])) for r in case["rows"]
+               if r.get("peak_bytes", 0) > 0]
     return {"layouts": len(case["rows"]), "ran": len(ok),
             "spearman": spearman(pred, meas) if len(ok) >= 2 else math.nan,
             "regret": regret(chosen["min_s"], meas) if chosen else math.nan,
@@ -134,6 +144,10 @@ def print_case(case: dict[str, Any], summary: dict[str, float]) -> None:
     print(f"\n== {case['model']} on {case['ranks']} gloo ranks: autopar's choice {case['chosen']}")
     print(f"{'layout':44s} {'pred s':>8s} {'min s':>8s} {'median':>8s} {'spread':>7s} {'pred MB':>8s} {'meas MB':>8s}")
     for r in case["rows"]:
+        if "min_s" not in r and "peak_bytes" in r:  # --memory-only
+            print(f"{r['layout']:44s} {r['predicted_s']:8.3f} {'':35s}{r['predicted_bytes'] / 1e6:8.1f} "
+                  f"{r['peak_bytes'] / 1e6:8.1f} {relative_error(r['predicted_bytes'], r['peak_bytes']):+7.1%}")
+            continue
         if "min_s" not in r:
             print(f"{r['layout']:44s} {r['predicted_s']:8.3f}  not run: {r['error']}")
             continue
@@ -171,6 +185,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--ranks", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--out", type=Path, default=Path("bench/out/plan_regret"))
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure peak memory only: the few steps it needs, no timing loop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,12 +194,14 @@ def main() -> None:
     cases = []
     for ranks in args.ranks:
         for name in args.models:
-            case = run_case(name, ranks, args.out)
+            case = run_case(name, ranks, args.out, args.memory_only)
             summary = summarize(case)
             case["summary"] = summary
             print_case(case, summary)
             cases.append(case)
             (args.out / "results.json").write_text(json.dumps(cases, indent=1))
+    if args.memory_only:
+        return
     chart(cases, args.out / "predicted_vs_measured.png")
     print(f"\nchart: {args.out / 'predicted_vs_measured.png'}; total {time.perf_counter() - start:.0f} s")
 

@@ -6,13 +6,10 @@ repeat until ``WINDOW`` more samples no longer lower the minimum by ``TOLERANCE`
 ``MAX_STEPS``). The minimum is the figure compared: on a machine shared with other processes a
 sample is the step plus whatever they stole (the median is reported too, with the spread).
 
-Peak memory per rank: live tensor bytes. At the start of one extra step (after ``zero_grad``), the
-bytes of every distinct CPU tensor storage the garbage collector can reach (weights, optimizer states,
-the batch); during the step, the running sum of torch's CPU allocator reports (the profiler's memory
-events, ``profile_memory=True``: every allocation and free of c10's CPU allocator, inside an op or not,
-in time order); the peak is the start plus the sum's maximum, at op granularity. Only tensors count:
-Python objects, export caches and gloo's own buffers are not tensors (a heap measure, glibc's
-``mallinfo2``, read 9-13 MB of those on top of a 16 MB model).
+Peak memory per rank (the only measure with ``memory_only``: the warm-up steps and the measured step,
+no timing loop): live tensor bytes of one extra step, started after ``zero_grad``
+(``cost_models/profiling/tensor_memory.py``: glibc's heap in use read after every ATen op, less the heap
+that is not tensors at the step's start), the largest over ranks.
 """
 
 from __future__ import annotations
@@ -59,15 +56,18 @@ def loss_fn(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def run_job_rank(index: int, world: int, ports: list[int], spec: dict[str, Any], plans: list[str], queue: Any) -> None:
+def run_job_rank(index: int, world: int, ports: list[int], spec: dict[str, Any], plans: list[str], queue: Any,
+                 memory_only: bool = False) -> None:
     """Process ``index`` of ``len(ports)`` independent jobs of ``world`` ranks each (job j on ``ports[j]``), all
     running ``plans`` at once; only the first job reports."""
     job, rank = divmod(index, world)
-    run_rank(rank, world, ports[job], spec, plans, queue if job == 0 else None)
+    run_rank(rank, world, ports[job], spec, plans, queue if job == 0 else None, memory_only)
 
 
-def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list[str], queue: Any) -> None:
-    """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue`` (if any)."""
+def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list[str], queue: Any,
+             memory_only: bool = False) -> None:
+    """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue`` (if any).
+    ``memory_only``: the warm-up steps and the measured step only (no timing loop)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -78,7 +78,7 @@ def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list
         for text in plans:
             plan = Plan.from_json(text)
             try:
-                result = _measure(plan, spec)
+                result = _measure(plan, spec, memory_only)
             except Exception as e:  # a layout the emitter refuses is reported, not fatal
                 result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             if rank == 0 and queue is not None:
@@ -89,7 +89,7 @@ def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list
         dist.destroy_process_group()
 
 
-def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
+def _measure(plan: Any, spec: dict[str, Any], memory_only: bool = False) -> dict[str, Any]:
     from autopar.emit.parallelize import parallelize
 
     seq, vocab = spec["seq_len"], spec["vocab"]
@@ -108,7 +108,7 @@ def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(WARMUP_STEPS):
         step()
     samples: list[float] = []
-    while len(samples) < MAX_STEPS and not min_is_stable(samples, window=WINDOW, tolerance=TOLERANCE):
+    while not memory_only and len(samples) < MAX_STEPS and not min_is_stable(samples, window=WINDOW, tolerance=TOLERANCE):
         dist.barrier()
         start = time.perf_counter()
         step()
@@ -120,5 +120,8 @@ def _measure(plan: Any, spec: dict[str, Any]) -> dict[str, Any]:
     peaks = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(peaks, torch.tensor([float(peak)], dtype=torch.float64))
     del pm, opt
+    peak_bytes = max(float(p.item()) for p in peaks)
+    if memory_only:
+        return {"peak_bytes": peak_bytes}
     return {"min_s": min(samples), "median_s": statistics.median(samples), "spread": spread(samples),
-            "steps": len(samples), "peak_bytes": max(float(p.item()) for p in peaks)}
+            "steps": len(samples), "peak_bytes": peak_bytes}

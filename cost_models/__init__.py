@@ -36,13 +36,16 @@ from autopar.cost_models.memory import (
     LayerActivations,
     ModelStateBytes,
     activation_bytes,
-    estimate_buffer_bytes,
     estimate_layer_activation_bytes,
-    estimate_fixed_bytes,
     estimate_model_state_bytes,
     estimate_rank_memory,
     inflight_micro_batches,
     summarize_layer_activations,
+)
+from autopar.cost_models.program_memory import (
+    ProgramStateBytes,
+    estimate_fixed_bytes,
+    estimate_program_state_bytes,
 )
 
 
@@ -77,7 +80,6 @@ __all__ = [
     "activation_bytes",
     "attention_core_ops",
     "bus_bandwidth_factor",
-    "estimate_buffer_bytes",
     "estimate_collective_time",
     "estimate_exposed_dp_comm",
     "estimate_layer_activation_bytes",
@@ -85,6 +87,8 @@ __all__ = [
     "estimate_model_state_bytes",
     "estimate_op_time",
     "estimate_fixed_bytes",
+    "estimate_program_state_bytes",
+    "ProgramStateBytes",
     "estimate_rank_memory",
     "group_bus_bandwidth",
     "infer_seq_len",

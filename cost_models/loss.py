@@ -17,7 +17,8 @@ backward:
 - cast backward: read 4 B, write 2 B.
 
 The saved fp32 log-probabilities (4 B per element) are also activation memory that the captured
-graph does not hold (a micro-batch of 2 × 8,192 tokens at V = 128,256 saves 8.4 GB).
+graph does not hold (a micro-batch of 2 × 8,192 tokens at V = 128,256 saves 8.4 GB), and the backward's
+two fp32 gradients (of the log-probabilities and of the logits) are alive with them at its peak: 16.8 GB more.
 """
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ def cross_entropy_saved_bytes(tokens: float, vocab: int) -> float:
     return float(tokens) * vocab * FP32_BYTES
 
 
+def cross_entropy_backward_working_bytes(tokens: float, vocab: int) -> float:
+    """Bytes the loss backward allocates on top of the saved log-probabilities, at its peak: the fp32 gradient
+    ``nll_loss_backward`` writes and ``_log_softmax_backward_data``'s fp32 output, both alive while the latter
+    runs (measured op by op on CPU: the step's peak is there whenever the logits outweigh a layer's activations).
+
+    Example:
+        >>> cross_entropy_backward_working_bytes(2 * 8192, 128256) / 1e9   # 2 × 8,192 tokens at Llama 3's vocabulary
+        16.810770432
+    """
+    return 2.0 * float(tokens) * vocab * FP32_BYTES
+
+
 def uncaptured_logits(graph: OpGraph) -> tuple[Op, int, int] | None:
     """(the logits' op, tokens at the captured batch, vocabulary) when the graph ends in logits and holds
     no loss op, else None.
@@ -93,4 +106,4 @@ def uncaptured_logits(graph: OpGraph) -> tuple[Op, int, int] | None:
     return matmuls[-1], out.numel // vocab, vocab
 
 
-__all__ = ["cross_entropy_bytes", "cross_entropy_saved_bytes", "estimate_cross_entropy_time", "uncaptured_logits"]
+__all__ = ["cross_entropy_backward_working_bytes", "cross_entropy_bytes", "cross_entropy_saved_bytes", "estimate_cross_entropy_time", "uncaptured_logits"]

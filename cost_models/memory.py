@@ -43,12 +43,6 @@ exceeds allocated memory. In LLM training the gap (``max_memory_reserved`` minus
 RUNTIME_RESERVED_BYTES = 2**30
 """Device memory outside the caching allocator: CUDA context (~300-500 MiB), cuBLAS workspaces and NCCL's
 per-channel buffers (NCCL_BUFFSIZE 4 MiB × channels × peers); 1 GiB covers them on Ampere/Hopper."""
-DDP_BUCKET_BYTES = 25 * 2**20
-"""Gradient bucket of PyTorch DDP (``bucket_cap_mb=25``); two are in flight while backward continues."""
-DDP_BUCKETS_IN_FLIGHT = 2
-"""One bucket being reduced while the next fills."""
-FSDP_GATHERED_LAYERS = 2
-"""ZeRO-3/FSDP keeps the current layer's gathered weights and prefetches the next (FSDP2 default prefetch)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,47 +269,6 @@ def inflight_micro_batches(schedule: Schedule, *, pp: int, stage: int, num_micro
 # ---- buffers and the per-stage total ----------------------------------------------------------
 
 
-def estimate_buffer_bytes(*, zero_stage: int, dp: int, largest_layer_params: int, dtype: str = "bfloat16",
-                          tp_comm_bytes: int = 0, pp_boundary_bytes: int = 0) -> int:
-    """Temporary communication buffers on one GPU at the step's peak.
-
-    Args:
-        zero_stage: 0-3; stage 3 gathers full layers' weights on the fly.
-        dp: data-parallel size (no gradient buffers when 1).
-        largest_layer_params: parameters of the stage's largest layer on this GPU (after TP).
-        dtype: training dtype.
-        tp_comm_bytes: the largest tensor a TP collective of one layer outputs (all-reduce or
-            all-gather result), for one micro-batch.
-        pp_boundary_bytes: the activation a pipeline stage sends/receives per micro-batch
-            (one send and one receive buffer are live).
-
-    Example:
-        >>> estimate_buffer_bytes(zero_stage=3, dp=8, largest_layer_params=1000)  # 2 gathered layers + 1 gradient, bf16
-        6000
-    """
-    p, g, _ = bytes_per_param(dtype)
-    if zero_stage >= 3 and dp > 1:
-        grad_sync = largest_layer_params * (FSDP_GATHERED_LAYERS * p + g)
-    elif dp > 1:
-        grad_sync = DDP_BUCKETS_IN_FLIGHT * DDP_BUCKET_BYTES
-    else:
-        grad_sync = 0
-    return grad_sync + tp_comm_bytes + 2 * pp_boundary_bytes
-
-
-def estimate_fixed_bytes(*, zero_stage: int, dp: int, largest_layer_params: float, dtype: str = "bfloat16") -> float:
-    """Bytes per GPU that do not grow with the stage partition: communication buffers
-    (``estimate_buffer_bytes``) and the runtime's own reservation (``RUNTIME_RESERVED_BYTES``).
-
-    Example:
-        >>> estimate_fixed_bytes(zero_stage=0, dp=1, largest_layer_params=10**9) == RUNTIME_RESERVED_BYTES
-        True
-    """
-    comm_buffers = estimate_buffer_bytes(zero_stage=zero_stage, dp=dp, largest_layer_params=int(largest_layer_params),
-                                         dtype=dtype)
-    return float(comm_buffers + RUNTIME_RESERVED_BYTES)
-
-
 def with_headroom(tensor_bytes: float) -> float:
     """Device memory that ``tensor_bytes`` of tensors take once the allocator's fragmentation is added.
 
@@ -339,24 +292,36 @@ def tensor_budget_bytes(capacity_bytes: float, *, fixed_bytes: float) -> float:
 
 def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_bytes: float,
                          activation_bytes: float, fixed_bytes: float, capacity_bytes: int,
-                         optimizer_temp_bytes: float = 0.0) -> MemoryBreakdown:
+                         optimizer_temp_bytes: float = 0.0, accumulated_grads_bytes: float | None = None,
+                         working_bytes: float = 0.0, reduce_bytes: float = 0.0) -> MemoryBreakdown:
     """Peak memory of one GPU of a pipeline rank, as the ``MemoryBreakdown`` a ``Plan`` carries.
 
-    ``total = with_headroom(states + max(activations, optimizer temporaries) + fixed)``:
-    ``ALLOCATOR_HEADROOM`` applies to every tensor and to the fixed bytes (which ``tensor_budget_bytes``
-    inverts for the stage DP). The optimizer step runs after backward has freed the activations, so
-    its temporaries (``optimizer.optimizer_temporary_bytes``: foreach AdamW's ``exp_avg_sq_sqrt``) raise
-    the peak only by what they exceed the activations by; that excess is a working buffer. The
-    ``buffers`` term holds the fixed bytes, that excess and the headroom.
+    The peak is the largest of three moments of the step, each on top of the weights, optimizer states and
+    the fixed bytes (all with ``ALLOCATOR_HEADROOM``, which ``tensor_budget_bytes`` inverts for the stage DP):
+
+    - the activations' peak (the last micro-batch's backward starting): the gradients accumulated so far,
+      every in-flight activation and the working bytes then alive (the loss backward's logits gradients,
+      ZeRO 3's gathered unit);
+    - a unit's gradient reduction: the gradients and the reduction's buffers (``reduce_bytes``);
+    - the optimizer step, after backward freed the activations: the gradients and the step's temporaries
+      (``optimizer.optimizer_temporary_bytes``: foreach AdamW's ``exp_avg_sq_sqrt``).
+
+    The breakdown reports the larger gradient footprint as ``grads`` and every in-flight activation as
+    ``activations``; ``buffers`` holds the fixed bytes, what the peak moment adds beyond those two (never
+    less than 0: when one micro-batch's activations and working bytes are smaller than the gradients, the
+    total keeps both, an over-estimate of at most the gradients) and the headroom.
 
     Args:
-        params_bytes: weights on this GPU (``estimate_model_state_bytes``).
-        grads_bytes: gradients on this GPU.
+        params_bytes: weights on this GPU (``program_memory.estimate_program_state_bytes``).
+        grads_bytes: gradients the optimizer reads.
         optimizer_bytes: optimizer states on this GPU.
         activation_bytes: saved activations of all in-flight micro-batches on this GPU.
-        fixed_bytes: ``estimate_fixed_bytes`` for the layout.
+        fixed_bytes: bytes alive all step (the runtime's reservation, pipeline receive buffers).
         capacity_bytes: the GPU's memory.
         optimizer_temp_bytes: bytes the optimizer step allocates on top of the states (0: fused step).
+        accumulated_grads_bytes: gradients alive at the activations' peak (default: ``grads_bytes``).
+        working_bytes: transient bytes alive with the activations at their peak.
+        reduce_bytes: buffers of one gradient reduction on top of the gradients.
 
     Example:
         >>> m = estimate_rank_memory(params_bytes=20, grads_bytes=20, optimizer_bytes=40, activation_bytes=10,
@@ -365,17 +330,18 @@ def estimate_rank_memory(*, params_bytes: float, grads_bytes: float, optimizer_b
         (20, 110)
     """
     p, g, o, acts = params_bytes, grads_bytes, optimizer_bytes, activation_bytes
-    fixed = fixed_bytes + max(0.0, optimizer_temp_bytes - acts)
-    buffers = fixed + ALLOCATOR_HEADROOM * (p + g + o + acts + fixed)
-    return MemoryBreakdown(params=int(p), grads=int(g), optimizer=int(o), activations=int(acts),
+    live = g if accumulated_grads_bytes is None else accumulated_grads_bytes
+    peak = max(live + acts + working_bytes, g + reduce_bytes, g + optimizer_temp_bytes)
+    grads = max(live, g)
+    fixed = fixed_bytes + max(0.0, peak - grads - acts)
+    buffers = fixed + ALLOCATOR_HEADROOM * (p + grads + o + acts + fixed)
+    return MemoryBreakdown(params=int(p), grads=int(grads), optimizer=int(o), activations=int(acts),
                            buffers=int(buffers), capacity=int(capacity_bytes))
 
 
 __all__ = [
     "ALLOCATOR_HEADROOM",
-    "DDP_BUCKET_BYTES",
     "FP32_BYTES_PER_PARAM",
-    "FSDP_GATHERED_LAYERS",
     "LayerActivations",
     "MIXED_PRECISION_BYTES_PER_PARAM",
     "ModelStateBytes",
@@ -384,10 +350,8 @@ __all__ = [
     "ShardedSpec",
     "activation_bytes",
     "bytes_per_param",
-    "estimate_buffer_bytes",
     "estimate_layer_activation_bytes",
     "estimate_model_state_bytes",
-    "estimate_fixed_bytes",
     "estimate_rank_memory",
     "inflight_micro_batches",
     "summarize_layer_activations",

@@ -193,7 +193,7 @@ def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
     """Computed once per layout for both bounds (parameters do not depend on the recompute policy)."""
     states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=layout.zero_stage, dp=layout.dp))
     fixed = formulas.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
-                                  dp=layout.dp)
+                                  dp=layout.dp, pipelined=layout.pp > 1)  # as evaluate_layout: never above it
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=layout.virtual_stages)
     # chunk j runs on rank j mod pp: row c of the (v, pp) reshape holds the ranks' c-th chunks

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
 
-from autopar.cost_models import comm, memory, optimizer
+from autopar.cost_models import comm, optimizer, program_memory
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.ir import DTYPE_BYTES
 from autopar.layout import Collective, Recompute
@@ -46,6 +46,12 @@ class LayerCost:
     """Bytes per GPU that enter the layer from the previous one (a stage boundary sends them)."""
     tp_comm_s: float = 0.0
     """TP collective time per micro-batch (forward + backward), already inside the times above."""
+    working_bytes: float = 0.0
+    """Bytes one micro-batch's backward of this layer allocates on top of its saved activations, once per rank
+    (the fp32 loss's two logits-sized gradients on the last layer; 0 elsewhere)."""
+    output_bytes: float = 0.0
+    """Bytes of this layer's output that a pipeline stage ending here keeps per in-flight micro-batch when
+    nothing saves it for backward (the last layer's logits, held in the stage's ``fwd_cache``; 0 elsewhere)."""
 
 
 class LayerSetting(NamedTuple):
@@ -152,9 +158,9 @@ class Formulas:
     def __init__(self, cluster: Cluster, dtype: str) -> None:
         self.cluster = cluster
         self.dtype = dtype
-        self._states: dict[tuple[float, int, int], tuple[float, float, float]] = {}
+        self._states: dict[tuple[float, int, int, int, bool], program_memory.ProgramStateBytes] = {}
         self._collectives: dict[tuple[Collective, float, int, int], float] = {}
-        self._fixed: dict[tuple[float, int, int], float] = {}
+        self._fixed: dict[tuple[float, int, int, bool], float] = {}
 
     @classmethod
     def of(cls, prices: PriceTable) -> Formulas:
@@ -166,14 +172,23 @@ class Formulas:
         """Memory per GPU."""
         return int(self.cluster.gpu.mem_bytes)
 
-    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int) -> tuple[float, float, float]:
-        """(params, grads, optimizer) bytes per GPU for ``num_params`` under ZeRO over ``dp`` ranks."""
-        key = (num_params, zero_stage, dp)
+    def program_states(self, num_params: float, *, zero_stage: int, dp: int, num_micro_batches: int = 1,
+                       pipelined: bool = False) -> program_memory.ProgramStateBytes:
+        """Model states per GPU as the emitted FSDP2 program holds them (``program_memory``)."""
+        key = (num_params, zero_stage, dp, num_micro_batches, pipelined)
         if key not in self._states:
-            s = memory.estimate_model_state_bytes(num_params, zero_stage=zero_stage, dp=dp,  # type: ignore[arg-type]
-                                                  dtype=self.dtype)
-            self._states[key] = (float(s.params), float(s.grads), float(s.optimizer))
+            self._states[key] = program_memory.estimate_program_state_bytes(
+                num_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype, num_micro_batches=num_micro_batches,
+                pipelined=pipelined)
         return self._states[key]
+
+    def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int, num_micro_batches: int = 1,
+                          pipelined: bool = False) -> tuple[float, float, float]:
+        """(params, larger gradient footprint, optimizer) bytes per GPU for ``num_params`` (``program_states``);
+        the defaults (one micro-batch, no pipeline) give the least of any layout of this (zero, dp)."""
+        s = self.program_states(num_params, zero_stage=zero_stage, dp=dp, num_micro_batches=num_micro_batches,
+                                pipelined=pipelined)
+        return float(s.params), float(s.peak_grads), float(s.optimizer)
 
     def collective_time(self, kind: Collective, nbytes: float, *, group_size: int, nodes_spanned: int) -> float:
         """Seconds for one collective of ``nbytes`` over a group (0 for a group of one, except a send)."""
@@ -202,14 +217,23 @@ class Formulas:
         return comm.estimate_fsdp_copy_time(num_params, self.cluster.gpu, gathers_per_step=gathers_per_step,
                                             param_bytes=DTYPE_BYTES[self.dtype], reduce_bytes=REDUCE_BYTES)
 
-    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int) -> float:
-        """Communication buffers and the runtime's own reservation per GPU (before headroom)."""
-        key = (largest_layer_params, zero_stage, dp)
+    def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int, pipelined: bool = False) -> float:
+        """Bytes the stage DP reserves beside its per-layer sums: the runtime's reservation and the larger of ZeRO
+        3's gathered unit and one unit's gradient reduction (``program_memory.estimate_fixed_bytes``)."""
+        key = (largest_layer_params, zero_stage, dp, pipelined)
         if key not in self._fixed:
-            self._fixed[key] = memory.estimate_fixed_bytes(zero_stage=zero_stage, dp=dp,
-                                                           largest_layer_params=largest_layer_params,
-                                                           dtype=self.dtype)
+            self._fixed[key] = program_memory.estimate_fixed_bytes(
+                largest_unit_params=largest_layer_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype,
+                pipelined=pipelined)
         return self._fixed[key]
+
+    def working_bytes(self, largest_layer_params: float, *, zero_stage: int, dp: int,
+                      pipelined: bool) -> tuple[float, float]:
+        """(ZeRO 3's gathered unit, one unit's reduction buffers) in bytes (``program_memory``)."""
+        return (program_memory.estimate_fsdp_gather_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
+                                                          dtype=self.dtype, pipelined=pipelined),
+                program_memory.estimate_fsdp_reduce_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
+                                                          dtype=self.dtype))
 
     def grad_bytes_per_param(self) -> float:
         """Bytes of one gradient element as reduced over dp (the emitter's reduce dtype: fp32)."""

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params, fsdp_gathers_per_step
-from autopar.cost_models.memory import estimate_rank_memory, tensor_budget_bytes
+from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, estimate_rank_memory, tensor_budget_bytes
+from autopar.cost_models.program_memory import pipeline_recv_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import Formulas, LayerCost
@@ -88,20 +89,45 @@ def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
 
 
 def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas, p2p_nodes: int) -> StageCosts:
+    """The stage DP's per-layer inputs. A layer's static bytes are its model states as the emitted program holds
+    them plus its backward working bytes (once per rank: the loss's on the last layer); under a pipeline a
+    layer's activations include the output a stage ending there keeps per in-flight micro-batch (the logits)."""
     states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
     sends: dict[float, float] = {}
+    pipelined = layout.pp > 1
     for c in costs:
         if c.param_count not in states:
-            params, grads, opt = formulas.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp)
-            states[c.param_count] = params + grads + opt
+            states[c.param_count] = sum(formulas.model_state_bytes(
+                c.param_count, zero_stage=layout.zero_stage, dp=layout.dp, num_micro_batches=layout.num_micro_batches,
+                pipelined=pipelined))
         if c.boundary_bytes not in sends:  # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
             sends[c.boundary_bytes] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
-                                                               nodes_spanned=p2p_nodes) if layout.pp > 1 else 0.0
-    static = [states[c.param_count] for c in costs]
+                                                               nodes_spanned=p2p_nodes) if pipelined else 0.0
+    static = [states[c.param_count] + c.working_bytes for c in costs]
+    acts = [c.activation_bytes + (c.output_bytes if pipelined else 0.0) for c in costs]
     send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
-                      static_mem_bytes=tuple(static), activation_bytes=tuple(c.activation_bytes for c in costs),
-                      boundary_send_s=send)
+                      static_mem_bytes=tuple(static), activation_bytes=tuple(acts), boundary_send_s=send)
+
+
+def _largest_unit(params: Sequence[float]) -> float:
+    """Parameters of the largest FSDP unit over ``params`` (one rank's layers, or the model's): each repeated
+    block is a unit, every other layer joins the stage root's (``fsdp_blocks``, ``emit/dp.py``)."""
+    blocks = fsdp_blocks(params)
+    root = math.fsum(p for p, is_block in zip(params, blocks) if not is_block)
+    return max([root] + [p for p, is_block in zip(params, blocks) if is_block])
+
+
+def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas) -> float:
+    """What the stage DP reserves per GPU beside its sums: ``Formulas.buffer_bytes`` for the model's largest
+    unit and, under a pipeline, every receive buffer of v chunks at the largest boundary (an upper bound)."""
+    fixed = formulas.buffer_bytes(largest_layer_params=_largest_unit([c.param_count for c in costs]),
+                                  zero_stage=layout.zero_stage, dp=layout.dp, pipelined=layout.pp > 1)
+    if layout.pp > 1:
+        widest = max(c.boundary_bytes for c in costs)
+        fixed += layout.virtual_stages * pipeline_recv_bytes(num_micro_batches=layout.num_micro_batches,
+                                                             input_bytes=widest, output_bytes=widest)
+    return fixed
 
 
 PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...]]]
@@ -215,6 +241,33 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
         else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
+def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequence[LayerCost], acts: float,
+                 formulas: Formulas, owned: float) -> MemoryBreakdown:
+    """Peak memory of pipeline rank ``rank`` (``estimate_rank_memory``'s three moments); ``costs``: every layer's.
+
+    Gradients are alive at the activations' peak only when a backward ran before it: when the rank has more
+    micro-batches than it holds in flight (not under GPipe, nor with one micro-batch). The fixed bytes are the
+    runtime's reservation and the receive buffers of the rank's chunks (``pipeline_recv_bytes``).
+    """
+    pp, m, bounds = layout.pp, layout.num_micro_batches, part.boundaries
+    chunks = range(rank, part.num_stages, pp)  # chunk j holds layers [bounds[j], bounds[j + 1])
+    layers = [costs[i] for j in chunks for i in range(bounds[j], bounds[j + 1])]
+    states = formulas.program_states(math.fsum(c.param_count for c in layers), zero_stage=layout.zero_stage,
+                                     dp=layout.dp, num_micro_batches=m, pipelined=pp > 1)
+    live = states.accumulated_grads if m > max(part.in_flight[j] for j in chunks) else 0
+    gather, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
+                                            zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
+    recv = math.fsum(pipeline_recv_bytes(
+        num_micro_batches=m, input_bytes=costs[bounds[j]].boundary_bytes if j > 0 else 0.0,
+        output_bytes=costs[bounds[j + 1]].boundary_bytes if j < part.num_stages - 1 else 0.0) for j in chunks) \
+        if pp > 1 else 0.0
+    return estimate_rank_memory(
+        params_bytes=states.params, grads_bytes=states.grads, optimizer_bytes=states.optimizer,
+        activation_bytes=acts, fixed_bytes=RUNTIME_RESERVED_BYTES + recv, capacity_bytes=formulas.gpu_mem_bytes,
+        optimizer_temp_bytes=formulas.optimizer_temp_bytes(owned), accumulated_grads_bytes=live,
+        working_bytes=max(math.fsum(c.working_bytes for c in layers), gather), reduce_bytes=reduce)
+
+
 def fsdp_blocks(params: Sequence[float]) -> list[bool]:
     """Which layers are FSDP block units: those whose parameter count repeats in the model (``emit/dp.py``
     wraps each repeated block; every other layer joins the stage root)."""
@@ -250,8 +303,7 @@ def _setup(layout: Layout, variants: Variants, formulas: Formulas, gpus_per_node
     policies = [rc for rc in _RECOMPUTE_ORDER if rc in variants]
     per_policy = [variants[rc] for rc in policies]
     stage_variants = [_stage_costs(layout, costs, formulas, p2p_nodes) for costs in per_policy]
-    largest = max(c.param_count for c in per_policy[0])
-    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    fixed = _fixed_bytes(layout, per_policy[0], formulas)
     # total = with_headroom(states + activations + fixed buffers) must fit the GPU
     if partition_cache is not None and costs_key is None:
         raise ValueError("a partition cache needs costs_key: the value the variants were priced at")
@@ -270,8 +322,7 @@ def fastest_partition_fits(layout: Layout, variants: Variants, formulas: Formula
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
     per_policy = [variants[rc] for rc in _RECOMPUTE_ORDER if rc in variants]
     quick = _quickest([sum(c.forward_s for c in costs) + sum(c.backward_s for c in costs) for costs in per_policy])
-    largest = max(c.param_count for c in per_policy[0])
-    fixed = formulas.buffer_bytes(largest_layer_params=largest, zero_stage=layout.zero_stage, dp=layout.dp)
+    fixed = _fixed_bytes(layout, per_policy[0], formulas)
     key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
     fastest = _stage_costs(layout, per_policy[quick], formulas, p2p_nodes)  # the other policies are not read
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
@@ -315,11 +366,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, formulas.optimizer_step_time(owned))
-        p, g, o = formulas.model_state_bytes(params, zero_stage=layout.zero_stage, dp=layout.dp)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
-        memory.append(estimate_rank_memory(params_bytes=p, grads_bytes=g, optimizer_bytes=o, activation_bytes=acts,
-                                           fixed_bytes=fixed, capacity_bytes=formulas.gpu_mem_bytes,
-                                           optimizer_temp_bytes=formulas.optimizer_temp_bytes(owned)))
+        memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s
     step = pipeline + dp_comm.dp_s + opt_time

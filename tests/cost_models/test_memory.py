@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 from autopar.cost_models.memory import (
     ALLOCATOR_HEADROOM,
     RUNTIME_RESERVED_BYTES,
-    estimate_buffer_bytes,
     estimate_layer_activation_bytes,
-    estimate_fixed_bytes,
     estimate_model_state_bytes,
     estimate_rank_memory,
     inflight_micro_batches,
@@ -160,14 +158,9 @@ def test_in_flight_micro_batches_per_schedule() -> None:
 
 # ---- buffers and the stage total ------------------------------------------------------------
 
-def test_buffers_and_stage_breakdown() -> None:
-    assert estimate_buffer_bytes(zero_stage=0, dp=1, largest_layer_params=10**9) == 0
-    assert estimate_buffer_bytes(zero_stage=3, dp=8, largest_layer_params=10**6) == 10**6 * (2 * 2 + 2)
-    assert estimate_buffer_bytes(zero_stage=1, dp=8, largest_layer_params=10**6, pp_boundary_bytes=100) == \
-        2 * 25 * 2**20 + 200
+def test_stage_breakdown() -> None:
     state = estimate_model_state_bytes(10**9, zero_stage=1, dp=8)
-    fixed = estimate_fixed_bytes(zero_stage=1, dp=8, largest_layer_params=10**6)
-    assert fixed == 2 * 25 * 2**20 + RUNTIME_RESERVED_BYTES
+    fixed = float(RUNTIME_RESERVED_BYTES)
     mem = estimate_rank_memory(params_bytes=state.params, grads_bytes=state.grads, optimizer_bytes=state.optimizer,
                                activation_bytes=3 * 10**8, fixed_bytes=fixed, capacity_bytes=80 * 2**30)
     assert (mem.params, mem.grads, mem.optimizer) == (state.params, state.grads, state.optimizer)
@@ -178,9 +171,33 @@ def test_buffers_and_stage_breakdown() -> None:
     assert mem.fits and mem.total < mem.capacity
 
 
+def test_rank_peak_is_the_largest_of_three_moments() -> None:
+    """params + optimizer + max(live grads + activations + working, grads + reduce, grads + optimizer temps)."""
+    base = dict(params_bytes=10.0, optimizer_bytes=30.0, fixed_bytes=0.0, capacity_bytes=10**6)
+
+    def tensors(**kw: float) -> float:
+        return estimate_rank_memory(**base, **kw).total / (1 + ALLOCATOR_HEADROOM)
+
+    # one micro-batch: no gradient alive at the loss backward, whose working bytes set the peak
+    assert tensors(grads_bytes=20, accumulated_grads_bytes=0, activation_bytes=50, working_bytes=30) == \
+        pytest.approx(10 + 30 + 50 + 30, abs=1)
+    # working bytes smaller than the gradients: the breakdown keeps both terms (an over-estimate, never under)
+    assert tensors(grads_bytes=20, accumulated_grads_bytes=0, activation_bytes=50, working_bytes=5) == \
+        pytest.approx(10 + 30 + 20 + 50, abs=1)
+    # accumulation: FSDP's unsharded gradients (80) outweigh the sharded ones (20) at the activations' peak
+    m = estimate_rank_memory(**base, grads_bytes=20, accumulated_grads_bytes=80, activation_bytes=50, working_bytes=30)
+    assert m.grads == 80 and m.total / (1 + ALLOCATOR_HEADROOM) == pytest.approx(10 + 30 + 80 + 50 + 30, abs=1)
+    # a reduction's buffers or the optimizer's temporaries set the peak when the activations are small
+    assert tensors(grads_bytes=20, activation_bytes=1, reduce_bytes=100) == pytest.approx(10 + 30 + 20 + 100, abs=1)
+    assert tensors(grads_bytes=20, activation_bytes=1, optimizer_temp_bytes=60) == pytest.approx(10 + 30 + 80, abs=1)
+
+
 def test_budget_is_the_inverse_of_the_rank_total() -> None:
     """The stage DP's budget (tensor_budget_bytes) is exactly what fills the GPU in estimate_rank_memory."""
-    capacity, fixed = 80 * 2**30, estimate_fixed_bytes(zero_stage=3, dp=8, largest_layer_params=10**8)
+    from autopar.cost_models.program_memory import estimate_fixed_bytes
+
+    capacity = 80 * 2**30
+    fixed = estimate_fixed_bytes(largest_unit_params=10**8, zero_stage=3, dp=8, dtype="bfloat16")
     budget = tensor_budget_bytes(capacity, fixed_bytes=fixed)
     full = estimate_rank_memory(params_bytes=budget / 2, grads_bytes=0, optimizer_bytes=budget / 4,
                                 activation_bytes=budget / 4, fixed_bytes=fixed, capacity_bytes=capacity)
