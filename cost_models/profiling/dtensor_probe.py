@@ -78,9 +78,9 @@ def op_overhead(mesh: Any) -> dict[str, float]:
 
     world, hidden = mesh.size(), DTENSOR_PROBE_SHAPE[-1]
     full = [torch.ones(hidden), torch.randn(4 * hidden, hidden), torch.randn(hidden, 4 * hidden)]
-    placements = [Replicate(), Shard(0), Shard(1)]
-    shards = [w if isinstance(p, Replicate) else w.chunk(world, p.dim)[0].contiguous() for w, p in zip(full, placements)]
-    dtensors = [distribute_tensor(w, mesh, [p]) for w, p in zip(full, placements)]
+    dims = [None, 0, 1]  # the norm's weight replicated, the projections column- then row-split
+    shards = [w if d is None else w.chunk(world, d)[0].contiguous() for w, d in zip(full, dims)]
+    dtensors = [distribute_tensor(w, mesh, [Replicate() if d is None else Shard(d)]) for w, d in zip(full, dims)]
     x, y = torch.randn(*DTENSOR_PROBE_SHAPE), torch.randn(*DTENSOR_PROBE_SHAPE)
     num_ops = _count_ops(lambda: _probe_ops(x, y, shards))
     times = {}
@@ -89,7 +89,7 @@ def op_overhead(mesh: Any) -> dict[str, float]:
         params = [w.detach().requires_grad_() for w in weights]
         # the row-parallel output's gradient arrives replicated, as after the emitted all-reduce's backward
         local = (lambda t: t.to_local(grad_placements=[Replicate()])) if name == "dtensor" else (lambda t: t)
-        times[name] = _fwd_bwd_s(lambda: _probe_ops(*inputs, params), local)  # noqa: B023
+        times[name] = _fwd_bwd_s(lambda: _probe_ops(inputs[0], inputs[1], params), local)  # noqa: B023
     (plain_f, plain_b), (dt_f, dt_b) = times["plain"], times["dtensor"]
     return {"dtensor_op_s": max(0.0, dt_f - plain_f) / num_ops,
             "dtensor_backward_op_s": max(0.0, dt_b - plain_b) / num_ops}
@@ -135,7 +135,10 @@ def hook_overhead(mesh: Any) -> dict[str, float]:
     def f(t: Any) -> Any:
         return DTensor.from_local(t.to_local(), mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
 
-    times = {name: _fwd_bwd_s(lambda: (fn(x) * 2.0,), lambda t: t.to_local())  # noqa: B023
+    def local(t: Any) -> Any:
+        return t.to_local()
+
+    times = {name: _fwd_bwd_s(lambda: (fn(x) * 2.0,), local)  # noqa: B023
              for name, fn in (("plain", lambda t: t), ("hook", f))}
     (plain_f, plain_b), (hook_f, hook_b) = times["plain"], times["hook"]
     return {"dtensor_hook_s": max(0.0, hook_f - plain_f), "dtensor_hook_backward_s": max(0.0, hook_b - plain_b)}
