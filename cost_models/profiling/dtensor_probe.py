@@ -17,6 +17,7 @@ costs host time that a plain program does not pay; each is measured apart, as th
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,9 +34,9 @@ _CPU = torch.device("cpu")
 
 
 def _timing() -> Timing:
-    """The fastest of the samples: host time on a shared machine only grows by what other processes take (the
-    bench compares each layout's fastest step likewise)."""
-    return Timing(repeats=PROBE_REPEATS, warmup=2, statistic=Statistic.MIN, clock=Clock.WALL)
+    """The median sample: a step pays these costs thousands of times, so their typical value, not their fastest
+    (even a step's fastest run is a sum over thousands of ops, whose noise does not all vanish at once)."""
+    return Timing(repeats=PROBE_REPEATS, warmup=2, statistic=Statistic.MEDIAN, clock=Clock.WALL)
 
 
 def _count_ops(fn: Callable[[], Any]) -> int:
@@ -107,12 +108,12 @@ def collective_overhead(mesh: Any) -> float:
 
 
 COLLECTIVE_SAMPLES = 40
-"""Samples of each collective in ``collective_overhead`` (the fastest kept), each ``COLLECTIVE_CALLS`` calls."""
+"""Samples of each collective in ``collective_overhead`` (median), each ``COLLECTIVE_CALLS`` calls."""
 COLLECTIVE_CALLS = 5
 
 
 def _lockstep_s(fn: Callable[[], Any]) -> float:
-    """Fewest seconds of one call of a collective ``fn``: a fixed number of calls on every rank (``time_call``
+    """Median seconds of one call of a collective ``fn``: a fixed number of calls on every rank (``time_call``
     sizes its loop on each rank's own first call, which could leave the ranks' collectives unmatched)."""
     for _ in range(COLLECTIVE_CALLS):
         fn()
@@ -123,7 +124,7 @@ def _lockstep_s(fn: Callable[[], Any]) -> float:
         for _ in range(COLLECTIVE_CALLS):
             fn()
         samples.append((time.perf_counter() - start) / COLLECTIVE_CALLS)
-    return min(samples)
+    return statistics.median(samples)
 
 
 def hook_overhead(mesh: Any) -> dict[str, float]:
