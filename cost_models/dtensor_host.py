@@ -20,7 +20,9 @@ from __future__ import annotations
 from autopar.cost_models.cluster import GPUSpec
 from autopar.graph.ir import Layer, OpClass
 
-__all__ = ["REDUCING_COLLECTIVES", "dtensor_collective_host_s", "dtensor_hook_host_s", "dtensor_host_s", "tp_hook_sites"]
+__all__ = [
+    "REDUCING_COLLECTIVES", "dtensor_collective_host_s", "dtensor_hook_host_s", "dtensor_host_s", "tp_hook_sites",
+]
 
 REDUCING_COLLECTIVES = frozenset({"all_reduce", "reduce_scatter"})
 """Collective kinds (``Collective`` values) that end a row-split module's partial sums in forward: the emitter

@@ -62,7 +62,8 @@ def _probe_ops(x: torch.Tensor, y: torch.Tensor, weights: Sequence[torch.Tensor]
     return torch.nn.functional.layer_norm(y, y.shape[-1:], w_norm), torch.nn.functional.linear(h, w_down)
 
 
-def _fwd_bwd_s(forward: Callable[[], Sequence[torch.Tensor]], local: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+def _fwd_bwd_s(forward: Callable[[], Sequence[torch.Tensor]],
+               local: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
     """(forward, backward) seconds of ``forward`` and of the backward of its outputs' sum."""
     timing = _timing()
     forward_s = time_call(forward, _CPU, timing)
@@ -85,8 +86,8 @@ def op_overhead(mesh: Any) -> dict[str, float]:
     x, y = torch.randn(*DTENSOR_PROBE_SHAPE), torch.randn(*DTENSOR_PROBE_SHAPE)
     num_ops = _count_ops(lambda: _probe_ops(x, y, shards))
     times = {}
-    for name, inputs, weights in (("plain", (x, y), shards),
-                                  ("dtensor", tuple(distribute_tensor(t, mesh, [Replicate()]) for t in (x, y)), dtensors)):
+    replicated = tuple(distribute_tensor(t, mesh, [Replicate()]) for t in (x, y))
+    for name, inputs, weights in (("plain", (x, y), shards), ("dtensor", replicated, dtensors)):
         params = [w.detach().requires_grad_() for w in weights]
         # the row-parallel output's gradient arrives replicated, as after the emitted all-reduce's backward
         local = (lambda t: t.to_local(grad_placements=[Replicate()])) if name == "dtensor" else (lambda t: t)
