@@ -19,7 +19,8 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from autopar.cost_models import comm, compute, loss, memory
+from autopar.cost_models import comm, compute, dtensor_host, loss, memory
+from autopar.cost_models.dtensor_host import REDUCING_COLLECTIVES
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.cost_models.layer_info import layer_capture_dtype
@@ -175,6 +176,7 @@ class LayerPricer:
             sharded_op=(sharding.is_split if sharding is not None else None), recompute=recompute,
             calibration=self.calibration)
         fwd_comm, bwd_comm = self._tp_comm(sharding, tp, scale, recompute)
+        hooks_fwd, hooks_bwd = self._tp_hooks(layer, sharding, sp, recompute)
         acts = memory.estimate_layer_activation_bytes(
             layer, micro_batch_size=mbs, graph_batch_size=self.graph.batch_size, recompute=recompute,
             dtype=self.dtype, tp=tp, sharded=(sharding.is_sharded if sharding is not None else None),
@@ -184,8 +186,8 @@ class LayerPricer:
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
         loss_fwd, loss_bwd, loss_acts, loss_working, logits = self._loss_terms(layer, scale, sharding)
         return LayerCost(
-            forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd,
-            backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd,
+            forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd + hooks_fwd,
+            backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd + hooks_bwd,
             forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts) + loss_acts,
             param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp),
             tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()), working_bytes=loss_working,
@@ -212,6 +214,19 @@ class LayerPricer:
                 loss.cross_entropy_backward_working_bytes(tokens * scale, vocab),
                 tokens * scale * vocab * DTYPE_BYTES[self.dtype])
 
+    def _tp_hooks(self, layer: Layer, sharding: LayerShardingResult | None, sequence_parallel: bool,
+                  recompute: Recompute) -> tuple[float, float]:
+        """(forward, backward) seconds of the layer's Megatron *f* wraps per micro-batch (``dtensor_host``): one at
+        each weight-holding child's input without SP (under SP those inputs are redistributed: collectives), and
+        one after each row-split module's reduction (a forward reducing collective); the forward's again in
+        backward under full recompute."""
+        if sharding is None:
+            return 0.0, 0.0
+        reductions = sum(1 for kind, _ in sharding.forward_collectives if kind in REDUCING_COLLECTIVES)
+        sites = 0 if sequence_parallel else dtensor_host.tp_hook_sites(layer)
+        fwd, bwd = dtensor_host.dtensor_hook_host_s(sites + reductions, self.cluster.gpu)
+        return fwd, bwd + (fwd if recompute is Recompute.FULL else 0.0)
+
     def _tp_comm(self, sharding: LayerShardingResult | None, tp: int, scale: float,
                  recompute: Recompute) -> tuple[dict[str, float], dict[str, float]]:
         """TP collective seconds per micro-batch: forward, and backward (+ the forward's again under full recompute)."""
@@ -222,7 +237,8 @@ class LayerPricer:
             out: dict[str, float] = {}
             for kind, nbytes in calls:
                 size = nbytes * scale * self._float_scale()
-                out[kind] = out.get(kind, 0.0) + self.collective_time(kind, size, group_size=tp, nodes_spanned=1)
+                out[kind] = (out.get(kind, 0.0) + self.collective_time(kind, size, group_size=tp, nodes_spanned=1)
+                             + dtensor_host.dtensor_collective_host_s(1, self.cluster.gpu))
             return out
 
         fwd, bwd = price(sharding.forward_collectives), price(sharding.backward_collectives)

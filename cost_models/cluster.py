@@ -53,6 +53,11 @@ class LinkKind(StrEnum):
     ETHERNET = "ethernet"  # TCP or a cloud fabric (EFA)
 
 
+DTENSOR_HOST_FIELDS = ("dtensor_op_s", "dtensor_backward_op_s", "dtensor_collective_s", "dtensor_hook_s",
+                       "dtensor_hook_backward_s")
+"""``GPUSpec``'s host times of a tensor-parallel stage's DTensors (``profiling/dtensor_probe.py``; 0 on GPUs)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GPUSpec:
     """One accelerator kind: peak rates and what the software reaches of them."""
@@ -79,6 +84,13 @@ class GPUSpec:
     ``autopar profile --ranks``). 0 on GPUs, whose kernels of the sizes planned here outlast it."""
     dtensor_backward_op_s: float = 0.0
     """The same for the backward ops of one forward op."""
+    dtensor_collective_s: float = 0.0
+    """Host time DTensor adds to each collective a tensor-parallel stage issues (a redistribution through
+    functional collectives), over the collective's own time (``measured_collectives``, gloo's direct call)."""
+    dtensor_hook_s: float = 0.0
+    """Host time of one Megatron *f* (``from_local(to_local(x))``, ``emit/tp.py``) in forward."""
+    dtensor_hook_backward_s: float = 0.0
+    """The same in backward."""
 
     def __post_init__(self) -> None:
         if not self.peak_flops_per_s:
@@ -89,13 +101,13 @@ class GPUSpec:
             _require_positive(f"gpu.{name}", getattr(self, name))
         for name in ("matmul_efficiency", "memory_efficiency"):
             _require_fraction(f"gpu.{name}", getattr(self, name))
-        for name in ("dtensor_op_s", "dtensor_backward_op_s"):
+        for name in DTENSOR_HOST_FIELDS:
             _require_non_negative(f"gpu.{name}", getattr(self, name))
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops_per_s.items())), self.mem_bytes, self.mem_bytes_per_s,
                      self.matmul_efficiency, self.memory_efficiency, self.kernel_launch_s, self.half_efficiency_s,
-                     self.dtensor_op_s, self.dtensor_backward_op_s))
+                     *(getattr(self, name) for name in DTENSOR_HOST_FIELDS)))
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype`` (aliases such as ``"bf16"`` accepted).
@@ -405,7 +417,7 @@ def _build_gpu(data: Mapping[str, Any]) -> GPUSpec:
         half_efficiency_s=_positive(_get(data, "half_efficiency_s", "gpu."), UnitKind.SECONDS,
                                     "gpu.half_efficiency_s"),
         **{key: _non_negative(data[key], UnitKind.SECONDS, f"gpu.{key}")
-           for key in ("dtensor_op_s", "dtensor_backward_op_s") if key in data},
+           for key in DTENSOR_HOST_FIELDS if key in data},
     )
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES, CalibrationTable
 from autopar.cost_models.cluster import Cluster, GPUSpec
+from autopar.cost_models.dtensor_host import dtensor_host_s
 from autopar.cost_models.efficiency import (
     CAUSAL_WORK_FRACTION,
     OP_CLASS_COSTS,
@@ -343,22 +344,6 @@ def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
         if any(flags):
             live.add(op.name)
     return result
-
-
-def dtensor_host_s(num_ops: int, gpu: GPUSpec) -> tuple[float, float]:
-    """(forward, backward) seconds DTensor's dispatch adds to ``num_ops`` ops of a tensor-parallel stage.
-
-    The emitted stage runs every op on DTensors when tp > 1 (``emit/tp.py``), each paying sharding
-    propagation and wrapping on the host; where the host runs the kernels (a CPU rank) that time adds,
-    measured per forward op and per forward op's backward (``GPUSpec.dtensor_op_s``, 0 on GPUs).
-
-    Example:
-        >>> import dataclasses
-        >>> gpu = dataclasses.replace(Cluster.preset("dgx-h100").gpu, dtensor_op_s=1e-4, dtensor_backward_op_s=2e-4)
-        >>> tuple(round(t, 6) for t in dtensor_host_s(38, gpu))
-        (0.0038, 0.0076)
-    """
-    return num_ops * gpu.dtensor_op_s, num_ops * gpu.dtensor_backward_op_s
 
 
 def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from autopar.cost_models.cluster import DTENSOR_HOST_FIELDS
 from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, bus_bandwidth_factor
 from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.graph.ir import OpGraph
@@ -85,9 +86,15 @@ class RankCompute:
     half_efficiency_s: float
     """Excess time of a small GEMM over the peak rate (Hockney's n½ as time)."""
     dtensor_op_s: float = 0.0
-    """Host time DTensor adds per forward op on a rank (``local_worker._dtensor_overhead``; median over ranks)."""
+    """Host time DTensor adds per forward op on a rank (``dtensor_probe.op_overhead``; median over ranks)."""
     dtensor_backward_op_s: float = 0.0
     """The same for the backward ops of one forward op."""
+    dtensor_collective_s: float = 0.0
+    """Host time a DTensor redistribution adds to its collective (``dtensor_probe.collective_overhead``)."""
+    dtensor_hook_s: float = 0.0
+    """Host time of one Megatron *f* in forward (``dtensor_probe.hook_overhead``)."""
+    dtensor_hook_backward_s: float = 0.0
+    """The same in backward."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,6 +215,9 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         f"  half_efficiency_s: {c.half_efficiency_s:.6g}",
         f"  dtensor_op_s: {c.dtensor_op_s:.6g}  # added per op of a tensor-parallel stage (host runs the kernels)",
         f"  dtensor_backward_op_s: {c.dtensor_backward_op_s:.6g}",
+        f"  dtensor_collective_s: {c.dtensor_collective_s:.6g}  # added per collective a tensor-parallel stage issues",
+        f"  dtensor_hook_s: {c.dtensor_hook_s:.6g}  # per Megatron f (from_local/to_local) in forward",
+        f"  dtensor_hook_backward_s: {c.dtensor_hook_backward_s:.6g}",
         f"gpus_per_node: {profile.ranks}",
         "nodes: 1",
         *_link_lines("intra_node", latency, bus_bw),
@@ -274,7 +284,7 @@ def _combine(results: Sequence[Mapping[str, Any]], ranks: int) -> LocalClusterPr
 
     compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
                           op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"),
-                          dtensor_op_s=med("dtensor_op_s"), dtensor_backward_op_s=med("dtensor_backward_op_s"))
+                          **{name: med(name) for name in DTENSOR_HOST_FIELDS})
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)

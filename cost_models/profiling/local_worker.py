@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from autopar.cost_models.comm import Collective
+from autopar.cost_models.profiling.dtensor_probe import measure_dtensor_host
 from autopar.cost_models.profiling.local_cluster import FITTED_KINDS
 from autopar.cost_models.profiling.probe import (
     PROBE_COPY_BYTES,
@@ -61,7 +62,7 @@ def run_rank(rank: int, world: int, port: int, message_bytes: Sequence[int], rep
             dist.barrier()
             table = profile_graph(graph, device="cpu", repeats=3, warmup=1).to_dict()
         dist.barrier()
-        compute.update(_dtensor_overhead(world))
+        compute.update(measure_dtensor_host(world))
         dist.barrier()
         collectives = _collectives(rank, world, message_bytes, repeats)
         queue.put({"rank": rank, "compute": compute, "collectives": collectives, "table": table,
@@ -81,61 +82,6 @@ def _compute_probes() -> dict[str, float]:
     small = time_call(lambda: torch.mm(a, a), dev, timing)
     return {"gemm_flops_per_s": peak, "copy_bytes_per_s": _copy_bandwidth(dev, timing), "op_floor_s": floor,
             "half_efficiency_s": max(small - 2 * n**3 / peak, floor * 1e-3)}
-
-
-DTENSOR_PROBE_SHAPE = (2, 8, 32)
-"""(batch, sequence, hidden) of the DTensor probe: small, so its kernels take little next to dispatch."""
-
-
-def _probe_block(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A transformer-like sequence of ops: norm, projection, activation, projection, residual."""
-    w_norm, w_up, w_down = weights
-    h = torch.nn.functional.layer_norm(x, x.shape[-1:], w_norm)
-    h = torch.nn.functional.gelu(torch.nn.functional.linear(h, w_up))
-    return x + torch.nn.functional.linear(h, w_down).view(x.shape)
-
-
-def _dtensor_overhead(world: int) -> dict[str, float]:
-    """Host seconds DTensor adds per op: forward, and backward per forward op (``GPUSpec.dtensor_op_s``).
-
-    The probe block runs forward and backward on plain tensors and on replicated DTensors over every
-    rank (same kernels, no collectives); the difference of their times over the ATen ops one forward
-    dispatches is what each op of a tensor-parallel stage pays (``emit/tp.py`` runs the whole stage on
-    DTensors) on a rank whose host and device are one.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    hidden = DTENSOR_PROBE_SHAPE[-1]
-    plain = [torch.ones(hidden), torch.randn(4 * hidden, hidden), torch.randn(hidden, 4 * hidden)]
-    x = torch.randn(*DTENSOR_PROBE_SHAPE)
-    mesh = init_device_mesh("cpu", (world,))
-    dtensors = [distribute_tensor(w, mesh, [Replicate()]) for w in plain]
-    dx = distribute_tensor(x, mesh, [Replicate()])
-
-    class Count(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-            Count.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        _probe_block(x, plain)
-    timing = Timing(repeats=PROBE_REPEATS, warmup=2, statistic=Statistic.MEDIAN, clock=Clock.WALL)
-    times = {}
-    for name, inputs, weights in (("plain", x, plain), ("dtensor", dx, dtensors)):
-        params = [w.detach().requires_grad_() for w in weights]
-        forward = time_call(lambda: _probe_block(inputs, params), torch.device("cpu"), timing)
-
-        def step() -> None:
-            _probe_block(inputs, params).sum().backward()
-
-        times[name] = (forward, time_call(step, torch.device("cpu"), timing) - forward)
-    (plain_f, plain_b), (dt_f, dt_b) = times["plain"], times["dtensor"]
-    return {"dtensor_op_s": max(0.0, dt_f - plain_f) / Count.ops,
-            "dtensor_backward_op_s": max(0.0, dt_b - plain_b) / Count.ops}
 
 
 def _collectives(rank: int, world: int, message_bytes: Sequence[int], repeats: int) -> dict:

@@ -182,7 +182,8 @@ def test_describe_names_gpu_and_links() -> None:
     assert line.startswith("dgx-a100-80gb: 2 x 8 A100-SXM4-80GB") and "nvlink 300 GB/s" in line and "200 Gb/s" in line
 
 
-@pytest.mark.parametrize("module", ["units", "cluster", "comm", "compute", "memory", "profiling.calibration", "layer_info"])
+@pytest.mark.parametrize("module", ["units", "cluster", "comm", "compute", "dtensor_host", "memory",
+                                    "profiling.calibration", "layer_info"])
 def test_docstring_examples(module: str) -> None:
     mod = importlib.import_module(f"autopar.cost_models.{module}")
     result = doctest.testmod(mod, extraglobs={"Cluster": Cluster})

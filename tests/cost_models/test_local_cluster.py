@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autopar.cost_models.cluster import Cluster
+from autopar.cost_models.cluster import DTENSOR_HOST_FIELDS, Cluster
 from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, estimate_collective_time
 from autopar.cost_models.profiling.local_cluster import (
     AlphaBetaFit,
@@ -52,7 +52,8 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
     profile = LocalClusterProfile(
         device_name='cpu:Some "CPU" @ 2GHz:1threads', ranks=4,
         compute=RankCompute(gemm_flops_per_s=3e10, copy_bytes_per_s=5e9, op_floor_s=4e-6, half_efficiency_s=1e-6,
-                            dtensor_op_s=9e-5, dtensor_backward_op_s=1.5e-4),
+                            dtensor_op_s=9e-5, dtensor_backward_op_s=1.5e-4, dtensor_collective_s=6e-4,
+                            dtensor_hook_s=1.2e-4, dtensor_hook_backward_s=2.5e-4),
         collectives=fits, host_mem_bytes=16 * 2**30)
     path = tmp_path / "here.yaml"
     path.write_text(cluster_yaml(profile, name="here"))
@@ -60,7 +61,8 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
     assert cluster.name == "here" and cluster.num_gpus == 4 and cluster.gpu.name == profile.device_name
     assert cluster.gpu.peak_flops("float32") == pytest.approx(3e10, rel=1e-5)
     assert cluster.gpu.mem_bytes == 4 * 2**30
-    assert (cluster.gpu.dtensor_op_s, cluster.gpu.dtensor_backward_op_s) == pytest.approx((9e-5, 1.5e-4), rel=1e-5)
+    assert tuple(getattr(cluster.gpu, name) for name in DTENSOR_HOST_FIELDS) == pytest.approx(
+        (9e-5, 1.5e-4, 6e-4, 1.2e-4, 2.5e-4), rel=1e-5)
     # the planner's collective model, on the written link, reproduces the measured samples
     for fit in fits:
         for nbytes, seconds in fit.samples:
