@@ -170,12 +170,20 @@ def _distinct(tables: Sequence[Sequence[object]]) -> tuple[tuple[tuple[int, int]
     return tuple((i, counts[i]) for i in sorted(counts)), list(map(head_of_key.__getitem__, keys))
 
 
-def memory_bound(*, dp: int, pp: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
+def memory_bound(*, dp: int, pp: int, m: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
     """Smallest possible peak per GPU of a (dp, pp) group: ZeRO-3 states and one micro-batch of the leanest
     policy (unless not ``activations``), spread over pp."""
     zero = 3 if dp > 1 else 0
-    states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=dp))
+    states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=zero, dp=dp, num_micro_batches=m,
+                                            pipelined=pp > 1))
     return (states + (sums.leanest_acts if activations else 0.0)) / pp
+
+
+def _state_bytes(num_params: float, layout: Layout, formulas: Formulas) -> float:
+    """Model-state bytes per GPU of ``num_params`` under ``layout``, as the stage DP counts each layer's
+    (``evaluate._stage_costs``: gradients accumulated over the micro-batches, or under a pipeline)."""
+    return sum(formulas.model_state_bytes(num_params, zero_stage=layout.zero_stage, dp=layout.dp,
+                                          num_micro_batches=layout.num_micro_batches, pipelined=layout.pp > 1))
 
 
 class Footprint(NamedTuple):
@@ -191,7 +199,7 @@ class Footprint(NamedTuple):
 
 def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
     """Computed once per layout for both bounds (parameters do not depend on the recompute policy)."""
-    states = sum(formulas.model_state_bytes(sums.leanest_params, zero_stage=layout.zero_stage, dp=layout.dp))
+    states = _state_bytes(sums.leanest_params, layout, formulas)
     fixed = formulas.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
                                   dp=layout.dp, pipelined=layout.pp > 1)  # as evaluate_layout: never above it
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
@@ -329,7 +337,7 @@ def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas
     layouts of a setting share it when their states per block, in-flight counts and budget agree)."""
     index, count = max(prices.repeats, key=lambda ic: ic[1])
     block = prices.fastest[index]
-    static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    static = _state_bytes(block.param_count, layout, formulas)
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed)
     key = ("ranks", static, tuple(foot.k), budget)
     if key not in prices.bottlenecks:
@@ -345,7 +353,7 @@ def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formula
     rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``)."""
     index, count = max(prices.repeats, key=lambda ic: ic[1])
     block = prices.fastest[index]
-    static = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    static = _state_bytes(block.param_count, layout, formulas)
     policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
                 for t in prices.variants.values()]
     v = layout.virtual_stages
@@ -427,5 +435,5 @@ def _repeated_block_bound(layout: Layout, prices: SettingPrices, formulas: Formu
     """
     index, n = prices.block
     block = prices.leanest[index]
-    s = sum(formulas.model_state_bytes(block.param_count, zero_stage=layout.zero_stage, dp=layout.dp))
+    s = _state_bytes(block.param_count, layout, formulas)
     return n / sum(1.0 / (s + kr * block.activation_bytes) for kr in k)

@@ -300,7 +300,8 @@ class _State:
     def expand(self, i: int, group: _Group, prices: SettingPrices) -> Iterator[tuple[float, int, int, Layout, int,
                                                                                       None]]:
         """The layouts of group ``i`` with their cheap bound, unless the group's memory bound rules it out."""
-        memory = memory_bound(dp=group.dp, pp=group.pp, sums=prices.sums, formulas=self.formulas)
+        memory = memory_bound(dp=group.dp, pp=group.pp, m=self._micro_batches(group), sums=prices.sums,
+                              formulas=self.formulas)
         if memory > self.formulas.gpu_mem_bytes:
             if self.leanest is None or memory < self.leanest[0]:
                 self.leanest = (memory, group, prices)
@@ -313,16 +314,21 @@ class _State:
         """``group_bound`` of a group at ``level`` + 1 (``sums``: ``_bound_sums``, its compute bounded above);
         -inf where tightening cannot pay: a group whose model states alone overflow the GPU (the memory test
         of ``expand`` drops it), and the data-parallel floor before top_k plans are found or without dp."""
-        if level == 0 and memory_bound(dp=group.dp, pp=group.pp, sums=sums, formulas=self.formulas,
+        if level == 0 and memory_bound(dp=group.dp, pp=group.pp, m=self._micro_batches(group), sums=sums,
+                                       formulas=self.formulas,
                                        activations=False) > self.formulas.gpu_mem_bytes:
             return -math.inf
         if level == 1 and (group.dp == 1 or len(self.best) < self.top_k):
             return -math.inf
         return self.group_bound(group, sums, dp_floor=level == 1)
 
+    def _micro_batches(self, group: _Group) -> int:
+        """Micro-batches per step of the group's layouts."""
+        return self.space.global_batch_size // (group.dp * group.micro_batch_size)
+
     def group_bound(self, group: _Group, sums: Sums, *, dp_floor: bool) -> float:
         """``bounds.group_bound`` of a group, with or without the data-parallel floor."""
-        m = self.space.global_batch_size // (group.dp * group.micro_batch_size)
+        m = self._micro_batches(group)
         if (group.pp, m) not in self.weights:
             self.weights[group.pp, m] = pipeline_weights(tuple(_pipelines(self.space, group.pp, m, self.num_layers)),
                                                          m)
