@@ -97,7 +97,8 @@ def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tup
         if first == 0:
             break
         low, high = float(grid[first - 1]), float(grid[first])
-    return low * (1 - 1e-9)  # infeasible at low: the least bottleneck is above it (a margin for rounding)
+    # low is below the least bottleneck: infeasible there, or the even split at the fastest policy
+    return low * (1 - 1e-9)  # a margin for rounding
 
 
 _PRECISION = 1e-6

@@ -332,17 +332,23 @@ def _dp_floor_s(layout: Layout, sums: Sums, formulas: Formulas, overlap: bool, g
     return sum(formulas.fsdp_copy_time(share, gathers_per_step=gathers))
 
 
+def _repeated_block(layout: Layout, prices: SettingPrices,
+                    formulas: Formulas) -> tuple[int, float, list[tuple[float, float]]]:
+    """The most repeated layer (equal under every policy): its count, model-state bytes per GPU under ``layout``
+    and (activation bytes, forward + backward seconds) per policy: what the bottleneck solvers take."""
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                for t in prices.variants.values()]
+    return count, _state_bytes(prices.fastest[index].param_count, layout, formulas), policies
+
+
 def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
     """``rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout (memoised:
     layouts of a setting share it when their states per block, in-flight counts and budget agree)."""
-    index, count = max(prices.repeats, key=lambda ic: ic[1])
-    block = prices.fastest[index]
-    static = _state_bytes(block.param_count, layout, formulas)
+    count, static, policies = _repeated_block(layout, prices, formulas)
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed)
     key = ("ranks", static, tuple(foot.k), budget)
     if key not in prices.bottlenecks:
-        policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
-                    for t in prices.variants.values()]
         prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
                                                     in_flight=foot.k, budget_bytes=budget)
     return prices.bottlenecks[key]
@@ -351,11 +357,7 @@ def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas
 def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
     """``chunk_bottleneck_s`` for the most repeated layer over the S = pp·v chunks, each held to 1/v of its
     rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``)."""
-    index, count = max(prices.repeats, key=lambda ic: ic[1])
-    block = prices.fastest[index]
-    static = _state_bytes(block.param_count, layout, formulas)
-    policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
-                for t in prices.variants.values()]
+    count, static, policies = _repeated_block(layout, prices, formulas)
     v = layout.virtual_stages
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=v)

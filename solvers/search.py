@@ -191,10 +191,15 @@ def _pipelines(space: SearchSpace, pp: int, m: int, num_layers: int) -> Iterator
             yield schedule, v
 
 
+def _micro_batches(space: SearchSpace, group: _Group) -> int:
+    """Micro-batches per step of the group's layouts."""
+    return space.global_batch_size // (group.dp * group.micro_batch_size)
+
+
 def _layouts(group: _Group, space: SearchSpace, num_layers: int,
              recompute: Recompute = Recompute.NONE) -> Iterator[Layout]:
     """Layouts of a group; ``recompute`` is provisional (evaluation sets the policy its stages use)."""
-    m = space.global_batch_size // (group.dp * group.micro_batch_size)
+    m = _micro_batches(space, group)
     pipelines = tuple(_pipelines(space, group.pp, m, num_layers))
     for zero in _zeros(space, group.dp):
         for schedule, v in pipelines:
@@ -300,7 +305,7 @@ class _State:
     def expand(self, i: int, group: _Group, prices: SettingPrices) -> Iterator[tuple[float, int, int, Layout, int,
                                                                                       None]]:
         """The layouts of group ``i`` with their cheap bound, unless the group's memory bound rules it out."""
-        memory = memory_bound(dp=group.dp, pp=group.pp, m=self._micro_batches(group), sums=prices.sums,
+        memory = memory_bound(dp=group.dp, pp=group.pp, m=_micro_batches(self.space, group), sums=prices.sums,
                               formulas=self.formulas)
         if memory > self.formulas.gpu_mem_bytes:
             if self.leanest is None or memory < self.leanest[0]:
@@ -314,7 +319,7 @@ class _State:
         """``group_bound`` of a group at ``level`` + 1 (``sums``: ``_bound_sums``, its compute bounded above);
         -inf where tightening cannot pay: a group whose model states alone overflow the GPU (the memory test
         of ``expand`` drops it), and the data-parallel floor before top_k plans are found or without dp."""
-        if level == 0 and memory_bound(dp=group.dp, pp=group.pp, m=self._micro_batches(group), sums=sums,
+        if level == 0 and memory_bound(dp=group.dp, pp=group.pp, m=_micro_batches(self.space, group), sums=sums,
                                        formulas=self.formulas,
                                        activations=False) > self.formulas.gpu_mem_bytes:
             return -math.inf
@@ -322,13 +327,9 @@ class _State:
             return -math.inf
         return self.group_bound(group, sums, dp_floor=level == 1)
 
-    def _micro_batches(self, group: _Group) -> int:
-        """Micro-batches per step of the group's layouts."""
-        return self.space.global_batch_size // (group.dp * group.micro_batch_size)
-
     def group_bound(self, group: _Group, sums: Sums, *, dp_floor: bool) -> float:
         """``bounds.group_bound`` of a group, with or without the data-parallel floor."""
-        m = self._micro_batches(group)
+        m = _micro_batches(self.space, group)
         if (group.pp, m) not in self.weights:
             self.weights[group.pp, m] = pipeline_weights(tuple(_pipelines(self.space, group.pp, m, self.num_layers)),
                                                          m)
