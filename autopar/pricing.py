@@ -47,6 +47,7 @@ class _Memo:
         self.node = node
         self.rows: dict[LayerSetting, tuple[LayerCost, ...]] = {}
         self.shardings: dict[tuple[str, int, bool], LayerShardingResult] = {}
+        self.op_times: dict[tuple[str, int, bool, int], dict[str, compute.OpTime]] = {}  # every policy's
 
 
 class LayerPricer:
@@ -171,10 +172,14 @@ class LayerPricer:
     def _kind_cost(self, layer: Layer, tp: int, sp: bool, mbs: int, recompute: Recompute) -> LayerCost:
         scale = self._batch_scale(mbs)
         sharding = self._sharding(layer.kind, tp, sp) if tp > 1 else None
-        t = compute.estimate_layer_time(
-            layer, self.cluster, dtype=self.dtype, batch_scale=scale, shard=tp,
-            sharded_op=(sharding.is_split if sharding is not None else None), recompute=recompute,
-            calibration=self.calibration)
+        split = sharding.is_split if sharding is not None else None
+        key = (layer.kind, tp, sp, mbs)  # the ops' times, shared by the recomputation policies
+        if key not in self._memo.op_times:
+            self._memo.op_times[key] = compute.layer_op_times(layer, self.cluster, dtype=self.dtype, batch_scale=scale,
+                                                              shard=tp, sharded_op=split, calibration=self.calibration)
+        t = compute.estimate_layer_time(layer, self.cluster, dtype=self.dtype, batch_scale=scale, shard=tp,
+                                        sharded_op=split, recompute=recompute, calibration=self.calibration,
+                                        op_times=self._memo.op_times[key])
         fwd_comm, bwd_comm = self._tp_comm(sharding, tp, scale, recompute)
         hooks_fwd, hooks_bwd = self._tp_hooks(layer, sharding, sp, recompute)
         acts = memory.estimate_layer_activation_bytes(

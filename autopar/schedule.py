@@ -181,11 +181,14 @@ def in_flight_per_stage(schedule: Schedule, *, pp: int, num_micro_batches: int,
                          "must all be positive")
     _check_chunks(schedule, virtual_stages)
     m, v = num_micro_batches, virtual_stages
+    g = _round_size(pp, m) if schedule is Schedule.INTERLEAVED_1F1B else m
     counts = [0] * (pp * v)
     for rank in range(pp):  # the order's prefix up to the first backward: warm-up, then one more forward
         before_backward = min(_warmup(schedule, rank, pp, m, v) + 1, m * v)
-        for action in itertools.islice(_forwards(schedule, rank, pp, m, v), before_backward):
-            counts[action.stage] += 1
+        # ``_forwards`` runs whole rounds of g micro-batches per chunk, chunk 0 → v − 1 (g·rounds = m)
+        rounds, rest = divmod(before_backward, g * v)
+        for chunk in range(v):
+            counts[chunk * pp + rank] = rounds * g + min(g, max(0, rest - chunk * g))
     return tuple(counts)
 
 

@@ -25,7 +25,7 @@ the roofline's ratio ("profiled-scaled"); others fall back to the roofline.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES, CalibrationTable
@@ -349,7 +349,7 @@ def layer_grad_inputs(layer: Layer) -> dict[str, tuple[bool, ...]]:
 def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",
                         batch_scale: float = 1.0, shard: int = 1, sharded_op: Callable[[Op], bool] | None = None,
                         recompute: Recompute = Recompute.NONE, calibration: CalibrationTable | None = None,
-                        seq_len: int | None = None) -> LayerTime:
+                        seq_len: int | None = None, op_times: Mapping[str, OpTime] | None = None) -> LayerTime:
     """Forward and backward time of one layer for one micro-batch, recomputation included.
 
     Args:
@@ -364,6 +364,8 @@ def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtyp
             the whole forward in backward.
         calibration: measured op times on the target device.
         seq_len: sequence length for finding the attention core (default: read off the layer).
+        op_times: ``layer_op_times`` of the same layer and arguments, when the caller prices several
+            recomputation policies of one setting (the ops' times do not depend on the policy).
 
     Example:
         >>> from autopar.graph.ir import OpClass, TensorMeta
@@ -376,23 +378,27 @@ def estimate_layer_time(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtyp
         >>> round(t.backward_s / t.forward_s, 6), t.source
         (3.0, 'roofline')
     """
-    if calibration is None and sharded_op is None:
-        return _cached_layer_time(layer, gpu_of(cluster_or_gpu), dtype, batch_scale, shard, Recompute(recompute),
-                                  seq_len)
-    return _layer_time(layer, gpu_of(cluster_or_gpu), dtype=dtype, batch_scale=batch_scale, shard=shard,
-                       sharded_op=sharded_op, recompute=Recompute(recompute), calibration=calibration, seq_len=seq_len)
+    gpu = gpu_of(cluster_or_gpu)
+    if op_times is None and calibration is None and sharded_op is None:
+        return _cached_layer_time(layer, gpu, dtype, batch_scale, shard, Recompute(recompute), seq_len)
+    if op_times is None:
+        op_times = layer_op_times(layer, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard,
+                                  sharded_op=sharded_op, calibration=calibration)
+    return _layer_time(layer, gpu, op_times, shard=shard, recompute=Recompute(recompute), seq_len=seq_len)
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_layer_time(layer: Layer, gpu: GPUSpec, dtype: str, batch_scale: float, shard: int,
                        recompute: Recompute, seq_len: int | None) -> LayerTime:
-    return _layer_time(layer, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard, sharded_op=None,
-                       recompute=recompute, calibration=None, seq_len=seq_len)
+    times = layer_op_times(layer, gpu, dtype=dtype, batch_scale=batch_scale, shard=shard)
+    return _layer_time(layer, gpu, times, shard=shard, recompute=recompute, seq_len=seq_len)
 
 
-def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, shard: int,
-                sharded_op: Callable[[Op], bool] | None, recompute: Recompute,
-                calibration: CalibrationTable | None, seq_len: int | None) -> LayerTime:
+def layer_op_times(layer: Layer, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = "bfloat16",
+                   batch_scale: float = 1.0, shard: int = 1, sharded_op: Callable[[Op], bool] | None = None,
+                   calibration: CalibrationTable | None = None) -> dict[str, OpTime]:
+    """Each op's ``estimate_op_time`` in ``layer`` (arguments as ``estimate_layer_time``), keyed by op name."""
+    gpu = gpu_of(cluster_or_gpu)
     grads = layer_grad_inputs(layer)
     captured = layer_capture_dtype(layer)
     times: dict[str, OpTime] = {}
@@ -400,6 +406,11 @@ def _layer_time(layer: Layer, gpu: GPUSpec, *, dtype: str, batch_scale: float, s
         op_shard = shard if sharded_op is None or sharded_op(op) else 1
         times[op.name] = estimate_op_time(op, gpu, dtype=dtype, batch_scale=batch_scale, shard=op_shard,
                                           calibration=calibration, grad_inputs=grads[op.name], capture_dtype=captured)
+    return times
+
+
+def _layer_time(layer: Layer, gpu: GPUSpec, times: Mapping[str, OpTime], *, shard: int, recompute: Recompute,
+                seq_len: int | None) -> LayerTime:
     dtensor_f, dtensor_b = dtensor_host_s(len(layer.ops), gpu) if shard > 1 else (0.0, 0.0)
     forward = sum(t.forward_s for t in times.values()) + dtensor_f
     match recompute:
@@ -434,6 +445,7 @@ __all__ = [
     "gpu_of",
     "kernel_time",
     "layer_capture_dtype",
+    "layer_op_times",
     "layer_grad_inputs",
     "matmul_flops_per_s",
     "op_work",

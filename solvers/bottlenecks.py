@@ -18,10 +18,11 @@ _ROUNDING = 1e-9
 """Relative slack on floors and on the returned bound, so float rounding never makes a bound too high."""
 
 
-_GRID = 64
-"""Candidate bottlenecks tried at once in each round of the search for the least feasible one."""
-_ROUNDS = 3
-"""Rounds of refinement: the bound is within 64⁻³ of the first interval's width of the least bottleneck."""
+_GRID = 8
+"""Candidate bottlenecks tried at once in each round of the search for the least feasible one (a round's array
+is candidates × ranks × segments: at pp = 64, 8 per round over 6 rounds costs a quarter of 64 over 3)."""
+_ROUNDS = 6
+"""Rounds of refinement: the bound is within 8⁻⁶ (3.8e-6) of the first interval's width of the least bottleneck."""
 
 
 class _Segments(NamedTuple):

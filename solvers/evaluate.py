@@ -130,8 +130,9 @@ def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas)
     return fixed
 
 
-PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...]]]
-"""Time-optimal (boundaries, per-stage policy) keyed by what they depend on (not memory): see ``_partition``."""
+PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], ...]]
+"""Time-optimal (boundaries, per-stage policy) keyed by what they depend on (not memory), and memory-constrained
+(boundaries, per-stage policy, fits) keyed by that and the budget and static bytes: see ``_partition``."""
 
 Variants = Mapping[Recompute, Sequence[LayerCost]]
 """Per-layer costs under each recomputation policy the layout may use (one entry when pinned)."""
@@ -190,14 +191,31 @@ def _partition(layout: Layout, variants: Sequence[StageCosts], budget: float, ca
     candidate = _fastest(layout, variants[quick], quick, budget, cache, key)
     if candidate is not None:
         return candidate, True
+    # the rest of the DP's input is in ``key`` (times, activations, sends: the setting and the pipeline shape);
+    # layouts whose states agree (ZeRO 1 and 2 under accumulation, say) share the memory-constrained solution
+    constrained = ("policies", key, budget, *(c.static_mem_bytes for c in variants))
+    solution = cache.get(constrained) if cache is not None else None
+    if solution is None:
+        solution = _constrained(layout, variants, budget)
+        if cache is not None:
+            cache[constrained] = solution
+    bounds, policies, fits = solution
+    return _priced(layout, variants, bounds, policies), fits
+
+
+def _constrained(layout: Layout, variants: Sequence[StageCosts],
+                 budget: float) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """(boundaries, per-stage policies, fits) of the memory-constrained DP; when no partition fits, the even
+    split on the leanest policy (priced to say by how much it misses)."""
     stages, v = layout.pp * layout.virtual_stages, layout.virtual_stages
     try:
-        return solve_stage_policies(variants, num_stages=stages, num_micro_batches=layout.num_micro_batches,
-                                    mem_budget_bytes=budget, schedule=layout.schedule, virtual_stages=v), True
+        chosen = solve_stage_policies(variants, num_stages=stages, num_micro_batches=layout.num_micro_batches,
+                                      mem_budget_bytes=budget, schedule=layout.schedule, virtual_stages=v)
+        return tuple(chosen.partition.boundaries), chosen.policies, True
     except InfeasibleStagePartitionError:
         n = variants[0].num_layers
         leanest = min(range(len(variants)), key=lambda p: sum(variants[p].activation_bytes))
-        return _priced(layout, variants, [round(j * n / stages) for j in range(stages + 1)], [leanest] * stages), False
+        return tuple(round(j * n / stages) for j in range(stages + 1)), (leanest,) * stages, False
 
 
 def _cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, budget: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from autopar.errors import InfeasiblePlanError
 from autopar.plan import Schedule
-from autopar.schedule import in_flight_per_stage, schedule_weights
+from autopar.schedule import in_flight_per_stage, schedule_order, schedule_weights
 from autopar.solvers.oracles import brute_force_stage_partition
 from autopar.solvers.pipeline.band import feasible_width, partition_times
 from autopar.solvers.pipeline.stage_dp import (
@@ -113,6 +114,20 @@ def test_in_flight_per_stage_per_schedule() -> None:
     # state): micro-batches 0, 1 on chunk 0, then 0, 1 on chunk 1, then 2 on chunk 0.
     assert in_flight_per_stage(Schedule.INTERLEAVED_1F1B, pp=2, num_micro_batches=4,
                                    virtual_stages=2) == (3, 2, 2, 1)
+
+
+@pytest.mark.parametrize("schedule,pp,m,v", [
+    (Schedule.GPIPE, 3, 5, 1), (Schedule.ONE_F_ONE_B, 4, 2, 1), (Schedule.ONE_F_ONE_B, 5, 12, 1),
+    (Schedule.INTERLEAVED_1F1B, 2, 4, 2), (Schedule.INTERLEAVED_1F1B, 4, 8, 3),
+    (Schedule.INTERLEAVED_1F1B, 4, 12, 2), (Schedule.INTERLEAVED_1F1B, 8, 4, 4),
+    (Schedule.INTERLEAVED_1F1B, 3, 9, 5)])
+def test_in_flight_per_stage_reads_the_schedule_order(schedule: Schedule, pp: int, m: int, v: int) -> None:
+    """The closed form counts what the action order holds: each rank's forwards before its first backward."""
+    counts = [0] * (pp * v)
+    for actions in schedule_order(schedule, pp=pp, num_micro_batches=m, virtual_stages=v):
+        for action in itertools.takewhile(lambda a: a.forward, actions):
+            counts[action.stage] += 1
+    assert in_flight_per_stage(schedule, pp=pp, num_micro_batches=m, virtual_stages=v) == tuple(counts)
 
 
 def test_schedule_weights() -> None:
