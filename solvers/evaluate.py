@@ -130,9 +130,9 @@ def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas)
     return fixed
 
 
-PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], ...]]
-"""Time-optimal (boundaries, per-stage policy) keyed by what they depend on (not memory), and memory-constrained
-(boundaries, per-stage policy, fits) keyed by that and the budget and static bytes: see ``_partition``."""
+PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...], bool]]
+"""(boundaries, per-stage policy, fits): time-optimal ones keyed by what they depend on (not memory), and
+memory-constrained ones keyed by that and the budget and static bytes: see ``_partition``."""
 
 Variants = Mapping[Recompute, Sequence[LayerCost]]
 """Per-layer costs under each recomputation policy the layout may use (one entry when pinned)."""
@@ -157,8 +157,8 @@ def _fastest(layout: Layout, fastest: StageCosts, quick: int, budget: float, cac
     if key not in cache:  # without a memory limit every stage takes the fastest policy
         best = solve_stage_partition(fastest, num_stages=stages, num_micro_batches=m, mem_budget_bytes=math.inf,
                                      schedule=schedule, virtual_stages=v)
-        cache[key] = (best.boundaries, (quick,) * stages)
-    bounds, policies = cache[key]
+        cache[key] = (tuple(best.boundaries), (quick,) * stages, True)
+    bounds, policies, _ = cache[key]
     candidate = _priced(layout, [fastest], bounds, [0] * stages)  # every stage on the fastest policy
     if max(candidate.partition.rank_mem_bytes) > budget:
         return None
