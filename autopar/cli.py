@@ -35,7 +35,7 @@ from autopar._signals import Interrupted, signals_raise
 from autopar.cost_models.cluster import TRAINING_DTYPES
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
-from autopar.layout import PIN_ALIASES, PIN_TYPES, Pins
+from autopar.layout import PIN_ALIASES, PIN_TYPES, Pins, Runtime
 from autopar.plan import Plan
 
 if TYPE_CHECKING:
@@ -172,6 +172,9 @@ def plan(
                                            "restarts and checkpoints are paid for).")] = "throughput",
     contingency: Annotated[int, typer.Option(min=0, help="Precompute plans for losing 1 … N nodes, so that "
                                              "`autopar replan` answers at once.")] = 0,
+    runtime: Annotated[Runtime, typer.Option(help="The training program to price: autopar (what `autopar.parallelize` "
+                                         "runs) or megatron (Megatron-LM's, for `autopar export --to megatron`).")
+                       ] = Runtime.AUTOPAR,
 ) -> None:
     """Find the fastest plans for MODEL on a cluster and print them ranked.
 
@@ -194,7 +197,7 @@ def plan(
         resolved = resolve_model(model, seq_len=seq)
         ranked = api.plan_ranked(resolved.module, resolved.example_inputs, cluster=target,
                                  global_batch_size=global_batch, constraints=pins, top_k=top, dtype=dtype,
-                                 calibration=table, progress=progress, objective=goal)
+                                 calibration=table, progress=progress, objective=goal, runtime=runtime)
     plans = [dataclasses.replace(p, model_name=resolved.name) for p in ranked]
     if contingency:
         from autopar.replanning import precompute_contingencies
