@@ -353,7 +353,8 @@ def export(
 
     if out is not None:
         check_writable(out, what="--out")
-    result = export_plan(load_plan(plan_file, model=model, seq=seq), to)
+    loaded = load_plan(plan_file, model=model, seq=seq)
+    result = export_plan(loaded, to)
     err = _err()
     if out is None:
         typer.echo(result.text, nl=False)
@@ -365,8 +366,17 @@ def export(
         for name, text in result.extras.items():
             _write(out.parent / name, text)
         err.print(f"wrote {escape(str(out))}" + "".join(f", {escape(str(out.parent / n))}" for n in result.extras))
-    for note in result.notes:
+    for note in (*result.notes, *_runtime_notes(loaded, to)):
         err.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _runtime_notes(plan: Plan, to: ExportTarget) -> tuple[str, ...]:
+    """A warning when a plan goes to Megatron-LM priced for another program (its memory and step differ)."""
+    if to is ExportTarget.MEGATRON and plan.runtime is not Runtime.MEGATRON:
+        return (f"this plan was priced for runtime {plan.runtime.value}'s program, not Megatron-LM's (its gradient "
+                "buffer, distributed optimizer and pipeline receives hold other bytes); re-plan with "
+                "`autopar plan ... --runtime megatron` to price what Megatron-LM will run",)
+    return ()
 
 
 def _write(path: Path, text: str) -> None:
