@@ -48,7 +48,8 @@ class RuntimeProgram:
     the loss is computed inside the stage's forward and its output is the loss (Megatron's ``forward_step``)."""
     vocab_parallel_loss: bool
     """The loss runs on vocab-split logits without gathering them (Megatron's ``vocab_parallel_cross_entropy``:
-    saved and working bytes at V/t); read by the loss terms (``autopar/pricing.py``)."""
+    saved and working bytes at V/t). For the loss terms to read (``LayerPricer.program``, in
+    ``autopar/pricing.py::_loss_terms``); not read yet: they price the emitter's loss, whole-vocabulary memory."""
 
 
 PROGRAMS = MappingProxyType({
@@ -57,8 +58,8 @@ PROGRAMS = MappingProxyType({
         zero_stages=(0, 1, 2, 3), schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
         keeps_stage_output=True, vocab_parallel_loss=False),
     Runtime.MEGATRON: RuntimeProgram(
-        label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, vocab-parallel loss)", fsdp=False,
-        optimizer="fused", zero_stages=(0, 1), schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
+        label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
+        fsdp=False, optimizer="fused", zero_stages=(0, 1), schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
         recv_buffer_per_micro_batch=False, keeps_stage_output=False, vocab_parallel_loss=True),
 })
 """Runtime → its program (sources in the module docstring)."""
