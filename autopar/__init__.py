@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "Plan": "autopar.plan",
     "Layout": "autopar.layout",
     "Pins": "autopar.layout",
+    "Runtime": "autopar.layout",
     "PlanOptions": "autopar.api",
     "Cluster": "autopar.cost_models.cluster",
     "plan": "autopar.api",

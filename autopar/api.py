@@ -24,9 +24,10 @@ from autopar.capture import ExampleInputs, capture
 from autopar import goodput
 from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.cost_models.cluster import DTYPE_ALIASES, TRAINING_DTYPES, Cluster
-from autopar.errors import UserInputError
+from autopar.cost_models.runtimes import program_of
+from autopar.errors import PlanValidationError, UserInputError
 from autopar.graph.ir import OpGraph
-from autopar.layout import Pins
+from autopar.layout import Pins, Runtime
 from autopar.plan import Plan
 from autopar.pricing import LayerPricer, model_shape, run_search
 from autopar.solvers.search import SearchResult, require_plans, search_steps
@@ -60,6 +61,8 @@ class PlanOptions:
     """Model gradient reduction and parameter gathers as overlapping compute."""
     objective: goodput.Objective = goodput.Objective.THROUGHPUT
     """Rank by step time, or by expected goodput once failures and checkpoints are paid for."""
+    runtime: Runtime = Runtime.AUTOPAR
+    """The training program priced: autopar's emitter (``autopar run``), or Megatron-LM's (``autopar export``)."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "top_k"):
@@ -78,11 +81,15 @@ class PlanOptions:
         for name in ("allow_cross_node_tp", "overlap_grad_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise UserInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.runtime, Runtime):
+            raise UserInputError(f"runtime must be a Runtime, got {self.runtime!r}")
+        _check_pins_for_runtime(self.pins, self.runtime)
 
     @classmethod
     def from_args(cls, *, global_batch_size: Any, constraints: Pins | Mapping[str, Any] | None = None,
                   top_k: Any = 1, dtype: Any = None, calibration: Any = None, allow_cross_node_tp: Any = False,
-                  overlap_grad_reduce: Any = True, objective: Any = goodput.Objective.THROUGHPUT) -> PlanOptions:
+                  overlap_grad_reduce: Any = True, objective: Any = goodput.Objective.THROUGHPUT,
+                  runtime: Any = Runtime.AUTOPAR) -> PlanOptions:
         """The options from ``plan``'s keyword arguments: pins parsed, dtype aliases resolved, all checked."""
         if constraints is not None and not isinstance(constraints, (Pins, Mapping)):
             raise UserInputError(f"constraints must be a mapping of pins or a Pins value, "
@@ -92,18 +99,42 @@ class PlanOptions:
             dtype = DTYPE_ALIASES.get(dtype, dtype)
         return cls(global_batch_size=global_batch_size, pins=pins, top_k=top_k, dtype=dtype, calibration=calibration,
                    allow_cross_node_tp=allow_cross_node_tp, overlap_grad_reduce=overlap_grad_reduce,
-                   objective=goodput.parse_objective(objective))
+                   objective=goodput.parse_objective(objective), runtime=parse_runtime(runtime))
 
     def training_dtype(self, cluster: Cluster) -> str:
         """``dtype``, or the cluster's GPU's best 16-bit type when unset."""
         return self.dtype or cluster.gpu.best_training_dtype()
 
 
+def parse_runtime(runtime: Runtime | str) -> Runtime:
+    """``runtime`` as a ``Runtime``; raises ``UserInputError`` naming the choices."""
+    try:
+        return Runtime(runtime)
+    except ValueError:
+        raise UserInputError(f"runtime {runtime!r} is not one autopar prices; use one of "
+                             f"{', '.join(r.value for r in Runtime)}") from None
+
+
+def _check_pins_for_runtime(pins: Pins, runtime: Runtime) -> None:
+    """Refuse pins the runtime's program does not run (``cost_models/runtimes.py``)."""
+    program = program_of(runtime)
+    if pins.zero_stage is not None and pins.zero_stage not in program.zero_stages:
+        raise PlanValidationError(
+            f"zero_stage={pins.zero_stage} is not priced for runtime {runtime.value}: it prices Megatron-LM's DDP "
+            f"and distributed optimizer (ZeRO {' and '.join(map(str, program.zero_stages))}), not Megatron-FSDP; "
+            f"pin zero_stage=1 (or 0), or plan with runtime autopar")
+    if pins.schedule is not None and pins.schedule not in program.schedules:
+        raise PlanValidationError(
+            f"schedule={pins.schedule.value} is not a schedule runtime {runtime.value} runs; pin one of "
+            f"{', '.join(s.value for s in program.schedules)}, or plan with runtime autopar")
+
+
 def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | str | Path,
          global_batch_size: int, constraints: Pins | Mapping[str, Any] | None = None, dtype: str | None = None,
          calibration: CalibrationTable | None = None, allow_cross_node_tp: bool = False,
          overlap_grad_reduce: bool = True, progress: Progress | None = None,
-         objective: goodput.Objective | str = goodput.Objective.THROUGHPUT) -> Plan:
+         objective: goodput.Objective | str = goodput.Objective.THROUGHPUT,
+         runtime: Runtime | str = Runtime.AUTOPAR) -> Plan:
     """Find the fastest plan for ``model`` on ``cluster`` that fits in memory.
 
     Args:
@@ -124,6 +155,8 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | 
         objective: ``"throughput"`` ranks by step time; ``"goodput"`` by expected throughput once
             failures, restarts and checkpoints are paid for (``autopar/goodput.py``). Every plan
             carries its goodput estimate and checkpoint interval in ``Plan.reliability`` either way.
+        runtime: the training program to price: ``"autopar"`` (what ``parallelize`` runs) or ``"megatron"``
+            (Megatron-LM's program, for ``autopar export --to megatron``; ``cost_models/runtimes.py``).
 
     Returns:
         The best ``Plan``. ``plan_ranked`` returns the best few.
@@ -136,7 +169,7 @@ def plan(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Cluster | 
     """
     options = PlanOptions.from_args(global_batch_size=global_batch_size, constraints=constraints, dtype=dtype,
                                     calibration=calibration, allow_cross_node_tp=allow_cross_node_tp,
-                                    overlap_grad_reduce=overlap_grad_reduce, objective=objective)
+                                    overlap_grad_reduce=overlap_grad_reduce, objective=objective, runtime=runtime)
     return rank_plans(_capture(model, example_inputs, progress), cluster, options, progress)[0]
 
 
@@ -145,11 +178,12 @@ def plan_ranked(model: nn.Module, example_inputs: ExampleInputs, *, cluster: Clu
                 dtype: str | None = None, calibration: CalibrationTable | None = None,
                 allow_cross_node_tp: bool = False, overlap_grad_reduce: bool = True,
                 progress: Progress | None = None,
-                objective: goodput.Objective | str = goodput.Objective.THROUGHPUT) -> tuple[Plan, ...]:
+                objective: goodput.Objective | str = goodput.Objective.THROUGHPUT,
+                runtime: Runtime | str = Runtime.AUTOPAR) -> tuple[Plan, ...]:
     """``plan``, returning the ``top_k`` best plans (fewer when fewer fit), best first."""
     options = PlanOptions.from_args(global_batch_size=global_batch_size, constraints=constraints, top_k=top_k,
                                     dtype=dtype, calibration=calibration, allow_cross_node_tp=allow_cross_node_tp,
-                                    overlap_grad_reduce=overlap_grad_reduce, objective=objective)
+                                    overlap_grad_reduce=overlap_grad_reduce, objective=objective, runtime=runtime)
     return rank_plans(_capture(model, example_inputs, progress), cluster, options, progress)
 
 
@@ -179,7 +213,8 @@ def rank_plans(graph: OpGraph, cluster: Cluster | str | Path, options: PlanOptio
         options.calibration.require_device(resolved.gpu.name)
     dtype = options.training_dtype(resolved)
     report("price", 0.0)
-    pricing = LayerPricer(graph, resolved, dtype=dtype, calibration=options.calibration)  # 3. cost models
+    pricing = LayerPricer(graph, resolved, dtype=dtype, calibration=options.calibration,  # 3. cost models
+                          runtime=options.runtime)
     report("search", 0.0)
     goal = options.objective
     wanted = options.top_k + 1 if goal is goodput.Objective.THROUGHPUT else max(options.top_k + 1,
@@ -199,7 +234,9 @@ def _search(graph: OpGraph, cluster: Cluster, pricing: LayerPricer, options: Pla
             report: Progress) -> SearchResult:
     space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=cluster.gpus_per_node,
                         global_batch_size=options.global_batch_size, constraints=options.pins,
-                        allow_cross_node_tp=options.allow_cross_node_tp)
+                        allow_cross_node_tp=options.allow_cross_node_tp,
+                        zero_stages=program_of(options.runtime).zero_stages,
+                        schedules=program_of(options.runtime).schedules)
     steps = search_steps(space, pricing.prices(), top_k=top_k, overlap_grad_reduce=options.overlap_grad_reduce,
                          progress=lambda done: report("search", done))
     return run_search(steps, pricing)  # the search asks for the settings it reads; they are priced as values
@@ -228,7 +265,8 @@ def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan |
     receives that plan; a planning error reaches every rank with its own class.
 
     Raises:
-        UserInputError: Neither a plan nor a cluster and batch size were given.
+        UserInputError: Neither a plan nor a cluster and batch size were given, or the plan was priced for
+            another runtime's program (``Plan.runtime``).
         AutoparError: Whatever planning or emission raised (same class on every rank).
     """
     import os
@@ -251,4 +289,8 @@ def parallelize(model: nn.Module, example_inputs: ExampleInputs, *, plan: Plan |
             return made.to_json()
 
         plan = Plan.from_json(share_from_rank0(make))
+    if plan.runtime is not Runtime.AUTOPAR:  # its memory was priced for another program than the one emitted
+        raise UserInputError(f"this plan was priced for runtime {plan.runtime.value} "
+                             f"({plan.predicted.sources.get('runtime', '')}), not for the program autopar runs; "
+                             "re-plan with runtime='autopar' to run it here, or export it to that library")
     return emit(model, example_inputs, plan=plan, seed=seed)

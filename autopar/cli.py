@@ -35,7 +35,7 @@ from autopar._signals import Interrupted, signals_raise
 from autopar.cost_models.cluster import TRAINING_DTYPES
 from autopar.errors import AutoparError, InfeasiblePlanError, UserInputError
 from autopar.export.base import ExportTarget
-from autopar.layout import PIN_ALIASES, PIN_TYPES, Pins
+from autopar.layout import PIN_ALIASES, PIN_TYPES, Pins, Runtime
 from autopar.plan import Plan
 
 if TYPE_CHECKING:
@@ -172,6 +172,9 @@ def plan(
                                            "restarts and checkpoints are paid for).")] = "throughput",
     contingency: Annotated[int, typer.Option(min=0, help="Precompute plans for losing 1 … N nodes, so that "
                                              "`autopar replan` answers at once.")] = 0,
+    runtime: Annotated[Runtime, typer.Option(help="The training program to price: autopar (what `autopar.parallelize` "
+                                         "runs) or megatron (Megatron-LM's, for `autopar export --to megatron`).")
+                       ] = Runtime.AUTOPAR,
 ) -> None:
     """Find the fastest plans for MODEL on a cluster and print them ranked.
 
@@ -194,7 +197,7 @@ def plan(
         resolved = resolve_model(model, seq_len=seq)
         ranked = api.plan_ranked(resolved.module, resolved.example_inputs, cluster=target,
                                  global_batch_size=global_batch, constraints=pins, top_k=top, dtype=dtype,
-                                 calibration=table, progress=progress, objective=goal)
+                                 calibration=table, progress=progress, objective=goal, runtime=runtime)
     plans = [dataclasses.replace(p, model_name=resolved.name) for p in ranked]
     if contingency:
         from autopar.replanning import precompute_contingencies
@@ -350,7 +353,8 @@ def export(
 
     if out is not None:
         check_writable(out, what="--out")
-    result = export_plan(load_plan(plan_file, model=model, seq=seq), to)
+    loaded = load_plan(plan_file, model=model, seq=seq)
+    result = export_plan(loaded, to)
     err = _err()
     if out is None:
         typer.echo(result.text, nl=False)
@@ -362,8 +366,17 @@ def export(
         for name, text in result.extras.items():
             _write(out.parent / name, text)
         err.print(f"wrote {escape(str(out))}" + "".join(f", {escape(str(out.parent / n))}" for n in result.extras))
-    for note in result.notes:
+    for note in (*result.notes, *_runtime_notes(loaded, to)):
         err.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _runtime_notes(plan: Plan, to: ExportTarget) -> tuple[str, ...]:
+    """A warning when a plan goes to Megatron-LM priced for another program (its memory and step differ)."""
+    if to is ExportTarget.MEGATRON and plan.runtime is not Runtime.MEGATRON:
+        return (f"this plan was priced for runtime {plan.runtime.value}'s program, not Megatron-LM's (its gradient "
+                "buffer, distributed optimizer and pipeline receives hold other bytes); re-plan with "
+                "`autopar plan ... --runtime megatron` to price what Megatron-LM will run",)
+    return ()
 
 
 def _write(path: Path, text: str) -> None:

@@ -58,6 +58,15 @@ class Collective(StrEnum):
     SEND_RECV = "p2p"
 
 
+class Runtime(StrEnum):
+    """The training program a plan is priced for (``cost_models/program_memory.py`` selects its terms):
+    ``autopar``, what ``autopar run`` emits (FSDP2 + torch pipelining); ``megatron``, Megatron-LM's (DDP grad
+    buffer, distributed optimizer, its p2p schedules), what ``autopar export --to megatron`` writes for."""
+
+    AUTOPAR = "autopar"
+    MEGATRON = "megatron"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Layout:
     """The parallel layout: the knobs a person would set by hand."""
@@ -377,6 +386,7 @@ __all__ = [
     "PIN_TYPES",
     "Pins",
     "Recompute",
+    "Runtime",
     "Schedule",
     "TPStyle",
 ]

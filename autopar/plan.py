@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from autopar._compat import StrEnum
 from autopar._modules import make_callable
 from autopar.errors import PlanValidationError
-from autopar.layout import CommBreakdown, Layout, MemoryBreakdown, Recompute, Schedule, TPStyle
+from autopar.layout import CommBreakdown, Layout, MemoryBreakdown, Recompute, Runtime, Schedule, TPStyle
 
 if TYPE_CHECKING:  # cost_models imports this module's vocabulary: load the record classes on use
     from autopar.cost_models.reliability import GoodputEstimate
@@ -169,6 +169,9 @@ class Plan:
     """Number of layers in the graph (stages must cover 0 … num_layers exactly)."""
     explanation: tuple[str, ...] = ()
     """Lines saying why this plan won against the runner-up (filled by the planner)."""
+    runtime: Runtime = Runtime.AUTOPAR
+    """The training program it was priced for (``cost_models/runtimes.py``): autopar's emitter, or Megatron-LM's;
+    optional in files (older plans were priced for autopar's)."""
     schema_version: int = SCHEMA_VERSION
     """Schema of this value; see ``SCHEMA_VERSION``."""
     reliability: GoodputEstimate | None = None
@@ -216,6 +219,8 @@ class Plan:
             f"(MFU {p.mfu:.1%}), {p.tokens_per_s:,.0f} tokens/s, bubble {p.bubble_fraction:.1%}",
             f"  peak memory {p.peak_memory_bytes / 2**30:.1f} GiB of {p.memory[0].capacity / 2**30:.1f} GiB",
         ]
+        if self.runtime is not Runtime.AUTOPAR:  # autopar's own program: the default, said by omission
+            lines.append(f"  priced for: {p.sources.get('runtime', self.runtime.value)}")
         lines.extend(self.explanation)
         return "\n".join(lines)
 
@@ -359,7 +364,7 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-_ENUMS: Mapping[str, type[StrEnum]] = {"recompute": Recompute, "schedule": Schedule}
+_ENUMS: Mapping[str, type[StrEnum]] = {"recompute": Recompute, "schedule": Schedule, "runtime": Runtime}
 _NESTED: Mapping[str, type] = {
     "layout": Layout,
     "predicted": Predicted,

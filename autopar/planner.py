@@ -53,6 +53,6 @@ def build_plans(ranked: Sequence[Evaluation], graph: OpGraph, pricing: LayerPric
             num_gpus_available=num_gpus, gpus_per_node=gpus_per_node, seq_len=seq_len, dtype=dtype,
             layout=ev.layout, stages=_stages(ev, graph, pricing),
             predicted=_predicted(ev, pricing, seq_len=seq_len, sources=sources), num_layers=len(graph.layers),
-            explanation=explain_choice(ev, runner_up),
+            explanation=explain_choice(ev, runner_up), runtime=pricing.runtime,
         ))
     return plans

@@ -24,8 +24,9 @@ from autopar.cost_models.dtensor_host import REDUCING_COLLECTIVES
 from autopar.cost_models.cluster import Cluster
 from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.cost_models.layer_info import layer_capture_dtype
+from autopar.cost_models.runtimes import RuntimeProgram, program_of
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
-from autopar.layout import Recompute
+from autopar.layout import Recompute, Runtime
 from autopar.plan import ShardingPlan
 from autopar.solvers.costs import LayerCost, LayerCostTable, LayerSetting, PriceTable
 from autopar.solvers.search import SearchResult, Steps
@@ -58,13 +59,14 @@ class LayerPricer:
     """
 
     def __init__(self, graph: OpGraph, cluster: Cluster, *, dtype: str = "bfloat16", calibration: Any = None,
-                 _memo: _Memo | None = None) -> None:
+                 runtime: Runtime = Runtime.AUTOPAR, _memo: _Memo | None = None) -> None:
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"training dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.graph = graph
         self.cluster = cluster
         self.dtype = dtype
         self.calibration = calibration
+        self.runtime = Runtime(runtime)  # the program priced; the layer rows do not depend on it (yet: _loss_terms)
         self._kinds = {layer.kind: layer for layer in graph.layers}  # first layer of each kind
         self._layer_kinds = tuple(layer.kind for layer in graph.layers)
         # layers whose input differs in size from their kind's first layer's: boundary priced apart (read once)
@@ -77,7 +79,8 @@ class LayerPricer:
 
     def for_cluster(self, cluster: Cluster) -> LayerPricer:
         """The same graph on another cluster; rows already priced are reused when its nodes are the same."""
-        return LayerPricer(self.graph, cluster, dtype=self.dtype, calibration=self.calibration, _memo=self._memo)
+        return LayerPricer(self.graph, cluster, dtype=self.dtype, calibration=self.calibration, runtime=self.runtime,
+                           _memo=self._memo)
 
     @property
     def peak_flops_per_s(self) -> float:
@@ -97,7 +100,12 @@ class LayerPricer:
 
     def prices(self, settings: Iterable[LayerSetting] = ()) -> PriceTable:
         """A ``PriceTable`` for this pricer's cluster holding ``settings``."""
-        return PriceTable(layers=self.table(settings), cluster=self.cluster, dtype=self.dtype)
+        return PriceTable(layers=self.table(settings), cluster=self.cluster, dtype=self.dtype, runtime=self.runtime)
+
+    @property
+    def program(self) -> RuntimeProgram:
+        """What the priced runtime runs; ``program.vocab_parallel_loss`` says whether its loss holds V/t."""
+        return program_of(self.runtime)
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
         """Per layer kind: the ILP's sharding at this TP size (empty at tp = 1)."""
@@ -110,7 +118,7 @@ class LayerPricer:
         calib = getattr(self.calibration, "device_name", None)
         found = {"compute": "profiled table + roofline" if calib else "roofline",
                  "calibration": str(calib or "none"), "communication": "alpha-beta (NCCL tuning model)",
-                 "memory": "saved tensors measured on meta + ZeRO formulas"}
+                 "memory": "saved tensors measured on meta + ZeRO formulas", "runtime": self.program.label}
         if has_routed_experts([op.target for layer in self._kinds.values() for op in layer.ops]):  # one per kind
             found["experts"] = MOE_ROUTING_SOURCE
         return found

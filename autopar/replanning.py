@@ -175,7 +175,7 @@ def _pricing(plan: Plan, cluster: Cluster, *, graph: OpGraph | None, model: Any,
             from autopar.capture import capture
 
             graph = capture(model, example_inputs)
-        pricing = LayerPricer(graph, cluster, dtype=plan.dtype, calibration=calibration)
+        pricing = LayerPricer(graph, cluster, dtype=plan.dtype, calibration=calibration, runtime=plan.runtime)
     plan.validate_for(pricing.graph.fingerprint())
     if pricing.dtype != plan.dtype:
         raise PlanValidationError(f"the pricing is for {pricing.dtype} but the plan trains in {plan.dtype}")
@@ -281,7 +281,7 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: LayerPricer,
     from autopar.solvers.costs import Formulas
     from autopar.solvers.evaluate import PartitionCache, evaluate_layout
 
-    formulas = Formulas(survivors, pricing.dtype)
+    formulas = Formulas(survivors, pricing.dtype, pricing.runtime)
     seen: set[Layout] = set()
     cache: PartitionCache = {}
     scored: list[tuple[bool, float, int, Evaluation]] = []
@@ -310,7 +310,8 @@ def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, *, many: bool)
     from autopar.solvers.space import build_space
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
-                        gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size)
+                        gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size,
+                        zero_stages=pricing.program.zero_stages, schedules=pricing.program.schedules)
     from autopar.goodput import GOODPUT_CANDIDATES
 
     result = run_search(search_steps(space, pricing.prices(), top_k=GOODPUT_CANDIDATES if many else 2), pricing)

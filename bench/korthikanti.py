@@ -1,12 +1,18 @@
 """Pinned Megatron-LM configurations of Korthikanti et al. (2022): predicted vs measured step time.
 
-    python bench/korthikanti.py [--models 22b,175b,530b,1t]
+    python bench/korthikanti.py [--models 22b,175b,530b,1t] [--runtime megatron|autopar]
 
 Each row prices the published layout (TP 8, the paper's PP, micro-batch and global batch,
 A100-80GB nodes, s = 2048, V = 51200) with full recompute and with selective recompute +
 sequence parallelism, and prints the predicted step time next to the measured one (Tables
 3 and 5, ../shared/reference/published-results.md), their ratio, and predicted MFU vs the
 published MFU. Nothing here tunes the model to these numbers.
+
+The rows are priced for Megatron-LM's program (``--runtime megatron``, the default here:
+``cost_models/runtimes.py``): its gradient buffer and distributed optimizer, its per-transfer
+pipeline receives, its ``FusedAdam`` (apex or Transformer Engine, ``megatron/core/optimizer/__init__.py``;
+the paper's runs used apex's, ``megatron/optimizer/__init__.py``) with ``--clip-grad 1.0``.
+``--runtime autopar`` prices what autopar's own emitter would hold on the same layouts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ import time
 import torch
 
 import autopar
-from autopar.solvers import costs
 from autopar.api import plan_graph
 from autopar.examples.gpt import GPT, GPTConfig
 
@@ -35,20 +40,14 @@ on the s×s probabilities and ·V, the tensors their 5as/h activation term count
 dropout 0.1 (Brown et al. 2020), whose masks their 34sbh term counts. The GPT example spells that out with
 ``fused_attention=False``; SDPA's flash kernel (causal, no s×s tensor) is another, cheaper program."""
 
-MEGATRON_OPTIMIZER = "fused"
-"""Megatron-LM's Adam is apex's ``FusedAdam`` (``megatron/optimizer/__init__.py``: ``from apex.optimizers import
-FusedAdam as Adam``), a multi-tensor kernel that reads and writes each state once: the planner's ``fused`` AdamW
-(28 B/param), plus ``--clip-grad 1.0`` (its default, ``arguments.py``). The planner's default is torch's foreach
-AdamW (``solvers/costs.py``: ``OPTIMIZER``), what torchtitan and a plain ``torch.optim.AdamW`` on GPUs run."""
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(PUBLISHED))
+    parser.add_argument("--runtime", default=autopar.Runtime.MEGATRON.value, choices=[r.value for r in autopar.Runtime])
     args = parser.parse_args()
-    costs.OPTIMIZER = MEGATRON_OPTIMIZER  # the runs' own optimizer implementation (see above)
     print(f"{'model':<6} {'setting':<14} {'predicted s':>11} {'measured s':>10} {'ratio':>6} "
-          f"{'pred MFU':>8} {'pub MFU':>7}  plan time")
+          f"{'pred MFU':>8} {'pub MFU':>7} {'peak GiB':>8}  plan time")
     for name in args.models.split(","):
         heads, hidden, layers, tp, pp, gpus, gbs, mbs, full_s, sel_s, mfu = PUBLISHED[name]
         cfg = GPTConfig(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=VOCAB, block_size=SEQ, bias=True,
@@ -63,16 +62,16 @@ def main() -> None:
         ):
             start = time.perf_counter()
             try:
-                plan = plan_graph(graph, cluster=cluster, global_batch_size=gbs,
+                plan = plan_graph(graph, cluster=cluster, global_batch_size=gbs, runtime=args.runtime,
                                   constraints=dict(dp=1, tp=tp, pp=pp, micro_batch_size=mbs, schedule="1f1b",
                                                    zero_stage=0, **pins))
-            except autopar.InfeasiblePlanError as e:  # autopar's emitted program may hold more than Megatron's
+            except autopar.InfeasiblePlanError as e:  # (with --runtime autopar) the emitter may hold more
                 print(f"{name:<6} {setting:<14} {'':>11} {measured:10.2f}  no plan fits: {e}")
                 continue
             elapsed = time.perf_counter() - start
             p = plan.predicted
             print(f"{name:<6} {setting:<14} {p.step_time_s:11.2f} {measured:10.2f} {p.step_time_s / measured:6.2f} "
-                  f"{p.mfu:8.1%} {mfu:7.1%}  {elapsed:.2f} s")
+                  f"{p.mfu:8.1%} {mfu:7.1%} {p.peak_memory_bytes / 2**30:8.1f}  {elapsed:.2f} s")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,18 @@ axis for a bf16 plan) and ``torch.distributed.pipelining``, whose allocations ar
   (``fwd_cache``) until its backward: on the last stage, the logits.
 
 A fp32 plan without data parallelism has no FSDP: plain fp32 weights, gradients and Adam moments.
+
+Megatron-LM's program (``runtime=Runtime.MEGATRON``, ``runtimes.py``) holds other things, read off megatron-core
+0.16.1: weights in the training dtype; one contiguous gradient buffer (``main_grad``, ``DistributedDataParallel``
+and ``param_and_grad_buffer.py``) alive all step, accumulated over micro-batches and reduced in place (all-reduce,
+or with the distributed optimizer a reduce-scatter into a view of the same buffer: no extra buffer), fp32 for
+bf16 and fp32 training, fp16 for fp16; fp32 master weights and Adam moments (and for fp16 an fp32 copy of the
+gradients, ``Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads``), sharded over dp by the
+distributed optimizer (ZeRO 1: ``distrib_optimizer.py``). Per parameter: bf16 18 B (6 + 12/dp distributed),
+fp16 20 (4 + 16/dp), fp32 16 (8 + 8/dp), the table of Megatron-LM's ``docs/source/distrib_optimizer.md``. Its
+pipeline (``p2p_communication.py::_communicate``) allocates one receive tensor per transfer: the activation it
+receives is the stage input that ``schedules.py`` keeps in ``input_tensors`` for backward (counted with the
+first layer's saved activations), the gradient it receives lives for one backward.
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ import math
 from dataclasses import dataclass
 
 from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, bytes_per_param
+from autopar.cost_models.runtimes import program_of
 from autopar.graph.ir import DTYPE_BYTES
+from autopar.layout import Runtime
 
 FP32_BYTES = 4
 """fp32 master weights (FSDP's sharded parameters) and FSDP's reduce dtype (``emit/dp.py``: ``reduce_dtype``)."""
@@ -67,6 +81,14 @@ class ProgramStateBytes:
     unsharded fp32 buffer (freed by the reduce), or ``grads`` themselves without FSDP; 0 with one micro-batch."""
     optimizer: int
     """Adam's moments and, under FSDP, the fp32 sharded parameters (the master weights)."""
+    resident_grads: int = 0
+    """Gradient bytes alive all step whatever the micro-batches (Megatron's contiguous ``main_grad`` buffer);
+    0 for autopar's program (gradients are set to None between steps)."""
+
+    def live_grads(self, *, backward_ran: bool) -> int:
+        """Gradient bytes alive at the activations' peak: the accumulation when a backward ran before it, and
+        the resident buffer always."""
+        return max(self.resident_grads, self.accumulated_grads if backward_ran else 0)
 
     @property
     def peak_grads(self) -> int:
@@ -80,8 +102,10 @@ class ProgramStateBytes:
 
 
 def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int, dtype: str,
-                                 num_micro_batches: int = 1, pipelined: bool = False) -> ProgramStateBytes:
-    """Weights, gradients and optimizer states of one GPU under the emitted FSDP2 program (module docstring).
+                                 num_micro_batches: int = 1, pipelined: bool = False,
+                                 runtime: Runtime = Runtime.AUTOPAR) -> ProgramStateBytes:
+    """Weights, gradients and optimizer states of one GPU under ``runtime``'s program (module docstring):
+    the emitted FSDP2 program by default, Megatron-LM's with ``Runtime.MEGATRON`` (``megatron_state_bytes``).
 
     Args:
         num_params: parameters this GPU holds before data parallelism (after TP/PP splits).
@@ -90,6 +114,7 @@ def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int,
         dtype: training dtype (the compute dtype of the unsharded copies).
         num_micro_batches: micro-batches per step on this rank; more than one accumulates gradients.
         pipelined: pp > 1 (torch's schedule keeps unsharded weights and accumulates over every micro-batch).
+        runtime: the program priced.
 
     Example:
         >>> s = estimate_program_state_bytes(1000, zero_stage=3, dp=4, dtype="bfloat16", num_micro_batches=2)
@@ -100,6 +125,8 @@ def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int,
         raise ValueError(f"bad model-state inputs: num_params={num_params}, zero_stage={zero_stage}, dp={dp}, "
                          f"num_micro_batches={num_micro_batches}")
     bytes_per_param(dtype)  # validates the training dtype
+    if not program_of(runtime).fsdp:
+        return megatron_state_bytes(num_params, zero_stage=zero_stage, dp=dp, dtype=dtype)
     n = int(num_params)
     accumulating = num_micro_batches > 1 or pipelined
     if not uses_fsdp(dp=dp, dtype=dtype):  # plain fp32: .grad accumulates in place
@@ -113,8 +140,45 @@ def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int,
                              optimizer=(FP32_BYTES + ADAM_MOMENT_BYTES) * owned)
 
 
+def grad_bytes_per_param(dtype: str, runtime: Runtime = Runtime.AUTOPAR) -> int:
+    """Bytes of one gradient element as accumulated and reduced over dp: FSDP2's ``reduce_dtype`` (fp32,
+    ``emit/dp.py``); Megatron's grad buffer dtype (fp32 for bf16 and fp32 training, fp16 for fp16).
+
+    Example:
+        >>> grad_bytes_per_param("float16"), grad_bytes_per_param("float16", Runtime.MEGATRON)
+        (4, 2)
+    """
+    if program_of(runtime).fsdp or dtype != "float16":
+        return FP32_BYTES
+    return DTYPE_BYTES[dtype]
+
+
+def megatron_state_bytes(num_params: float, *, zero_stage: int, dp: int, dtype: str) -> ProgramStateBytes:
+    """Weights, gradient buffer and optimizer states of one GPU under Megatron-LM (module docstring): ZeRO 0
+    (plain DDP) or ZeRO 1 (``--use-distributed-optimizer``). ZeRO 2/3 (Megatron-FSDP) are not Megatron layouts
+    the planner offers (``runtimes.PROGRAMS``); for them this returns the distributed optimizer's states, the
+    least Megatron holds, which the search's lower bounds may ask for.
+
+    Example:
+        >>> s = megatron_state_bytes(1000, zero_stage=1, dp=4, dtype="bfloat16")
+        >>> s.params, s.grads, s.resident_grads, s.optimizer   # 2 + 4 + 12/4 B per param
+        (2000, 4000, 4000, 3000)
+    """
+    if zero_stage not in (0, 1, 2, 3) or dp < 1 or num_params < 0:
+        raise ValueError(f"bad model-state inputs: num_params={num_params}, zero_stage={zero_stage}, dp={dp}")
+    n = int(num_params)
+    grad_width = grad_bytes_per_param(dtype, Runtime.MEGATRON)
+    # fp32 master weights unless the weights are fp32; an fp32 gradient copy when the buffer is not fp32
+    master = 0 if dtype == "float32" else FP32_BYTES
+    grad_copy = FP32_BYTES if grad_width != FP32_BYTES else 0
+    owned = math.ceil(n / dp) if zero_stage >= 1 else n
+    grads = grad_width * n
+    return ProgramStateBytes(params=DTYPE_BYTES[dtype] * n, grads=grads, accumulated_grads=grads,
+                             optimizer=(master + grad_copy + ADAM_MOMENT_BYTES) * owned, resident_grads=grads)
+
+
 def estimate_fsdp_gather_bytes(largest_unit_params: float, *, zero_stage: int, dp: int, dtype: str,
-                               pipelined: bool = False) -> float:
+                               pipelined: bool = False, runtime: Runtime = Runtime.AUTOPAR) -> float:
     """Bytes of ZeRO 3's gathered unit on top of the states, alive with the activations (its backward gather).
 
     Example:
@@ -123,14 +187,16 @@ def estimate_fsdp_gather_bytes(largest_unit_params: float, *, zero_stage: int, d
         >>> estimate_fsdp_gather_bytes(1000, zero_stage=2, dp=8, dtype="bfloat16")  # copies kept: in params
         0.0
     """
-    if zero_stage < 3 or pipelined or not uses_fsdp(dp=dp, dtype=dtype):
+    if zero_stage < 3 or pipelined or not uses_fsdp(dp=dp, dtype=dtype) or not program_of(runtime).fsdp:
         return 0.0
     return float(FSDP_GATHER_COPIES * DTYPE_BYTES[dtype] * largest_unit_params)
 
 
-def estimate_fsdp_reduce_bytes(largest_unit_params: float, *, zero_stage: int, dp: int, dtype: str) -> float:
+def estimate_fsdp_reduce_bytes(largest_unit_params: float, *, zero_stage: int, dp: int, dtype: str,
+                               runtime: Runtime = Runtime.AUTOPAR) -> float:
     """Bytes of one unit's gradient reduction on top of the gradients: the fp32 reduce-scatter input (whole unit)
-    and its output (the unit's shard; for ZeRO 0 the whole unit, then the unit's gradient itself).
+    and its output (the unit's shard; for ZeRO 0 the whole unit, then the unit's gradient itself). Megatron
+    reduces in place in its gradient buffer (``_ParamAndGradBucketGroup.start_grad_sync``): 0.
 
     Example:
         >>> estimate_fsdp_reduce_bytes(1000, zero_stage=2, dp=4, dtype="bfloat16")   # 4 B input + 4/4 B output
@@ -138,14 +204,14 @@ def estimate_fsdp_reduce_bytes(largest_unit_params: float, *, zero_stage: int, d
         >>> estimate_fsdp_reduce_bytes(1000, zero_stage=0, dp=1, dtype="float32")   # no FSDP: nothing reduced
         0.0
     """
-    if not uses_fsdp(dp=dp, dtype=dtype):
+    if not uses_fsdp(dp=dp, dtype=dtype) or not program_of(runtime).fsdp:
         return 0.0
     shard = largest_unit_params / (dp if zero_stage >= 1 else 1)
     return float(FP32_BYTES * (largest_unit_params + shard))
 
 
 def estimate_fixed_bytes(*, largest_unit_params: float, zero_stage: int, dp: int, dtype: str,
-                         pipelined: bool = False) -> float:
+                         pipelined: bool = False, runtime: Runtime = Runtime.AUTOPAR) -> float:
     """Bytes per GPU the stage DP reserves beside its per-layer sums (states, activations, the loss's working
     bytes): the runtime's reservation and the larger of ZeRO 3's gathered unit and one unit's reduction.
 
@@ -154,20 +220,39 @@ def estimate_fixed_bytes(*, largest_unit_params: float, zero_stage: int, dp: int
         True
     """
     gather = estimate_fsdp_gather_bytes(largest_unit_params, zero_stage=zero_stage, dp=dp, dtype=dtype,
-                                        pipelined=pipelined)
-    reduce = estimate_fsdp_reduce_bytes(largest_unit_params, zero_stage=zero_stage, dp=dp, dtype=dtype)
+                                        pipelined=pipelined, runtime=runtime)
+    reduce = estimate_fsdp_reduce_bytes(largest_unit_params, zero_stage=zero_stage, dp=dp, dtype=dtype,
+                                        runtime=runtime)
     return float(RUNTIME_RESERVED_BYTES + max(gather, reduce))
 
 
-def pipeline_recv_bytes(*, num_micro_batches: int, input_bytes: float, output_bytes: float) -> float:
-    """Receive buffers one pipeline stage chunk preallocates: one for its input per micro-batch (0 on the first
-    stage) and one for its output's gradient per micro-batch (0 on the last).
+def pipeline_recv_bytes(*, num_micro_batches: int, input_bytes: float, output_bytes: float,
+                        runtime: Runtime = Runtime.AUTOPAR) -> float:
+    """Receive buffers of one pipeline stage chunk beyond its saved activations. torch pipelining preallocates
+    one for its input per micro-batch (0 on the first stage) and one for its output's gradient per micro-batch
+    (0 on the last). Megatron allocates a tensor per transfer (``_communicate``): the received input is the stage
+    input saved for backward (already an activation), the received gradient lives for one backward: one.
 
     Example:
         >>> pipeline_recv_bytes(num_micro_batches=8, input_bytes=100, output_bytes=100)
         1600.0
+        >>> pipeline_recv_bytes(num_micro_batches=8, input_bytes=100, output_bytes=100, runtime=Runtime.MEGATRON)
+        100.0
     """
+    if not program_of(runtime).recv_buffer_per_micro_batch:
+        return float(output_bytes)
     return float(num_micro_batches * (input_bytes + output_bytes))
+
+
+def held_output_bytes(output_bytes: float, runtime: Runtime = Runtime.AUTOPAR) -> float:
+    """Bytes a pipeline stage keeps per in-flight micro-batch of its output when nothing saves it for backward
+    (the last stage's logits, torch's ``fwd_cache``); 0 under Megatron, whose last stage outputs the loss.
+
+    Example:
+        >>> held_output_bytes(100.0), held_output_bytes(100.0, Runtime.MEGATRON)
+        (100.0, 0.0)
+    """
+    return float(output_bytes) if program_of(runtime).keeps_stage_output else 0.0
 
 
 __all__ = [
@@ -179,6 +264,9 @@ __all__ = [
     "estimate_fixed_bytes",
     "estimate_fsdp_reduce_bytes",
     "estimate_program_state_bytes",
+    "grad_bytes_per_param",
+    "held_output_bytes",
+    "megatron_state_bytes",
     "pipeline_recv_bytes",
     "uses_fsdp",
 ]

@@ -22,8 +22,9 @@ from typing import NamedTuple
 
 from autopar.cost_models import comm, optimizer, program_memory
 from autopar.cost_models.cluster import Cluster
+from autopar.cost_models.runtimes import program_of
 from autopar.graph.ir import DTYPE_BYTES
-from autopar.layout import Collective, Recompute
+from autopar.layout import Collective, Recompute, Runtime
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -115,6 +116,8 @@ class PriceTable:
     """The hardware (memory, links, peak FLOP/s) the per-layout formulas read."""
     dtype: str
     """Training dtype (weights, gradients and activations)."""
+    runtime: Runtime = Runtime.AUTOPAR
+    """The training program priced (``cost_models/runtimes.py``): autopar's emitter, or Megatron-LM's."""
 
     @property
     def num_layers(self) -> int:
@@ -133,39 +136,38 @@ class PriceTable:
 
     def with_layers(self, more: LayerCostTable) -> PriceTable:
         """The same prices with ``more`` rows of layer costs."""
-        return PriceTable(layers=self.layers.merged(more), cluster=self.cluster, dtype=self.dtype)
+        return PriceTable(layers=self.layers.merged(more), cluster=self.cluster, dtype=self.dtype,
+                          runtime=self.runtime)
 
 
-OPTIMIZER = "foreach"
-"""The AdamW the planner prices (``optimizer.py``): torch's default on GPUs (``_default_to_fused_or_foreach``
-picks foreach when every tensor is on CUDA and neither flag is set), torchtitan's at its 2024-12 benchmark."""
 CLIP_GRAD_NORM = True
 """Gradients clipped by ``clip_grad_norm_(foreach=True)`` before the step (torchtitan ``max_norm = 1.0``,
 Megatron-LM ``--clip-grad 1.0``, nanoGPT ``grad_clip = 1.0``)."""
-REDUCE_BYTES = 4
-"""FSDP2 reduces gradients in fp32 (``emit/dp.py``: ``MixedPrecisionPolicy(reduce_dtype=torch.float32)``)."""
-
 
 class Formulas:
-    """The per-layout formulas on one cluster at one dtype: one ``cost_models`` call each, memoised by value.
+    """The per-layout formulas on one cluster at one dtype for one runtime's program: one ``cost_models`` call
+    each, memoised by value. The runtime selects the terms (``cost_models/runtimes.py``): the AdamW
+    implementation (autopar: torch's foreach, its default on GPUs; Megatron: ``FusedAdam``), the model states,
+    buffers and pipeline receive tensors (``program_memory``).
 
     One instance lives for one search (or one evaluation); it holds no state but the memo tables of
     pure functions of its arguments, so it never changes a result.
     """
 
-    __slots__ = ("cluster", "dtype", "_states", "_collectives", "_fixed")
+    __slots__ = ("cluster", "dtype", "runtime", "_states", "_collectives", "_fixed")
 
-    def __init__(self, cluster: Cluster, dtype: str) -> None:
+    def __init__(self, cluster: Cluster, dtype: str, runtime: Runtime = Runtime.AUTOPAR) -> None:
         self.cluster = cluster
         self.dtype = dtype
+        self.runtime = Runtime(runtime)
         self._states: dict[tuple[float, int, int, int, bool], program_memory.ProgramStateBytes] = {}
         self._collectives: dict[tuple[Collective, float, int, int], float] = {}
         self._fixed: dict[tuple[float, int, int, bool], float] = {}
 
     @classmethod
     def of(cls, prices: PriceTable) -> Formulas:
-        """The formulas of ``prices``'s cluster and dtype."""
-        return cls(prices.cluster, prices.dtype)
+        """The formulas of ``prices``'s cluster, dtype and runtime."""
+        return cls(prices.cluster, prices.dtype, prices.runtime)
 
     @property
     def gpu_mem_bytes(self) -> int:
@@ -174,12 +176,12 @@ class Formulas:
 
     def program_states(self, num_params: float, *, zero_stage: int, dp: int, num_micro_batches: int = 1,
                        pipelined: bool = False) -> program_memory.ProgramStateBytes:
-        """Model states per GPU as the emitted FSDP2 program holds them (``program_memory``)."""
+        """Model states per GPU as the runtime's program holds them (``program_memory``)."""
         key = (num_params, zero_stage, dp, num_micro_batches, pipelined)
         if key not in self._states:
             self._states[key] = program_memory.estimate_program_state_bytes(
                 num_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype, num_micro_batches=num_micro_batches,
-                pipelined=pipelined)
+                pipelined=pipelined, runtime=self.runtime)
         return self._states[key]
 
     def model_state_bytes(self, num_params: float, *, zero_stage: int, dp: int, num_micro_batches: int = 1,
@@ -204,18 +206,27 @@ class Formulas:
         return self._collectives[key]
 
     def optimizer_step_time(self, num_params: float) -> float:
-        """Seconds for the optimizer update of ``num_params`` parameters held by one GPU (``OPTIMIZER``)."""
-        return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=OPTIMIZER,
+        """Seconds for the optimizer update of ``num_params`` parameters held by one GPU (the runtime's AdamW)."""
+        return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=self.optimizer,
                                                       clip_grad_norm=CLIP_GRAD_NORM)
+
+    @property
+    def optimizer(self) -> str:
+        """The AdamW implementation the runtime runs (``optimizer.IMPLEMENTATIONS``)."""
+        return program_of(self.runtime).optimizer
 
     def optimizer_temp_bytes(self, num_params: float) -> float:
         """Bytes the optimizer step allocates on top of its states for ``num_params`` parameters one GPU owns."""
-        return optimizer.optimizer_temporary_bytes(num_params, implementation=OPTIMIZER)
+        return optimizer.optimizer_temporary_bytes(num_params, implementation=self.optimizer)
 
     def fsdp_copy_time(self, num_params: float, *, gathers_per_step: int) -> tuple[float, float]:
-        """Seconds of FSDP's (all-gather copy-out, reduce copy-in) kernels per step on the compute stream."""
+        """Seconds of FSDP's (all-gather copy-out, reduce copy-in) kernels per step on the compute stream; 0 under
+        Megatron, which gathers into and reduces in its parameter and gradient buffers in place."""
+        if not program_of(self.runtime).fsdp:
+            return 0.0, 0.0
         return comm.estimate_fsdp_copy_time(num_params, self.cluster.gpu, gathers_per_step=gathers_per_step,
-                                            param_bytes=DTYPE_BYTES[self.dtype], reduce_bytes=REDUCE_BYTES)
+                                            param_bytes=DTYPE_BYTES[self.dtype],
+                                            reduce_bytes=self.grad_bytes_per_param())
 
     def buffer_bytes(self, *, largest_layer_params: float, zero_stage: int, dp: int, pipelined: bool = False) -> float:
         """Bytes the stage DP reserves beside its per-layer sums: the runtime's reservation and the larger of ZeRO
@@ -224,20 +235,29 @@ class Formulas:
         if key not in self._fixed:
             self._fixed[key] = program_memory.estimate_fixed_bytes(
                 largest_unit_params=largest_layer_params, zero_stage=zero_stage, dp=dp, dtype=self.dtype,
-                pipelined=pipelined)
+                pipelined=pipelined, runtime=self.runtime)
         return self._fixed[key]
 
     def working_bytes(self, largest_layer_params: float, *, zero_stage: int, dp: int,
                       pipelined: bool) -> tuple[float, float]:
         """(ZeRO 3's gathered unit, one unit's reduction buffers) in bytes (``program_memory``)."""
         return (program_memory.estimate_fsdp_gather_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
-                                                          dtype=self.dtype, pipelined=pipelined),
+                                                          dtype=self.dtype, pipelined=pipelined, runtime=self.runtime),
                 program_memory.estimate_fsdp_reduce_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
-                                                          dtype=self.dtype))
+                                                          dtype=self.dtype, runtime=self.runtime))
+
+    def recv_bytes(self, *, num_micro_batches: int, input_bytes: float, output_bytes: float) -> float:
+        """Receive buffers of one pipeline stage chunk beyond its activations (``program_memory``)."""
+        return program_memory.pipeline_recv_bytes(num_micro_batches=num_micro_batches, input_bytes=input_bytes,
+                                                  output_bytes=output_bytes, runtime=self.runtime)
+
+    def held_output_bytes(self, output_bytes: float) -> float:
+        """Bytes of a last stage's output kept per in-flight micro-batch (``program_memory``)."""
+        return program_memory.held_output_bytes(output_bytes, self.runtime)
 
     def grad_bytes_per_param(self) -> float:
-        """Bytes of one gradient element as reduced over dp (the emitter's reduce dtype: fp32)."""
-        return float(REDUCE_BYTES)
+        """Bytes of one gradient element as reduced over dp (FSDP2's reduce dtype, fp32; Megatron's buffer's)."""
+        return float(program_memory.grad_bytes_per_param(self.dtype, self.runtime))
 
     def param_bytes_per_param(self) -> float:
         """Bytes of one parameter element as all-gathered over dp (the training dtype)."""

@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params, fsdp_gathers_per_step
 from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, estimate_rank_memory, tensor_budget_bytes
-from autopar.cost_models.program_memory import pipeline_recv_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
 from autopar.solvers.costs import Formulas, LayerCost
@@ -104,7 +103,7 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas,
             sends[c.boundary_bytes] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
                                                                nodes_spanned=p2p_nodes) if pipelined else 0.0
     static = [states[c.param_count] + c.working_bytes for c in costs]
-    acts = [c.activation_bytes + (c.output_bytes if pipelined else 0.0) for c in costs]
+    acts = [c.activation_bytes + (formulas.held_output_bytes(c.output_bytes) if pipelined else 0.0) for c in costs]
     send = tuple(sends[c.boundary_bytes] for c in costs)
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
                       static_mem_bytes=tuple(static), activation_bytes=tuple(acts), boundary_send_s=send)
@@ -125,7 +124,7 @@ def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas)
                                   zero_stage=layout.zero_stage, dp=layout.dp, pipelined=layout.pp > 1)
     if layout.pp > 1:
         widest = max(c.boundary_bytes for c in costs)
-        fixed += layout.virtual_stages * pipeline_recv_bytes(num_micro_batches=layout.num_micro_batches,
+        fixed += layout.virtual_stages * formulas.recv_bytes(num_micro_batches=layout.num_micro_batches,
                                                              input_bytes=widest, output_bytes=widest)
     return fixed
 
@@ -265,17 +264,17 @@ def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequenc
 
     Gradients are alive at the activations' peak only when a backward ran before it: when the rank has more
     micro-batches than it holds in flight (not under GPipe, nor with one micro-batch). The fixed bytes are the
-    runtime's reservation and the receive buffers of the rank's chunks (``pipeline_recv_bytes``).
+    runtime's reservation and the receive buffers of the rank's chunks (``Formulas.recv_bytes``).
     """
     pp, m, bounds = layout.pp, layout.num_micro_batches, part.boundaries
     chunks = range(rank, part.num_stages, pp)  # chunk j holds layers [bounds[j], bounds[j + 1])
     layers = [costs[i] for j in chunks for i in range(bounds[j], bounds[j + 1])]
     states = formulas.program_states(math.fsum(c.param_count for c in layers), zero_stage=layout.zero_stage,
                                      dp=layout.dp, num_micro_batches=m, pipelined=pp > 1)
-    live = states.accumulated_grads if m > max(part.in_flight[j] for j in chunks) else 0
+    live = states.live_grads(backward_ran=m > max(part.in_flight[j] for j in chunks))
     gather, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
                                             zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
-    recv = math.fsum(pipeline_recv_bytes(
+    recv = math.fsum(formulas.recv_bytes(
         num_micro_batches=m, input_bytes=costs[bounds[j]].boundary_bytes if j > 0 else 0.0,
         output_bytes=costs[bounds[j + 1]].boundary_bytes if j < part.num_stages - 1 else 0.0) for j in chunks) \
         if pp > 1 else 0.0

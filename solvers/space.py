@@ -102,8 +102,13 @@ def _tp_candidates(shape: ModelShape, num_gpus: int, gpus_per_node: int, allow_c
 
 
 def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_batch_size: int,
-                constraints: Pins | Mapping[str, Any] | None = None, allow_cross_node_tp: bool = False) -> SearchSpace:
-    """The space to search, narrowed by pins; raises ``PlanValidationError`` on contradictions."""
+                constraints: Pins | Mapping[str, Any] | None = None, allow_cross_node_tp: bool = False,
+                zero_stages: tuple[int, ...] = (0, 1, 2, 3),
+                schedules: tuple[Schedule, ...] = tuple(Schedule)) -> SearchSpace:
+    """The space to search, narrowed by pins; raises ``PlanValidationError`` on contradictions.
+
+    ``zero_stages`` and ``schedules``: what the priced program runs (``cost_models/runtimes.py``); a pin
+    outside them is the caller's to refuse (``api.PlanOptions`` says what to do)."""
     pins = Pins.from_mapping(constraints)
     if global_batch_size < 1:
         raise PlanValidationError(f"global batch size must be positive, got {global_batch_size}")
@@ -118,8 +123,8 @@ def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_
         pp=one_or(pins.pp, tuple(range(1, min(shape.num_layers, num_gpus) + 1))),
         dp=one_or(pins.dp, ()) or None,
         micro_batch_size=one_or(pins.micro_batch_size, tuple(m for m in MICRO_BATCH_SIZES if m <= global_batch_size)),
-        zero_stage=one_or(pins.zero_stage, (0, 1, 2, 3)), recompute=one_or(pins.recompute, tuple(Recompute)),
-        sequence_parallel=one_or(pins.sequence_parallel, (False, True)), schedule=one_or(pins.schedule, tuple(Schedule)),
+        zero_stage=one_or(pins.zero_stage, zero_stages), recompute=one_or(pins.recompute, tuple(Recompute)),
+        sequence_parallel=one_or(pins.sequence_parallel, (False, True)), schedule=one_or(pins.schedule, schedules),
         virtual_stages=one_or(pins.virtual_stages, tuple(range(1, v_max + 1))), pinned=pins,
     )
 

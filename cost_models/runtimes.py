@@ -1,0 +1,78 @@
+"""What each training program the planner can price runs: the value ``Runtime`` selects terms by.
+
+A plan is priced for one program (``autopar.layout.Runtime``). The memory formulas live once, in
+``program_memory.py``, and read the runtime's ``RuntimeProgram`` to choose their terms; the optimizer
+step (``optimizer.py``) reads its AdamW implementation. Sources:
+
+- ``autopar``: the emitted program (``autopar/emit``): FSDP2 ``fully_shard``/``replicate`` for every ZeRO
+  stage, ``torch.distributed.pipelining`` (GPipe, 1F1B, interleaved 1F1B), torch's foreach AdamW.
+- ``megatron``: Megatron-LM on megatron-core (read in the installed megatron-core 0.16.1):
+  ``distributed/distributed_data_parallel.py`` (``DistributedDataParallel``: one contiguous gradient buffer,
+  ``grad_dtype = torch.float if ddp_config.grad_reduce_in_fp32 else param.dtype``; Megatron-LM's
+  ``arguments.py``, not in the wheel, turns ``accumulate_allreduce_grads_in_fp32`` on for ``--bf16``),
+  ``optimizer/distrib_optimizer.py`` (``--use-distributed-optimizer``: ZeRO 1, fp32 master weights and Adam
+  shards over dp), ``optimizer/__init__.py`` (``FusedAdam`` from Transformer Engine or apex),
+  ``pipeline_parallel/schedules.py`` (1F1B and interleaved 1F1B; no GPipe schedule) and
+  ``tensor_parallel/cross_entropy.py`` (the vocab-parallel loss). Megatron-FSDP (``--use-megatron-fsdp``,
+  ZeRO 2/3) is another program and is not priced here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from autopar.layout import Runtime, Schedule
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeProgram:
+    """The mechanisms of one training program that change what a layout costs."""
+
+    label: str
+    """How a plan says what it was priced for (``Predicted.sources["runtime"]``, ``Plan.explain``)."""
+    fsdp: bool
+    """Data parallelism runs as torch FSDP2 (mixed-precision unsharded copies, gathered units, fp32 reduce
+    buffers); False: Megatron's DDP with its contiguous gradient buffer, reduced in place."""
+    optimizer: str
+    """AdamW implementation of the step (``optimizer.IMPLEMENTATIONS``)."""
+    zero_stages: tuple[int, ...]
+    """ZeRO stages the program runs."""
+    schedules: tuple[Schedule, ...]
+    """Pipeline schedules the program runs."""
+    recv_buffer_per_micro_batch: bool
+    """A pipeline stage preallocates a receive buffer per micro-batch and direction (torch pipelining); False:
+    one tensor per transfer, the activation one being the stage input it saves for backward (Megatron)."""
+    keeps_stage_output: bool
+    """The last stage keeps its output (the logits) per in-flight micro-batch (torch's ``fwd_cache``); False:
+    the loss is computed inside the stage's forward and its output is the loss (Megatron's ``forward_step``)."""
+    vocab_parallel_loss: bool
+    """The loss runs on vocab-split logits without gathering them (Megatron's ``vocab_parallel_cross_entropy``:
+    saved and working bytes at V/t). For the loss terms to read (``LayerPricer.program``, in
+    ``autopar/pricing.py::_loss_terms``); not read yet: they price the emitter's loss, whole-vocabulary memory."""
+
+
+PROGRAMS = MappingProxyType({
+    Runtime.AUTOPAR: RuntimeProgram(
+        label="autopar (torch FSDP2 + torch.distributed.pipelining, foreach AdamW)", fsdp=True, optimizer="foreach",
+        zero_stages=(0, 1, 2, 3), schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
+        keeps_stage_output=True, vocab_parallel_loss=False),
+    Runtime.MEGATRON: RuntimeProgram(
+        label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
+        fsdp=False, optimizer="fused", zero_stages=(0, 1), schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
+        recv_buffer_per_micro_batch=False, keeps_stage_output=False, vocab_parallel_loss=True),
+})
+"""Runtime → its program (sources in the module docstring)."""
+
+
+def program_of(runtime: Runtime | str) -> RuntimeProgram:
+    """The program of ``runtime`` (a ``Runtime`` or its name).
+
+    Example:
+        >>> program_of("megatron").optimizer, program_of(Runtime.AUTOPAR).zero_stages
+        ('fused', (0, 1, 2, 3))
+    """
+    return PROGRAMS[Runtime(runtime)]
+
+
+__all__ = ["PROGRAMS", "RuntimeProgram", "program_of"]
