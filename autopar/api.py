@@ -24,7 +24,7 @@ from autopar.capture import ExampleInputs, capture
 from autopar import goodput
 from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.cost_models.cluster import DTYPE_ALIASES, TRAINING_DTYPES, Cluster
-from autopar.cost_models.runtimes import program_of
+from autopar.cost_models.runtimes import program_of, searched_zero_stages
 from autopar.errors import PlanValidationError, UserInputError
 from autopar.graph.ir import OpGraph
 from autopar.layout import Pins, Runtime
@@ -235,7 +235,7 @@ def _search(graph: OpGraph, cluster: Cluster, pricing: LayerPricer, options: Pla
     space = build_space(model_shape(graph), num_gpus=cluster.num_gpus, gpus_per_node=cluster.gpus_per_node,
                         global_batch_size=options.global_batch_size, constraints=options.pins,
                         allow_cross_node_tp=options.allow_cross_node_tp,
-                        zero_stages=program_of(options.runtime).zero_stages,
+                        zero_stages=searched_zero_stages(program_of(options.runtime)),
                         schedules=program_of(options.runtime).schedules)
     steps = search_steps(space, pricing.prices(), top_k=top_k, overlap_grad_reduce=options.overlap_grad_reduce,
                          progress=lambda done: report("search", done))

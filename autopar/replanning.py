@@ -307,11 +307,12 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: LayerPricer,
 def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, *, many: bool) -> list[Evaluation]:
     from autopar.pricing import model_shape, run_search
     from autopar.solvers.search import search_steps
+    from autopar.cost_models.runtimes import searched_zero_stages
     from autopar.solvers.space import build_space
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size,
-                        zero_stages=pricing.program.zero_stages, schedules=pricing.program.schedules)
+                        zero_stages=searched_zero_stages(pricing.program), schedules=pricing.program.schedules)
     from autopar.goodput import GOODPUT_CANDIDATES
 
     result = run_search(search_steps(space, pricing.prices(), top_k=GOODPUT_CANDIDATES if many else 2), pricing)

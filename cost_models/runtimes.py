@@ -19,6 +19,7 @@ step (``optimizer.py``) reads its AdamW implementation. Sources:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -37,7 +38,9 @@ class RuntimeProgram:
     optimizer: str
     """AdamW implementation of the step (``optimizer.IMPLEMENTATIONS``)."""
     zero_stages: tuple[int, ...]
-    """ZeRO stages the program runs."""
+    """ZeRO stages a plan for the program may pin."""
+    zero_runs_as: Mapping[int, int]
+    """ZeRO stages the program runs as another (the same program, priced the same): a free search skips them."""
     schedules: tuple[Schedule, ...]
     """Pipeline schedules the program runs."""
     recv_buffer_per_micro_batch: bool
@@ -55,11 +58,13 @@ class RuntimeProgram:
 PROGRAMS = MappingProxyType({
     Runtime.AUTOPAR: RuntimeProgram(
         label="autopar (torch FSDP2 + torch.distributed.pipelining, foreach AdamW)", fsdp=True, optimizer="foreach",
-        zero_stages=(0, 1, 2, 3), schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
+        zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
+        schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
         keeps_stage_output=True, vocab_parallel_loss=False),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
-        fsdp=False, optimizer="fused", zero_stages=(0, 1), schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
+        fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),
+        schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
         recv_buffer_per_micro_batch=False, keeps_stage_output=False, vocab_parallel_loss=True),
 })
 """Runtime → its program (sources in the module docstring)."""
@@ -75,4 +80,14 @@ def program_of(runtime: Runtime | str) -> RuntimeProgram:
     return PROGRAMS[Runtime(runtime)]
 
 
-__all__ = ["PROGRAMS", "RuntimeProgram", "program_of"]
+def searched_zero_stages(program: RuntimeProgram) -> tuple[int, ...]:
+    """The ZeRO stages a free search enumerates: each distinct program once.
+
+    Example:
+        >>> searched_zero_stages(program_of("autopar")), searched_zero_stages(program_of("megatron"))
+        ((0, 2, 3), (0, 1))
+    """
+    return tuple(z for z in program.zero_stages if z not in program.zero_runs_as)
+
+
+__all__ = ["PROGRAMS", "RuntimeProgram", "program_of", "searched_zero_stages"]
