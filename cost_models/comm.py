@@ -225,7 +225,8 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
     units are resharded after backward; once per step under ZeRO 1/2), and the last units' reduction
     starts after the last backward kernel (``edge_reduce_s``), so each exposed term is at least its edge.
     FSDP2's copy kernels run on the compute stream (``estimate_fsdp_copy_time``): ``copy_out_s`` joins the
-    all-gather term and ``copy_in_s`` the reduction term, exposed with or without overlap.
+    all-gather term and ``copy_in_s`` the reduction term, exposed with or without overlap (under ZeRO 0,
+    FSDP2's ``replicate`` gathers nothing, and the all-gather term is its copy-out alone).
     Without overlap all of it is exposed.
 
     Args:
@@ -263,8 +264,8 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
     m = num_micro_batches
     hide = last_backward_s if overlap else 0.0
     reduce = max(edge_reduce_s, grad_reduce_s - hide, 0.0) + copy_in_s
-    if zero_stage == 0:
-        return CommBreakdown(dp_all_reduce_s=reduce)
+    if zero_stage == 0:  # replicate's unshard is its copy-out alone (``fsdp_gathers_per_step``)
+        return CommBreakdown(dp_all_reduce_s=reduce, dp_all_gather_s=copy_out_s)
     if zero_stage < 3:
         first_forward = rank_compute_s / m / COMPUTE_PER_FORWARD if overlap else 0.0
         gather = max(edge_gather_s, param_gather_s - first_forward, 0.0)
@@ -320,15 +321,16 @@ def fsdp_copy_bytes(num_params: float, *, gathers_per_step: int, param_bytes: in
 
 
 def fsdp_gathers_per_step(zero_stage: int, num_micro_batches: int) -> int:
-    """All-gathers of each FSDP unit per step: ZeRO 3 gathers before every micro-batch's forward and backward
-    (2m, resharded after each); ZeRO 1/2 once (kept from the first forward to the last backward,
-    ``emit/runtime.py``); ZeRO 0 gathers nothing.
+    """Unshards (all-gather and copy-out) of each FSDP unit per step: ZeRO 3 before every micro-batch's forward
+    and backward (2m, resharded after each); ZeRO 0-2 once, kept from the first forward to the last backward
+    (``emit/runtime.py``). ZeRO 0 runs FSDP2's ``replicate``, whose unshard gathers over a one-rank shard group:
+    no communication (``_dp_comm`` prices no all-gather at ZeRO 0), but the copy-out of every parameter.
 
     Example:
         >>> [fsdp_gathers_per_step(z, 4) for z in (0, 1, 2, 3)]
-        [0, 1, 1, 8]
+        [1, 1, 1, 8]
     """
-    return 2 * num_micro_batches if zero_stage == 3 else int(zero_stage > 0)
+    return 2 * num_micro_batches if zero_stage == 3 else 1
 
 
 def estimate_fsdp_copy_time(num_params: float, gpu: GPUSpec, *, gathers_per_step: int, param_bytes: int,

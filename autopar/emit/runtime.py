@@ -284,7 +284,9 @@ class ParallelModel:
         nmb = self.plan.layout.num_micro_batches
         x_chunks = {k: v.chunk(nmb) for k, v in xs.items()}
         total = torch.zeros((), device=self.device)
-        keep_gathered = self.plan.layout.zero_stage in (1, 2)  # ZeRO 1/2: gather once per step, as priced
+        # ZeRO 0-2 unshard once per step, as priced (comm.fsdp_gathers_per_step): FSDP2 reshards after every
+        # backward unless told not to, and replicate's unshard is a copy of every parameter (a one-rank shard group)
+        keep_gathered = self.plan.layout.zero_stage != 3
         for i, y_mb in enumerate(y.chunk(nmb)):
             if isinstance(module, FSDPModule):  # reduce gradients once, after the last micro-batch
                 module.set_requires_gradient_sync(i == nmb - 1)

@@ -70,6 +70,8 @@ def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> N
         assert (r["checkpointed"] > 0) == (recompute != "none")
         assert (r["fsdp_units"] > 0) == (dp > 1 and zero > 0)
         assert (r["replicate_units"] > 0) == (dp > 1 and zero == 0)
+        if pp == 1 and zero != 3:  # ZeRO 0-2 unshard each unit once per step, as priced (comm.fsdp_gathers_per_step)
+            assert r["unshards_per_step"] == r["fsdp_units"] + r["replicate_units"], (plan, r["unshards_per_step"])
         assert r["num_parts"] == plan.get("virtual_stages", 1)
         if tp > 1 or dp > 1:
             assert "DTensor" in r["param_types"]

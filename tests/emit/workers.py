@@ -8,9 +8,10 @@ numbers for the test process to compare.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -130,7 +131,8 @@ def _compare(family: str, pm: Any, steps: int) -> dict[str, Any]:
     ref_losses, ref_state = reference(family, data)
     init = build_model(family).state_dict()
     pm.load_state_dict(init)
-    losses = train(pm, data, pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM))
+    with _counting_unshards() as unshards:
+        losses = train(pm, data, pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM))
     state = full_local_state(pm)
     return {
         "ref_losses": ref_losses, "losses": losses,
@@ -138,8 +140,27 @@ def _compare(family: str, pm: Any, steps: int) -> dict[str, Any]:
         "moved": max((ref_state[k] - init[k]).abs().max().item() for k in state),
         "total_numel": sum(v.numel() for v in init.values()),
         "keys": sorted(state), "ref_keys": sorted(k for k in ref_state if k in init),
+        "unshards_per_step": unshards[0] / steps,
         **describe(pm),
     }
+
+
+@contextlib.contextmanager
+def _counting_unshards() -> Iterator[list[int]]:
+    """Count FSDP2 unshards that do work (gather or copy-out; not the no-ops of an unsharded group)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    count, original = [0], FSDPParamGroup.unshard
+
+    def unshard(self: Any, *args: Any, **kwargs: Any) -> Any:
+        count[0] += self._all_gather_result is None and not self.is_unsharded
+        return original(self, *args, **kwargs)
+
+    FSDPParamGroup.unshard = unshard
+    try:
+        yield count
+    finally:
+        FSDPParamGroup.unshard = original
 
 
 def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
