@@ -301,6 +301,7 @@ class _State:
         self.partitions: PartitionCache = {}  # keyed by value: the layer setting and the pipeline shape
         self.settings: dict[Setting, SettingPrices] = {}  # every allowed policy, read when a group is visited
         self.group_prices: dict[int, SettingPrices] = {}
+        self.unfit: list[tuple[int, int, Layout]] = []  # no partition fits: priced only to say what is needed
 
     def expand(self, i: int, group: _Group, prices: SettingPrices) -> Iterator[tuple[float, int, int, Layout, int,
                                                                                       None]]:
@@ -362,16 +363,26 @@ class _State:
             if ranked_bound > bound:
                 heapq.heappush(queue, (ranked_bound, i, j, layout, 2, foot))
                 return
-        if level <= 2 and len(self.best) >= self.top_k:
+        if level <= 2:
             # when memory decides the partition, each chunk runs one policy within 1/v of its rank's budget;
-            # that bound holds only if the time-optimal partition does not fit (the costlier test, second)
+            # that bound holds only if the time-optimal partition does not fit (the costlier test, second).
+            # Before top_k plans are found only its verdict counts: inf, no partition fits (evaluated last)
+            full = len(self.best) >= self.top_k
             chunk_bound = self.bound(layout, prices, foot, ranks=level == 2, chunks=True)
-            if chunk_bound > bound and not fastest_partition_fits(
+            if (chunk_bound > bound if full else chunk_bound == math.inf) and not fastest_partition_fits(
                     layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
                     partition_cache=self.partitions, costs_key=prices.key):
-                heapq.heappush(queue, (chunk_bound, i, j, layout, 3, foot))
+                if full:
+                    heapq.heappush(queue, (chunk_bound, i, j, layout, 3, foot))
+                else:
+                    self.unfit.append((i, j, layout))
                 return
-        ev = evaluate_layout(layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
+        self.price(i, j, layout)
+
+    def price(self, i: int, j: int, layout: Layout) -> None:
+        """Evaluate layout j of group i and keep it if it ranks."""
+        prices = self.group_prices[i]
+        ev = evaluate_layout(layout, prices.variants, self.formulas, gpus_per_node=self.space.gpus_per_node,
                              overlap_grad_reduce=self.overlap, partition_cache=self.partitions, costs_key=prices.key)
         self.priced += 1
         if self.min_mem is None or (ev.peak_memory_bytes, (i, j)) < self.min_mem[:2]:
@@ -387,6 +398,9 @@ class _State:
     def result(self) -> SearchResult:
         """The ranked layouts; when nothing was priced, the leanest group priced to say what it needs."""
         pruned = len(self.groups) - self.expanded
+        if not self.best:  # nothing fits: the layouts no partition fits take part in saying what is needed
+            for i, j, layout in self.unfit:
+                self.price(i, j, layout)
         lowest = self.min_mem[2] if self.min_mem is not None else None
         if lowest is None and self.leanest is not None:  # all pruned: price the leanest group to say what it needs
             _, group, prices = self.leanest
