@@ -104,7 +104,7 @@ class LayerPricer:
 
     @property
     def program(self) -> RuntimeProgram:
-        """What the priced runtime runs; ``program.vocab_parallel_loss`` says whether its loss holds V/t."""
+        """What the priced runtime runs (``cost_models/runtimes.py``)."""
         return program_of(self.runtime)
 
     def sharding_plans(self, *, tp: int, sequence_parallel: bool) -> Mapping[str, ShardingPlan]:
@@ -159,8 +159,11 @@ class LayerPricer:
             t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard, capture_dtype=captured)
             return t.forward_s, t.backward_s
 
+        # the last layer's logits may stay split over the vocabulary: the emitted program hands them to the loss
+        # as they are (``emit/loss.py``: loss_parallel), so no gather is priced there
+        free = self._logits is not None and kind == self.graph.layers[-1].kind
         return solve_layer_sharding(
-            layer, tp=tp, sequence_parallel=sequence_parallel, op_cost=op_cost,
+            layer, tp=tp, sequence_parallel=sequence_parallel, op_cost=op_cost, free_output=free,
             collective_time=lambda k, b: self.collective_time(k, b * scale, group_size=tp, nodes_spanned=1))
 
     def _price_row(self, setting: LayerSetting) -> tuple[LayerCost, ...]:
@@ -197,35 +200,38 @@ class LayerPricer:
         flops = layer.forward_flops * scale
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)
-        loss_fwd, loss_bwd, loss_acts, loss_working, logits = self._loss_terms(layer, scale, sharding)
+        loss_fwd, loss_bwd, loss_acts, loss_working, logits, loss_comm = self._loss_terms(layer, scale, sharding)
         return LayerCost(
             forward_s=t.forward_s + sum(fwd_comm.values()) + loss_fwd + hooks_fwd,
             backward_s=t.backward_s + sum(bwd_comm.values()) + loss_bwd + hooks_bwd,
             forward_flops=flops, recompute_flops=recompute_flops, activation_bytes=float(acts) + loss_acts,
             param_count=params, boundary_bytes=self._boundary(layer, mbs, tp, sp),
-            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()), working_bytes=loss_working,
+            tp_comm_s=sum(fwd_comm.values()) + sum(bwd_comm.values()) + loss_comm, working_bytes=loss_working,
             output_bytes=logits,
         )
 
     def _loss_terms(self, layer: Layer, scale: float,
-                    sharding: LayerShardingResult | None) -> tuple[float, float, float, float, float]:
-        """(forward_s, backward_s, saved bytes, backward working bytes, logits bytes) of the fp32 cross-entropy
-        on the last layer's logits, one micro-batch (loss.py)."""
+                    sharding: LayerShardingResult | None) -> tuple[float, float, float, float, float, float]:
+        """(forward_s, backward_s, saved bytes, backward working bytes, logits bytes, TP collective seconds) of the
+        fp32 cross-entropy on the last layer's logits, one micro-batch (loss.py).
+
+        On vocabulary-split logits the emitted program keeps them ``Shard(-1)`` and runs the loss under
+        ``loss_parallel()`` (``emit/loss.py``): time and memory at V/t per rank, plus its all-reduces.
+        """
         logits = self._logits
         if logits is None or layer.kind != self.graph.layers[-1].kind:
-            return 0.0, 0.0, 0.0, 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         op, tokens, vocab = logits
+        tokens *= scale
         out = sharding.output_placements.get(op.name, ()) if sharding is not None else ()
-        split = vocab
-        if out and out[0].is_shard and out[0].dim == len(op.outputs[0].shape) - 1:
-            split //= sharding.tp if sharding is not None else 1  # vocab-parallel logits: V/t per rank
-        fwd, bwd = loss.estimate_cross_entropy_time(tokens * scale, split, logits_dtype=self.dtype,
-                                                    gpu=self.cluster.gpu)
-        # memory at the whole vocabulary: the emitted stage hands the loss full logits on every TP rank
-        # (``emit/tp.py``: ``_outputs_to_local`` gathers them; no vocab-parallel loss), measured on 2 gloo ranks
-        return (fwd, bwd, loss.cross_entropy_saved_bytes(tokens * scale, vocab),
-                loss.cross_entropy_backward_working_bytes(tokens * scale, vocab),
-                tokens * scale * vocab * DTYPE_BYTES[self.dtype])
+        split = sharding is not None and bool(out) and out[0].is_shard and out[0].dim == len(op.outputs[0].shape) - 1
+        local = vocab // sharding.tp if split and sharding is not None else vocab
+        fwd, bwd = loss.estimate_cross_entropy_time(tokens, local, logits_dtype=self.dtype, gpu=self.cluster.gpu)
+        comm_s = sum(self.collective_time("all_reduce", nbytes, group_size=sharding.tp, nodes_spanned=1)
+                     for nbytes in loss.loss_parallel_all_reduce_bytes(tokens)) if split and sharding else 0.0
+        return (fwd + comm_s, bwd, loss.cross_entropy_saved_bytes(tokens, local),
+                loss.cross_entropy_backward_working_bytes(tokens, local, vocab_parallel=split),
+                tokens * local * DTYPE_BYTES[self.dtype], comm_s)
 
     def _tp_hooks(self, layer: Layer, sharding: LayerShardingResult | None, sequence_parallel: bool,
                   recompute: Recompute) -> tuple[float, float]:

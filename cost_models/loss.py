@@ -19,6 +19,10 @@ backward:
 The saved fp32 log-probabilities (4 B per element) are also activation memory that the captured
 graph does not hold (a micro-batch of 2 × 8,192 tokens at V = 128,256 saves 8.4 GB), and the backward's
 two fp32 gradients (of the log-probabilities and of the logits) are alive with them at its peak: 16.8 GB more.
+
+On a vocabulary-split head the emitted program runs the loss under torch's ``loss_parallel()``
+(``autopar/emit/loss.py``): every term above is at V/t per rank, plus three all-reduces of one fp32
+value per token, and its fused backward holds three arrays of the local logits' size instead of two.
 """
 
 from __future__ import annotations
@@ -74,16 +78,40 @@ def cross_entropy_saved_bytes(tokens: float, vocab: int) -> float:
     return float(tokens) * vocab * FP32_BYTES
 
 
-def cross_entropy_backward_working_bytes(tokens: float, vocab: int) -> float:
-    """Bytes the loss backward allocates on top of the saved log-probabilities, at its peak: the fp32 gradient
-    ``nll_loss_backward`` writes and ``_log_softmax_backward_data``'s fp32 output, both alive while the latter
-    runs (measured op by op on CPU: the step's peak is there whenever the logits outweigh a layer's activations).
+LOSS_PARALLEL_ALL_REDUCES = 3
+"""All-reduces over the TP group that ``loss_parallel`` runs per cross-entropy forward, each of one fp32 value per
+token (torch 2.13 ``torch/distributed/tensor/parallel/loss.py``: ``_log_softmax``'s max and sum of exponentials,
+``_nll_loss_forward``'s masked target log-probability via ``_MaskPartial._reduce_value``); its fused backward
+(``_nll_loss_and_log_softmax_backward``) runs none."""
+
+BACKWARD_WORKING_ARRAYS = {False: 2, True: 3}
+"""fp32 arrays of the (local) logits' size alive at the loss backward's peak, beside the saved log-probabilities.
+Whole-vocabulary eager loss: ``nll_loss_backward``'s gradient and ``_log_softmax_backward_data``'s output
+(measured op by op on CPU). ``loss_parallel``: ``_nll_loss_and_log_softmax_backward`` holds ``grad_input``
+(zeros, the target's −1) while ``(grad_input + exp(x)) * grad_output`` makes two more (read in torch 2.13)."""
+
+
+def cross_entropy_backward_working_bytes(tokens: float, vocab: int, *, vocab_parallel: bool = False) -> float:
+    """Bytes the loss backward allocates on top of the saved log-probabilities, at its peak
+    (``BACKWARD_WORKING_ARRAYS``); ``vocab`` is the rank's share (V/t under ``vocab_parallel``).
 
     Example:
         >>> cross_entropy_backward_working_bytes(2 * 8192, 128256) / 1e9   # 2 × 8,192 tokens at Llama 3's vocabulary
         16.810770432
+        >>> cross_entropy_backward_working_bytes(2 * 8192, 128256 // 8, vocab_parallel=True) / 1e9  # at V/8
+        3.152019456
     """
-    return 2.0 * float(tokens) * vocab * FP32_BYTES
+    return BACKWARD_WORKING_ARRAYS[vocab_parallel] * float(tokens) * vocab * FP32_BYTES
+
+
+def loss_parallel_all_reduce_bytes(tokens: float) -> tuple[float, ...]:
+    """Bytes of each all-reduce ``loss_parallel`` runs in the loss forward (``LOSS_PARALLEL_ALL_REDUCES``).
+
+    Example:
+        >>> loss_parallel_all_reduce_bytes(4 * 8192)   # one fp32 per token, three times
+        (131072.0, 131072.0, 131072.0)
+    """
+    return (float(tokens) * FP32_BYTES,) * LOSS_PARALLEL_ALL_REDUCES
 
 
 def uncaptured_logits(graph: OpGraph) -> tuple[Op, int, int] | None:
@@ -106,4 +134,4 @@ def uncaptured_logits(graph: OpGraph) -> tuple[Op, int, int] | None:
     return matmuls[-1], out.numel // vocab, vocab
 
 
-__all__ = ["cross_entropy_backward_working_bytes", "cross_entropy_bytes", "cross_entropy_saved_bytes", "estimate_cross_entropy_time", "uncaptured_logits"]
+__all__ = ["cross_entropy_backward_working_bytes", "cross_entropy_bytes", "cross_entropy_saved_bytes", "estimate_cross_entropy_time", "loss_parallel_all_reduce_bytes", "uncaptured_logits"]

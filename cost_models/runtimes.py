@@ -49,10 +49,6 @@ class RuntimeProgram:
     keeps_stage_output: bool
     """The last stage keeps its output (the logits) per in-flight micro-batch (torch's ``fwd_cache``); False:
     the loss is computed inside the stage's forward and its output is the loss (Megatron's ``forward_step``)."""
-    vocab_parallel_loss: bool
-    """The loss runs on vocab-split logits without gathering them (Megatron's ``vocab_parallel_cross_entropy``:
-    saved and working bytes at V/t). For the loss terms to read (``LayerPricer.program``, in
-    ``autopar/pricing.py::_loss_terms``); not read yet: they price the emitter's loss, whole-vocabulary memory."""
 
 
 PROGRAMS = MappingProxyType({
@@ -60,12 +56,12 @@ PROGRAMS = MappingProxyType({
         label="autopar (torch FSDP2 + torch.distributed.pipelining, foreach AdamW)", fsdp=True, optimizer="foreach",
         zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
         schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
-        keeps_stage_output=True, vocab_parallel_loss=False),
+        keeps_stage_output=True),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
         fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),
         schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
-        recv_buffer_per_micro_batch=False, keeps_stage_output=False, vocab_parallel_loss=True),
+        recv_buffer_per_micro_batch=False, keeps_stage_output=False),
 })
 """Runtime → its program (sources in the module docstring)."""
 

@@ -54,26 +54,34 @@ class LossSlot:
     The schedule is built once with a fixed ``loss_fn``; this indirection lets
     every ``ParallelModel.step`` pass its own. The last stage's flat outputs are
     nested back into what ``model.forward`` returns (a ``ModelOutput``, a dict, a
-    tensor) before the loss sees them.
+    tensor) before the loss sees them. A vocabulary-split head's logits arrive as
+    ``Shard(-1)`` DTensors: with ``parallel`` set (``step`` runs under
+    ``loss_parallel()``), the loss reads them at V/t per rank where that is exact,
+    else on the gathered logits (``autopar.emit.loss``). The loss leaves as a plain tensor.
     """
 
     def __init__(self, out_spec: Any, order: Sequence[int] | None = None) -> None:
+        from autopar.emit.loss import VocabParallelLoss
+
         self.fn: LossFn | None = None
+        self.parallel = False
         self.out_spec = out_spec
         self.order = order
+        self._vocab = VocabParallelLoss()
 
     def __call__(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         from autopar.emit.program import unflatten_output
 
         if self.fn is None:
             raise UserInputError("the pipeline computed a loss outside ParallelModel.step()")
-        return self.fn(unflatten_output(output, self.out_spec, self.order), target)
+        return self._vocab(self.fn, unflatten_output(output, self.out_spec, self.order), target,
+                           parallel=self.parallel)
 
 
 def optimizer_kwargs(optimizer_cls: type[torch.optim.Optimizer], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """``kwargs`` with ``foreach=True`` added when the optimizer takes it and neither ``foreach`` nor ``fused``
-    is given: the multi-tensor implementation the plan prices (``solvers/costs.py::OPTIMIZER``), which torch
-    picks by itself only when every tensor is on CUDA (``torch/optim/optimizer.py::_default_to_fused_or_foreach``;
+    is given: the multi-tensor implementation the plan prices (``cost_models/runtimes.py``: the autopar
+    runtime's ``optimizer``), which torch picks by itself only when every tensor is on CUDA (``torch/optim/optimizer.py::_default_to_fused_or_foreach``;
     elsewhere it runs a Python loop over the parameters, one dispatch per tensor and op).
 
     Example:
@@ -115,6 +123,18 @@ class PartsOptimizer(torch.optim.Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
 
+def _own_loss_op(plan: Plan, role: StageRole, parts: Sequence[nn.Module]) -> str | None:
+    """The op of this rank's programs that ``loss_parallel()`` would re-route, logged (None: none)."""
+    from autopar.emit.loss import program_runs_own_loss
+
+    if plan.layout.tp == 1 or not role.last:
+        return None
+    op = program_runs_own_loss(parts)
+    if op is not None:
+        logger.info("the model's program runs %s itself: the loss reads gathered logits, not loss_parallel()", op)
+    return op
+
+
 class ParallelModel:
     """This rank's part of a model under a plan; see ``autopar.parallelize``."""
 
@@ -137,6 +157,7 @@ class ParallelModel:
         self._program = program
         self._seed = seed
         self._steps = 0
+        self._own_loss_op = _own_loss_op(plan, role, parts)
 
     # ---- modules and parameters -----------------------------------------------------------------
 
@@ -196,13 +217,16 @@ class ParallelModel:
 
         if self._schedule is not None:
             raise UserInputError("forward() runs unpipelined plans only; this plan has pipeline stages (use step())")
+        from autopar.emit.loss import gather
+
         with implicit_replication():
-            out = self.parts[0](**self._keywords(inputs))
+            out = gather(self.parts[0](**self._keywords(inputs)))  # vocabulary-split logits whole, as the model's
             return unflatten_output(out, self._program.out_spec, self._program.output_order)
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def step(self, inputs: Batch, targets: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
+    def step(self, inputs: Batch, targets: torch.Tensor, loss_fn: LossFn, *, loss_parallel: bool = True
+             ) -> torch.Tensor:
         """Forward and backward of one batch under the plan; returns the mean loss over the global batch.
 
         Args:
@@ -214,15 +238,26 @@ class ParallelModel:
             targets: Targets, batched like ``inputs``.
             loss_fn: ``loss_fn(output, target)`` → mean loss of one micro-batch; the
                 output is what the model's forward returns (logits, a dict, a ``ModelOutput``).
+                Under tensor parallelism a vocabulary-split head's logits are ``Shard(-1)``
+                DTensors and the loss runs under ``loss_parallel()`` (``F.cross_entropy`` at
+                V/t per rank); a loss it cannot run exactly gets the gathered logits.
+            loss_parallel: False: every loss gets the gathered logits (full vocabulary on
+                every tensor-parallel rank), e.g. for a loss that needs them whole.
 
         Returns:
             The global-batch mean loss (a detached scalar, the same on every rank).
         """
         from torch.distributed.tensor.experimental import implicit_replication
 
+        from autopar.emit.loss import maybe_loss_parallel
+
         xs = {k: self._local(v) for k, v in self._keywords(inputs).items()}
         y = self._local(targets)
-        with self._step_rng(), implicit_replication():  # tensors the program makes (masks) act as replicated
+        parallel = loss_parallel and self._own_loss_op is None and self._role.last and self.plan.layout.tp > 1
+        self._loss_slot.parallel = parallel
+        # the whole step, backward included: loss_parallel's handlers fuse the loss's backward
+        with self._step_rng(), implicit_replication(), maybe_loss_parallel(parallel):
+            # tensors the program makes (masks) act as replicated
             loss = self._accumulate(xs, y, loss_fn) if self._schedule is None else self._pipeline(xs, y, loss_fn)
         from autopar.emit.tied import sum_tied_grads
         from autopar.emit.grads import reduce_grads

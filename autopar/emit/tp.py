@@ -179,7 +179,8 @@ def param_placements(model: nn.Module, styles: Mapping[str, TPStyle], names: Seq
 
 
 def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, stage: StagePlan, *,
-             sequence_parallel: bool, block_paths: Sequence[str]) -> dict[str, int | None]:
+             sequence_parallel: bool, block_paths: Sequence[str], keep_vocab_shards: bool = False
+             ) -> dict[str, int | None]:
     """Make every parameter of the stage a DTensor on ``tp`` and run the stage on DTensors (in place).
 
     Args:
@@ -189,6 +190,9 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
         stage: The plan's stage.
         sequence_parallel: Keep the residual stream sharded on the sequence between blocks.
         block_paths: The stage's blocks.
+        keep_vocab_shards: The stage is the model's last: outputs split on their last dim (a column-split
+            LM head's logits) leave as ``Shard(-1)`` DTensors, for the vocabulary-parallel loss
+            (``autopar.emit.loss``); every other output leaves whole.
 
     Returns:
         Parameter name → sharded dim (None: replicated), for logging and tests.
@@ -217,7 +221,7 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
     dims.update({name: p.dim for name, p in splits.items()})
     _distribute(stage_module, tp_mesh, dims, splits)
     stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh), with_kwargs=True)
-    stage_module.register_forward_hook(_outputs_to_local)
+    stage_module.register_forward_hook(_outputs_to_local(keep_vocab_shards))
     _reduce_row_outputs(stage_module, styles, sequence_parallel, block_paths)
     _prepare_block_inputs(stage_module, styles, block_paths, sequence_parallel)
     split = sum(d is not None for d in dims.values())
@@ -258,12 +262,20 @@ def _inputs_to_dtensor(mesh: DeviceMesh) -> Any:
     return hook
 
 
-def _outputs_to_local(module: nn.Module, args: Any, output: Any) -> Any:
-    """Stage outputs leave as full plain tensors: what the next stage or the loss receives."""
+def _outputs_to_local(keep_vocab_shards: bool) -> Any:
+    """A forward hook: stage outputs leave as full plain tensors (what the next stage receives), except, with
+    ``keep_vocab_shards``, the last stage's vocabulary-split logits, which the loss reads at V/t per rank."""
     from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_map
 
-    return tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, output)
+    from autopar.emit.loss import is_vocab_shard
+
+    def local(t: Any) -> Any:
+        if not isinstance(t, DTensor) or (keep_vocab_shards and is_vocab_shard(t)):
+            return t
+        return t.full_tensor()
+
+    return lambda module, args, output: tree_map(local, output)
 
 
 def _reduce_row_outputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], sequence_parallel: bool,

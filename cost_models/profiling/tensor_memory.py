@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -68,6 +69,11 @@ class _PeakHeap(TorchDispatchMode):
         self.peak = heap_in_use()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if any(issubclass(t, DTensor) for t in types):
+            # let DTensor run it with this mode still active: the local ops it runs (a sharding rule's, or a
+            # custom handler's such as loss_parallel's fused loss backward, whose 3 temporaries of the local
+            # logits' size are freed before it returns) are then read one by one, as on a plain tensor
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         self.peak = max(self.peak, heap_in_use())
         return out

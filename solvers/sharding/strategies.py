@@ -102,8 +102,9 @@ def solve_layer_sharding(layer: Layer, *, tp: int, sequence_parallel: bool, op_t
             model knows better than 1/n (fixed kernel costs, efficiency falling with size).
         collective_time: time of a collective on the TP group, from its kind and NCCL size in bytes.
         mem_budget_bytes: bound on parameter bytes per GPU for this layer (None: no bound).
-        free_output: let the layer's outputs be R or any shard, not just the pin (the last layer, when the
-            loss runs on shards: torch's ``loss_parallel``, Megatron's vocab-parallel cross-entropy).
+        free_output: let the layer's outputs be R or split on their last dim, not just the pin (the last layer,
+            when the loss runs on vocabulary shards: torch's ``loss_parallel``, Megatron's vocab-parallel
+            cross-entropy).
         allow_batch_split: allow matmuls/embeddings to split work over a replicated weight.
         backward_compute_factor: backward compute time / forward compute time.
         time_limit_s: ILP time limit.
@@ -219,9 +220,11 @@ class _ProblemBuilder:
         return ShardingProblem(nodes=tuple(self.nodes), edges=tuple(self.edges), mem_budget_bytes=mem_budget_bytes)
 
     def _free_placements(self, tensor: Source) -> tuple[Placement, ...]:
-        """An unpinned output may be R or any shard (a loss can run on shards), never a partial sum."""
+        """An unpinned output may be R or split on its last dim (the class dim ``loss_parallel`` and Megatron's
+        vocab-parallel cross-entropy read), never a partial sum, nor another shard (no loss reads it so)."""
         shape = self.graph.metas[tensor].shape
-        return (REPLICATE, *(shard(d) for d in range(len(shape)) if shard_fits(shape[d], 1, self.tp)))
+        last = len(shape) - 1
+        return (REPLICATE, *((shard(last),) if shape and shard_fits(shape[last], 1, self.tp) else ()))
 
     def _add_constant(self, name: str, tensor: Source, pin: Placement) -> None:
         self.nodes.append(ShardingNode(name=name, strategies=(str(pin),), compute_s=(0.0,), comm_s=(0.0,),

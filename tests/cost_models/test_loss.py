@@ -67,3 +67,32 @@ def test_the_planner_prices_the_loss_on_the_last_stage():
     # the head GEMMs grow too: at least 3 × 2·T·h·ΔV FLOPs at the achievable rate; the loss comes on top
     gemm_floor = 6 * 8 * 1024 * 256 * (65536 - 1024) / (gpu.peak_flops("bfloat16") * gpu.matmul_efficiency)
     assert times[1] - times[0] > gemm_floor + 0.9 * loss_delta, (times, gemm_floor, loss_delta)
+
+
+def test_a_vocabulary_split_head_prices_the_loss_at_v_over_t_with_its_all_reduces():
+    """What the emitted program runs (emit/loss.py): the logits stay split, the loss under loss_parallel."""
+    from autopar.cost_models.loss import cross_entropy_backward_working_bytes, loss_parallel_all_reduce_bytes
+    from autopar.layout import Recompute
+    from autopar.plan import TPStyle
+    from autopar.pricing import LayerPricer
+
+    cfg = GPTConfig(n_layer=2, n_embd=1024, n_head=8, vocab_size=32768, block_size=512, dropout=0.0)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    graph = autopar.capture(model, (torch.zeros(2, 512, dtype=torch.long, device="meta"),))
+    pricer = LayerPricer(graph, Cluster.preset("dgx-h100"), dtype="float32")
+    head = graph.layers[-1]
+    sharding = pricer._sharding(head.kind, 2, False)
+    assert sharding.module_styles()["lm_head"] is TPStyle.COLWISE  # V ≫ h: split over the vocabulary, not gathered
+    assert not any(kind == "all_gather" for kind, _ in sharding.forward_collectives)
+    vocab = 32768
+    tokens, local = 4 * 512, vocab // 2  # micro-batch 4
+    split = pricer._kind_cost(head, 2, False, 4, Recompute.NONE)
+    whole = pricer._kind_cost(head, 1, False, 4, Recompute.NONE)
+    assert split.working_bytes == cross_entropy_backward_working_bytes(tokens, local, vocab_parallel=True)
+    assert split.working_bytes == 3 * tokens * local * 4 and whole.working_bytes == 2 * tokens * vocab * 4
+    assert split.output_bytes == tokens * local * 4 and whole.output_bytes == tokens * vocab * 4
+    assert whole.activation_bytes - split.activation_bytes >= tokens * (vocab - local) * 4  # saved log-probs at V/t
+    reduces = sum(pricer.collective_time("all_reduce", b, group_size=2, nodes_spanned=1)
+                  for b in loss_parallel_all_reduce_bytes(tokens))
+    assert reduces > 0 and split.tp_comm_s >= reduces

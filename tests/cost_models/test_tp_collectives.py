@@ -45,22 +45,23 @@ LLAMA_STYLES = {"self_attn.q_proj": COL, "self_attn.k_proj": COL, "self_attn.v_p
 CASES: dict[str, tuple[str, Path, bool, dict[str, TPStyle], dict[tuple[str, str, int], int]]] = {
     "gpt_tp2": ("gpt", LOCAL2, False, GPT_STYLES, {  # (phase, kind, bytes as NCCL counts them) -> calls per step
         ("forward", "all_reduce", MB): 8,  # attn.c_proj and mlp.c_proj of 4 blocks (rowwise outputs)
-        ("forward", "all_gather", 8_388_608): 1,  # the vocabulary-split logits, gathered (8 × 128 × 2048 × 4 B)
+        # the vocabulary-split logits stay split (no gather): the loss runs under loss_parallel (emit/loss.py)
         ("backward", "all_reduce", MB): 9,  # attn / mlp inputs' partial gradients of 4 blocks, and lm_head's
     }),
     "llama_tp2": ("llama", LOCAL2, False, LLAMA_STYLES, {
         ("forward", "all_reduce", MB): 8,  # o_proj and down_proj of 4 blocks
-        ("forward", "all_gather", 8_388_608): 1,  # the vocabulary-split logits
+        # the vocabulary-split logits stay split (no gather)
         ("backward", "all_reduce", MB): 9,  # Megatron's f at self_attn / mlp inputs of 4 blocks, and at lm_head
     }),
     "gpt_tp2_sp": ("gpt", LOADED, True, GPT_STYLES, {
-        ("forward", "all_to_all", MB // 2): 2,  # the embedding's hidden shard to the sequence shard; lm_head's back
-        ("forward", "all_gather", MB): 8,  # attention and MLP gather their sequence-sharded input, 4 blocks
+        ("forward", "all_to_all", MB // 2): 1,  # the embedding's hidden shard to the sequence shard
+        ("forward", "all_gather", MB): 9,  # attention and MLP gather their sequence-sharded input, 4 blocks; lm_head
         ("forward", "reduce_scatter", MB): 8,  # attn.c_proj and mlp.c_proj to the sequence shard
-        ("forward", "all_reduce", 8_388_608): 1,  # the row-split lm_head's logits
-        ("backward", "all_to_all", MB // 2): 2,
+        ("backward", "all_to_all", MB // 2): 1,
         ("backward", "all_gather", MB): 8,  # the reduce-scatters' backward
-        ("backward", "reduce_scatter", MB): 8,  # the gathers' backward
+        ("backward", "reduce_scatter", MB): 9,  # the gathers' backward
+        # lm_head is column-split (its logits stay split for loss_parallel) where it was row-split with the logits
+        # all-reduced (8 × 128 × 2048 × 4 B) and its input an all-to-all to the hidden shard: recorded before then
     }),
 }
 

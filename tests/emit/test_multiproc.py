@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.emit.harness import run_spmd
+from tests.emit.workers import VOCAB
 
 pytestmark = pytest.mark.multiproc
 
@@ -39,8 +40,16 @@ SLOW_CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
 }
 
 
+PARALLEL_LOSSES = ("ce", "ce_ignore_sum", "squares")
+"""Losses that run on the vocabulary-split logits (``tests/emit/workers.py::_variant_losses``); the others get the
+gathered logits: they raise on DTensors or their log_softmax feeds more than nll_loss."""
+
+
 def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None) -> None:
-    results = run_spmd("tests.emit.workers:check_equivalence", world, plan)
+    variants = name == "tp2"  # the loss-function cases share this case's process group
+    results = run_spmd("tests.emit.workers:check_equivalence", world, plan, 3, variants)
+    if variants:
+        _check_loss_variants([r["loss_variants"] for r in results])
     for family in ("gpt", "llama"):
         per_rank = [r[family] for r in results]
         first = per_rank[0]
@@ -52,6 +61,31 @@ def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None) ->
         covered = set().union(*(r["keys"] for r in per_rank))
         assert covered == set(first["ref_keys"]), f"{family}: parameters on no rank: {set(first['ref_keys']) - covered}"
         _check_mechanisms(plan, per_rank)
+        _check_loss_inputs(plan, per_rank)
+
+
+def _check_loss_inputs(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:
+    """On the last stage's ranks the loss reads the logits vocabulary-split: a ``Shard(-1)`` DTensor, V/tp wide
+    on each rank (and only that: the gathered fallback would show the full width too)."""
+    dp, tp = plan.get("dp", 1), plan.get("tp", 1)
+    seen = [r["loss_inputs"] for r in per_rank if r["loss_inputs"]]
+    assert len(seen) == dp * tp  # every rank of the last stage computed the loss
+    for inputs in seen:
+        for kind, placements, shape in inputs:
+            assert shape[-1] == VOCAB // tp, inputs
+            assert (kind, placements) == (("DTensor", "(Shard(dim=2),)") if tp > 1 else ("Tensor", "")), inputs
+
+
+def _check_loss_variants(per_rank: list[dict[str, Any]]) -> None:
+    """Every loss gives the single-process loss and gradient; only the exact ones keep the vocabulary split."""
+    for got in per_rank:
+        for name, v in got.items():
+            if name == "unguarded_smoothing_grad_err":
+                continue
+            assert v["loss_err"] < 1e-5 and v["grad_err"] < 1e-6 and v["plain"], (name, v)
+            assert v["parallel_kept"] == (name in PARALLEL_LOSSES), (name, v)
+        # what the autograd-graph guard prevents: loss_parallel's fused backward on a smoothed loss
+        assert got["unguarded_smoothing_grad_err"] > 1e-3
 
 
 def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:

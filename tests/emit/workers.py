@@ -100,11 +100,27 @@ def full_local_state(pm: Any) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in pm.state_dict().items()}
 
 
-def train(pm: Any, data: list[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer) -> list[float]:
+class RecordingLoss:
+    """``loss_fn`` that also records what its logits were on this rank: (type, placements, local shape)."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, str, tuple[int, ...]]] = set()
+
+    def __call__(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        logits = out.logits if hasattr(out, "logits") else out
+        local = logits.to_local() if isinstance(logits, DTensor) else logits
+        self.seen.add((type(logits).__name__, str(getattr(logits, "placements", "")), tuple(local.shape)))
+        return loss_fn(out, targets)
+
+
+def train(pm: Any, data: list[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
+          loss: Callable[[Any, torch.Tensor], torch.Tensor] = loss_fn) -> list[float]:
     """Run ``pm.step`` and the optimizer over ``data``; the loss per step."""
     losses = []
     for x, y in data:
-        losses.append(pm.step(x, y, loss_fn).item())
+        losses.append(pm.step(x, y, loss).item())
         opt.step()
         opt.zero_grad()
     return losses
@@ -131,10 +147,12 @@ def _compare(family: str, pm: Any, steps: int) -> dict[str, Any]:
     ref_losses, ref_state = reference(family, data)
     init = build_model(family).state_dict()
     pm.load_state_dict(init)
+    recorder = RecordingLoss()
     with _counting_unshards() as unshards:
-        losses = train(pm, data, pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM))
+        losses = train(pm, data, pm.optimizer(torch.optim.SGD, lr=LR, momentum=MOMENTUM), recorder)
     state = full_local_state(pm)
     return {
+        "loss_inputs": sorted(recorder.seen),
         "ref_losses": ref_losses, "losses": losses,
         "max_diff": max((state[k] - ref_state[k]).abs().max().item() for k in state),
         "moved": max((ref_state[k] - init[k]).abs().max().item() for k in state),
@@ -163,11 +181,13 @@ def _counting_unshards() -> Iterator[list[int]]:
         FSDPParamGroup.unshard = original
 
 
-def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
-    """Losses and parameters of ``parallelize`` under a hand-written plan vs. the original module, per family."""
-    return {family: _compare(family, _parallelize(family, plan=make_plan(layer_paths(family), family=family,
-                                                                           **plan_kwargs)), steps)
-            for family in FAMILIES}
+def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3, loss_variants: bool = False) -> dict[str, Any]:
+    """Losses and parameters of ``parallelize`` under a hand-written plan vs. the original module, per family
+    (and, with ``loss_variants``, ``check_loss_variants`` in the same process group)."""
+    out = {family: _compare(family, _parallelize(family, plan=make_plan(layer_paths(family), family=family,
+                                                                          **plan_kwargs)), steps)
+           for family in FAMILIES}
+    return {**out, "loss_variants": check_loss_variants()} if loss_variants else out
 
 
 def check_planned_equivalence(constraints: dict[str, Any], global_batch_size: int, steps: int = 3,
@@ -376,3 +396,79 @@ def _check_bf16(plan_kwargs: dict[str, Any], steps: int = 3) -> dict[str, Any]:
     return {"ref_losses": ref_losses, "losses": train(pm, data, opt),
             "compute_dtypes": sorted(str(d) for d in seen),
             "param_dtypes": sorted({str(p.dtype) for p in pm.parameters()})}
+
+
+def _variant_losses() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Losses on (batch, seq, vocab) logits: those loss_parallel runs exactly, and those it must not run."""
+    def flat(lg: torch.Tensor) -> torch.Tensor:
+        return lg.flatten(0, 1)
+
+    def numpy_weighted(lg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        scale = float(lg.detach().numpy().std())  # a loss that leaves torch: DTensor cannot run it
+        return F.cross_entropy(flat(lg), y.flatten()) * scale
+
+    def manual_smoothing(lg: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(flat(lg), dim=-1)  # runs on DTensors: loss_parallel would fuse its backward wrongly
+        return 0.9 * F.nll_loss(logp, y.flatten()) - 0.1 * logp.mean()
+
+    return {
+        "ce": lambda lg, y: F.cross_entropy(flat(lg), y.flatten()),
+        "ce_ignore_sum": lambda lg, y: F.cross_entropy(flat(lg), y.flatten(), ignore_index=-100, reduction="sum"),
+        "ce_class_dim_1": lambda lg, y: F.cross_entropy(lg.transpose(1, 2), y),
+        "label_smoothing": lambda lg, y: F.cross_entropy(flat(lg), y.flatten(), label_smoothing=0.1),
+        "manual_smoothing": manual_smoothing,
+        "nll_of_softmax_log": lambda lg, y: F.nll_loss(flat(lg).softmax(-1).log(), y.flatten()),
+        "numpy_weighted": numpy_weighted,
+        "squares": lambda lg, y: lg.pow(2).mean(),
+    }
+
+
+def check_loss_variants() -> dict[str, Any]:
+    """Each variant on 2 tp ranks through ``VocabParallelLoss`` under ``loss_parallel``, against the full logits.
+
+    Returns, per variant, the loss and gradient errors and whether the parallel path was kept (the loss
+    function saw only DTensors); and the gradient error of the hand-written label smoothing run under
+    ``loss_parallel`` unguarded (what the guard prevents).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    from autopar.emit.loss import VocabParallelLoss, maybe_loss_parallel
+
+    mesh, rank = init_device_mesh("cpu", (dist.get_world_size(),)), dist.get_rank()
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(2, 5, 16, generator=g)
+    y = torch.randint(0, 16, (2, 5), generator=g)
+    y[0, 1] = -100
+
+    def sharded(leaf: torch.Tensor) -> DTensor:
+        return DTensor.from_local(leaf.chunk(2, -1)[rank], mesh, [Shard(2)], run_check=False)
+
+    out: dict[str, Any] = {}
+    for name, fn in _variant_losses().items():
+        ref_leaf = full.clone().requires_grad_()
+        ref = fn(ref_leaf, y.clamp(min=0) if name != "ce_ignore_sum" else y)
+        ref.backward()
+        kinds: list[str] = []
+
+        def seen(lg: torch.Tensor, t: torch.Tensor, fn: Any = fn, kinds: list[str] = kinds) -> torch.Tensor:
+            kinds.append(type(lg).__name__)
+            return fn(lg, t)
+
+        leaf = full.clone().requires_grad_()
+        with maybe_loss_parallel(True), implicit_replication():  # as ParallelModel.step runs the loss
+            loss = VocabParallelLoss()(seen, sharded(leaf), y.clamp(min=0) if name != "ce_ignore_sum" else y,
+                                       parallel=True)
+            loss.backward()
+        mine = slice(rank * 8, rank * 8 + 8)
+        out[name] = {"loss_err": abs(loss.item() - ref.item()), "plain": type(loss).__name__ == "Tensor",
+                     "grad_err": (leaf.grad[..., mine] - ref_leaf.grad[..., mine]).abs().max().item(),
+                     "parallel_kept": kinds == ["DTensor"]}
+    leaf, ref_leaf = full.clone().requires_grad_(), full.clone().requires_grad_()
+    _variant_losses()["manual_smoothing"](ref_leaf, y.clamp(min=0)).backward()
+    with maybe_loss_parallel(True), implicit_replication():
+        _variant_losses()["manual_smoothing"](sharded(leaf), y.clamp(min=0)).full_tensor().backward()
+    out["unguarded_smoothing_grad_err"] = (leaf.grad[..., mine] - ref_leaf.grad[..., mine]).abs().max().item()
+    return out
