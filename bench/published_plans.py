@@ -90,6 +90,11 @@ TORCHTITAN_PP_MICROBATCHES = 8
 ``experimental.pipeline_parallel_microbatches`` or, unset as in the benchmark, ``pipeline_parallel_degree``
 micro-batches (torchtitan/parallelisms/pipelining_utils.py, build_pipeline_schedule): 8, so the local batch
 of 32 runs as 8 micro-batches of 4; an interleaved schedule gets 2 stages per rank (generate_split_points)."""
+TORCHTITAN_PP_ZERO = 2
+"""torchtitan's FSDP under pipelining at the benchmark's commit (torchtitan/parallelisms/parallelize_llama.py,
+``apply_fsdp``): "For PP, do not reshard after forward to avoid per-microbatch all-gathers" —
+``fully_shard(..., reshard_after_forward=False)`` on every block and the root, which is autopar's ZeRO 2
+(``emit/dp.py``: gathered once per step, kept to the last backward), not ZeRO 3's gathers per micro-batch."""
 
 
 TORCHTITAN_CAPTURE = torch.bfloat16
@@ -109,9 +114,9 @@ def torchtitan() -> None:
         ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 8, 16,
          dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5762),  # local batch 2, no accumulation
         ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="1f1b", micro_batch_size=mbs_405b), 100),
+         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=mbs_405b), 100),
         ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=3, schedule="interleaved-1f1b", virtual_stages=2,
+         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="interleaved-1f1b", virtual_stages=2,
               micro_batch_size=mbs_405b), 128),
     ]
     graphs: dict[tuple[object, ...], autopar.OpGraph] = {}
@@ -125,7 +130,7 @@ def torchtitan() -> None:
             continue
         per_gpu = plan.predicted.tokens_per_s / plan.layout.num_gpus
         print(f"  {label}: {plan.layout.describe()}  predicted {per_gpu:,.0f} tok/s/GPU, published {published:,}, "
-              f"ratio {per_gpu / published:.2f}, MFU {plan.predicted.mfu:.1%}")
+              f"ratio {per_gpu / published:.3f}, MFU {plan.predicted.mfu:.1%}")
 
 
 TORCHTITAN_SAVED_MM = 2
