@@ -2,6 +2,7 @@
 
     python bench/tp_collectives.py                 # plan_regret's GPT and Llama, tp=2 with and without SP
     python bench/tp_collectives.py --cluster dgx-h100
+    python bench/tp_collectives.py --cluster-dir bench/out/plan_regret  # plan_regret's cluster and op tables
     python bench/tp_collectives.py --data-parallel  # GPT at dp2 tp1, ZeRO 0/2/3, 2 micro-batches: DP's collectives
 
 Plans each ``plan_regret.MODELS`` model pinned to dp=1 tp=2 pp=1 (fp32, one micro-batch of the
@@ -235,11 +236,15 @@ def issued(calls: list[tuple[str, str, int, str]]) -> dict[tuple[str, str], tupl
     return {k: (int(v[0]), v[1]) for k, v in out.items()}
 
 
-def plans_for(cluster: Any, measure: bool) -> tuple[dict[str, Any], list[tuple[str, Any]], dict[str, Any]]:
+def plans_for(cluster: Any, measure: bool, cluster_dir: Path | None = None,
+              ) -> tuple[dict[str, Any], list[tuple[str, Any]], dict[str, Any]]:
     """Per model: its graph, its tp=2 plans with and without SP, and the cluster they were planned on
-    (``cluster``, or with ``measure`` this machine's 2 gloo ranks and the model's op table, as plan_regret)."""
+    (``cluster``, or with ``measure`` this machine's 2 gloo ranks and the model's op table, as plan_regret;
+    with ``cluster_dir``, the cluster and op-calibration table a plan_regret run saved there, so the plans
+    are the ones plan_regret measured)."""
     import autopar
     from autopar.cost_models.cluster import Cluster
+    from autopar.cost_models.profiling.calibration import CalibrationTable
     from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster
 
     graphs, plans, clusters = {}, [], {}
@@ -254,10 +259,14 @@ def plans_for(cluster: Any, measure: bool) -> tuple[dict[str, Any], list[tuple[s
             path.write_text(cluster_yaml(measured, name="local2"))
         if measure:
             cluster = Cluster.from_yaml(path)
+        calibration = None
+        if cluster_dir is not None:
+            cluster = Cluster.from_yaml(cluster_dir / "local2.yaml")
+            calibration = CalibrationTable.load(cluster_dir / f"{name}_local2_calib.json")
         clusters[name] = cluster
         for sp in (False, True):
             plans.append((name, autopar.plan(model, example, cluster=cluster, global_batch_size=plan_regret.GLOBAL_BATCH,
-                                             dtype="float32", constraints=dict(
+                                             dtype="float32", calibration=calibration, constraints=dict(
                                                  dp=1, tp=2, pp=1, micro_batch_size=plan_regret.GLOBAL_BATCH,
                                                  sequence_parallel=sp, recompute="none"))))
     return graphs, plans, clusters
@@ -319,11 +328,14 @@ def main() -> None:
                         help="preset or YAML the plans are made for; 'local': this machine's 2 gloo ranks (as plan_regret), "
                         "measured once into bench/out/tp_collectives/ (delete to measure again)")
     parser.add_argument("--data-parallel", action="store_true", help="GPT at dp2 tp1, ZeRO 0/2/3 instead of TP")
+    parser.add_argument("--cluster-dir", type=Path, default=None,
+                        help="plan on the cluster and op tables a plan_regret --ranks 2 run saved there (overrides "
+                        "--cluster): the plans plan_regret measured")
     args = parser.parse_args()
-    local = args.cluster == "local"
-    cluster = None if local else Cluster.from_yaml(args.cluster) if args.cluster.endswith((".yaml", ".yml")) else (
-        Cluster.preset(args.cluster))
-    graphs, plans, clusters = plans_for(cluster, local)
+    local = args.cluster == "local" and args.cluster_dir is None
+    cluster = None if args.cluster == "local" else Cluster.from_yaml(args.cluster) if args.cluster.endswith(
+        (".yaml", ".yml")) else Cluster.preset(args.cluster)
+    graphs, plans, clusters = plans_for(cluster, local, args.cluster_dir)
     if args.data_parallel:
         plans = dp_plans(clusters["gpt"])
     ctx = mp.get_context("spawn")

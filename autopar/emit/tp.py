@@ -370,12 +370,34 @@ def _prepare_block_inputs(stage_module: nn.Module, styles: Mapping[str, TPStyle]
         if style is not TPStyle.REPLICATE and path in names and path not in prepared:
             convert = row_in if style is TPStyle.ROWWISE and sequence_parallel else whole
             stage_module.get_submodule(path).register_forward_pre_hook(lambda m, args, c=convert: c(args))
+    if not sequence_parallel:
+        _gather_replicated_inputs(stage_module, styles)
+
+
+def _gather_replicated_inputs(stage_module: nn.Module, styles: Mapping[str, TPStyle]) -> None:
+    """A module the plan keeps whole (``replicate``, with a weight) takes its inputs whole: the ILP's
+    ``mm R = R x R`` after an all-gather (or all-reduce) of a split input.
+
+    Left to DTensor, a replicated weight meeting an input split on the dim it contracts (e.g. a Llama
+    ``o_proj`` after head-split attention) is sliced locally and the output is ``Partial``: no module
+    reduces it (only row-split ones do), so the residual stream, the next norm and the column-split
+    modules after it run on whole-width partial sums (the MLP's gate/up weights gathered, its
+    intermediate ``ffn`` wide on every rank) where the plan prices them split. Without SP only; under
+    SP the block's output is redistributed to the sequence shard, a reduce-scatter either way.
+    """
+    from torch.distributed.tensor import Replicate
+
+    gather = _to_placement(lambda t: Replicate(), False)
+    names = {name for name, _ in stage_module.named_modules()}
+    for path, style in styles.items():
+        if style is TPStyle.REPLICATE and path in names and weight_kind(stage_module.get_submodule(path)):
+            stage_module.get_submodule(path).register_forward_pre_hook(lambda m, args: gather(args))
 
 
 def _to_placement(target: Any, sequence_parallel: bool) -> Any:
-    """A function mapping a pytree's floating DTensors to ``target(t)`` (None: left as they are): under SP,
-    redistributed (activations of 3 or more dims); otherwise (or already there) a replicated one passes through
-    Megatron's *f*."""
+    """A function mapping a pytree's floating DTensors to ``target(t)`` (None: left as they are): redistributed
+    there (under SP, activations of 3 or more dims; without SP, to ``Replicate`` only: a partial or split input
+    made whole); one already replicated passes through Megatron's *f*."""
     from torch.distributed.tensor import DTensor, Replicate
     from torch.utils._pytree import tree_map
 
@@ -385,8 +407,8 @@ def _to_placement(target: Any, sequence_parallel: bool) -> Any:
         placement = target(t)
         if placement is None:
             return t
-        if sequence_parallel and t.dim() >= 3 and t.placements != (placement,):
-            return t.redistribute(placements=[placement])
+        if t.placements != (placement,) and (placement == Replicate() or sequence_parallel and t.dim() >= 3):
+            return t.redistribute(placements=[placement])  # without SP: a split or partial input made whole
         return _reduce_grad_here(t) if t.requires_grad and placement == Replicate() else t
 
     return lambda tree: tree_map(convert, tree)

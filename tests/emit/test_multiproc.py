@@ -62,6 +62,8 @@ def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None) ->
         assert covered == set(first["ref_keys"]), f"{family}: parameters on no rank: {set(first['ref_keys']) - covered}"
         _check_mechanisms(plan, per_rank)
         _check_loss_inputs(plan, per_rank)
+    if "llama_o_replicated" in results[0]:
+        _check_split_compute(plan, [r["llama_o_replicated"] for r in results])
 
 
 def _check_loss_inputs(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:
@@ -86,6 +88,19 @@ def _check_loss_variants(per_rank: list[dict[str, Any]]) -> None:
             assert v["parallel_kept"] == (name in PARALLEL_LOSSES), (name, v)
         # what the autograd-graph guard prevents: loss_parallel's fused backward on a smoothed loss
         assert got["unguarded_smoothing_grad_err"] > 1e-3
+
+
+def _check_split_compute(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:
+    """Llama with o_proj replicated (the ILP's choice at tp2 without SP) trains like the original, and its
+    blocks compute split: each rank's MLP intermediate is ffn/tp wide and its attention runs heads/tp heads
+    (a program that gathered the sharded weights and computed whole would match the loss too)."""
+    tp = plan["tp"]
+    for rank, got in enumerate(per_rank):
+        assert got["losses"] == pytest.approx(got["ref_losses"], abs=TOL), rank
+        assert got["max_diff"] < TOL, (rank, got["max_diff"])
+        shapes = got["local_shapes"]
+        assert {s[-1] for s in shapes["aten.silu.default"]} == {got["ffn"] // tp}, shapes
+        assert {s[1] for s in shapes["aten._softmax.default"]} == {got["heads"] // tp}, shapes
 
 
 def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:

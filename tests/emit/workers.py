@@ -183,11 +183,51 @@ def _counting_unshards() -> Iterator[list[int]]:
 
 def check_equivalence(plan_kwargs: dict[str, Any], steps: int = 3, loss_variants: bool = False) -> dict[str, Any]:
     """Losses and parameters of ``parallelize`` under a hand-written plan vs. the original module, per family
-    (and, with ``loss_variants``, ``check_loss_variants`` in the same process group)."""
+    (and, with ``loss_variants``, ``check_loss_variants`` in the same process group).
+
+    Under TP without SP or PP, also ``llama_o_replicated``: Llama with ``o_proj`` kept whole (what the ILP
+    chooses for plan_regret's Llama at tp2), with the per-rank shapes its attention and MLP ran at.
+    """
     out = {family: _compare(family, _parallelize(family, plan=make_plan(layer_paths(family), family=family,
                                                                           **plan_kwargs)), steps)
            for family in FAMILIES}
+    if plan_kwargs.get("tp", 1) > 1 and not plan_kwargs.get("sequence_parallel") and plan_kwargs.get("pp", 1) == 1:
+        out["llama_o_replicated"] = _compare_local_shapes(plan_kwargs, steps)
     return {**out, "loss_variants": check_loss_variants()} if loss_variants else out
+
+
+LOCAL_SHAPE_OPS = ("aten.silu.default", "aten._softmax.default")
+"""The ops whose per-rank output shapes ``_compare_local_shapes`` records: the MLP's activation (its
+intermediate width) and the eager attention's softmax (its heads on dim 1)."""
+
+
+def _compare_local_shapes(plan_kwargs: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``_compare`` for Llama with ``self_attn.o_proj`` replicated, recording the per-rank (local) output shapes
+    of ``LOCAL_SHAPE_OPS`` as DTensor computed them."""
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from autopar.plan import ShardingPlan
+    from tests.emit.plans import LLAMA_BLOCK, LLAMA_EMBED, LLAMA_HEAD, REP
+
+    shapes: dict[str, set[tuple[int, ...]]] = {op: set() for op in LOCAL_SHAPE_OPS}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if str(func) in shapes and isinstance(out, DTensor):  # the emitted program's (not the reference's)
+                shapes[str(func)].add(tuple(out.to_local().shape))
+            return out
+
+    block = {**LLAMA_BLOCK, "self_attn.o_proj": REP}
+    sharding = tuple(ShardingPlan(layer_kind=kind, modules=mods, ops={})
+                     for kind, mods in (("block", block), ("embed", LLAMA_EMBED), ("head", LLAMA_HEAD)))
+    pm = _parallelize("llama", plan=make_plan(layer_paths("llama"), family="llama", sharding=sharding, **plan_kwargs))
+    with Record():
+        got = _compare("llama", pm, steps)
+    config = build_model("llama", meta=True).config
+    return {**got, "local_shapes": {op: sorted(v) for op, v in shapes.items()},
+            "ffn": config.intermediate_size, "heads": config.num_attention_heads}
 
 
 def check_planned_equivalence(constraints: dict[str, Any], global_batch_size: int, steps: int = 3,
