@@ -407,7 +407,7 @@ def _to_placement(target: Any, sequence_parallel: bool) -> Any:
         placement = target(t)
         if placement is None:
             return t
-        if t.placements != (placement,) and (placement == Replicate() or sequence_parallel and t.dim() >= 3):
+        if t.placements != (placement,) and (t.dim() >= 3 if sequence_parallel else placement == Replicate()):
             return t.redistribute(placements=[placement])  # without SP: a split or partial input made whole
         return _reduce_grad_here(t) if t.requires_grad and placement == Replicate() else t
 
