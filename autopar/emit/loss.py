@@ -78,7 +78,8 @@ def maybe_loss_parallel(enabled: bool) -> Iterator[None]:
 
 
 def gather(tree: Any) -> Any:
-    """Every DTensor leaf of ``tree`` as a full plain tensor (differentiably)."""
+    """Every DTensor leaf of ``tree`` as a full plain tensor (differentiably): a replicated one without a
+    collective, a split or partial one gathered or reduced."""
     from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_map
 
@@ -170,18 +171,18 @@ class VocabParallelLoss:
 
         shards = [t for t in tree_leaves(output) if is_vocab_shard(t)]
         if not shards or not parallel:
-            return _plain(fn(gather(output), target))
+            return gather(fn(gather(output), target))
         try:
             loss = fn(output, target)
         except Exception as e:  # noqa: BLE001 - the gathered path below is exact for any loss; it re-raises its own
             self._warn(fn, f"it raised on the vocabulary-split logits ({type(e).__name__}: {e})")
-            return _plain(fn(gather(output), target))
+            return gather(fn(gather(output), target))
         if not isinstance(loss, torch.Tensor) or not parallel_loss_is_exact(loss, shards):
             self._warn(fn, "its log_softmax output reaches the loss other than through nll_loss alone "
                            "(label smoothing, a sum of log-probabilities), where loss_parallel's fused backward "
                            "would be wrong")
-            return _plain(fn(gather(output), target))
-        return _plain(loss)
+            return gather(fn(gather(output), target))
+        return gather(loss)
 
     def _warn(self, fn: Callable[..., Any], why: str) -> None:
         key = getattr(fn, "__qualname__", repr(fn))
@@ -191,10 +192,3 @@ class VocabParallelLoss:
                            "%s. Write it as F.cross_entropy on the logits to keep the vocabulary split, or pass "
                            "loss_parallel=False to ParallelModel.step to skip this attempt", key, why)
 
-
-def _plain(loss: Any) -> Any:
-    """A DTensor loss as the plain tensor the schedule and ``ParallelModel.step`` expect (a replicated one
-    without a collective; a partial one reduced)."""
-    from torch.distributed.tensor import DTensor
-
-    return loss.full_tensor() if isinstance(loss, DTensor) else loss

@@ -265,15 +265,12 @@ def _inputs_to_dtensor(mesh: DeviceMesh) -> Any:
 def _outputs_to_local(keep_vocab_shards: bool) -> Any:
     """A forward hook: stage outputs leave as full plain tensors (what the next stage receives), except, with
     ``keep_vocab_shards``, the last stage's vocabulary-split logits, which the loss reads at V/t per rank."""
-    from torch.distributed.tensor import DTensor
     from torch.utils._pytree import tree_map
 
-    from autopar.emit.loss import is_vocab_shard
+    from autopar.emit.loss import gather, is_vocab_shard
 
     def local(t: Any) -> Any:
-        if not isinstance(t, DTensor) or (keep_vocab_shards and is_vocab_shard(t)):
-            return t
-        return t.full_tensor()
+        return t if keep_vocab_shards and is_vocab_shard(t) else gather(t)
 
     return lambda module, args, output: tree_map(local, output)
 
