@@ -390,6 +390,9 @@ def profile(
                    ] = Path("calib.json"),
     seq: Annotated[int | None, typer.Option(help="Sequence length (default: the model's).")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size of the profiled ops.")] = 1,
+    also_batch: Annotated[list[int] | None, typer.Option(
+        "--also-batch", min=1, help="Also time the ops with the model at this batch size (repeatable): micro-batches "
+        "between measured sizes are priced from the measurements, not scaled from --batch.")] = None,
     device: Annotated[str | None, typer.Option(help="torch device to time on (default: cuda if present).")
                       ] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed runs per op (default: the profiler's).")
@@ -411,10 +414,15 @@ def profile(
     with _user_prints_to_stderr():
         resolved = resolve_model(model, seq_len=seq, batch=batch)
         graph = capture(resolved.module, resolved.example_inputs)
+        others = {}
+        for b in sorted(set(also_batch or ()) - {batch}):
+            other = resolve_model(model, seq_len=seq, batch=b)
+            others[b / batch] = capture(other.module, other.example_inputs)
     if ranks is not None:
-        _profile_local_cluster(graph, ranks=ranks, out=out, cluster_out=cluster_out)
+        _profile_local_cluster(graph, ranks=ranks, out=out, cluster_out=cluster_out, batch_graphs=others)
         return
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype} | ({"repeats": repeats} if repeats else {})
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "batch_graphs": others} | (
+        {"repeats": repeats} if repeats else {})
     with Progress(console=_err(), transient=True) as bar:
         task = bar.add_task("profiling", total=None)
         table = profile_graph(graph, progress=lambda done, total: bar.update(task, completed=done, total=total),
@@ -424,11 +432,11 @@ def profile(
                f"calibration written to {out}")
 
 
-def _profile_local_cluster(graph: Any, *, ranks: int, out: Path, cluster_out: Path) -> None:
+def _profile_local_cluster(graph: Any, *, ranks: int, out: Path, cluster_out: Path, batch_graphs: Any) -> None:
     """``profile --ranks N``: the machine as N gloo ranks; cluster YAML plus the op table, same device name."""
     from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster
 
-    measured = measure_local_cluster(ranks, graph=graph)
+    measured = measure_local_cluster(ranks, graph=graph, batch_graphs=batch_graphs)
     assert measured.calibration is not None  # a graph was given
     measured.calibration.save(out)
     _write(cluster_out, cluster_yaml(measured, name=cluster_out.stem))

@@ -7,7 +7,8 @@
 For each model and rank count N:
 
 1. measure this machine as a cluster of N ranks (``autopar profile --ranks N``'s code: per-rank
-   compute with N processes busy, gloo alpha-beta fits) and time the model's ops the same way;
+   compute with N processes busy, gloo alpha-beta fits) and time the model's ops the same way, at every
+   micro-batch size a plan can use (the model captured at each);
 2. plan on that cluster with the op table (fp32, the CPU's dtype) and keep every ranked layout
    (dp/tp/pp, micro-batch, ZeRO stage, recompute, SP, schedule);
 3. run each layout with ``autopar.parallelize`` (AdamW), steps repeated until their minimum is
@@ -59,6 +60,10 @@ log = logging.getLogger("plan_regret")
 SEQ_LEN = 128
 VOCAB = 2048
 GLOBAL_BATCH = 8
+CAPTURE_BATCH = 2
+"""Batch the model is captured (and planned) at."""
+MICRO_BATCHES = (1, 2, 4, 8)
+"""Micro-batch sizes a plan can use (up to the global batch); the ops are timed at each."""
 MODELS: dict[str, dict[str, Any]] = {
     # ~0.1-0.5 s a step on 2 single-threaded ranks
     "gpt": {"family": "gpt", "seq_len": SEQ_LEN, "vocab": VOCAB,
@@ -81,10 +86,12 @@ def predicted_live_bytes(plan: Any) -> float:
 def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False) -> dict[str, Any]:
     spec = MODELS[name]
     model = regret_worker.build_model(spec)
-    example = (torch.zeros(2, SEQ_LEN, dtype=torch.long),)
+    example = (torch.zeros(CAPTURE_BATCH, SEQ_LEN, dtype=torch.long),)
     graph = autopar.capture(model, example)
+    others = {b / CAPTURE_BATCH: autopar.capture(model, (torch.zeros(b, SEQ_LEN, dtype=torch.long),))
+              for b in MICRO_BATCHES if b != CAPTURE_BATCH}
     t0 = time.perf_counter()
-    measured = measure_local_cluster(ranks, graph=graph)
+    measured = measure_local_cluster(ranks, graph=graph, batch_graphs=others)
     yaml_path, calib_path = out_dir / f"local{ranks}.yaml", out_dir / f"{name}_local{ranks}_calib.json"
     yaml_path.write_text(cluster_yaml(measured, name=f"local{ranks}"))
     assert measured.calibration is not None

@@ -91,6 +91,10 @@ class GPUSpec:
     """Host time of one Megatron *f* (``from_local(to_local(x))``, ``emit/tp.py``) in forward."""
     dtensor_hook_backward_s: float = 0.0
     """The same in backward."""
+    grad_reduce_overlaps: bool = True
+    """Whether a data-parallel gradient reduce runs beside the backward that follows it: FSDP2 issues it on its
+    own CUDA stream. False on a CPU rank, which has no streams: FSDP2's ``foreach_reduce`` calls the
+    reduce-scatter and all-reduce with ``async_op=False``, so the backward waits for each one."""
 
     def __post_init__(self) -> None:
         if not self.peak_flops_per_s:
@@ -107,7 +111,7 @@ class GPUSpec:
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops_per_s.items())), self.mem_bytes, self.mem_bytes_per_s,
                      self.matmul_efficiency, self.memory_efficiency, self.kernel_launch_s, self.half_efficiency_s,
-                     *(getattr(self, name) for name in DTENSOR_HOST_FIELDS)))
+                     *(getattr(self, name) for name in DTENSOR_HOST_FIELDS), self.grad_reduce_overlaps))
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype`` (aliases such as ``"bf16"`` accepted).
@@ -418,7 +422,14 @@ def _build_gpu(data: Mapping[str, Any]) -> GPUSpec:
                                     "gpu.half_efficiency_s"),
         **{key: _non_negative(data[key], UnitKind.SECONDS, f"gpu.{key}")
            for key in DTENSOR_HOST_FIELDS if key in data},
+        grad_reduce_overlaps=_flag(data.get("grad_reduce_overlaps", True), "gpu.grad_reduce_overlaps"),
     )
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ClusterSpecError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _build_link(data: Mapping[str, Any], prefix: str) -> LinkSpec:

@@ -205,15 +205,60 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
                                 capture_dtype=capture_dtype)
     if calibration is None:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
-    measured = calibration.lookup(op, dtype)  # only a table profiled in the training dtype matches
-    if measured is None:
+    points = calibration.measured_points(op, dtype)  # only a table profiled in the training dtype matches
+    if not points:
         return OpTime(forward_s=fwd, backward_s=bwd, source=TimeSource.ROOFLINE.value)
-    if batch_scale == 1.0 and shard == 1:
-        return OpTime(forward_s=measured[0], backward_s=measured[1], source=TimeSource.PROFILED.value)
-    base_fwd, base_bwd = roofline_op_time(op, gpu, dtype=dtype, batch_scale=1.0, shard=1, grad_inputs=grads,
-                                          capture_dtype=capture_dtype)
-    return OpTime(forward_s=measured[0] * _ratio(fwd, base_fwd), backward_s=measured[1] * _ratio(bwd, base_bwd),
-                  source=TimeSource.PROFILED_SCALED.value)
+    exact = next((p for p in points if p[0] == batch_scale), None)
+    if exact is not None and shard == 1:
+        return OpTime(forward_s=exact[1], backward_s=exact[2], source=TimeSource.PROFILED.value)
+
+    def roofline(scale: float, split: int) -> tuple[float, float]:
+        return roofline_op_time(op, gpu, dtype=dtype, batch_scale=scale, shard=split, grad_inputs=grads,
+                                capture_dtype=capture_dtype)
+
+    at_batch = _at_batch_scale(points, batch_scale, gpu, roofline)
+    if shard != 1:  # a measured batch scale, split over tp ranks: the roofline's ratio above the op floor
+        whole = roofline(batch_scale, 1)
+        at_batch = tuple(scale_measured(t, _ratio(split, full), gpu)
+                         for t, split, full in zip(at_batch, (fwd, bwd), whole))
+    return OpTime(forward_s=at_batch[0], backward_s=at_batch[1], source=TimeSource.PROFILED_SCALED.value)
+
+
+def _at_batch_scale(points: Sequence[tuple[float, float, float]], batch_scale: float, gpu: GPUSpec,
+                    roofline: Callable[[float, int], tuple[float, float]]) -> tuple[float, float]:
+    """(forward_s, backward_s) of one op at ``batch_scale`` from its measurements ``points`` ((scale, fwd, bwd), by
+    scale): linear between the two measured scales around it (an op's time is a fixed part plus work that grows
+    with the batch); outside them, the nearest measurement scaled by the roofline's ratio above the op floor."""
+    below = [p for p in points if p[0] <= batch_scale]
+    above = [p for p in points if p[0] >= batch_scale]
+    if below and above:
+        (s0, *t0), (s1, *t1) = below[-1], above[0]
+        w = (batch_scale - s0) / (s1 - s0) if s1 > s0 else 0.0
+        return t0[0] + w * (t1[0] - t0[0]), t0[1] + w * (t1[1] - t0[1])
+    scale, *measured = (below or above)[-1 if below else 0]
+    target, base = roofline(batch_scale, 1), roofline(scale, 1)
+    return (scale_measured(measured[0], _ratio(target[0], base[0]), gpu),
+            scale_measured(measured[1], _ratio(target[1], base[1]), gpu))
+
+
+def scale_measured(measured_s: float, work_ratio: float, gpu: GPUSpec) -> float:
+    """A time measured at the captured shapes, at ``work_ratio`` times the work: only the part above the op floor
+    (``GPUSpec.kernel_launch_s``: dispatch and launch, the same for any size) scales.
+
+    On a CPU rank the floor is host time that adds to every op (about 6 us: dispatch and autograd's record), so a
+    micro-batch of 1 pays it as often as one of 8 does; scaling the whole measured time would charge it once per
+    sample instead of once per call.
+
+    Example:
+        >>> import dataclasses
+        >>> gpu = dataclasses.replace(Cluster.preset("dgx-h100").gpu, kernel_launch_s=5e-6)
+        >>> round(scale_measured(25e-6, 4.0, gpu) * 1e6, 6), round(scale_measured(25e-6, 0.5, gpu) * 1e6, 6)
+        (85.0, 15.0)
+        >>> round(scale_measured(3e-6, 4.0, gpu) * 1e6, 6)  # at or below the floor: the floor's share only
+        3.0
+    """
+    fixed = min(measured_s, gpu.kernel_launch_s)
+    return fixed + (measured_s - fixed) * work_ratio
 
 
 def _ratio(scaled: float, base: float) -> float:
@@ -450,5 +495,6 @@ __all__ = [
     "matmul_flops_per_s",
     "op_work",
     "roofline_op_time",
+    "scale_measured",
     "shape_efficiency",
 ]

@@ -243,6 +243,7 @@ def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_bac
     ``edge_params``: the FSDP units gathered first and reduced last (``comm.fsdp_edge_params``)."""
     if layout.dp == 1:
         return CommBreakdown()
+    overlap = overlap and formulas.cluster.gpu.grad_reduce_overlaps  # a CPU rank's reduce blocks its backward
 
     def t(kind: Collective, params: float = rank_params) -> float:  # gradients reduced in fp32, params gathered
         width = formulas.param_bytes_per_param() if kind is Collective.ALL_GATHER else formulas.grad_bytes_per_param()

@@ -96,11 +96,42 @@ class CalibrationTable:
     """``op_key`` → why it was not profiled (priced by the roofline instead)."""
     dtype: str | None = None
     """Dtype floating-point inputs were cast to when profiling (None: as captured)."""
+    batch_entries: Mapping[str, Mapping[float, tuple[float, float]]] = field(default_factory=dict)
+    """``op_key`` (at the captured shapes) → {batch scale: (forward s, backward s)}: the same op measured in the
+    model captured at another batch size (scale = that batch / the captured one). A micro-batch between two
+    measured sizes is priced from them (``measured_points``), not from the roofline's ratio."""
 
     def __post_init__(self) -> None:
         for key, (fwd, bwd) in self.entries.items():
             if not (fwd >= 0 and bwd >= 0):
                 raise ValueError(f"calibration entry {key!r}: negative time ({fwd}, {bwd})")
+        for key, points in self.batch_entries.items():
+            for scale, (fwd, bwd) in points.items():
+                if not (scale > 0 and fwd >= 0 and bwd >= 0):
+                    raise ValueError(f"calibration entry {key!r} at batch scale {scale}: bad value ({fwd}, {bwd})")
+
+    def measured_points(self, op: Op, dtype: str | None = None) -> tuple[tuple[float, float, float], ...]:
+        """(batch scale, forward_s, backward_s) measured for ``op``, by scale: 1.0 (the captured shapes) and every
+        other batch it was profiled at; empty when the op was not measured.
+
+        Example:
+            >>> from autopar.graph.ir import OpClass
+            >>> a = TensorMeta(shape=(4, 8), dtype="float32")
+            >>> op = Op(name="mm", target="aten.mm.default", op_class=OpClass.MATMUL, inputs=(a, a),
+            ...         input_ops=("x", None), input_params=(None, "w"), outputs=(a,), flops=1, nbytes_moved=1,
+            ...         module_path="lin")
+            >>> key = op_key_for(op)
+            >>> t = CalibrationTable(device_name="cpu", torch_version="x", entries={key: (2e-6, 4e-6)},
+            ...                      batch_entries={key: {4.0: (5e-6, 9e-6), 0.5: (1.5e-6, 3e-6)}})
+            >>> t.measured_points(op)
+            ((0.5, 1.5e-06, 3e-06), (1.0, 2e-06, 4e-06), (4.0, 5e-06, 9e-06))
+        """
+        key = op_key_for(op, dtype)
+        at_captured = self.entries.get(key)
+        if at_captured is None:
+            return ()
+        points = {1.0: at_captured, **self.batch_entries.get(key, {})}
+        return tuple((scale, *points[scale]) for scale in sorted(points))
 
     def lookup(self, op: Op, dtype: str | None = None) -> tuple[float, float] | None:
         """(forward_s, backward_s) measured for ``op`` with its floats in ``dtype`` (None: as captured), or None.
@@ -128,16 +159,20 @@ class CalibrationTable:
         """JSON-ready dict."""
         return {"device_name": self.device_name, "torch_version": self.torch_version, "dtype": self.dtype,
                 "entries": {k: [f, b] for k, (f, b) in sorted(self.entries.items())},
-                "skipped": dict(sorted(self.skipped.items()))}
+                "skipped": dict(sorted(self.skipped.items())),
+                "batch_entries": {k: {repr(scale): [f, b] for scale, (f, b) in sorted(points.items())}
+                                  for k, points in sorted(self.batch_entries.items())}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CalibrationTable:
         """Inverse of ``to_dict``."""
         try:
             entries = {str(k): (float(v[0]), float(v[1])) for k, v in data["entries"].items()}
+            batch = {str(k): MappingProxyType({float(s): (float(v[0]), float(v[1])) for s, v in points.items()})
+                     for k, points in data.get("batch_entries", {}).items()}  # absent in tables of one size
             return cls(device_name=str(data["device_name"]), torch_version=str(data["torch_version"]),
                        entries=MappingProxyType(entries), skipped=MappingProxyType(dict(data.get("skipped", {}))),
-                       dtype=data.get("dtype"))
+                       dtype=data.get("dtype"), batch_entries=MappingProxyType(batch))
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise UserInputError(f"calibration table is malformed: {type(e).__name__}: {e}") from e
 

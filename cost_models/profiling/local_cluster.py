@@ -218,6 +218,7 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         f"  dtensor_collective_s: {c.dtensor_collective_s:.6g}  # added per collective a tensor-parallel stage issues",
         f"  dtensor_hook_s: {c.dtensor_hook_s:.6g}  # per Megatron f (from_local/to_local) in forward",
         f"  dtensor_hook_backward_s: {c.dtensor_hook_backward_s:.6g}",
+        "  grad_reduce_overlaps: false  # no streams on a CPU: FSDP2's gradient reduce blocks the backward",
         f"gpus_per_node: {profile.ranks}",
         "nodes: 1",
         *_link_lines("intra_node", latency, bus_bw),
@@ -249,13 +250,17 @@ def _quote(text: str) -> str:
 # ---- measurement (torch from here on) -----------------------------------------------------------
 
 
-def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None, message_bytes: Sequence[int] = MESSAGE_BYTES,
+def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None,
+                          batch_graphs: Mapping[float, OpGraph] | None = None,
+                          message_bytes: Sequence[int] = MESSAGE_BYTES,
                           repeats: int = COLLECTIVE_REPEATS) -> LocalClusterProfile:
     """Start ``ranks`` gloo processes on this machine and measure them (takes ~10-60 s).
 
     Args:
         ranks: N, the processes started at once (one thread each).
         graph: a captured model whose ops every rank profiles at once; rank 0's table is kept.
+        batch_graphs: the same model captured at other batch sizes, by batch scale, profiled too
+            (``profiler.profile_graph``).
         message_bytes: the sizes each collective is timed at.
         repeats: timed calls per size.
 
@@ -270,7 +275,8 @@ def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None, message_b
 
     queue = mp.get_context("spawn").SimpleQueue()
     port = local_worker.free_port()
-    mp.start_processes(local_worker.run_rank, args=(ranks, port, tuple(message_bytes), repeats, queue, graph),
+    mp.start_processes(local_worker.run_rank, args=(ranks, port, tuple(message_bytes), repeats, queue, graph,
+                                                     dict(batch_graphs or {})),
                        nprocs=ranks, join=True, start_method="spawn")
     results = [queue.get() for _ in range(ranks)]
     return _combine(results, ranks)

@@ -47,8 +47,9 @@ def free_port() -> int:
 
 
 def run_rank(rank: int, world: int, port: int, message_bytes: Sequence[int], repeats: int, queue: Any,
-             graph: Any = None) -> None:
-    """Measure as ``rank`` of ``world`` and put a dict of results on ``queue``."""
+             graph: Any = None, batch_graphs: Any = None) -> None:
+    """Measure as ``rank`` of ``world`` and put a dict of results on ``queue``; ``graph`` (and ``batch_graphs``,
+    the model at other batch sizes: ``profile_graph``'s) are profiled with every rank at once."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
@@ -60,7 +61,7 @@ def run_rank(rank: int, world: int, port: int, message_bytes: Sequence[int], rep
             from autopar.cost_models.profiling.profiler import profile_graph
 
             dist.barrier()
-            table = profile_graph(graph, device="cpu", repeats=3, warmup=1).to_dict()
+            table = profile_graph(graph, device="cpu", repeats=3, warmup=1, batch_graphs=batch_graphs).to_dict()
         dist.barrier()
         compute.update(measure_dtensor_host(world))
         dist.barrier()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,8 @@ class Timing:
 
 def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = DEFAULT_REPEATS,
                   warmup: int = DEFAULT_WARMUP, dtype: str | None = None, statistic: str = "median",
-                  clock: str = "wall", progress: Progress | None = None) -> CalibrationTable:
+                  clock: str = "wall", progress: Progress | None = None,
+                  batch_graphs: Mapping[float, OpGraph] | None = None) -> CalibrationTable:
     """Measure forward and backward time of each distinct op of ``graph`` on ``device``.
 
     Args:
@@ -103,6 +104,9 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
         clock: on CPU, ``"wall"`` time (default) or ``"thread"`` CPU time of the calling thread, which
             other processes cannot inflate; use it only with ``torch.set_num_threads(1)``.
         progress: called as ``progress(done, total)`` after each distinct op.
+        batch_graphs: the same model captured at other batch sizes, by batch scale (that batch / ``graph``'s):
+            their ops are timed too and kept under ``graph``'s keys (``CalibrationTable.batch_entries``), matched
+            by position (layer, then op; a graph whose layers or op targets differ raises ``ValueError``).
 
     Returns:
         The table, keyed by ``op_key`` at the captured shapes and the profiled dtypes, with the ops
@@ -110,15 +114,17 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
     """
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     timing = Timing(repeats=repeats, warmup=warmup, statistic=Statistic(statistic), clock=Clock(clock))
-    todo = _distinct_ops(graph, dtype)
-    producers = {op.name: op for op in graph.ops}
+    others = {scale: _matching_keys(graph, other, dtype) for scale, other in (batch_graphs or {}).items()}
+    todo = _distinct_ops(graph, dtype) + [op for other in (batch_graphs or {}).values()
+                                          for op in _distinct_ops(other, dtype)]
+    todo = list({key: (key, op, grads, producers) for key, op, grads, producers in todo}.values())
     engine_s = _autograd_startup_s(dev, timing)
-    entries: dict[str, tuple[float, float]] = {}
+    timed: dict[str, tuple[float, float]] = {}
     skipped: dict[str, str] = {}
-    for i, (key, op, grads) in enumerate(todo):
+    for i, (key, op, grads, producers) in enumerate(todo):
         try:
             call = build_call(op, dev, dtype, producers)
-            entries[key] = _profile_call(call, grads, dev, timing, engine_s=engine_s)
+            timed[key] = _profile_call(call, grads, dev, timing, engine_s=engine_s)
         except RebuildError as e:
             skipped[key] = str(e)
             log.info("not profiled %s: %s", op.target, e)
@@ -127,9 +133,33 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
             log.info("not profiled %s: %s", op.target, e)
         if progress is not None:
             progress(i + 1, len(todo))
-    log.info("profiled %d ops on %s, %d skipped", len(entries), dev, len(skipped))
+    own = {key for key, *_ in _distinct_ops(graph, dtype)}
+    entries = {key: t for key, t in timed.items() if key in own}
+    batch_entries: dict[str, dict[float, tuple[float, float]]] = {}
+    for scale, keys in others.items():
+        for key, other_key in keys.items():
+            if key in entries and other_key in timed:
+                batch_entries.setdefault(key, {})[scale] = timed[other_key]
+    log.info("profiled %d ops on %s, %d skipped", len(timed), dev, len(skipped))
     return CalibrationTable(device_name=device_name(dev), torch_version=torch.__version__, entries=entries,
-                            skipped=skipped, dtype=dtype)
+                            skipped={k: v for k, v in skipped.items() if k in own}, dtype=dtype,
+                            batch_entries=batch_entries)
+
+
+def _matching_keys(graph: OpGraph, other: OpGraph, dtype: str | None) -> dict[str, str]:
+    """``graph``'s op keys → the keys of the ops in the same places of ``other`` (the model at another batch)."""
+    if [len(layer.ops) for layer in graph.layers] != [len(layer.ops) for layer in other.layers]:
+        raise ValueError("the graphs to profile at other batch sizes must be the same model: their layers or ops "
+                         "differ in number")
+    keys: dict[str, str] = {}
+    for layer, twin in zip(graph.layers, other.layers):
+        for op, same in zip(layer.ops, twin.ops):
+            if op.target != same.target:
+                raise ValueError(f"the graphs to profile at other batch sizes differ at {op.name}: {op.target} "
+                                 f"vs {same.target}")
+            keys.setdefault(op_key(op.target, cast_float_inputs(op.inputs, dtype), op.scalars),
+                            op_key(same.target, cast_float_inputs(same.inputs, dtype), same.scalars))
+    return keys
 
 
 def device_name(device: torch.device) -> str:
@@ -152,13 +182,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _distinct_ops(graph: OpGraph, dtype: str | None) -> list[tuple[str, Op, tuple[bool, ...]]]:
-    seen: dict[str, tuple[str, Op, tuple[bool, ...]]] = {}
+def _distinct_ops(graph: OpGraph, dtype: str | None) -> list[tuple[str, Op, tuple[bool, ...], Mapping[str, Op]]]:
+    """(key, op, inputs needing a gradient, the graph's ops by name) of each distinct op key of ``graph``."""
+    producers = {op.name: op for op in graph.ops}
+    seen: dict[str, tuple[str, Op, tuple[bool, ...], Mapping[str, Op]]] = {}
     for layer in graph.layers:
         grads = layer_grad_inputs(layer)
         for op in layer.ops:
             key = op_key(op.target, cast_float_inputs(op.inputs, dtype), op.scalars)
-            seen.setdefault(key, (key, op, grads[op.name]))
+            seen.setdefault(key, (key, op, grads[op.name], producers))
     return list(seen.values())
 
 

@@ -91,11 +91,14 @@ def test_profile_writes_a_calibration_table(tmp_path: Path) -> None:
     from autopar.cost_models.profiling.calibration import CalibrationTable
 
     out = tmp_path / "calib.json"
-    r = autopar("profile", "mlp:tiny", "--device", "cpu", "--repeats", "1", "--out", str(out))
+    r = autopar("profile", "mlp:tiny", "--device", "cpu", "--repeats", "1", "--out", str(out), "--batch", "2",
+                "--also-batch", "1", "--also-batch", "8")
     assert r.rc == 0, r.err
     table = CalibrationTable.load(out)
     assert r.out.startswith(f"{len(table.entries)} ops timed on {table.device_name}")
     assert len(table.entries) >= 3  # mlp:tiny has 3 distinct matmuls, GELU, ...
+    # the ops whose shapes follow the batch are also measured at batch 1 and 8 (scales 0.5 and 4 of batch 2)
+    assert table.batch_entries and all(set(p) == {0.5, 4.0} for p in table.batch_entries.values())
     # a table measured on this CPU never prices an H100 (it once gave 729 s/step, labelled "profiled")
     r = autopar("plan", "mlp:tiny", "-c", "dgx-h100", "-b", "8", "--calibration", str(out), "--json")
     assert r.rc == 2 and table.device_name in r.err and "H100-SXM5-80GB" in r.err, (r.rc, r.err)

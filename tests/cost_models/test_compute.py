@@ -147,7 +147,8 @@ def test_calibration_table_is_used_when_it_matches() -> None:
     roof2 = estimate_op_time(op, H100, dtype="float32", batch_scale=4.0)
     scaled = estimate_op_time(op, H100, dtype="float32", batch_scale=4.0, calibration=table)
     assert scaled.source == TimeSource.PROFILED_SCALED.value
-    assert scaled.forward_s == pytest.approx(1e-3 * roof2.forward_s / roof1.forward_s)
+    floor = H100.gpu.kernel_launch_s  # paid once per call at any size: only the rest scales
+    assert scaled.forward_s == pytest.approx(floor + (1e-3 - floor) * roof2.forward_s / roof1.forward_s)
     # measured in fp32, asked for bf16: not the same kernel, so the roofline prices it
     other = estimate_op_time(op, H100, dtype="bfloat16", calibration=table)
     assert other.source == TimeSource.ROOFLINE.value
@@ -302,3 +303,26 @@ def test_product_backward_reads_dy_and_the_other_operand_per_gradient() -> None:
                 + (one + one + one) / bw + (one + small) / bw  # dw: dy · x written, then summed
                 + 3 * GPU.half_efficiency_s)
     assert estimate_op_time(scale, H100).backward_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_measured_batch_sizes_are_interpolated_and_the_op_floor_does_not_scale() -> None:
+    cpu = dataclasses.replace(H100.gpu, kernel_launch_s=5e-6, half_efficiency_s=1e-15)
+    op = linear(1024, 1024, 1024, dtype="float32")
+    key = op_key_for(op)
+    table = CalibrationTable(device_name="dev", torch_version="x", entries={key: (100e-6, 300e-6)},
+                             batch_entries={key: {4.0: (340e-6, 1000e-6)}})
+
+    def at(scale: float, shard: int = 1) -> tuple[float, float]:
+        t = estimate_op_time(op, cpu, dtype="float32", batch_scale=scale, shard=shard, calibration=table)
+        return t.forward_s, t.backward_s
+
+    assert at(4.0) == (340e-6, 1000e-6)
+    assert at(2.0) == pytest.approx((180e-6, 300e-6 + 700e-6 / 3))  # linear between the measured 1 and 4
+    # below the smallest measurement: the roofline's ratio (0.5 for a GEMM's rows) on the part above the floor
+    assert at(0.5)[0] == pytest.approx(5e-6 + 95e-6 * 0.5, rel=1e-3)
+    assert at(8.0)[0] == pytest.approx(5e-6 + 335e-6 * 2, rel=1e-3)  # above the largest, from the largest
+    assert at(4.0, shard=2)[0] == pytest.approx(5e-6 + 335e-6 / 2, rel=1e-3)  # split over tp from the measured size
+    # without other sizes, the whole measured time above the floor scales (the floor is paid once per call)
+    single = CalibrationTable(device_name="dev", torch_version="x", entries={key: (100e-6, 300e-6)})
+    eight = estimate_op_time(op, cpu, dtype="float32", batch_scale=8.0, calibration=single).forward_s
+    assert eight == pytest.approx(5e-6 + 95e-6 * 8, rel=1e-3)

@@ -63,6 +63,7 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
     assert cluster.gpu.mem_bytes == 4 * 2**30
     assert tuple(getattr(cluster.gpu, name) for name in DTENSOR_HOST_FIELDS) == pytest.approx(
         (9e-5, 1.5e-4, 6e-4, 1.2e-4, 2.5e-4), rel=1e-5)
+    assert not cluster.gpu.grad_reduce_overlaps  # a CPU rank's gradient reduce blocks its backward
     # the planner's collective model, on the written link, reproduces the measured samples
     for fit in fits:
         for nbytes, seconds in fit.samples:

@@ -12,7 +12,7 @@ import torch
 import autopar
 from autopar.cost_models.profiling.calibration import CalibrationTable, op_key, op_key_for
 from autopar.cost_models.cluster import GPUSpec
-from autopar.cost_models.compute import estimate_layer_time
+from autopar.cost_models.compute import estimate_layer_time, estimate_op_time
 from autopar.cost_models.profiling.op_call import RebuildError, build_call
 from autopar.cost_models.profiling.profiler import Clock, Statistic, Timing, profile_graph, time_call
 from autopar.errors import UserInputError
@@ -147,3 +147,22 @@ def test_profiles_on_cuda_with_events() -> None:
     assert table.entries and table.dtype == "bfloat16"
     assert table.device_name == torch.cuda.get_device_name()
     assert all(f > 0 for f, _ in table.entries.values())
+
+
+def test_ops_are_also_timed_at_other_batch_sizes_and_priced_from_them(one_thread: None) -> None:
+    g2 = capture_gpt(fused=True, dropout=0.0, batch=2)
+    others = {0.5: capture_gpt(fused=True, dropout=0.0, batch=1), 2.0: capture_gpt(fused=True, dropout=0.0, batch=4)}
+    table = profile_graph(g2, device="cpu", repeats=1, warmup=0, batch_graphs=others)
+    assert table.skipped == {} and set(table.entries) == {op_key_for(op) for op in g2.ops}
+    # every op whose shapes change with the batch has its own measurement at each other size
+    batch_dependent = {op_key_for(op) for op, twin in zip(g2.ops, others[0.5].ops) if op_key_for(twin) != op_key_for(op)}
+    assert batch_dependent and batch_dependent <= set(table.batch_entries)
+    assert all(set(points) == {0.5, 2.0} for points in table.batch_entries.values())
+    assert CalibrationTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    mm = next(op for op in g2.ops if op.op_class is OpClass.MATMUL and op_key_for(op) in batch_dependent)
+    for scale in (0.5, 2.0):  # a measured micro-batch is priced as measured, not scaled from the captured one
+        t = estimate_op_time(mm, ANY_CPU_SPEC, dtype="float32", batch_scale=scale, calibration=table)
+        assert (t.forward_s, t.backward_s) == table.batch_entries[op_key_for(mm)][scale]
+        assert t.source == "profiled"
+    with pytest.raises(ValueError, match="same model"):
+        profile_graph(g2, device="cpu", repeats=1, warmup=0, batch_graphs={2.0: capture_gpt(fused=True, n_layer=2)})

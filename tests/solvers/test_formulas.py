@@ -95,3 +95,22 @@ def test_explanation_never_calls_tp_traffic_data_parallel() -> None:
                                                                        - winner.optimizer_time_s)
     assert terms == pytest.approx(runner_up.step_time_s - winner.step_time_s)
     assert dataclasses.replace(winner.communication, tp_s=0.0).dp_s == 0.0
+
+
+def test_a_cluster_whose_gradient_reduce_blocks_prices_it_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a rank without streams (``GPUSpec.grad_reduce_overlaps`` false: a CPU) the reduce is not hidden."""
+    seen: list[bool] = []
+
+    def spy(**kw: object) -> CommBreakdown:
+        seen.append(bool(kw["overlap"]))
+        return CommBreakdown()
+
+    monkeypatch.setattr(evaluate, "estimate_exposed_dp_comm", spy)
+    formulas = PRICING.formulas()
+    cpu = dataclasses.replace(formulas.cluster, gpu=dataclasses.replace(formulas.cluster.gpu,
+                                                                        grad_reduce_overlaps=False))
+    blocking = type(formulas)(cpu, formulas.dtype, formulas.runtime)
+    prices = setting_prices(TABLE.layers, SPACE.recompute, 2, False, 2)
+    evaluate.evaluate_layout(_layout(), prices.variants, formulas, gpus_per_node=8)
+    evaluate.evaluate_layout(_layout(), prices.variants, blocking, gpus_per_node=8)
+    assert seen == [True, True, False, False]  # two pipeline ranks each
