@@ -20,6 +20,7 @@ compute model prices them by the roofline. torch is imported here only.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import statistics
 import time
@@ -106,7 +107,8 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
         progress: called as ``progress(done, total)`` after each distinct op.
         batch_graphs: the same model captured at other batch sizes, by batch scale (that batch / ``graph``'s):
             their ops are timed too and kept under ``graph``'s keys (``CalibrationTable.batch_entries``), matched
-            by position (layer, then op; a graph whose layers or op targets differ raises ``ValueError``).
+            by position (layer, then op along the common runs of targets; a graph of another number of layers
+            raises ``ValueError``).
 
     Returns:
         The table, keyed by ``op_key`` at the captured shapes and the profiled dtypes, with the ops
@@ -147,18 +149,23 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
 
 
 def _matching_keys(graph: OpGraph, other: OpGraph, dtype: str | None) -> dict[str, str]:
-    """``graph``'s op keys → the keys of the ops in the same places of ``other`` (the model at another batch)."""
-    if [len(layer.ops) for layer in graph.layers] != [len(layer.ops) for layer in other.layers]:
-        raise ValueError("the graphs to profile at other batch sizes must be the same model: their layers or ops "
-                         "differ in number")
+    """``graph``'s op keys → the keys of the same ops in ``other`` (the model at another batch size).
+
+    Layer by layer, ops are paired along the longest common runs of targets: a batch of 1 can drop an op
+    (``torch.export`` specializes a broadcast ``expand`` away), and an op without a twin keeps only its
+    captured-size measurement.
+    """
+    if len(graph.layers) != len(other.layers):
+        raise ValueError(f"the graphs to profile at other batch sizes must be the same model: {len(graph.layers)} "
+                         f"layers vs {len(other.layers)}")
     keys: dict[str, str] = {}
     for layer, twin in zip(graph.layers, other.layers):
-        for op, same in zip(layer.ops, twin.ops):
-            if op.target != same.target:
-                raise ValueError(f"the graphs to profile at other batch sizes differ at {op.name}: {op.target} "
-                                 f"vs {same.target}")
-            keys.setdefault(op_key(op.target, cast_float_inputs(op.inputs, dtype), op.scalars),
-                            op_key(same.target, cast_float_inputs(same.inputs, dtype), same.scalars))
+        targets = difflib.SequenceMatcher(None, [op.target for op in layer.ops], [op.target for op in twin.ops],
+                                          autojunk=False)
+        for i, j, n in targets.get_matching_blocks():
+            for op, same in zip(layer.ops[i:i + n], twin.ops[j:j + n]):
+                keys.setdefault(op_key(op.target, cast_float_inputs(op.inputs, dtype), op.scalars),
+                                op_key(same.target, cast_float_inputs(same.inputs, dtype), same.scalars))
     return keys
 
 

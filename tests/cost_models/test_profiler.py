@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,13 @@ def test_ops_are_also_timed_at_other_batch_sizes_and_priced_from_them(one_thread
         assert t.source == "profiled"
     with pytest.raises(ValueError, match="same model"):
         profile_graph(g2, device="cpu", repeats=1, warmup=0, batch_graphs={2.0: capture_gpt(fused=True, n_layer=2)})
+    # an op the other batch size does not run (export drops a broadcast at batch 1) keeps its captured measurement
+    layer = others[0.5].layers[1]
+    gone = next(k for k, op in enumerate(layer.ops) if op.op_class is OpClass.MATMUL)
+    fewer = dataclasses.replace(others[0.5], layers=(*others[0.5].layers[:1], dataclasses.replace(
+        layer, ops=layer.ops[:gone] + layer.ops[gone + 1:]), *others[0.5].layers[2:]))
+    partial = profile_graph(g2, device="cpu", repeats=1, warmup=0, batch_graphs={0.5: fewer})
+    dropped = op_key_for(g2.layers[1].ops[gone])
+    elsewhere = [op for op in g2.ops if op_key_for(op) == dropped and op is not g2.layers[1].ops[gone]]
+    assert dropped in partial.entries and (dropped in partial.batch_entries) == bool(elsewhere)
+    assert set(partial.batch_entries) | {dropped} >= set(table.batch_entries)
