@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 MESSAGE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
 """Logical sizes (NCCL "size") each collective is timed at: 4 KiB (latency) to 4 MiB (bandwidth)."""
-COLLECTIVE_REPEATS = 5
-"""Timed runs per (kind, group, size); the median is kept (other processes add outliers)."""
+COLLECTIVE_REPEATS = 20
+"""Calls per (kind, group, size), timed back to back; their mean is kept (``local_worker._time_collective``)."""
 FITTED_KINDS = (Collective.ALL_REDUCE, Collective.ALL_GATHER, Collective.REDUCE_SCATTER, Collective.BROADCAST)
 """Collectives the emitted programs issue on gloo (DDP/FSDP: all-reduce, all-gather, reduce-scatter)."""
 MIN_LATENCY_S = 1e-7
@@ -60,7 +60,7 @@ class AlphaBetaFit:
     beta_s_per_byte: float
     """Seconds per byte of logical size S (fitted slope)."""
     samples: tuple[tuple[int, float], ...]
-    """(nbytes, median seconds) that were fitted."""
+    """(nbytes, mean seconds of back-to-back calls) that were fitted."""
 
     def time_s(self, nbytes: float) -> float:
         """The fitted time of one call of logical size ``nbytes``."""
