@@ -26,7 +26,7 @@ from autopar.graph.flops import MOE_ROUTING_SOURCE, has_routed_experts
 from autopar.cost_models.layer_info import layer_capture_dtype
 from autopar.cost_models.runtimes import RuntimeProgram, program_of
 from autopar.graph.ir import DTYPE_BYTES, Layer, Op, OpGraph
-from autopar.layout import Recompute, Runtime
+from autopar.layout import Recompute, Runtime, TPStyle
 from autopar.plan import ShardingPlan
 from autopar.solvers.costs import LayerCost, LayerCostTable, LayerSetting, PriceTable
 from autopar.solvers.search import SearchResult, Steps
@@ -193,10 +193,13 @@ class LayerPricer:
                                         op_times=self._memo.op_times[key])
         fwd_comm, bwd_comm = self._tp_comm(sharding, tp, scale, recompute)
         hooks_fwd, hooks_bwd = self._tp_hooks(layer, sharding, sp, recompute)
+        placed = sp and sharding is not None and self.program.sp_by_placement
+        held_split = None if sharding is None else memory.sequence_parallel_split(
+            layer, sharding.is_sharded, {m for m, style in sharding.modules.items() if style is TPStyle.ROWWISE}) \
+            if placed else sharding.is_sharded  # which saved tensors the program holds split
         acts = memory.estimate_layer_activation_bytes(
             layer, micro_batch_size=mbs, graph_batch_size=self.graph.batch_size, recompute=recompute,
-            dtype=self.dtype, tp=tp, sharded=(sharding.is_sharded if sharding is not None else None),
-            sequence_parallel=sp)
+            dtype=self.dtype, tp=tp, sharded=held_split, sequence_parallel=sp, placed=placed)
         flops = layer.forward_flops * scale
         recompute_flops = flops * (t.recompute_s / t.forward_s) if t.forward_s > 0 else 0.0
         params = sharding.param_count_per_gpu() if sharding is not None else float(layer.num_params)

@@ -12,7 +12,8 @@ For each model and rank count N:
 2. plan on that cluster with the op table (fp32, the CPU's dtype) and keep every ranked layout
    (dp/tp/pp, micro-batch, ZeRO stage, recompute, SP, schedule);
 3. run each layout with ``autopar.parallelize`` (AdamW), steps repeated until their minimum is
-   stable (the step alone, on a shared machine; the median and spread are printed too), and take
+   stable (the step alone, on a shared machine; the median and spread are printed too), in two passes,
+   the second in reverse order (a slow spell of the machine then hits one pass of a layout), and take
    each rank's peak live tensor bytes (see ``regret_worker.py`` for both mechanisms); a layout on
    fewer ranks than the cluster runs as that many independent copies at once, so every core is busy
    as when the cluster's compute was measured;
@@ -121,15 +122,20 @@ def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     texts = [p.to_json(indent=None) for p in plans]
+    if not memory_only:  # a second pass, in reverse: a slow spell of the shared machine hits a layout's samples once
+        texts += texts[::-1]
     ports: list[int] = []
     while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
         ports += [port for port in [free_port()] if port not in ports]
     mp.start_processes(regret_worker.run_job_rank, args=(world, ports, spec, texts, queue, memory_only), nprocs=world * len(ports),
                        join=True, start_method="spawn")
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     while not queue.empty():
         r = queue.get()
-        out[r.pop("layout")] = r
+        seen = out.setdefault(r.pop("layout"), r)
+        if seen is not r and "samples" in r and "samples" in seen:
+            seen["samples"] = seen["samples"] + r["samples"]
+            seen.update(regret_worker.timing_summary(seen["samples"]))
     return out
 
 

@@ -123,5 +123,10 @@ def _measure(plan: Any, spec: dict[str, Any], memory_only: bool = False) -> dict
     peak_bytes = max(float(p.item()) for p in peaks)
     if memory_only:
         return {"peak_bytes": peak_bytes}
+    return {**timing_summary(samples), "samples": samples, "peak_bytes": peak_bytes}
+
+
+def timing_summary(samples: list[float]) -> dict[str, Any]:
+    """Minimum, median, spread and count of timed steps (every pass's samples of one layout together)."""
     return {"min_s": min(samples), "median_s": statistics.median(samples), "spread": spread(samples),
-            "steps": len(samples), "peak_bytes": peak_bytes}
+            "steps": len(samples)}

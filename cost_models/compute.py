@@ -219,8 +219,8 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
     at_batch = _at_batch_scale(points, batch_scale, gpu, roofline)
     if shard != 1:  # a measured batch scale, split over tp ranks: the roofline's ratio above the op floor
         whole = roofline(batch_scale, 1)
-        at_batch = tuple(scale_measured(t, _ratio(split, full), gpu)
-                         for t, split, full in zip(at_batch, (fwd, bwd), whole))
+        at_batch = (scale_measured(at_batch[0], _ratio(fwd, whole[0]), gpu),
+                    scale_measured(at_batch[1], _ratio(bwd, whole[1]), gpu))
     return OpTime(forward_s=at_batch[0], backward_s=at_batch[1], source=TimeSource.PROFILED_SCALED.value)
 
 

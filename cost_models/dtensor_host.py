@@ -22,6 +22,7 @@ from autopar.graph.ir import Layer, OpClass
 
 __all__ = [
     "REDUCING_COLLECTIVES", "dtensor_collective_host_s", "dtensor_hook_host_s", "dtensor_host_s", "tp_hook_sites",
+    "weight_children",
 ]
 
 REDUCING_COLLECTIVES = frozenset({"all_reduce", "reduce_scatter"})
@@ -94,6 +95,12 @@ def tp_hook_sites(layer: Layer) -> int:
         >>> tp_hook_sites(Layer(index=1, module_path="ln_f+b.0", kind="k", ops=ops, params=params))
         3
     """
+    return len(weight_children(layer))
+
+
+def weight_children(layer: Layer) -> frozenset[str]:
+    """``tp_hook_sites``'s modules: a block's children that hold a matrix weight (by name below the block), or, for
+    a layer of several modules, the modules whose matrix weight a matmul reads (by path)."""
     matrices = {p.name for p in layer.params if len(p.shape) == 2 and not p.is_buffer}
     prefix = f"{layer.module_path}." if "+" not in layer.module_path else None
     sites = set()
@@ -104,4 +111,4 @@ def tp_hook_sites(layer: Layer) -> int:
             sites.add(op.module_path[len(prefix):].split(".")[0])
         else:
             sites.add(op.module_path)
-    return len(sites)
+    return frozenset(sites)

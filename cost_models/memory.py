@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from autopar.cost_models.profiling.calibration import FLOAT_DTYPES
+from autopar.cost_models.dtensor_host import weight_children
 from autopar.cost_models.layer_info import boundary_shapes, infer_seq_len, is_attention_core, layer_capture_dtype
 from autopar.graph.ir import DTYPE_BYTES, Layer, SavedTensor, TensorMeta
 from autopar.layout import MemoryBreakdown, Recompute, Schedule
@@ -178,7 +179,8 @@ def _sizes(metas: Collection[TensorMeta], captured: str | None = None) -> SavedB
 
 def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, graph_batch_size: int,
                                     recompute: Recompute, dtype: str, tp: int = 1, sharded: ShardedSpec = None,
-                                    sequence_parallel: bool = False, seq_len: int | None = None) -> int:
+                                    sequence_parallel: bool = False, seq_len: int | None = None,
+                                    placed: bool = False) -> int:
     """Bytes one micro-batch leaves saved for backward in one layer, on one TP rank.
 
     Args:
@@ -194,6 +196,7 @@ def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, grap
         sequence_parallel: Megatron sequence parallelism: the replicated tensors (and a fully
             recomputed layer's input) are split over the sequence too, so everything is divided by tp.
         seq_len: sequence length for finding the s×s tensors (default: read off the layer input).
+        placed: ``sharded`` already says what sequence parallelism splits (``sequence_parallel_split``).
 
     Example:
         >>> from autopar.graph.ir import TensorMeta
@@ -209,12 +212,70 @@ def estimate_layer_activation_bytes(layer: Layer, *, micro_batch_size: int, grap
                          f"graph_batch_size={graph_batch_size}, tp={tp}")
     acts = summarize_layer_activations(layer, sharded=sharded, seq_len=seq_len)
     return activation_bytes(acts, scale=micro_batch_size / graph_batch_size, recompute=recompute, dtype=dtype,
-                            tp=tp, sequence_parallel=sequence_parallel)
+                            tp=tp, sequence_parallel=sequence_parallel, placed=placed)
+
+
+def sequence_parallel_split(layer: Layer, placed: Callable[[SavedTensor], bool],
+                            reducing: Collection[str] = ()) -> Callable[[SavedTensor], bool]:
+    """Which saved tensors of ``layer`` the emitted program holds split under sequence parallelism.
+
+    In a block (``emit/tp.py::_prepare_block_inputs``) the residual stream and the ops between the block's
+    weight-holding children (norms, residual adds, dropouts: activations of 3 or more dims) run on sequence
+    shards; each such child gathers its input whole and runs as its weights are placed, so a tensor it saves is
+    split as ``placed`` (the sharding ILP's placements) says, except the gathered input itself, which is whole
+    on every rank, and what follows a row-split module of ``reducing`` (paths relative to the layer), whose
+    output is reduce-scattered back to the sequence shard (``_reduce_row_outputs``). A layer of several modules
+    (outside the blocks) keeps Megatron's rule: everything split.
+
+    Example:
+        >>> from autopar.graph.ir import Op, OpClass, ParamInfo, TensorMeta
+        >>> x = TensorMeta(shape=(2, 8, 4), dtype="float32")
+        >>> def op(name, path, cls=OpClass.NORM, param=None):
+        ...     return Op(name=name, target="t", op_class=cls, inputs=(x, x), input_ops=(None, None),
+        ...               input_params=(None, param), outputs=(x,), flops=1, nbytes_moved=1, module_path=path)
+        >>> ops = (op("ln", "b.ln"), op("fc", "b.mlp.fc", OpClass.MATMUL, "b.mlp.fc.weight"), op("gelu", "b.mlp"),
+        ...        op("proj", "b.mlp.proj", OpClass.MATMUL, "b.mlp.proj.weight"), op("drop", "b.mlp.drop"))
+        >>> saved = tuple(SavedTensor(producer=p, saver=v, meta=x)
+        ...               for p, v in (("x", "ln"), ("ln", "fc"), ("fc", "gelu"), ("gelu", "proj"), ("drop", "drop")))
+        >>> layer = Layer(index=1, module_path="b", kind="k", ops=ops, saved=saved, params=tuple(
+        ...     ParamInfo(name=f"b.mlp.{m}.weight", shape=(4, 4), dtype="float32") for m in ("fc", "proj")))
+        >>> kept_whole = sequence_parallel_split(layer, lambda s: False)   # the ILP kept the MLP replicated
+        >>> [kept_whole(s) for s in layer.saved]   # ln's input: a sequence shard; the gathered input; the rest whole
+        [True, False, False, False, False]
+        >>> megatron = sequence_parallel_split(layer, lambda s: s.producer in ("fc", "gelu"), reducing={"mlp.proj"})
+        >>> [megatron(s) for s in layer.saved]   # the column split's outputs, and the dropout after the reduction
+        [True, False, True, True, True]
+    """
+    if "+" in layer.module_path:
+        return lambda saved: True
+    prefix = f"{layer.module_path}."
+    children = weight_children(layer)
+    child = {op.name: op.module_path[len(prefix):].split(".")[0] for op in layer.ops
+             if op.module_path.startswith(prefix)}
+    resharded, reduced = set(), False  # ops after a reducing module, in their child
+    for op in layer.ops:
+        if op.module_path.startswith(prefix) and op.module_path[len(prefix):] in reducing:
+            reduced = True
+        elif reduced and child.get(op.name) in children and not any(
+                op.module_path.startswith(f"{prefix}{r}") for r in reducing):
+            resharded.add(op.name)
+        if child.get(op.name) not in children:
+            reduced = False
+
+    def split(saved: SavedTensor) -> bool:
+        inside = child.get(saved.saver)
+        if inside not in children or saved.saver in resharded:
+            return len(saved.meta.shape) >= 3
+        return saved.producer is not None and child.get(saved.producer) == inside and placed(saved)
+
+    return split
 
 
 def activation_bytes(acts: LayerActivations, *, scale: float, recompute: Recompute, dtype: str, tp: int,
-                     sequence_parallel: bool) -> int:
-    """Bytes kept from a ``LayerActivations`` summary: the O(1) core of the activation model."""
+                     sequence_parallel: bool, placed: bool = False) -> int:
+    """Bytes kept from a ``LayerActivations`` summary: the O(1) core of the activation model; ``placed``: the
+    summary's split is the emitted program's own, sequence shards included (``sequence_parallel_split``), so
+    sequence parallelism divides nothing more."""
     match Recompute(recompute):
         case Recompute.FULL:
             kept = acts.layer_input.at(dtype) / (tp if sequence_parallel else 1)
@@ -226,7 +287,7 @@ def activation_bytes(acts: LayerActivations, *, scale: float, recompute: Recompu
             sharded = acts.sharded.at(dtype) + acts.core_sharded.at(dtype)
         case _:
             raise ValueError(f"unknown recompute policy {recompute!r}")
-    per_rank = (replicated + sharded) / tp if sequence_parallel else replicated + sharded / tp
+    per_rank = (replicated + sharded) / tp if sequence_parallel and not placed else replicated + sharded / tp
     return math.ceil(per_rank * scale)
 
 
@@ -354,6 +415,7 @@ __all__ = [
     "estimate_model_state_bytes",
     "estimate_rank_memory",
     "inflight_micro_batches",
+    "sequence_parallel_split",
     "summarize_layer_activations",
     "tensor_budget_bytes",
     "with_headroom",

@@ -49,6 +49,11 @@ class RuntimeProgram:
     keeps_stage_output: bool
     """The last stage keeps its output (the logits) per in-flight micro-batch (torch's ``fwd_cache``); False:
     the loss is computed inside the stage's forward and its output is the loss (Megatron's ``forward_step``)."""
+    sp_by_placement: bool
+    """Under sequence parallelism the program runs a block's weight-holding children as the sharding ILP places
+    them, from their input gathered and saved whole (DTensor, ``emit/tp.py``: ``memory.sequence_parallel_split``);
+    False: Megatron's fixed program, which saves the sequence shard and gathers it again in backward, so every
+    saved tensor is split (Korthikanti et al. 2022, 34·sbh/t)."""
 
 
 PROGRAMS = MappingProxyType({
@@ -56,12 +61,12 @@ PROGRAMS = MappingProxyType({
         label="autopar (torch FSDP2 + torch.distributed.pipelining, foreach AdamW)", fsdp=True, optimizer="foreach",
         zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
         schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
-        keeps_stage_output=True),
+        keeps_stage_output=True, sp_by_placement=True),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
         fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),
         schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
-        recv_buffer_per_micro_batch=False, keeps_stage_output=False),
+        recv_buffer_per_micro_batch=False, keeps_stage_output=False, sp_by_placement=False),
 })
 """Runtime → its program (sources in the module docstring)."""
 

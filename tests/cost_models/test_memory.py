@@ -233,3 +233,31 @@ def test_a_training_dtype_capture_stores_the_models_fp32_upcasts_at_4_bytes() ->
                                               recompute=Recompute.NONE, dtype="bfloat16")
            for c in ("bfloat16", "float32")}
     assert got == {"bfloat16": n * 4 + n * 2, "float32": n * 2 + n * 2}  # an fp32 capture cannot see the upcast
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_sp_split_of_the_emitted_block_follows_its_placements(gpt_unfused: OpGraph, tp: int) -> None:
+    """Under SP the emitted block runs its norms, residual stream and the dropouts after each reduce-scatter on
+    sequence shards, and each weight-holding child as the placements say, from its input gathered whole: with
+    Megatron's placements that is Korthikanti's 34·sbh/t plus the two gathered inputs (LN outputs, 2·sbh bytes
+    each) held whole, which Megatron keeps as shards and gathers again in backward; with every op kept
+    replicated (an outcome of the sharding ILP when collectives are dear) the children's tensors are whole."""
+    from autopar.cost_models.memory import sequence_parallel_split
+
+    layer = block(gpt_unfused)
+    region = megatron_region_ops(layer)
+
+    def kept(placed: object, reducing: frozenset[str] = frozenset()) -> int:
+        return estimate_layer_activation_bytes(
+            layer, micro_batch_size=4, graph_batch_size=gpt_unfused.batch_size, recompute=Recompute.SELECTIVE,
+            dtype="bfloat16", tp=tp, sequence_parallel=True, placed=True,
+            sharded=sequence_parallel_split(layer, placed, reducing))  # type: ignore[arg-type]
+
+    s, b, h = SEQ, 4, HIDDEN
+    megatron = kept(lambda saved: saved.producer in region, frozenset({"attn.c_proj", "mlp.c_proj"}))
+    gathered = 2 * (2 * s * b * h) * (1 - 1 / tp)
+    assert megatron == pytest.approx(korthikanti_bytes(s=s, b=b, h=h, a=HEADS, t=tp, sp=True,
+                                                       recompute=Recompute.SELECTIVE) + gathered, rel=0.01)
+    replicated = kept(lambda saved: False)
+    whole = korthikanti_bytes(s=s, b=b, h=h, a=HEADS, t=1, sp=False, recompute=Recompute.SELECTIVE)
+    assert megatron < replicated < whole  # the norms' and residual's tensors stay sequence shards
