@@ -127,11 +127,29 @@ def _time_collective(kind: Collective, nbytes: int, g: int, rank: int, group: An
                 raise ValueError(f"not timed: {kind}")
 
     call()  # warm-up (connections, buffers)
+    calls = calls_for(nbytes, repeats)
     dist.barrier(group=group)
     start = time.perf_counter()
-    for _ in range(repeats):  # back to back, as a step issues them (nccl-tests' method): the mean, tails included
+    for _ in range(calls):  # back to back, as a step issues them (nccl-tests' method): the mean, tails included
         call()
-    return (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / calls
+
+
+SMALL_MESSAGE_BYTES = 2**20
+"""Messages up to this size take ``SMALL_MESSAGE_CALLS_FACTOR`` times the calls: their mean is set by rare slow
+calls (a gloo thread waiting for a busy core), which a few dozen calls catch or miss by chance."""
+SMALL_MESSAGE_CALLS_FACTOR = 5
+
+
+def calls_for(nbytes: int, repeats: int) -> int:
+    """Calls timed back to back for one message size: ``repeats``, times ``SMALL_MESSAGE_CALLS_FACTOR`` for small
+    messages. Every rank computes the same count (a collective needs every rank's call).
+
+    Example:
+        >>> calls_for(4096, 20), calls_for(2**22, 20)
+        (100, 20)
+    """
+    return repeats * (SMALL_MESSAGE_CALLS_FACTOR if nbytes <= SMALL_MESSAGE_BYTES else 1)
 
 
 def _time_p2p(nbytes: int, rank: int, repeats: int) -> float | None:
@@ -140,7 +158,7 @@ def _time_p2p(nbytes: int, rank: int, repeats: int) -> float | None:
         return None
     buf = torch.ones(max(1, nbytes // 4))
     peer = 1 - rank
-    start = 0.0
+    start, repeats = 0.0, calls_for(nbytes, repeats)
     for i in range(repeats + 1):
         if i == 1:  # the first round trip is the warm-up
             start = time.perf_counter()
