@@ -84,7 +84,7 @@ def predicted_live_bytes(plan: Any) -> float:
     return max(m.total / (1 + ALLOCATOR_HEADROOM) - RUNTIME_RESERVED_BYTES for m in plan.predicted.memory)
 
 
-def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False) -> dict[str, Any]:
+def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False, passes: int = 2) -> dict[str, Any]:
     spec = MODELS[name]
     model = regret_worker.build_model(spec)
     example = (torch.zeros(CAPTURE_BATCH, SEQ_LEN, dtype=torch.long),)
@@ -105,7 +105,7 @@ def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False) ->
         by_size[p.layout.num_gpus].append(p)
     results: dict[str, dict[str, Any]] = {}
     for world, group in sorted(by_size.items()):
-        results.update(_run_group(world, ranks, spec, group, memory_only))
+        results.update(_run_group(world, ranks, spec, group, memory_only, passes))
     rows = [{"layout": p.layout.describe(), "predicted_s": p.predicted.step_time_s,
              "predicted_bytes": predicted_live_bytes(p), "predicted_memory": [dataclasses.asdict(m) for m in p.predicted.memory],
              **results.get(p.layout.describe(), {"error": "not run"})}
@@ -114,7 +114,7 @@ def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False) ->
 
 
 def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
-               memory_only: bool = False) -> dict[str, dict[str, Any]]:
+               memory_only: bool = False, passes: int = 2) -> dict[str, dict[str, Any]]:
     """Run ``plans`` (each on ``world`` ranks) as ``ranks // world`` independent jobs at once, so every one of
     the cluster's ``ranks`` processes is busy, as when its compute was measured; the first job reports."""
     import torch.multiprocessing as mp
@@ -122,7 +122,7 @@ def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     texts = [p.to_json(indent=None) for p in plans]
-    if not memory_only:  # a second pass, in reverse: a slow spell of the shared machine hits a layout's samples once
+    if not memory_only and passes > 1:  # a second pass, in reverse: a slow spell of the machine hits one pass
         texts += texts[::-1]
     ports: list[int] = []
     while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/plan_regret"))
     parser.add_argument("--memory-only", action="store_true",
                         help="measure peak memory only: the few steps it needs, no timing loop")
+    parser.add_argument("--passes", type=int, choices=(1, 2), default=2,
+                        help="timing passes over the layouts (2: the second in reverse order)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +209,7 @@ def main() -> None:
     cases = []
     for ranks in args.ranks:
         for name in args.models:
-            case = run_case(name, ranks, args.out, args.memory_only)
+            case = run_case(name, ranks, args.out, args.memory_only, args.passes)
             summary = summarize(case)
             case["summary"] = summary
             print_case(case, summary)
