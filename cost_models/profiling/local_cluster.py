@@ -7,7 +7,9 @@ exactly that:
 * compute per rank with all N processes running at once (one thread each), so the rates
   include the memory-bandwidth and cache contention of N busy ranks: a GEMM rate, a copy
   bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``),
-  and the host time DTensor adds to each op (forward, and backward per forward op);
+  and the host time DTensor adds to each op (forward, and backward per forward op); with more
+  ranks than cores, every compute time is divided by the share of a core a rank sustains
+  (``core_share``);
 * for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
   (2, 4, ... up to N), the time over message sizes, fitted as t = alpha + beta · S (Hockney's
   alpha-beta model) by least squares;
@@ -22,6 +24,7 @@ latency plus bus bytes / bandwidth) to every sample.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -113,6 +116,8 @@ class LocalClusterProfile:
     """Memory of the machine (each rank's share is host_mem_bytes / ranks)."""
     calibration: CalibrationTable | None = None
     """The model's ops timed on rank 0 while every rank profiled them at once (None: no model given)."""
+    core_share: float = 1.0
+    """The share of a core a rank sustains (``core_share``), which the compute times are already divided by."""
 
 
 def fit_alpha_beta(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -196,7 +201,8 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
     c = profile.compute
     lines = [
         f"# {name}: this machine measured as {profile.ranks} gloo ranks of one thread each",
-        "# (autopar profile --ranks). Compute was timed with every rank busy at once.",
+        "# (autopar profile --ranks). Compute was timed with every rank busy at once",
+        f"# and divided by the share of a core a rank sustains ({profile.core_share:.2f}).",
         f"# link = least-squares fit of comm.py's ring model to all samples: "
         f"latency {latency * 1e6:.1f} us/step, bus {bus_bw / 1e6:.0f} MB/s",
         "# per-kind alpha-beta fits (t = alpha + S * beta; busbw = factor / beta):",
@@ -282,22 +288,46 @@ def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None,
     return _combine(results, ranks)
 
 
-def _combine(results: Sequence[Mapping[str, Any]], ranks: int) -> LocalClusterProfile:
+def core_share(ranks: int, cores: int | None = None) -> float:
+    """The share of a core each of ``ranks`` busy single-threaded ranks sustains on ``cores`` cores (default: the
+    cores this process may run on): 1 while there is a core per rank, cores / ranks beyond.
+
+    Ranks that outnumber the cores take turns in time slices of milliseconds. An op timed for tens of
+    microseconds mostly runs inside one slice, at a whole core's speed, while a step of hundreds of
+    milliseconds gets only its share: every time measured here is divided by it (GPT on 4 ranks of 2 cores ran
+    1.8× slower than its ops' sum before this).
+
+    Example:
+        >>> core_share(2, cores=2), core_share(4, cores=2), core_share(3, cores=8)
+        (1.0, 0.5, 1.0)
+    """
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return min(1.0, cores / ranks)
+
+
+def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int | None = None) -> LocalClusterProfile:
     first = next(r for r in results if r["rank"] == 0)
+    share = core_share(ranks, cores)
 
     def med(key: str) -> float:
         return statistics.median(r["compute"][key] for r in results)
 
-    compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
-                          op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"),
-                          **{name: med(name) for name in DTENSOR_HOST_FIELDS})
+    compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s") * share,
+                          copy_bytes_per_s=med("copy_bytes_per_s") * share,
+                          op_floor_s=med("op_floor_s") / share, half_efficiency_s=med("half_efficiency_s") / share,
+                          **{name: med(name) / share for name in DTENSOR_HOST_FIELDS})
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)
         fits.append(AlphaBetaFit(kind=Collective(kind), group_size=group, alpha_s=alpha, beta_s_per_byte=beta,
                                  samples=tuple(samples)))
     table = CalibrationTable.from_dict(first["table"]) if first["table"] is not None else None
-    return LocalClusterProfile(device_name=first["device_name"], ranks=ranks, compute=compute,
+    if table is not None and share < 1.0:
+        table = dataclasses.replace(
+            table, entries={k: (f / share, b / share) for k, (f, b) in table.entries.items()},
+            batch_entries={k: {s: (f / share, b / share) for s, (f, b) in points.items()}
+                           for k, points in table.batch_entries.items()})
+    return LocalClusterProfile(device_name=first["device_name"], ranks=ranks, compute=compute, core_share=share,
                                collectives=tuple(fits), host_mem_bytes=first["host_mem_bytes"], calibration=table)
 
 
@@ -306,5 +336,5 @@ def default_ranks() -> int:
     return max(2, os.cpu_count() or 2)
 
 
-__all__ = ["AlphaBetaFit", "LocalClusterProfile", "RankCompute", "cluster_yaml", "fit_alpha_beta", "fit_link",
-           "measure_local_cluster"]
+__all__ = ["AlphaBetaFit", "LocalClusterProfile", "RankCompute", "cluster_yaml", "core_share", "fit_alpha_beta",
+           "fit_link", "measure_local_cluster"]

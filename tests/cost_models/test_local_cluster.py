@@ -86,3 +86,26 @@ def test_measured_fits_in_the_yaml_replace_the_link_for_their_kind(tmp_path: Pat
         7e-4 + 2**20 * 3e-9)
     assert cluster.measured_collective("broadcast", 2) is None  # not measured: the link prices it
     assert estimate_collective_time(Collective.BROADCAST, 2**20, 2, cluster=cluster) > 0
+
+
+def test_ranks_beyond_the_cores_are_priced_at_their_share_of_a_core() -> None:
+    from autopar.cost_models.profiling import local_cluster
+    from autopar.cost_models.profiling.calibration import CalibrationTable
+
+    compute = {"gemm_flops_per_s": 4e10, "copy_bytes_per_s": 8e9, "op_floor_s": 5e-6, "half_efficiency_s": 1e-6,
+               **{name: 1e-4 for name in DTENSOR_HOST_FIELDS}}
+    table = CalibrationTable(device_name="cpu:x", torch_version="t", entries={"k": (2e-4, 6e-4)},
+                             batch_entries={"k": {2.0: (4e-4, 1e-3)}}).to_dict()
+    results = [{"rank": r, "compute": compute, "collectives": {("all_reduce", 2): [(4096, 1e-3), (2**20, 3e-3)]},
+                "table": table, "device_name": "cpu:x", "host_mem_bytes": 2**34} for r in range(4)]
+    alone = local_cluster._combine(results, 4, cores=4)
+    shared = local_cluster._combine(results, 4, cores=2)  # 4 ranks take turns on 2 cores: half a core each
+    assert (alone.core_share, shared.core_share) == (1.0, 0.5)
+    assert shared.compute.gemm_flops_per_s == pytest.approx(alone.compute.gemm_flops_per_s / 2)
+    assert shared.compute.op_floor_s == pytest.approx(2 * alone.compute.op_floor_s)
+    assert shared.compute.dtensor_op_s == pytest.approx(2 * alone.compute.dtensor_op_s)
+    assert shared.calibration is not None and alone.calibration is not None
+    assert shared.calibration.entries["k"] == pytest.approx((4e-4, 1.2e-3))
+    assert shared.calibration.batch_entries["k"][2.0] == pytest.approx((8e-4, 2e-3))
+    assert shared.collectives == alone.collectives  # measured as the step pays them (mean of back-to-back calls)
+    assert "share of a core a rank sustains (0.50)" in cluster_yaml(shared, name="x")
