@@ -173,7 +173,7 @@ class CalibrationTable:
             return cls(device_name=str(data["device_name"]), torch_version=str(data["torch_version"]),
                        entries=MappingProxyType(entries), skipped=MappingProxyType(dict(data.get("skipped", {}))),
                        dtype=data.get("dtype"), batch_entries=MappingProxyType(batch))
-        except (KeyError, TypeError, IndexError, ValueError) as e:
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:  # AttributeError: not a mapping
             raise UserInputError(f"calibration table is malformed: {type(e).__name__}: {e}") from e
 
     def save(self, path: str | Path) -> None:

@@ -160,6 +160,9 @@ def test_ops_are_also_timed_at_other_batch_sizes_and_priced_from_them(one_thread
     assert batch_dependent and batch_dependent <= set(table.batch_entries)
     assert all(set(points) == {0.5, 2.0} for points in table.batch_entries.values())
     assert CalibrationTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    for bad in ([1, 2], {"0.5": [1.0]}, {"x": [1.0, 2.0]}):  # a corrupt file is refused, not half-read
+        with pytest.raises(UserInputError, match="malformed"):
+            CalibrationTable.from_dict({**table.to_dict(), "batch_entries": {"k": bad}})
     mm = next(op for op in g2.ops if op.op_class is OpClass.MATMUL and op_key_for(op) in batch_dependent)
     for scale in (0.5, 2.0):  # a measured micro-batch is priced as measured, not scaled from the captured one
         t = estimate_op_time(mm, ANY_CPU_SPEC, dtype="float32", batch_scale=scale, calibration=table)
