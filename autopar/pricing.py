@@ -194,9 +194,10 @@ class LayerPricer:
         fwd_comm, bwd_comm = self._tp_comm(sharding, tp, scale, recompute)
         hooks_fwd, hooks_bwd = self._tp_hooks(layer, sharding, sp, recompute)
         placed = sp and sharding is not None and self.program.sp_by_placement
-        held_split = None if sharding is None else memory.sequence_parallel_split(
-            layer, sharding.is_sharded, {m for m, style in sharding.modules.items() if style is TPStyle.ROWWISE}) \
-            if placed else sharding.is_sharded  # which saved tensors the program holds split
+        held_split = sharding.is_sharded if sharding is not None else None  # which saved tensors are held split
+        if placed and sharding is not None:
+            rowwise = {m for m, style in sharding.modules.items() if style is TPStyle.ROWWISE}
+            held_split = memory.sequence_parallel_split(layer, sharding.is_sharded, rowwise)
         acts = memory.estimate_layer_activation_bytes(
             layer, micro_batch_size=mbs, graph_batch_size=self.graph.batch_size, recompute=recompute,
             dtype=self.dtype, tp=tp, sharded=held_split, sequence_parallel=sp, placed=placed)

@@ -218,9 +218,7 @@ def estimate_op_time(op: Op, cluster_or_gpu: Cluster | GPUSpec, *, dtype: str = 
 
     at_batch = _at_batch_scale(points, batch_scale, gpu, roofline)
     if shard != 1:  # a measured batch scale, split over tp ranks: the roofline's ratio above the op floor
-        whole = roofline(batch_scale, 1)
-        at_batch = (scale_measured(at_batch[0], _ratio(fwd, whole[0]), gpu),
-                    scale_measured(at_batch[1], _ratio(bwd, whole[1]), gpu))
+        at_batch = _scale_pair(at_batch, (fwd, bwd), roofline(batch_scale, 1), gpu)
     return OpTime(forward_s=at_batch[0], backward_s=at_batch[1], source=TimeSource.PROFILED_SCALED.value)
 
 
@@ -236,7 +234,12 @@ def _at_batch_scale(points: Sequence[tuple[float, float, float]], batch_scale: f
         w = (batch_scale - s0) / (s1 - s0) if s1 > s0 else 0.0
         return t0[0] + w * (t1[0] - t0[0]), t0[1] + w * (t1[1] - t0[1])
     scale, *measured = (below or above)[-1 if below else 0]
-    target, base = roofline(batch_scale, 1), roofline(scale, 1)
+    return _scale_pair((measured[0], measured[1]), roofline(batch_scale, 1), roofline(scale, 1), gpu)
+
+
+def _scale_pair(measured: tuple[float, float], target: tuple[float, float], base: tuple[float, float],
+                gpu: GPUSpec) -> tuple[float, float]:
+    """(forward, backward) ``measured`` at the work of ``base``, moved to that of ``target`` (roofline times)."""
     return (scale_measured(measured[0], _ratio(target[0], base[0]), gpu),
             scale_measured(measured[1], _ratio(target[1], base[1]), gpu))
 

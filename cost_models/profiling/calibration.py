@@ -111,8 +111,9 @@ class CalibrationTable:
                     raise ValueError(f"calibration entry {key!r} at batch scale {scale}: bad value ({fwd}, {bwd})")
 
     def measured_points(self, op: Op, dtype: str | None = None) -> tuple[tuple[float, float, float], ...]:
-        """(batch scale, forward_s, backward_s) measured for ``op``, by scale: 1.0 (the captured shapes) and every
-        other batch it was profiled at; empty when the op was not measured.
+        """(batch scale, forward_s, backward_s) measured for ``op`` with its floats in ``dtype`` (None: as captured),
+        by scale: 1.0 (the captured shapes) and every other batch it was profiled at; empty when the op was not
+        measured. Keys carry the dtypes the op ran in, so an fp32 measurement never prices bf16 training.
 
         Example:
             >>> from autopar.graph.ir import OpClass
@@ -132,13 +133,6 @@ class CalibrationTable:
             return ()
         points = {1.0: at_captured, **self.batch_entries.get(key, {})}
         return tuple((scale, *points[scale]) for scale in sorted(points))
-
-    def lookup(self, op: Op, dtype: str | None = None) -> tuple[float, float] | None:
-        """(forward_s, backward_s) measured for ``op`` with its floats in ``dtype`` (None: as captured), or None.
-
-        Keys carry the dtypes the op ran in, so an fp32 measurement never prices bf16 training.
-        """
-        return self.entries.get(op_key_for(op, dtype))
 
     def require_device(self, gpu_name: str) -> None:
         """Refuse to price a cluster of another device kind with this table.

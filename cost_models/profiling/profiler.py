@@ -117,8 +117,9 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     timing = Timing(repeats=repeats, warmup=warmup, statistic=Statistic(statistic), clock=Clock(clock))
     others = {scale: _matching_keys(graph, other, dtype) for scale, other in (batch_graphs or {}).items()}
-    todo = _distinct_ops(graph, dtype) + [op for other in (batch_graphs or {}).values()
-                                          for op in _distinct_ops(other, dtype)]
+    own_ops = _distinct_ops(graph, dtype)
+    own = {key for key, *_ in own_ops}
+    todo = own_ops + [op for other in (batch_graphs or {}).values() for op in _distinct_ops(other, dtype)]
     todo = list({key: (key, op, grads, producers) for key, op, grads, producers in todo}.values())
     engine_s = _autograd_startup_s(dev, timing)
     timed: dict[str, tuple[float, float]] = {}
@@ -135,7 +136,6 @@ def profile_graph(graph: OpGraph, *, device: str | None = None, repeats: int = D
             log.info("not profiled %s: %s", op.target, e)
         if progress is not None:
             progress(i + 1, len(todo))
-    own = {key for key, *_ in _distinct_ops(graph, dtype)}
     entries = {key: t for key, t in timed.items() if key in own}
     batch_entries: dict[str, dict[float, tuple[float, float]]] = {}
     for scale, keys in others.items():
