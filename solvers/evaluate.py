@@ -91,22 +91,22 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas,
     """The stage DP's per-layer inputs. A layer's static bytes are its model states as the emitted program holds
     them plus its backward working bytes (once per rank: the loss's on the last layer); under a pipeline a
     layer's activations include the output a stage ending there keeps per in-flight micro-batch (the logits)."""
-    states: dict[float, float] = {}  # layers repeat: each distinct parameter count and boundary priced once
-    sends: dict[float, float] = {}
     pipelined = layout.pp > 1
+    # layers of a kind share one LayerCost (``LayerCostTable``): each is priced once, however deep the model
+    distinct: dict[int, tuple[float, float, float]] = {}
     for c in costs:
-        if c.param_count not in states:
-            states[c.param_count] = sum(formulas.model_state_bytes(
-                c.param_count, zero_stage=layout.zero_stage, dp=layout.dp, num_micro_batches=layout.num_micro_batches,
-                pipelined=pipelined))
-        if c.boundary_bytes not in sends:  # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
-            sends[c.boundary_bytes] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
-                                                               nodes_spanned=p2p_nodes) if pipelined else 0.0
-    static = [states[c.param_count] + c.working_bytes for c in costs]
-    acts = [c.activation_bytes + (formulas.held_output_bytes(c.output_bytes) if pipelined else 0.0) for c in costs]
-    send = tuple(sends[c.boundary_bytes] for c in costs)
+        if id(c) in distinct:
+            continue
+        states = sum(formulas.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp,
+                                                num_micro_batches=layout.num_micro_batches, pipelined=pipelined))
+        held = formulas.held_output_bytes(c.output_bytes) if pipelined else 0.0
+        # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
+        send = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
+                                        nodes_spanned=p2p_nodes) if pipelined else 0.0
+        distinct[id(c)] = (states + c.working_bytes, c.activation_bytes + held, send)
+    static, acts, send = zip(*(distinct[id(c)] for c in costs))
     return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
-                      static_mem_bytes=tuple(static), activation_bytes=tuple(acts), boundary_send_s=send)
+                      static_mem_bytes=static, activation_bytes=acts, boundary_send_s=send)
 
 
 def _largest_unit(params: Sequence[float]) -> float:

@@ -17,11 +17,10 @@ def _run(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_import_is_light():
-    out = _run("import sys, time; t = time.perf_counter(); import autopar; "
-               "print(time.perf_counter() - t, 'torch' in sys.modules, 'torch.distributed' in sys.modules)")
-    seconds, torch_loaded, dist_loaded = out.split()
-    assert float(seconds) < 1.0 and torch_loaded == "False" and dist_loaded == "False"
+def test_import_does_not_load_torch():
+    # planning never needs torch: `import autopar` (and so `autopar plan`) does not load it
+    out = _run("import sys; import autopar; print('torch' in sys.modules, 'torch.distributed' in sys.modules)")
+    assert out.split() == ["False", "False"]
 
 
 def test_solvers_never_import_torch():

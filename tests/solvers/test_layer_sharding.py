@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 
 import pytest
@@ -66,10 +65,7 @@ def solve(lay: Layer, tp: int, *, sp: bool = False, **kw: object):  # noqa: ANN2
 
 def test_gpt_block_at_tp8_is_megatron(gpt: OpGraph) -> None:
     block = layer(gpt, "blocks.0")
-    start = time.perf_counter()
     result = solve(block, 8)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"one block at one TP size took {elapsed:.2f} s"
     assert result.module_styles() == MEGATRON_GPT
     hidden_bytes = 1 * 512 * 1024 * 4  # (B, T, h) fp32 as captured
     # Megatron's g (forward) and f (backward): two all-reduces of the hidden state each way
