@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.emit.harness import run_spmd
+from tests.emit.harness import run_spmd_cases, values
 from tests.emit.workers import VOCAB
 
 pytestmark = pytest.mark.multiproc
@@ -45,9 +45,30 @@ PARALLEL_LOSSES = ("ce", "ce_ignore_sum", "squares")
 gathered logits: they raise on DTensors or their log_softmax feeds more than nll_loss."""
 
 
-def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None) -> None:
-    variants = name == "tp2"  # the loss-function cases share this case's process group
-    results = run_spmd("tests.emit.workers:check_equivalence", world, plan, 3, variants)
+@pytest.fixture(scope="module")
+def groups(request: pytest.FixtureRequest) -> dict[tuple[str, str], list[tuple[str, Any]]]:
+    """The selected cases of this file, one process group per world size and worker (``run_spmd_cases``):
+    (worker, case name) → per-rank results."""
+    selected = {item.callspec.id for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    runs: dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]] = {}
+    for name, (world, plan, _) in {**CASES, **SLOW_CASES}.items():
+        if name in selected:  # the loss-function cases share the tp2 case's process group
+            runs.setdefault(("check_equivalence", world), []).append((name, (plan, 3, name == "tp2")))
+    for name, (first, second) in RESUME.items():
+        if name in selected:
+            runs.setdefault(("check_resume", 4), []).append((name, (first, second)))
+    out = {}
+    for (worker, world), cases in runs.items():
+        for name, results in run_spmd_cases(f"tests.emit.workers:{worker}", world, cases, timeout_s=1800).items():
+            out[worker, name] = results
+    return out
+
+
+def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None,
+           groups: dict[tuple[str, str], list[tuple[str, Any]]]) -> None:
+    variants = name == "tp2"
+    results = values(groups["check_equivalence", name], name)
     if variants:
         _check_loss_variants([r["loss_variants"] for r in results])
     for family in ("gpt", "llama"):
@@ -129,29 +150,31 @@ def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> N
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_single_process(name: str) -> None:
-    _check(name, *CASES[name])
+def test_matches_single_process(name: str, groups: dict[tuple[str, str], list[tuple[str, Any]]]) -> None:
+    _check(name, *CASES[name], groups)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_CASES))
-def test_matches_single_process_8_ranks(name: str) -> None:
-    _check(name, *SLOW_CASES[name])
+def test_matches_single_process_8_ranks(name: str, groups: dict[tuple[str, str], list[tuple[str, Any]]]) -> None:
+    _check(name, *SLOW_CASES[name], groups)
 
 
-RESUME_CASES = {
+RESUME: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "tp2xpp2_to_dp4": ({"tp": 2, "pp": 2, "num_micro_batches": 4},
                        {"dp": 4, "micro_batch_size": 2, "num_micro_batches": 1, "zero_stage": 3}),
-    "interleaved_tp2xpp2_to_dp2xtp2": pytest.param(
+    "interleaved_tp2xpp2_to_dp2xtp2": (
         {"tp": 2, "pp": 2, "num_micro_batches": 4, "schedule": "interleaved-1f1b", "virtual_stages": 2},
-        {"dp": 2, "tp": 2, "zero_stage": 0}, marks=pytest.mark.slow),
+        {"dp": 2, "tp": 2, "zero_stage": 0}),
 }
+"""(first plan, second plan) of each resume case: saved under the first, loaded under the second."""
+RESUME_CASES = [pytest.param(name, marks=pytest.mark.slow) if "interleaved" in name else name for name in RESUME]
 
 
-@pytest.mark.parametrize(("first", "second"), list(RESUME_CASES.values()), ids=list(RESUME_CASES))
-def test_checkpoint_moves_between_plans(first: dict[str, Any], second: dict[str, Any]) -> None:
+@pytest.mark.parametrize("name", RESUME_CASES)
+def test_checkpoint_moves_between_plans(name: str, groups: dict[tuple[str, str], list[tuple[str, Any]]]) -> None:
     """Saved under one plan, loaded under another into a fresh model: training continues unchanged."""
-    results = run_spmd("tests.emit.workers:check_resume", 4, first, second)
+    results = values(groups["check_resume", name], name)
     for family in ("gpt", "llama"):
         for got in (r[family] for r in results):
             assert got["losses"] == pytest.approx(got["ref_losses"], abs=TOL)
