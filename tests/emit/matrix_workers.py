@@ -1,7 +1,6 @@
 """Rank code of the architecture × layout matrix (``test_matrix.py``).
 
-The test runs every architecture in one 4-rank process group
-(``harness.run_spmd_cases``). For each, rank 0
+One 4-rank process group runs every layout for one architecture: rank 0
 captures the model once and plans each layout with autopar's planner on the
 slow-compute test cluster (``slow_compute.yaml``), every rank receives the
 plans, then each layout is emitted from the same real weights, trained for three

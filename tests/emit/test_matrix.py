@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.emit.harness import run_spmd_cases, values
+from tests.emit.harness import run_spmd
 from tests.emit.matrix_workers import LAYOUTS
 from tests.emit.zoo import ARCHS
 
@@ -59,17 +59,9 @@ def _check_layout(arch: str, layout: str, per_rank: list[dict[str, Any]]) -> Non
         assert len(per_rank[0]["stages"]) == 2
 
 
-@pytest.fixture(scope="module")
-def matrix(request: pytest.FixtureRequest) -> dict[str, list[tuple[str, Any]]]:
-    """Every selected architecture's layouts, all in one 4-rank process group (``run_spmd_cases``)."""
-    selected = [item.callspec.params["arch"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec") and "arch" in item.callspec.params]
-    cases = [(arch, (arch, list(LAYOUTS))) for arch in dict.fromkeys(selected)]
-    return run_spmd_cases("tests.emit.matrix_workers:check_arch", 4, cases, timeout_s=1800)
-
-
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_architecture_matrix(arch: str, matrix: dict[str, list[tuple[str, Any]]]) -> None:
-    results = values(matrix[arch], arch)
-    for layout in LAYOUTS:
+def test_architecture_matrix(arch: str) -> None:
+    layouts = list(LAYOUTS)
+    results = run_spmd("tests.emit.matrix_workers:check_arch", 4, arch, layouts, timeout_s=600)
+    for layout in layouts:
         _check_layout(arch, layout, [r[layout] for r in results])
