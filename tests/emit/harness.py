@@ -152,8 +152,9 @@ def run_spmd_cases(target: str, world: int, cases: Sequence[tuple[str, Sequence[
     """Run ``module:function(*args)`` for every case in one process group of ``world`` ranks; per case, the
     (status, value) of each rank by rank (``run_cases``).
 
-    One process group for many cases: each new group would load the lazy imports and warm DTensor's sharding
-    caches again (on 2 cores, three architectures in one group took 61 s against 74 s in three).
+    One process group for many cases spares each case a group's start and its lazy imports. A long-lived group
+    is not always quicker: every DeviceMesh adds gloo subgroups that live as long as the group (the 16-architecture
+    matrix took 505 s in one group against 394 s in one group each), so group a few cases, not a whole file.
     """
     per_rank = run_spmd("tests.emit.harness:run_cases", world, target, list(cases), timeout_s=timeout_s)
     return {key: [rank[key] for rank in per_rank] for key, _ in cases}

@@ -40,6 +40,9 @@ SLOW_CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
 }
 
 
+LOSS_VARIANTS_CASE = "tp2"
+"""The case whose process group also runs the loss-function variants (``workers.check_loss_variants``)."""
+
 PARALLEL_LOSSES = ("ce", "ce_ignore_sum", "squares")
 """Losses that run on the vocabulary-split logits (``tests/emit/workers.py::_variant_losses``); the others get the
 gathered logits: they raise on DTensors or their log_softmax feeds more than nll_loss."""
@@ -53,8 +56,8 @@ def groups(request: pytest.FixtureRequest) -> dict[tuple[str, str], list[tuple[s
                 if item.module is request.module and hasattr(item, "callspec")}
     runs: dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]] = {}
     for name, (world, plan, _) in {**CASES, **SLOW_CASES}.items():
-        if name in selected:  # the loss-function cases share the tp2 case's process group
-            runs.setdefault(("check_equivalence", world), []).append((name, (plan, 3, name == "tp2")))
+        if name in selected:
+            runs.setdefault(("check_equivalence", world), []).append((name, (plan, 3, name == LOSS_VARIANTS_CASE)))
     for name, (first, second) in RESUME.items():
         if name in selected:
             runs.setdefault(("check_resume", 4), []).append((name, (first, second)))
@@ -67,9 +70,8 @@ def groups(request: pytest.FixtureRequest) -> dict[tuple[str, str], list[tuple[s
 
 def _check(name: str, world: int, plan: dict[str, Any], schedule: str | None,
            groups: dict[tuple[str, str], list[tuple[str, Any]]]) -> None:
-    variants = name == "tp2"
     results = values(groups["check_equivalence", name], name)
-    if variants:
+    if name == LOSS_VARIANTS_CASE:
         _check_loss_variants([r["loss_variants"] for r in results])
     for family in ("gpt", "llama"):
         per_rank = [r[family] for r in results]
@@ -168,7 +170,8 @@ RESUME: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"dp": 2, "tp": 2, "zero_stage": 0}),
 }
 """(first plan, second plan) of each resume case: saved under the first, loaded under the second."""
-RESUME_CASES = [pytest.param(name, marks=pytest.mark.slow) if "interleaved" in name else name for name in RESUME]
+SLOW_RESUME = {"interleaved_tp2xpp2_to_dp2xtp2"}
+RESUME_CASES = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_RESUME else name for name in RESUME]
 
 
 @pytest.mark.parametrize("name", RESUME_CASES)
