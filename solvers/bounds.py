@@ -26,9 +26,9 @@ from autopar.cost_models.comm import fsdp_gathers_per_step
 from autopar.cost_models.memory import tensor_budget_bytes, with_headroom
 from autopar.layout import Layout, Recompute, Schedule
 from autopar.schedule import in_flight_per_stage, schedule_weights
-from autopar.solvers.bottlenecks import chunk_bottleneck_s, least_bottleneck_s, rank_bottleneck_s
+from autopar.solvers.bottlenecks import chunk_bottleneck_s, least_bottleneck_s, rank_bottleneck_s, runs_of
 from autopar.solvers.costs import Formulas, LayerCost, LayerCostTable, LayerSetting
-from autopar.solvers.evaluate import dp_comm_s
+from autopar.solvers.evaluate import dp_comm_s, recv_reserve
 
 
 class SettingPrices(NamedTuple):
@@ -52,7 +52,7 @@ class SettingPrices(NamedTuple):
     """Per layer, the least forward + backward over the policies."""
     bottlenecks: dict[object, float]
     """Memo of the bottleneck bounds, filled as layouts ask: ``least_bottleneck_s(least_s, S)`` by the number of
-    stages S, ``rank_bottleneck_s`` of the most repeated layer by (states, in-flight counts, budget)."""
+    stages S (and ``runs_of(least_s)`` by "runs"), ``rank_bottleneck_s`` of the most repeated layer by (states, in-flight counts, budget)."""
 
 
 class Sums(NamedTuple):
@@ -72,6 +72,8 @@ class Sums(NamedTuple):
     """Σ activation bytes of ``leanest``."""
     largest_params: float
     """The most parameters of one layer of ``leanest``."""
+    widest_boundary: float
+    """The most bytes a layer sends to the next (the stage DP reserves receive buffers for it: ``recv_reserve``)."""
     runs: tuple[tuple[int, float], ...]
     """(count, forward + backward seconds in ``fastest``) of each distinct layer."""
     slowest_s: float
@@ -119,7 +121,8 @@ def _sums(fastest: tuple[LayerCost, ...], leanest: tuple[LayerCost, ...],
                 fastest_acts=total(fastest, lambda c: c.activation_bytes),
                 leanest_params=total(leanest, lambda c: c.param_count),
                 leanest_acts=total(leanest, lambda c: c.activation_bytes),
-                largest_params=max(leanest[i].param_count for i, _ in repeats))
+                largest_params=max(leanest[i].param_count for i, _ in repeats),
+                widest_boundary=max(fastest[i].boundary_bytes for i, _ in repeats))
 
 
 def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int, sp: bool,
@@ -128,8 +131,8 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
     variants: dict[Recompute, tuple[LayerCost, ...]] = {}
     for rc in policies:
         costs = table[LayerSetting(tp, sp, mbs, rc)]
-        if costs not in variants.values():  # e.g. selective = none when fused attention keeps no s×s tensor
-            variants[rc] = costs
+        if not any(_equal_rows(costs, other) for other in variants.values()):  # e.g. selective = none when
+            variants[rc] = costs  # fused attention keeps no s×s tensor
     tables = list(variants.values())
     repeats, member = _distinct(tables)
     leanest = min(tables, key=lambda cs: _total(cs, repeats, lambda c: c.activation_bytes))
@@ -139,6 +142,15 @@ def setting_prices(table: LayerCostTable, policies: Sequence[Recompute], tp: int
                          repeats=repeats, block=_most_repeated(leanest, repeats),
                          sums=_sums(fastest, leanest, repeats, tables), bottlenecks={},
                          least_s=tuple(map(least.__getitem__, member)))
+
+
+def _equal_rows(a: Sequence[LayerCost], b: Sequence[LayerCost]) -> bool:
+    """``tuple(a) == tuple(b)``, comparing each pair of distinct objects once (a row shares one object per layer
+    kind, so a deep model's rows hold a few pairs many times over)."""
+    if len(a) != len(b):
+        return False
+    pairs = dict(zip(zip(map(id, a), map(id, b)), zip(a, b)))  # at C speed; the objects are alive in a and b
+    return all(x is y or x == y for x, y in pairs.values())
 
 
 def _most_repeated(costs: Sequence[LayerCost], repeats: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -192,7 +204,7 @@ class Footprint(NamedTuple):
     states: float
     """Model-state bytes of the whole model on one (tp, dp) slice, summed over pipeline ranks."""
     fixed: float
-    """Communication buffers and runtime reservation per GPU (before headroom)."""
+    """Communication buffers, pipeline receive buffers and runtime reservation per GPU (before headroom)."""
     k: list[int]
     """Per pipeline rank, the fewest micro-batches in flight on any of its chunks."""
 
@@ -202,6 +214,8 @@ def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
     states = _state_bytes(sums.leanest_params, layout, formulas)
     fixed = formulas.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
                                   dp=layout.dp, pipelined=layout.pp > 1)  # as evaluate_layout: never above it
+    fixed += recv_reserve(pp=layout.pp, virtual_stages=layout.virtual_stages, num_micro_batches=layout.num_micro_batches,
+                          widest_boundary=sums.widest_boundary, formulas=formulas)  # as the stage DP's budget does
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=layout.virtual_stages)
     # chunk j runs on rank j mod pp: row c of the (v, pp) reshape holds the ranks' c-th chunks
@@ -249,7 +263,9 @@ def _even_bottleneck_s(total_s: float, stages: int, runs: tuple[tuple[int, float
 def _partition_bottleneck_s(prices: SettingPrices, stages: int) -> float:
     """``least_bottleneck_s`` of the setting's least per-layer times over ``stages`` stages (memoised)."""
     if stages not in prices.bottlenecks:
-        prices.bottlenecks[stages] = least_bottleneck_s(prices.least_s, stages)
+        if "runs" not in prices.bottlenecks:
+            prices.bottlenecks["runs"] = runs_of(prices.least_s)
+        prices.bottlenecks[stages] = least_bottleneck_s(prices.least_s, stages, prices.bottlenecks["runs"])
     return prices.bottlenecks[stages]
 
 
@@ -291,6 +307,40 @@ def group_bound(*, tp: int, sp: bool, mbs: int, pp: int, dp: int, m: int, pipeli
         rest = min(rest, _optimizer_s(z, dp, pp, sums, formulas)  # the floor reads neither schedule nor policy
                    + _dp_floor_s(layout, sums, formulas, overlap, gpus_per_node))
     return pipeline_s + rest
+
+
+def group_rank_floor_s(prices: SettingPrices, *, pp: int, dp: int, m: int, zeros: Sequence[int],
+                       pipelines: Sequence[tuple[Schedule, int]], formulas: Formulas) -> float:
+    """Least pipeline term of ``layout_bound`` with ``ranks`` over a (tp, sp, micro-batch, pp, dp) group's layouts
+    (every ZeRO stage in ``zeros`` × (schedule, virtual stages) in ``pipelines``, ``m`` micro-batches).
+
+    ``rank_bottleneck_s`` only grows with the block's model states and with each rank's micro-batches in flight,
+    and only shrinks with the budget, so one call bounds every layout's: at the fewest state bytes over the ZeRO
+    stages, the least reserved bytes (ZeRO stage and the fewest chunks' receive buffers) and, per rank, the fewest
+    micro-batches in flight over the schedules. Memoised in ``prices.bottlenecks``; +inf when no layout fits.
+    """
+    if pp == 1 or not pipelines:
+        return -math.inf  # ``layout_bound`` keeps ranks apart only under a pipeline
+    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    static = min(sum(formulas.model_state_bytes(prices.fastest[index].param_count, zero_stage=z, dp=dp,
+                                                num_micro_batches=m, pipelined=True)) for z in zeros)
+    fixed = min(formulas.buffer_bytes(largest_layer_params=prices.sums.largest_params, zero_stage=z, dp=dp,
+                                      pipelined=True) for z in zeros) + \
+        recv_reserve(pp=pp, virtual_stages=min(v for _, v in pipelines), num_micro_batches=m,
+                     widest_boundary=prices.sums.widest_boundary, formulas=formulas)
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
+    in_flight = np.min([np.asarray(in_flight_per_stage(schedule, pp=pp, num_micro_batches=m, virtual_stages=v))
+                        .reshape(v, pp).min(axis=0) for schedule, v in pipelines], axis=0)
+    key = ("ranks", static, tuple(in_flight.tolist()), budget)
+    if key not in prices.bottlenecks:
+        policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
+                    for t in prices.variants.values()]
+        prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
+                                                    in_flight=in_flight.tolist(), budget_bytes=budget)
+    rank_s = prices.bottlenecks[key]
+    total = prices.sums.fastest_s
+    return min(alpha * max(_even_bottleneck_s(total, pp * v, prices.sums.runs), rank_s / v) + beta * total
+               for alpha, beta, v in pipeline_weights(pipelines, m))
 
 
 def recompute_ceiling(sums: Sums) -> Sums:
@@ -356,14 +406,32 @@ def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas
 
 def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
     """``chunk_bottleneck_s`` for the most repeated layer over the S = pp·v chunks, each held to 1/v of its
-    rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``)."""
+    rank's budget with its own in-flight count (the memory-constrained DP's rule, ``solve_stage_policies``).
+
+    The model's first layer is on the first chunk and its last on the last (the partition is contiguous):
+    unless they are repeated layers, they are pinned there, at their least time and their states plus their
+    least activations.
+    """
     count, static, policies = _repeated_block(layout, prices, formulas)
     v = layout.virtual_stages
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=v)
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed) / v
-    return chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
-                              budget_bytes=budget)
+    index = max(prices.repeats, key=lambda ic: ic[1])[0]
+    tables = list(prices.variants.values())
+    pinned = [[0.0, 0.0] for _ in in_flight]
+    for layer, stage in ((0, 0), (len(prices.fastest) - 1, len(in_flight) - 1)):
+        if all(t[layer] == t[index] for t in tables):
+            continue  # a repeated layer: ``count`` has it
+        pinned[stage][0] += _state_bytes(prices.fastest[layer].param_count, layout, formulas) + \
+            in_flight[stage] * min(t[layer].activation_bytes for t in tables)
+        pinned[stage][1] += prices.least_s[layer]
+    key = ("chunks", static, tuple(in_flight), budget, tuple(map(tuple, pinned)))
+    if key not in prices.bottlenecks:
+        prices.bottlenecks[key] = chunk_bottleneck_s(count=count, static_bytes=static, policies=policies,
+                                                     in_flight=in_flight, budget_bytes=budget,
+                                                     pinned=[tuple(p) for p in pinned])
+    return prices.bottlenecks[key]
 
 
 def _forced_recompute_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:

@@ -24,7 +24,7 @@ import math
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params, fsdp_gathers_per_step
 from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, estimate_rank_memory, tensor_budget_bytes
@@ -122,16 +122,25 @@ def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas)
     unit and, under a pipeline, every receive buffer of v chunks at the largest boundary (an upper bound)."""
     fixed = formulas.buffer_bytes(largest_layer_params=_largest_unit([c.param_count for c in costs]),
                                   zero_stage=layout.zero_stage, dp=layout.dp, pipelined=layout.pp > 1)
-    if layout.pp > 1:
-        widest = max(c.boundary_bytes for c in costs)
-        fixed += layout.virtual_stages * formulas.recv_bytes(num_micro_batches=layout.num_micro_batches,
-                                                             input_bytes=widest, output_bytes=widest)
-    return fixed
+    return fixed + recv_reserve(pp=layout.pp, virtual_stages=layout.virtual_stages,
+                                num_micro_batches=layout.num_micro_batches,
+                                widest_boundary=max(c.boundary_bytes for c in costs), formulas=formulas)
 
 
-PartitionCache = dict[tuple[object, ...], tuple[tuple[int, ...], tuple[int, ...], bool]]
+def recv_reserve(*, pp: int, virtual_stages: int, num_micro_batches: int, widest_boundary: float,
+                 formulas: Formulas) -> float:
+    """Receive buffers the stage DP reserves per GPU under a pipeline: v chunks, each at the widest boundary (an
+    upper bound on every chunk's; ``_rank_memory`` counts the chunks' own). 0 without a pipeline."""
+    if pp == 1:
+        return 0.0
+    return virtual_stages * formulas.recv_bytes(num_micro_batches=num_micro_batches, input_bytes=widest_boundary,
+                                                output_bytes=widest_boundary)
+
+
+PartitionCache = dict[tuple[object, ...], Any]
 """(boundaries, per-stage policy, fits): time-optimal ones keyed by what they depend on (not memory), and
-memory-constrained ones keyed by that and the budget and static bytes: see ``_partition``."""
+memory-constrained ones keyed by that and the budget and static bytes: see ``_partition``; and the inputs
+``fastest_partition_fits`` reads, keyed by a name and the values they depend on."""
 
 Variants = Mapping[Recompute, Sequence[LayerCost]]
 """Per-layer costs under each recomputation policy the layout may use (one entry when pinned)."""
@@ -335,15 +344,26 @@ def fastest_partition_fits(layout: Layout, variants: Variants, formulas: Formula
 
     When it does not, the memory-constrained DP holds each chunk to 1/v of a rank's budget, which the
     search bounds more tightly (``bounds.layout_bound`` with ``chunks``). The partition is cached, so
-    the evaluation that may follow reuses it.
+    the evaluation that may follow reuses it; so are the per-layer inputs it reads, by the values they
+    depend on (layouts that differ in the schedule alone share them).
     """
     p2p_nodes = 2 if layout.dp * layout.tp >= gpus_per_node else 1
     per_policy = [variants[rc] for rc in _RECOMPUTE_ORDER if rc in variants]
-    quick = _quickest([sum(c.forward_s for c in costs) + sum(c.backward_s for c in costs) for costs in per_policy])
-    fixed = _fixed_bytes(layout, per_policy[0], formulas)
+    if ("quickest", costs_key) not in partition_cache:
+        partition_cache["quickest", costs_key] = _quickest(
+            [sum(c.forward_s for c in costs) + sum(c.backward_s for c in costs) for costs in per_policy])
+    quick = partition_cache["quickest", costs_key]
+    fixed_key = ("fixed", costs_key, layout.zero_stage, layout.dp, layout.pp > 1, layout.virtual_stages,
+                 layout.num_micro_batches)
+    if fixed_key not in partition_cache:
+        partition_cache[fixed_key] = _fixed_bytes(layout, per_policy[0], formulas)
+    stage_key = ("stage costs", costs_key, quick, layout.zero_stage, layout.dp, layout.num_micro_batches,
+                 layout.pp > 1, p2p_nodes)
+    if stage_key not in partition_cache:  # the other policies are not read
+        partition_cache[stage_key] = _stage_costs(layout, per_policy[quick], formulas, p2p_nodes)
+    fastest = partition_cache[stage_key]
     key = (costs_key, p2p_nodes, layout.pp, layout.virtual_stages, layout.schedule, layout.num_micro_batches)
-    fastest = _stage_costs(layout, per_policy[quick], formulas, p2p_nodes)  # the other policies are not read
-    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
+    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=partition_cache[fixed_key])
     return _fastest(layout, fastest, quick, budget, partition_cache, key) is not None
 
 

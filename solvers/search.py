@@ -40,6 +40,7 @@ from autopar.solvers.bounds import (
     Sums,
     footprint,
     group_bound,
+    group_rank_floor_s,
     pipeline_floor_s,
     pipeline_weights,
     layout_bound,
@@ -93,6 +94,9 @@ class _Group(NamedTuple):
         """The layer setting its prices belong to."""
         return self.tp, self.sequence_parallel, self.micro_batch_size
 
+
+_RANKS_LEVEL = 3
+"""The last level of a group's bound: with the ranks kept apart (``tighter_group_bound``)."""
 
 Setting = tuple[int, bool, int]
 """(tp, sequence parallelism, micro-batch size): the layer setting a group's prices belong to."""
@@ -250,13 +254,16 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
             break  # everything left is bounded by at least this: nothing can win
         group = groups[i]
         setting = group.setting
-        if layout is None and level < 2:  # tighten the group's bound before expanding it
-            tighter = state.tighter_group_bound(group, sums[setting], level)
-            if tighter > bound:
-                heapq.heappush(queue, (tighter, i, -1, None, level + 1, None))
+        if layout is None:
+            if level >= 1 and group.pp > 1 and setting not in state.settings:  # the rank level reads every policy
+                wanted = [LayerSetting(*setting, rc) for rc in space.recompute]
+                prices = yield from _priced(prices, wanted)
+                state.settings[setting] = setting_prices(prices.layers, space.recompute, *setting)
+            tighter = state.tighter_group_bound(group, sums[setting], level, bound)
+            if tighter is not None:  # tighten the group's bound before expanding it
+                heapq.heappush(queue, (tighter[0], i, -1, None, tighter[1], None))
                 continue
-        if layout is None:  # expand the group
-            state.expanded += 1
+            state.expanded += 1  # expand the group
             if progress is not None and state.expanded % 64 == 0:
                 progress(i / max(1, len(groups)))
             if setting not in state.settings:
@@ -316,27 +323,42 @@ class _State:
         for j, lay in enumerate(_layouts(group, self.space, len(prices.fastest))):  # a cheap bound first
             yield self.bound(lay, prices, None), i, j, lay, 0, None
 
-    def tighter_group_bound(self, group: _Group, sums: Sums, level: int) -> float:
-        """``group_bound`` of a group at ``level`` + 1 (``sums``: ``_bound_sums``, its compute bounded above);
-        -inf where tightening cannot pay: a group whose model states alone overflow the GPU (the memory test
-        of ``expand`` drops it), and the data-parallel floor before top_k plans are found or without dp."""
+    def tighter_group_bound(self, group: _Group, sums: Sums, level: int, bound: float) -> tuple[float, int] | None:
+        """(bound, level) of the group at the first level above ``level`` whose bound exceeds ``bound``, or None
+        (expand it). ``sums``: ``_bound_sums``, its compute bounded above. Level 1: ``group_bound`` with the bubble
+        and the optimizer step; 2: with the data-parallel floor (once top_k plans are found, with dp); 3: with the
+        ranks kept apart (``group_rank_floor_s``, under a pipeline). None at once for a group whose model states
+        alone overflow the GPU: the memory test of ``expand`` drops it."""
         if level == 0 and memory_bound(dp=group.dp, pp=group.pp, m=_micro_batches(self.space, group), sums=sums,
-                                       formulas=self.formulas,
-                                       activations=False) > self.formulas.gpu_mem_bytes:
-            return -math.inf
-        if level == 1 and (group.dp == 1 or len(self.best) < self.top_k):
-            return -math.inf
-        return self.group_bound(group, sums, dp_floor=level == 1)
+                                       formulas=self.formulas, activations=False) > self.formulas.gpu_mem_bytes:
+            return None
+        for nxt in range(level + 1, _RANKS_LEVEL + 1):
+            dp_floor = nxt >= 2 and group.dp > 1 and len(self.best) >= self.top_k
+            if nxt == 2 and not dp_floor:
+                continue  # before top_k plans are found (or without dp) the floor cannot pay
+            if nxt == _RANKS_LEVEL and (group.pp == 1 or group.setting not in self.settings):
+                continue  # ranks are kept apart under a pipeline, once the setting's policies are priced
+            tighter = self.group_bound(group, sums, dp_floor=dp_floor, ranks=nxt == _RANKS_LEVEL)
+            if tighter > bound:
+                return tighter, nxt
+        return None
 
-    def group_bound(self, group: _Group, sums: Sums, *, dp_floor: bool) -> float:
-        """``bounds.group_bound`` of a group, with or without the data-parallel floor."""
+    def group_bound(self, group: _Group, sums: Sums, *, dp_floor: bool, ranks: bool = False) -> float:
+        """``bounds.group_bound`` of a group, with or without the data-parallel floor and the ranks kept apart (the
+        latter once its setting's policies are priced)."""
         m = _micro_batches(self.space, group)
         if (group.pp, m) not in self.weights:
             self.weights[group.pp, m] = pipeline_weights(tuple(_pipelines(self.space, group.pp, m, self.num_layers)),
                                                          m)
+        pipeline_s = pipeline_floor_s(self.weights[group.pp, m], group.pp, sums)
+        zeros = _zeros(self.space, group.dp)
+        if ranks:
+            pipelines = tuple(_pipelines(self.space, group.pp, m, self.num_layers))
+            pipeline_s = max(pipeline_s, group_rank_floor_s(self.settings[group.setting], pp=group.pp, dp=group.dp,
+                                                            m=m, zeros=zeros, pipelines=pipelines,
+                                                            formulas=self.formulas))
         return group_bound(tp=group.tp, sp=group.sequence_parallel, mbs=group.micro_batch_size, pp=group.pp,
-                           dp=group.dp, m=m, pipeline_s=pipeline_floor_s(self.weights[group.pp, m], group.pp, sums),
-                           zeros=_zeros(self.space, group.dp), sums=sums, formulas=self.formulas,
+                           dp=group.dp, m=m, pipeline_s=pipeline_s, zeros=zeros, sums=sums, formulas=self.formulas,
                            dp_floor=dp_floor, overlap=self.overlap, gpus_per_node=self.space.gpus_per_node)
 
     def bound(self, layout: Layout, prices: SettingPrices, foot: Footprint | None, *, ranks: bool = False,
@@ -358,7 +380,7 @@ class _State:
             else:
                 heapq.heappush(queue, (self.bound(layout, prices, foot), i, j, layout, 1, foot))
             return
-        if level == 1 and len(self.best) >= self.top_k:  # about to be priced: the tightest bound first
+        if level == 1:  # about to be priced: the tightest bound first
             ranked_bound = self.bound(layout, prices, foot, ranks=True)
             if ranked_bound > bound:
                 heapq.heappush(queue, (ranked_bound, i, j, layout, 2, foot))
@@ -367,7 +389,7 @@ class _State:
             # when memory decides the partition, each chunk runs one policy within 1/v of its rank's budget;
             # that bound holds only if the time-optimal partition does not fit (the costlier test, second).
             # Before top_k plans are found only its verdict counts: inf, no partition fits (evaluated last)
-            full = len(self.best) >= self.top_k
+            full = True
             chunk_bound = self.bound(layout, prices, foot, ranks=level == 2, chunks=True)
             if (chunk_bound > bound if full else chunk_bound == math.inf) and not fastest_partition_fits(
                     layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,

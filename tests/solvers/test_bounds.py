@@ -56,23 +56,27 @@ def test_memory_moves_layers_to_the_ranks_with_fewer_micro_batches():
                              budget_bytes=1e9) == pytest.approx(4.0, rel=1e-3)  # memory no limit: even
 
 
-def _best_one_policy_split(count, static, policies, in_flight, budget):
-    """Least max over stages of n_j · t_p, over every integer split and one policy per stage that fits."""
+def _best_one_policy_split(count, static, policies, in_flight, budget, pinned=None):
+    """Least max over stages of pinned seconds + n_j · t_p, over every integer split and one policy per stage
+    that fits beside the stage's pinned bytes."""
+    pinned = pinned or [(0.0, 0.0)] * len(in_flight)
     best = math.inf
     for split in itertools.product(range(count + 1), repeat=len(in_flight)):
         if sum(split) != count:
             continue
         worst = 0.0
-        for n, k in zip(split, in_flight):
-            fits = [n * t for a, t in policies if n * (static + k * a) <= budget]
+        for n, k, (fixed_bytes, fixed_s) in zip(split, in_flight, pinned):
+            fits = [fixed_s + n * t for a, t in policies if fixed_bytes + n * (static + k * a) <= budget]
             worst = max(worst, min(fits, default=math.inf))
         best = min(best, worst)
     return best
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_chunk_bound_equals_the_best_one_policy_split(seed):
-    """Exact for the repeated layers alone: never above the brute force (a valid bound), and equal to it."""
+@pytest.mark.parametrize("with_pinned", [False, True])
+def test_chunk_bound_equals_the_best_one_policy_split(seed, with_pinned):
+    """Exact for the repeated layers alone, and with layers pinned to the first and last stages: never above
+    the brute force (a valid bound), and equal to it."""
     from autopar.solvers.bottlenecks import chunk_bottleneck_s
 
     rng = random.Random(seed)
@@ -80,9 +84,16 @@ def test_chunk_bound_equals_the_best_one_policy_split(seed):
     policies = [(rng.uniform(0.1, 3.0), rng.uniform(0.5, 2.0)) for _ in range(rng.randint(1, 3))]
     in_flight = [rng.randint(1, 4) for _ in range(stages)]
     static, budget = rng.uniform(0.0, 2.0), rng.uniform(2.0, 20.0)
+    pinned = None
+    if with_pinned:  # the model's first layer on stage 0 and its last on the last stage (both on one stage)
+        pinned = [[0.0, 0.0] for _ in range(stages)]
+        for stage in (0, stages - 1):
+            pinned[stage][0] += rng.uniform(0.0, 6.0)
+            pinned[stage][1] += rng.uniform(0.0, 2.0)
+        pinned = [tuple(p) for p in pinned]
     got = chunk_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
-                             budget_bytes=budget)
-    want = _best_one_policy_split(count, static, policies, in_flight, budget)
+                             budget_bytes=budget, pinned=pinned)
+    want = _best_one_policy_split(count, static, policies, in_flight, budget, pinned)
     if math.isinf(want):
         assert math.isinf(got)
     else:
