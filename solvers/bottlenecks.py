@@ -18,75 +18,6 @@ _ROUNDING = 1e-9
 """Relative slack on floors and on the returned bound, so float rounding never makes a bound too high."""
 
 
-_RELATIVE_WIDTH = 2.5e-4
-"""The search for the least feasible bottleneck stops once its bracket is this narrow relative to its top:
-the bound is then within 0.025 % of the least bottleneck, below it."""
-_KINKS_AT_ONCE = 9
-"""Kinks at which one round of the search for the bottleneck evaluates the capacity (a round's array is
-times × ranks × segments)."""
-_MOST_STEPS = 200
-"""A cap on the steps of that search (a bisection would narrow any bracket of floats far sooner)."""
-
-
-class _Segments(NamedTuple):
-    """The segments p → q (p ≤ q: the ends included) between every two policies' (bytes, seconds) points."""
-
-    acts: np.ndarray
-    """Activation bytes at p."""
-    secs: np.ndarray
-    """Seconds at p."""
-    d_acts: np.ndarray
-    """Bytes at q less bytes at p."""
-    d_secs: np.ndarray
-    """Seconds at q less seconds at p."""
-
-    @classmethod
-    def of(cls, policies: Sequence[tuple[float, float]]) -> _Segments:
-        p, q = (np.asarray(i) for i in zip(*itertools.combinations_with_replacement(range(len(policies)), 2)))
-        acts, secs = (np.asarray(v, dtype=np.float64) for v in zip(*policies))
-        return cls(acts=acts[p], secs=secs[p], d_acts=acts[q] - acts[p], d_secs=secs[q] - secs[p])
-
-
-class _Ranks(NamedTuple):
-    """The parts of ``_capacity`` that do not depend on the candidate time, per rank (rows) and segment."""
-
-    lean: np.ndarray
-    """Bytes of one block at p: static + k·a_p."""
-    d_bytes: np.ndarray
-    """Bytes of one block at q less at p: k·(a_q − a_p)."""
-    budget_secs: np.ndarray
-    """budget · t_p (per segment: the same on every rank)."""
-    budget_d_secs: np.ndarray
-    """budget · (t_q − t_p) (per segment)."""
-
-    @classmethod
-    def of(cls, *, static_bytes: float, segments: _Segments, in_flight: np.ndarray, budget_bytes: float) -> _Ranks:
-        k = in_flight.astype(np.float64)[:, None]
-        a_p, t_p, d_a, d_t = segments
-        return cls(lean=static_bytes + k * a_p, d_bytes=k * d_a, budget_secs=budget_bytes * t_p,
-                   budget_d_secs=budget_bytes * d_t)
-
-
-def _capacity(time_s: np.ndarray, *, ranks: _Ranks, segments: _Segments, budget_bytes: float) -> np.ndarray:
-    """Per candidate time (rows) and rank (columns), the most blocks (fractional) a rank can hold.
-
-    A rank holding x blocks under a mix of policies with mean (activation bytes ā, seconds τ̄) needs
-    ``x·(s + k·ā) ≤ budget`` and ``x·τ̄ ≤ T``; the mixes form the hull of the policies' points, and the
-    best one lies on a segment between two of them, at an end or where the two limits cross. Candidates,
-    ranks and segments are the three axes of one array.
-    """
-    time_s = time_s[:, None, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lam = (time_s * ranks.lean - ranks.budget_secs) / (ranks.budget_d_secs - time_s * ranks.d_bytes)
-        np.clip(lam, 0.0, 1.0, out=lam)
-        lam[np.isnan(lam)] = 0.0  # λ = 0 at the ends, where d_a = d_t = 0
-        held = np.minimum(budget_bytes / (ranks.lean + lam * ranks.d_bytes), time_s / (segments.secs + lam * segments.d_secs))
-    most = np.zeros(held.shape[:2])
-    for segment in range(held.shape[2]):  # a loop over the few segments: numpy reduces a short last axis slowly
-        np.fmax(most, held[:, :, segment], out=most)  # fmax skips NaN (0/0: a block of no bytes and no time)
-    return most
-
-
 def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tuple[float, float]],
                       in_flight: Sequence[int], budget_bytes: float) -> float:
     """Least possible ``max_r T_r`` for ``count`` equal layers over ranks holding ``in_flight[r]`` micro-batches.
@@ -96,76 +27,74 @@ def rank_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tup
     ``Σ (static + in_flight[r] · activations) ≤ budget_bytes``. Layers may be split fractionally and
     policies mixed (a relaxation), so the result is a lower bound; +inf when no split fits.
 
+    Within time T, rank r holds at most x blocks of a mix of policies with mean bytes L̄ and seconds τ̄:
+    ``x · L̄ ≤ budget`` and ``x · τ̄ ≤ T``. The best mixes lie on the lower-left chain of the policies' convex
+    hull (``_chain``), the same on every rank (bytes s + k·a are affine in a), so the rank's capacity is
+    concave and piecewise linear in T: T / t_0 (time-bound at the fastest policy) until the time
+    ``budget · t_v / L_v`` at which chain policy v fills the budget in its time, then along the mix of v and
+    v + 1 between those times, then budget / L_last. The ranks' sum is piecewise linear too; the least T
+    at which it reaches ``count`` is read off its slopes between the sorted kinks.
+
     Example:
         >>> round(rank_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],
         ...                         budget_bytes=3.0), 3)  # rank 0 fits 1.5 layers, rank 1 the other 2.5
         2.5
     """
-    k = np.asarray(in_flight)
     if count <= 0:
         return 0.0
-    segments = _Segments.of(policies)
-    ranks = _Ranks.of(static_bytes=static_bytes, segments=segments, in_flight=k, budget_bytes=budget_bytes)
-
-    def capacity(times: np.ndarray) -> np.ndarray:  # blocks all ranks hold within each time
-        return _capacity(times, ranks=ranks, segments=segments, budget_bytes=budget_bytes).sum(axis=1)
-
-    lean = min(policies)  # the fewest activation bytes: it fits the most layers when time is no limit
-    low, high = count * min(t for _, t in policies) / len(k), count * lean[1]  # below: even at the fastest
-    # capacity grows with the time allowed and is linear in it between the times at which a rank's blocks at one
-    # policy fill its memory and its time together (``_kinks``): the sum reaches ``count`` between two of them,
-    # where regula falsi finds it at once (the Illinois rule in case it is not linear there), keeping an
-    # infeasible time below it and a feasible one above
-    times = np.concatenate(([low], _kinks(ranks, segments, low, high), [high]))
-    lo, hi = 0, len(times) - 1  # indices into ``times``: the crossing is in [times[lo], times[hi]] once checked
-    excess_lo = excess_hi = math.nan
-    while True:  # narrow [lo, hi] to two neighbouring kinks, a few at a time
-        picks = np.arange(lo, hi + 1) if hi - lo < _KINKS_AT_ONCE else \
-            np.unique(np.linspace(lo, hi, _KINKS_AT_ONCE).round().astype(np.intp))
-        excess = capacity(times[picks]) - count
-        if math.isnan(excess_hi):  # the first round: picks holds both ends
-            if excess[-1] < 0:
-                return math.inf
-            if excess[0] >= 0:
-                return low * (1 - 1e-9)  # the even split at the fastest policy fits
-        first = int(np.argmax(excess >= 0))  # the last pick is feasible, the first infeasible
-        lo, hi = int(picks[first - 1]), int(picks[first])
-        excess_lo, excess_hi = float(excess[first - 1]), float(excess[first])
-        if hi - lo <= 1:
-            break
-    low, high, excess_low, excess_high = float(times[lo]), float(times[hi]), excess_lo, excess_hi
-    side = 0
-    for _ in range(_MOST_STEPS):
-        if high - low <= _RELATIVE_WIDTH * high:
-            break
-        guess = (low * excess_high - high * excess_low) / (excess_high - excess_low)
-        if not low < guess < high:
-            guess = (low + high) / 2
-        # the guess and a time just below it: when the guess is the crossing, that brackets it at once
-        pair = np.array([max(low, guess * (1 - _RELATIVE_WIDTH / 2)), guess])
-        below, at = (float(v) - count for v in capacity(pair))
-        if below >= 0:  # both feasible
-            high, excess_high = float(pair[0]), below
-            if side == 1:
-                excess_low /= 2  # the same end moved twice: halve the other's weight (Illinois)
-            side = 1
-        elif at < 0:  # both infeasible
-            low, excess_low = guess, at
-            if side == -1:
-                excess_high /= 2
-            side = -1
-        else:
-            low, high, excess_low, excess_high = float(pair[0]), guess, below, at
-    # low is below the least bottleneck: infeasible there
-    return low * (1 - 1e-9)  # a margin for rounding
+    if budget_bytes <= 0:
+        return math.inf
+    acts, secs = (np.asarray(v, dtype=np.float64) for v in zip(*_chain(policies)))
+    k = np.asarray(in_flight, dtype=np.float64)[:, None]
+    lean = static_bytes + k * acts[None, :]  # (ranks, chain): bytes of one block at each chain policy
+    with np.errstate(divide="ignore", invalid="ignore"):  # a block of no bytes never fills the budget (inf, NaN)
+        kinks = budget_bytes * secs[None, :] / lean  # rank r's capacity changes slope at kinks[r, v]
+        fastest = secs[0]
+        start = 0.0 if fastest > 0 else float(np.sum(budget_bytes / lean[:, 0]))  # a zero-time policy: held at once
+    # the slope of rank r's capacity after kink v: along the mix of v and v + 1 (1 / t_{v+1} when v + 1 takes no
+    # bytes), flat after the last
+    d_bytes, d_secs = lean[:, 1:] - lean[:, :-1], secs[1:] - secs[:-1]
+    after = np.concatenate((-d_bytes / (d_secs * lean[:, :-1] - secs[:-1] * d_bytes), np.zeros_like(k)), axis=1)
+    before = np.full_like(k, 1.0 / fastest if fastest > 0 else 0.0)
+    change = (after - np.concatenate((before, after[:, :-1]), axis=1)).ravel()  # slope change at each kink
+    order = np.argsort(kinks, axis=None, kind="stable")
+    order = order[np.isfinite(kinks.ravel()[order])]
+    points = np.concatenate(([0.0], kinks.ravel()[order]))  # T = 0, then the kinks in order
+    slopes = before.sum() + np.concatenate(([0.0], np.cumsum(change[order])))  # from each point to the next
+    held = start + np.concatenate(([0.0], np.cumsum(slopes[:-1] * np.diff(points))))  # at each point
+    bounded = bool(np.all(lean[:, -1] > 0))  # every rank's capacity stops growing at its last kink
+    if bounded and math.fsum(budget_bytes / lean[:, -1]) < count * (1 - 1e-12):
+        return math.inf  # every rank full of the leanest chain policy holds too few
+    reach = int(np.searchsorted(held, count))  # the first point holding count
+    if reach == 0:
+        return 0.0  # held at once: blocks of a policy that takes no time
+    if reach < len(points):  # between two points, where the capacity grows
+        crossing = min(points[reach - 1] + (count - held[reach - 1]) / slopes[reach - 1], points[reach])
+    elif bounded:
+        crossing = points[-1]  # count is the most the ranks hold (to rounding): reached at the last kink
+    else:
+        crossing = points[-1] + (count - held[-1]) / slopes[-1]  # past the last kink, on blocks of no bytes
+    return float(crossing) * (1 - _ROUNDING) ** 2  # below the crossing: the sums above round
 
 
-def _kinks(ranks: _Ranks, segments: _Segments, low: float, high: float) -> np.ndarray:
-    """The times strictly between ``low`` and ``high`` at which a rank's blocks at one policy fill its budget and its
-    time together (budget · t_p / (static + k · a_p)): where a rank's capacity changes slope, sorted."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        times = (ranks.budget_secs / ranks.lean)[:, segments.d_secs == 0]  # the segments p → p: one per policy
-    return np.unique(times[(times > low) & (times < high)])  # NaN and ±inf fail both tests
+def _chain(policies: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (activation bytes, seconds) policies on the lower-left chain of their convex hull, by seconds: each has
+    fewer bytes than the one before, and lies below the chord of its neighbours (the others are no better than
+    a mix of two chain policies, in both bytes and time, on any rank).
+
+    Example:
+        >>> _chain([(10.0, 1.0), (8.0, 1.5), (1.0, 2.0), (12.0, 3.0)])  # (8, 1.5) is above the chord
+        [(10.0, 1.0), (1.0, 2.0)]
+    """
+    chain: list[tuple[float, float]] = []
+    for a, t in sorted(policies, key=lambda p: (p[1], p[0])):
+        if chain and a >= chain[-1][0]:
+            continue  # no fewer bytes for no less time
+        while len(chain) >= 2 and (chain[-1][0] - chain[-2][0]) * (t - chain[-2][1]) >= \
+                (a - chain[-2][0]) * (chain[-1][1] - chain[-2][1]):
+            chain.pop()  # the last one lies on or above the chord from the one before it to this one
+        chain.append((a, t))
+    return chain
 
 
 _PRECISION = 1e-6

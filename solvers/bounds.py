@@ -14,6 +14,8 @@ memory, so leaving them out keeps it a lower bound).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import operator
 from collections import Counter
@@ -166,20 +168,20 @@ def _distinct(tables: Sequence[Sequence[object]]) -> tuple[tuple[tuple[int, int]
     """Layers equal by value in every one of ``tables`` (per-layer values, one table per policy): (first index,
     count) of each distinct layer in order of first appearance, and for each layer the first index of its equals.
 
-    Rows share one object per layer kind, so layers are grouped by identity first (cheap to hash, at C speed)
-    and the groups' representatives then by value: the same result as grouping every layer by value.
+    Rows share one object per layer kind, and a model repeats its blocks back to back, so layers are grouped into
+    runs of the same objects first (at C speed) and the runs' representatives then by value: the same result as
+    grouping every layer by value.
     """
-    keys = list(zip(*(map(id, t) for t in tables)))  # per layer, its objects' identities under every policy
-    first_of_key = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))  # the first index wins
-    per_key = Counter(keys)
+    keys = map(id, tables[0]) if len(tables) == 1 else zip(*(map(id, t) for t in tables))
     head: dict[object, int] = {}  # value → first index of its equals
     counts: Counter[int] = Counter()
-    head_of_key: dict[object, int] = {}
-    for key, i in sorted(first_of_key.items(), key=operator.itemgetter(1)):  # in order of first appearance
+    member: list[int] = []
+    for _, run in itertools.groupby(keys):
+        i, n = len(member), len(list(run))
         first = head.setdefault(tuple(t[i] for t in tables), i)
-        head_of_key[key] = first
-        counts[first] += per_key[key]
-    return tuple((i, counts[i]) for i in sorted(counts)), list(map(head_of_key.__getitem__, keys))
+        counts[first] += n
+        member += [first] * n
+    return tuple((i, counts[i]) for i in sorted(counts)), member
 
 
 def memory_bound(*, dp: int, pp: int, m: int, sums: Sums, formulas: Formulas, activations: bool = True) -> float:
@@ -310,7 +312,7 @@ def group_bound(*, tp: int, sp: bool, mbs: int, pp: int, dp: int, m: int, pipeli
 
 
 def group_rank_floor_s(prices: SettingPrices, *, pp: int, dp: int, m: int, zeros: Sequence[int],
-                       pipelines: Sequence[tuple[Schedule, int]], formulas: Formulas) -> float:
+                       pipelines: tuple[tuple[Schedule, int], ...], formulas: Formulas) -> float:
     """Least pipeline term of ``layout_bound`` with ``ranks`` over a (tp, sp, micro-batch, pp, dp) group's layouts
     (every ZeRO stage in ``zeros`` × (schedule, virtual stages) in ``pipelines``, ``m`` micro-batches).
 
@@ -329,18 +331,25 @@ def group_rank_floor_s(prices: SettingPrices, *, pp: int, dp: int, m: int, zeros
         recv_reserve(pp=pp, virtual_stages=min(v for _, v in pipelines), num_micro_batches=m,
                      widest_boundary=prices.sums.widest_boundary, formulas=formulas)
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
-    in_flight = np.min([np.asarray(in_flight_per_stage(schedule, pp=pp, num_micro_batches=m, virtual_stages=v))
-                        .reshape(v, pp).min(axis=0) for schedule, v in pipelines], axis=0)
-    key = ("ranks", static, tuple(in_flight.tolist()), budget)
+    in_flight = fewest_in_flight(pipelines, pp, m)
+    key = ("ranks", static, in_flight, budget)
     if key not in prices.bottlenecks:
         policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
                     for t in prices.variants.values()]
         prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
-                                                    in_flight=in_flight.tolist(), budget_bytes=budget)
+                                                    in_flight=in_flight, budget_bytes=budget)
     rank_s = prices.bottlenecks[key]
     total = prices.sums.fastest_s
     return min(alpha * max(_even_bottleneck_s(total, pp * v, prices.sums.runs), rank_s / v) + beta * total
                for alpha, beta, v in pipeline_weights(pipelines, m))
+
+
+@functools.lru_cache(maxsize=4096)
+def fewest_in_flight(pipelines: tuple[tuple[Schedule, int], ...], pp: int, m: int) -> tuple[int, ...]:
+    """Per pipeline rank, the fewest micro-batches in flight on any of its chunks under any of ``pipelines``
+    ((schedule, virtual stages) pairs; ``Footprint.k`` of each)."""
+    return tuple(np.min([np.asarray(in_flight_per_stage(schedule, pp=pp, num_micro_batches=m, virtual_stages=v))
+                         .reshape(v, pp).min(axis=0) for schedule, v in pipelines], axis=0).tolist())
 
 
 def recompute_ceiling(sums: Sums) -> Sums:

@@ -255,11 +255,12 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
         group = groups[i]
         setting = group.setting
         if layout is None:
-            if level >= 1 and group.pp > 1 and setting not in state.settings:  # the rank level reads every policy
-                wanted = [LayerSetting(*setting, rc) for rc in space.recompute]
+            tighter = state.tighter_group_bound(group, sums[setting], level, bound)
+            if tighter is None and group.pp > 1 and setting not in state.settings:  # the rank level reads every
+                wanted = [LayerSetting(*setting, rc) for rc in space.recompute]  # policy: price them, then try it
                 prices = yield from _priced(prices, wanted)
                 state.settings[setting] = setting_prices(prices.layers, space.recompute, *setting)
-            tighter = state.tighter_group_bound(group, sums[setting], level, bound)
+                tighter = state.tighter_group_bound(group, sums[setting], max(level, _RANKS_LEVEL - 1), bound)
             if tighter is not None:  # tighten the group's bound before expanding it
                 heapq.heappush(queue, (tighter[0], i, -1, None, tighter[1], None))
                 continue

@@ -146,18 +146,29 @@ def min_sum_dp(times: StageTimes, limit_s: float) -> tuple[float, NDArray[np.int
     first = int(usable[0])  # columns before it are longer ranges with every entry above the limit
     span = width - first
     band = times.tables[:, :, first:]
-    allowed = band if math.isinf(limit_s) else np.where(band <= limit_s, band, np.inf)
+    limited = not math.isinf(limit_s)
     index = times.index
     rows = np.arange(size)
     padded = np.full(span + size, np.inf)
     window = as_strided(padded, shape=(size, span), strides=(padded.strides[0],) * 2)  # window[k, c] = g[k − span + c]
     padded[span] = 0.0
     g = padded[span:]
+    layers = size - 1
     for j in range(num_stages):
-        cand = window + allowed[index[j]]
+        # only ends k that j + 1 stages of 1 … span layers reach and the other S − j − 1 stages can finish from
+        # (+inf elsewhere, as the full column would give: the entries outside are never on a finishing path)
+        lo, hi = max(j + 1, layers - (num_stages - j - 1) * span), min(layers, (j + 1) * span)
+        if lo > hi:  # no split of this many stages covers the layers
+            return math.inf, arg
+        entries = band[index[j], lo:hi + 1]
+        cand = window[lo:hi + 1] + entries
+        if limited:  # ranges slower than the limit are not allowed
+            cand[entries > limit_s] = np.inf
         best = cand.argmin(axis=1)
-        arg[j] = best
-        g[:] = cand[rows, best]
+        arg[j, lo:hi + 1] = best
+        reached = cand[rows[:hi + 1 - lo], best]
+        g[:] = np.inf
+        g[lo:hi + 1] = reached
     arg += (rows - span)[None, :]
     return float(g[-1]), arg
 

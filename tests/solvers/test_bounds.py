@@ -46,6 +46,48 @@ def test_bound_is_below_the_best_integer_split(seed):
     assert bound <= exact * (1 + 1e-12)
 
 
+def _rank_capacity(time_s, static, policies, k, budget):
+    """Most blocks (fractional) one rank holds within ``time_s``: the best mix of two policies p, q, at the λ where
+    its memory and time limits cross (each limit is monotone in λ), or at an end."""
+    best = 0.0
+    for (a_p, t_p), (a_q, t_q) in itertools.product(policies, repeat=2):
+        def held(lam):
+            nbytes, secs = static + k * (a_p + lam * (a_q - a_p)), t_p + lam * (t_q - t_p)
+            return min(budget / nbytes if nbytes > 0 else math.inf, time_s / secs if secs > 0 else math.inf)
+        ends = [0.0, 1.0]
+        denom = budget * (t_q - t_p) - time_s * k * (a_q - a_p)
+        if denom:
+            ends.append(min(1.0, max(0.0, (time_s * (static + k * a_p) - budget * t_p) / denom)))
+        best = max(best, *(held(lam) for lam in ends))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_rank_bound_is_the_least_time_its_relaxation_allows(seed):
+    """Equal to the least time at which the ranks' capacities (best mixes of two policies, computed here by brute
+    force over every pair) sum to the count, found by bisection: never above it, within 1e-8 below it."""
+    rng = random.Random(seed)
+    policies = [(0.0 if rng.random() < 0.1 else rng.uniform(0.0, 5.0), rng.uniform(0.1, 3.0))
+                for _ in range(rng.randint(1, 4))]
+    in_flight = [rng.randint(1, 40) for _ in range(rng.randint(1, 24))]
+    count, static, budget = rng.randint(1, 300), rng.choice([0.0, rng.uniform(0.0, 3.0)]), rng.uniform(1.0, 400.0)
+    got = rank_bottleneck_s(count=count, static_bytes=static, policies=policies, in_flight=in_flight,
+                            budget_bytes=budget)
+
+    def total(time_s):
+        return sum(_rank_capacity(time_s, static, policies, k, budget) for k in in_flight)
+
+    high = count * max(t for _, t in policies)  # the slowest policy's blocks one after another on one rank
+    if total(high) < count:  # at that time memory binds every rank whatever the time: no split fits
+        assert got == math.inf
+        return
+    low = 0.0
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (low, mid) if total(mid) >= count else (mid, high)
+    assert got <= high * (1 + 1e-12) and got == pytest.approx(high, rel=1e-8)
+
+
 def test_memory_moves_layers_to_the_ranks_with_fewer_micro_batches():
     # 4 layers of 1 byte each; rank 0 holds 2 micro-batches (1.5 layers fit in 3 bytes), rank 1 holds one
     assert rank_bottleneck_s(count=4, static_bytes=0.0, policies=[(1.0, 1.0)], in_flight=[2, 1],

@@ -54,14 +54,17 @@ def test_branch_and_bound_matches_exhaustive(kw):
     assert result.candidates_priced <= sum(1 for _ in _groups(space, pricing.prices(space).layers)) * 12
 
 
-@pytest.mark.parametrize(("kw", "overlap"), [(dict(inter_bw=1e9, blocks=12, mem=8e9), True),
-                                             (dict(hidden=4096, mem=40e9), False)])
-def test_every_layout_bound_is_below_its_price(kw, overlap):
+@pytest.mark.parametrize(("kw", "overlap", "memory_bound"), [(dict(inter_bw=1e9, blocks=12, mem=8e9), True, False),
+                                                             (dict(hidden=4096, mem=40e9), False, False),
+                                                             (dict(hidden=2048, mem=6e9, blocks=24), True, True)])
+def test_every_layout_bound_is_below_its_price(kw, overlap, memory_bound):
     """Each bound the search prunes with, at every level, is at most the layout's evaluated step (when it fits):
-    the data-parallel floor (convex over pipeline ranks) and FSDP's copies included. So are the bounds its
-    group is visited by (every GPU busy; + bubble and optimizer step; + the data-parallel floor, read off the
-    ``NONE`` prices alone with the compute raised to ``recompute_ceiling``), for every layout of the group."""
+    the data-parallel floor (convex over pipeline ranks) and FSDP's copies included, and the chunk bound where
+    the time-optimal partition does not fit. So are the bounds its group is visited by (every GPU busy; + bubble
+    and optimizer step; + the data-parallel floor, read off the ``NONE`` prices alone with the compute raised to
+    ``recompute_ceiling``; + the ranks kept apart), for every layout of the group."""
     from autopar.solvers.bounds import footprint, layout_bound
+    from autopar.solvers.evaluate import fastest_partition_fits
     from autopar.solvers.search import _bound_sums, _State
 
     pricing = SyntheticPricing(**kw)
@@ -71,27 +74,36 @@ def test_every_layout_bound_is_below_its_price(kw, overlap):
     sums = _bound_sums(space, table.layers)
     state = _State(space=space, formulas=formulas, groups=[], top_k=1, overlap=overlap,
                    num_layers=table.layers.num_layers)
-    checked = tighter = 0
+    checked = tighter = ranked = chunked = 0
     for group in _groups(space, table.layers):
         setting = group.setting
         prices = setting_prices(table.layers, space.recompute, *setting)
+        state.settings[setting] = prices
         levels = (group.time_bound_s, state.group_bound(group, sums[setting], dp_floor=False),
-                  state.group_bound(group, sums[setting], dp_floor=True))
-        assert levels[0] <= levels[1] * (1 + 1e-12) and levels[1] <= levels[2] * (1 + 1e-12)
+                  state.group_bound(group, sums[setting], dp_floor=True),
+                  state.group_bound(group, sums[setting], dp_floor=True, ranks=True))
+        assert all(low <= high * (1 + 1e-12) for low, high in zip(levels, levels[1:])), levels
         tighter += levels[2] > levels[1] * 1.01
+        ranked += levels[3] > levels[2] * 1.01
         for layout in _layouts(group, space, len(prices.fastest)):
             ev = evaluate_layout(layout, prices.variants, formulas, gpus_per_node=space.gpus_per_node,
                                  overlap_grad_reduce=overlap)
             if not ev.fits:
                 continue
-            assert levels[2] <= ev.step_time_s * (1 + 1e-9), (layout.describe(), levels, ev.step_time_s)
+            assert levels[3] <= ev.step_time_s * (1 + 1e-9), (layout.describe(), levels, ev.step_time_s)
             foot = footprint(layout, prices.sums, formulas)
-            for level in (dict(), dict(ranks=True)):
+            kinds = [dict(), dict(ranks=True)]
+            if not fastest_partition_fits(layout, prices.variants, formulas, gpus_per_node=space.gpus_per_node,
+                                          partition_cache={}, costs_key=prices.key):
+                kinds += [dict(chunks=True), dict(ranks=True, chunks=True)]
+                chunked += 1
+            for level in kinds:
                 bound = layout_bound(layout, prices, formulas, foot, overlap=overlap,
                                      gpus_per_node=space.gpus_per_node, **level)
                 assert bound <= ev.step_time_s * (1 + 1e-9), (layout.describe(), level, bound, ev.step_time_s)
             checked += layout.dp > 1
-    assert checked > 20 and tighter > 10  # data-parallel layouts and groups, where the floor is not zero
+    # data-parallel layouts and groups, where the floor is not zero; groups whose ranks memory holds back
+    assert checked > 20 and tighter > 10 and (ranked > 0) == memory_bound, (checked, tighter, ranked, chunked)
 
 
 def test_top_k_is_sorted_and_distinct():
