@@ -130,23 +130,24 @@ def gpus_curve() -> None:
     print(f"  largest / smallest: {max(times) / min(times):.2f}×")
 
 
-def depth_curve(repeats: int = 3) -> None:
-    print("planning time over identical layers (GPT, h = 5120, on 64 × H100, global batch 512; "
-          f"the least of {repeats} runs each, after one run to warm up):", flush=True)
+def depth_curve(repeats: int = 5) -> None:
+    print("planning time over identical layers (GPT, h = 5120, on 64 × H100, global batch 512; the least of "
+          f"{repeats} runs each, the sizes taking turns, after one run to warm up):", flush=True)
     cluster = autopar.Cluster.preset("dgx-h100", nodes=8)
     graphs = {layers: _capture(lambda: gpt(GPTConfig(n_layer=layers, n_embd=5120, n_head=40, block_size=2048)))[0]
               for layers in (32, 64, 128, 192, 256, 320)}
     _plan(graphs[32], cluster, 512)  # the first plan in a process also pays for lazy imports and first calls
-    times, cpu = [], []
-    for layers, graph in graphs.items():
-        runs = []
-        for _ in range(repeats):
+    runs: dict[int, list[tuple[float, float]]] = {layers: [] for layers in graphs}
+    outcomes = {}
+    for _ in range(repeats):  # in turns, so a machine that slows down or speeds up weighs on every size alike
+        for layers, graph in graphs.items():
             used = _cpu_s()
-            outcome, planned = _plan(graph, cluster, 512)
-            runs.append((planned, _cpu_s() - used))  # CPU time is less sensitive to other work on a shared machine
-        times.append(min(wall for wall, _ in runs))
-        cpu.append(min(c for _, c in runs))
-        print(f"  {layers:>4} layers  {times[-1]:6.2f} s ({cpu[-1]:5.2f} s CPU)  {outcome}", flush=True)
+            outcomes[layers], planned = _plan(graph, cluster, 512)
+            runs[layers].append((planned, _cpu_s() - used))  # CPU time: less sensitive to other work on the machine
+    times = [min(wall for wall, _ in r) for r in runs.values()]
+    cpu = [min(c for _, c in r) for r in runs.values()]
+    for layers, wall, c in zip(graphs, times, cpu):
+        print(f"  {layers:>4} layers  {wall:6.2f} s ({c:5.2f} s CPU)  {outcomes[layers]}", flush=True)
     print(f"  320 layers / 32 layers: {times[-1] / times[0]:.2f}× ({cpu[-1] / cpu[0]:.2f}× in CPU time) "
           f"(target at most 1.5×)")
 

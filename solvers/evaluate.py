@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -92,21 +93,24 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas,
     them plus its backward working bytes (once per rank: the loss's on the last layer); under a pipeline a
     layer's activations include the output a stage ending there keeps per in-flight micro-batch (the logits)."""
     pipelined = layout.pp > 1
-    # layers of a kind share one LayerCost (``LayerCostTable``): each is priced once, however deep the model
-    distinct: dict[int, tuple[float, float, float]] = {}
-    for c in costs:
-        if id(c) in distinct:
-            continue
+    # layers of a kind share one LayerCost (``LayerCostTable``): each is priced once, however deep the model, and
+    # the per-layer tuples are read off by identity at C speed
+    ids = list(map(id, costs))
+    static, acts, send = {}, {}, {}
+    for key, c in dict(zip(ids, costs)).items():
         states = sum(formulas.model_state_bytes(c.param_count, zero_stage=layout.zero_stage, dp=layout.dp,
                                                 num_micro_batches=layout.num_micro_batches, pipelined=pipelined))
         held = formulas.held_output_bytes(c.output_bytes) if pipelined else 0.0
         # without a pipeline nothing is sent (and a 1-GPU cluster has no pair)
-        send = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
-                                        nodes_spanned=p2p_nodes) if pipelined else 0.0
-        distinct[id(c)] = (states + c.working_bytes, c.activation_bytes + held, send)
-    static, acts, send = zip(*(distinct[id(c)] for c in costs))
-    return StageCosts(forward_s=tuple(c.forward_s for c in costs), backward_s=tuple(c.backward_s for c in costs),
-                      static_mem_bytes=static, activation_bytes=acts, boundary_send_s=send)
+        send[key] = formulas.collective_time(Collective.SEND_RECV, c.boundary_bytes, group_size=2,
+                                             nodes_spanned=p2p_nodes) if pipelined else 0.0
+        static[key], acts[key] = states + c.working_bytes, c.activation_bytes + held
+    return StageCosts(forward_s=tuple(map(_FORWARD, costs)), backward_s=tuple(map(_BACKWARD, costs)),
+                      static_mem_bytes=tuple(map(static.__getitem__, ids)),
+                      activation_bytes=tuple(map(acts.__getitem__, ids)), boundary_send_s=tuple(map(send.__getitem__, ids)))
+
+
+_FORWARD, _BACKWARD = operator.attrgetter("forward_s"), operator.attrgetter("backward_s")
 
 
 def _largest_unit(params: Sequence[float]) -> float:

@@ -83,8 +83,8 @@ class StageCosts:
             values = getattr(self, name)
             if len(values) != n:
                 raise ValueError(f"StageCosts.{name} has {len(values)} entries, forward_s has {n}")
-            array = np.asarray(values, dtype=np.float64)
-            if not bool(np.all(np.isfinite(array) & (array >= 0))):
+            # a NaN or an infinity makes the sum so; with neither, min is exact (plain Python: called per layout)
+            if not (math.isfinite(sum(values)) and min(values, default=0.0) >= 0):
                 bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
                 raise ValueError(f"StageCosts.{name} must be finite and >= 0, got {bad[:3]}")
         if n == 0:
