@@ -211,18 +211,30 @@ def chunk_bottleneck_s(*, count: int, static_bytes: float, policies: Sequence[tu
     candidates = np.unique((offsets[:, None] + steps[None, :]).ravel())
     candidates = candidates[candidates >= floor_s]  # sorted
 
-    def held(c: float) -> float:  # layers the stages hold within c seconds: grows with c
+    def held(times: np.ndarray) -> np.ndarray:  # layers the stages hold within each time: grows with it
         with np.errstate(divide="ignore", invalid="ignore"):
-            by_time = np.floor((c - extra_s)[:, None] / secs[None, :] * (1 + _ROUNDING))  # (S, P)
-        return float(np.fmax.reduce(np.minimum(by_memory, by_time), axis=1, initial=0.0).sum())  # NaN: 0
+            by_time = np.floor((times[:, None] - extra_s[None, :])[:, :, None] / secs * (1 + _ROUNDING))  # (C, S, P)
+        fitting = np.minimum(by_memory, by_time)
+        most = np.zeros(fitting.shape[:2])
+        for policy in range(fitting.shape[2]):  # the best policy per stage (fmax skips NaN, and 0 floors it)
+            np.fmax(most, fitting[:, :, policy], out=most)
+        return most.sum(axis=1)
 
-    if held(candidates[-1]) < count:
-        return math.inf
-    lo, hi = 0, len(candidates) - 1  # the first feasible candidate is in [lo, hi]; hi is feasible
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if held(candidates[mid]) >= count else (mid + 1, hi)
+    # the first feasible candidate, a few at once: every candidate before lo is infeasible, hi is feasible
+    lo, hi, first_round = 0, len(candidates) - 1, True
+    while lo < hi or first_round:
+        picks = np.unique(np.linspace(lo, hi, min(hi - lo + 1, _CANDIDATES_AT_ONCE)).round().astype(np.intp))
+        feasible = held(candidates[picks]) >= count
+        if first_round and not feasible[-1]:
+            return math.inf
+        first_round = False
+        first = int(np.argmax(feasible))
+        lo, hi = (lo, lo) if first == 0 else (int(picks[first - 1]) + 1, int(picks[first]))
     return float(candidates[hi]) * (1 - _ROUNDING)
+
+
+_CANDIDATES_AT_ONCE = 16
+"""Candidates ``chunk_bottleneck_s`` tests per round (an array of candidates × stages × policies)."""
 
 
 __all__ = ["chunk_bottleneck_s", "least_bottleneck_s", "rank_bottleneck_s", "runs_of"]
