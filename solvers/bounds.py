@@ -54,7 +54,8 @@ class SettingPrices(NamedTuple):
     """Per layer, the least forward + backward over the policies."""
     bottlenecks: dict[object, float]
     """Memo of the bottleneck bounds, filled as layouts ask: ``least_bottleneck_s(least_s, S)`` by the number of
-    stages S (and ``runs_of(least_s)`` by "runs"), ``rank_bottleneck_s`` of the most repeated layer by (states, in-flight counts, budget)."""
+    stages S (and ``runs_of(least_s)`` by "runs"), ``rank_bottleneck_s`` of the most repeated layer by (states,
+    in-flight counts, budget), ``chunk_bottleneck_s`` by those and the pinned layers."""
 
 
 class Sums(NamedTuple):
@@ -216,8 +217,9 @@ def footprint(layout: Layout, sums: Sums, formulas: Formulas) -> Footprint:
     states = _state_bytes(sums.leanest_params, layout, formulas)
     fixed = formulas.buffer_bytes(largest_layer_params=sums.largest_params, zero_stage=layout.zero_stage,
                                   dp=layout.dp, pipelined=layout.pp > 1)  # as evaluate_layout: never above it
-    fixed += recv_reserve(pp=layout.pp, virtual_stages=layout.virtual_stages, num_micro_batches=layout.num_micro_batches,
-                          widest_boundary=sums.widest_boundary, formulas=formulas)  # as the stage DP's budget does
+    fixed += recv_reserve(pp=layout.pp, virtual_stages=layout.virtual_stages,  # as the stage DP's budget does
+                          num_micro_batches=layout.num_micro_batches, widest_boundary=sums.widest_boundary,
+                          formulas=formulas)
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=layout.virtual_stages)
     # chunk j runs on rank j mod pp: row c of the (v, pp) reshape holds the ranks' c-th chunks

@@ -107,7 +107,8 @@ def _stage_costs(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas,
         static[key], acts[key] = states + c.working_bytes, c.activation_bytes + held
     return StageCosts(forward_s=tuple(map(_FORWARD, costs)), backward_s=tuple(map(_BACKWARD, costs)),
                       static_mem_bytes=tuple(map(static.__getitem__, ids)),
-                      activation_bytes=tuple(map(acts.__getitem__, ids)), boundary_send_s=tuple(map(send.__getitem__, ids)))
+                      activation_bytes=tuple(map(acts.__getitem__, ids)),
+                      boundary_send_s=tuple(map(send.__getitem__, ids)))
 
 
 _FORWARD, _BACKWARD = operator.attrgetter("forward_s"), operator.attrgetter("backward_s")

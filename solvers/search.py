@@ -4,7 +4,8 @@ Order of work (cheapest test first):
 1. groups (tp, sp, micro-batch) × pp × dp get a *lower bound* on step time — every GPU
    busy, no bubble, no data-parallel communication — tightened when the search reaches
    them (``bounds.group_bound``: the least bubble over the allowed schedules and the least
-   optimizer step, then the least data-parallel floor over the allowed ZeRO stages) — and a
+   optimizer step, then the least data-parallel floor over the allowed ZeRO stages, then, under
+   a pipeline, the least bottleneck memory allows with ranks kept apart: ``group_rank_floor_s``) — and a
    lower bound on memory (ZeRO-3 states, one micro-batch in flight). Groups whose memory
    bound exceeds the GPU are dropped; the rest are visited in order of their time bound, and
    the search stops once a bound is no better than the k-th best plan found (branch and bound);
@@ -17,8 +18,9 @@ Order of work (cheapest test first):
 The search reads prices and never calls back (``solvers.costs``): ``search_steps`` is a generator
 that yields the layer settings it is about to read and receives, in return, a ``PriceTable`` that
 holds them (a new value each time). It asks first for the one policy per (tp, sp, micro-batch) that
-the group bounds read, then, when it reaches a group of a setting it has not read yet, for that
-setting's other policies, so the cost models price only the settings that survive the bounds.
+the group bounds read, then, when a group of a setting it has not read yet reaches the rank level or
+is expanded, for that setting's other policies, so the cost models price only the settings that survive
+the bounds.
 ``search`` runs it on a table that already holds every setting it asks for.
 """
 
@@ -244,7 +246,8 @@ def search_steps(space: SearchSpace, prices: PriceTable, *, top_k: int = 1, over
     # best first: groups by their bound, then each layout of an expanded group by its own (tighter) bound;
     # (bound, group rank, layout rank): ties go to the order of enumeration
     # a group's level 0: every GPU busy; 1: with the bubble and the optimizer step; 2: with the data-parallel floor
-    # (tightened only once top_k plans are found: before, nothing is pruned);
+    # (tightened only once top_k plans are found: before, nothing is pruned); 3: with ranks kept apart (under a
+    # pipeline, once the setting's policies are priced); a level that does not tighten is skipped;
     # a layout's level 0: a bound with no memory terms; 1: with the forced recomputation; 2: with ranks kept
     # apart; 3: with chunks held to 1/v of a rank's budget (when the time-optimal partition does not fit)
     queue: list[tuple[float, int, int, Layout | None, int, Footprint | None]] = []
@@ -389,16 +392,15 @@ class _State:
         if level <= 2:
             # when memory decides the partition, each chunk runs one policy within 1/v of its rank's budget;
             # that bound holds only if the time-optimal partition does not fit (the costlier test, second).
-            # Before top_k plans are found only its verdict counts: inf, no partition fits (evaluated last)
-            full = True
+            # inf: no partition fits, so the layout is priced only if nothing fits, to say what is needed
             chunk_bound = self.bound(layout, prices, foot, ranks=level == 2, chunks=True)
-            if (chunk_bound > bound if full else chunk_bound == math.inf) and not fastest_partition_fits(
+            if chunk_bound > bound and not fastest_partition_fits(
                     layout, prices.variants, formulas, gpus_per_node=self.space.gpus_per_node,
                     partition_cache=self.partitions, costs_key=prices.key):
-                if full:
-                    heapq.heappush(queue, (chunk_bound, i, j, layout, 3, foot))
-                else:
+                if chunk_bound == math.inf:
                     self.unfit.append((i, j, layout))
+                else:
+                    heapq.heappush(queue, (chunk_bound, i, j, layout, 3, foot))
                 return
         self.price(i, j, layout)
 

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,17 +275,47 @@ def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None,
     """
     if ranks < 2:
         raise ValueError(f"a local cluster needs at least 2 ranks, got {ranks}")
-    import torch.multiprocessing as mp
-
     from autopar.cost_models.profiling import local_worker
 
-    queue = mp.get_context("spawn").SimpleQueue()
     port = local_worker.free_port()
-    mp.start_processes(local_worker.run_rank, args=(ranks, port, tuple(message_bytes), repeats, queue, graph,
-                                                     dict(batch_graphs or {})),
-                       nprocs=ranks, join=True, start_method="spawn")
-    results = [queue.get() for _ in range(ranks)]
+    results = run_and_gather(local_worker.run_rank, (ranks, port, tuple(message_bytes), repeats),
+                             (graph, dict(batch_graphs or {})), ranks)
     return _combine(results, ranks)
+
+
+def run_and_gather(worker: Callable[..., None], head: tuple[Any, ...], tail: tuple[Any, ...],
+                   ranks: int) -> list[Any]:
+    """Run ``worker(rank, *head, queue, *tail)`` in ``ranks`` spawned processes and return what each puts on
+    ``queue``, read while they run.
+
+    A result larger than a pipe's buffer (a rank's op table) blocks its ``put`` until someone reads it: waiting
+    for the processes to end before reading would wait forever (it did, for Llama on 4 ranks). A rank that fails
+    raises here (torch's ``ProcessRaisedException`` or ``ProcessExitedException``).
+    """
+    import queue as queue_module
+
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").Queue()
+    context = mp.start_processes(worker, args=(*head, queue, *tail), nprocs=ranks, join=False, start_method="spawn")
+    results: list[Any] = []
+    done = False
+    while len(results) < ranks:
+        try:
+            results.append(queue.get(timeout=_POLL_S))
+        except queue_module.Empty:
+            if done:
+                break  # every process has ended, and what they put has been read
+            done = context.join(timeout=0)  # raises if a rank failed; True once all have ended
+    while not done:
+        done = context.join()
+    if len(results) < ranks:
+        raise RuntimeError(f"{ranks - len(results)} of {ranks} ranks ended without a result")
+    return results
+
+
+_POLL_S = 0.5
+"""How long ``run_and_gather`` waits for a result before checking whether a rank has failed."""
 
 
 def core_share(ranks: int, cores: int | None = None) -> float:

@@ -109,3 +109,32 @@ def test_ranks_beyond_the_cores_are_priced_at_their_share_of_a_core() -> None:
     assert shared.calibration.batch_entries["k"][2.0] == pytest.approx((8e-4, 2e-3))
     assert shared.collectives == alone.collectives  # measured as the step pays them (mean of back-to-back calls)
     assert "share of a core a rank sustains (0.50)" in cluster_yaml(shared, name="x")
+
+
+def _put_a_large_result(rank: int, nbytes: int, queue, tag: str) -> None:  # type: ignore[no-untyped-def]
+    queue.put({"rank": rank, "payload": bytes(nbytes), "tag": tag})
+
+
+def _fail_on_rank_1(rank: int, queue) -> None:  # type: ignore[no-untyped-def]
+    if rank == 1:
+        raise RuntimeError("rank 1 broke")
+    queue.put(rank)
+
+
+def test_results_larger_than_a_pipe_are_read_while_the_ranks_run() -> None:
+    """Each rank puts 4 MB (a pipe holds 64 KB): reading only after the processes end would wait forever, as
+    ``autopar profile --ranks 4`` did on Llama's op tables."""
+    from autopar.cost_models.profiling.local_cluster import run_and_gather
+
+    results = run_and_gather(_put_a_large_result, (4 * 2**20,), ("t",), 3)
+    assert sorted(r["rank"] for r in results) == [0, 1, 2]
+    assert all(len(r["payload"]) == 4 * 2**20 and r["tag"] == "t" for r in results)
+
+
+def test_a_failing_rank_raises_instead_of_hanging() -> None:
+    from torch.multiprocessing import ProcessRaisedException
+
+    from autopar.cost_models.profiling.local_cluster import run_and_gather
+
+    with pytest.raises(ProcessRaisedException, match="rank 1 broke"):
+        run_and_gather(_fail_on_rank_1, (), (), 2)
