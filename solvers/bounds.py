@@ -20,7 +20,7 @@ import math
 import operator
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class SettingPrices(NamedTuple):
     """Whole-model totals the bounds read (summed once per setting, not once per layout)."""
     least_s: tuple[float, ...]
     """Per layer, the least forward + backward over the policies."""
-    bottlenecks: dict[object, float]
+    bottlenecks: dict[object, Any]
     """Memo of the bottleneck bounds, filled as layouts ask: ``least_bottleneck_s(least_s, S)`` by the number of
     stages S (and ``runs_of(least_s)`` by "runs"), ``rank_bottleneck_s`` of the most repeated layer by (states,
     in-flight counts, budget), ``chunk_bottleneck_s`` by those and the pinned layers."""
