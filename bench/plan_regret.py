@@ -53,7 +53,7 @@ import regret_worker  # noqa: E402
 import autopar  # noqa: E402
 from autopar.cost_models.memory import ALLOCATOR_HEADROOM, RUNTIME_RESERVED_BYTES  # noqa: E402
 from autopar.cost_models.profiling.fidelity import regret, relative_error, spearman  # noqa: E402
-from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster  # noqa: E402
+from autopar.cost_models.profiling.local_cluster import cluster_yaml, measure_local_cluster, run_and_gather  # noqa: E402
 from autopar.cost_models.profiling.local_worker import free_port  # noqa: E402
 
 log = logging.getLogger("plan_regret")
@@ -117,21 +117,17 @@ def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
                memory_only: bool = False, passes: int = 2) -> dict[str, dict[str, Any]]:
     """Run ``plans`` (each on ``world`` ranks) as ``ranks // world`` independent jobs at once, so every one of
     the cluster's ``ranks`` processes is busy, as when its compute was measured; the first job reports."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     texts = [p.to_json(indent=None) for p in plans]
     if not memory_only and passes > 1:  # a second pass, in reverse: a slow spell of the machine hits one pass
         texts += texts[::-1]
     ports: list[int] = []
     while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
         ports += [port for port in [free_port()] if port not in ports]
-    mp.start_processes(regret_worker.run_job_rank, args=(world, ports, spec, texts, queue, memory_only), nprocs=world * len(ports),
-                       join=True, start_method="spawn")
+    # read while the jobs run: a long run of results would otherwise fill the queue's pipe and block both sides
+    reported = run_and_gather(regret_worker.run_job_rank, (world, ports, spec, texts), (memory_only,),
+                              world * len(ports))
     out: dict[str, dict[str, Any]] = {}
-    while not queue.empty():
-        r = queue.get()
+    for r in reported:
         seen = out.setdefault(r.pop("layout"), r)
         if seen is not r and "samples" in r and "samples" in seen:
             seen["samples"] = seen["samples"] + r["samples"]

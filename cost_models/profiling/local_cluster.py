@@ -280,38 +280,35 @@ def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None,
     port = local_worker.free_port()
     results = run_and_gather(local_worker.run_rank, (ranks, port, tuple(message_bytes), repeats),
                              (graph, dict(batch_graphs or {})), ranks)
+    if len(results) != ranks:
+        raise RuntimeError(f"{ranks - len(results)} of {ranks} ranks ended without a result")
     return _combine(results, ranks)
 
 
 def run_and_gather(worker: Callable[..., None], head: tuple[Any, ...], tail: tuple[Any, ...],
-                   ranks: int) -> list[Any]:
-    """Run ``worker(rank, *head, queue, *tail)`` in ``ranks`` spawned processes and return what each puts on
+                   nprocs: int) -> list[Any]:
+    """Run ``worker(rank, *head, queue, *tail)`` in ``nprocs`` spawned processes and return everything they put on
     ``queue``, read while they run.
 
-    A result larger than a pipe's buffer (a rank's op table) blocks its ``put`` until someone reads it: waiting
-    for the processes to end before reading would wait forever (it did, for Llama on 4 ranks). A rank that fails
-    raises here (torch's ``ProcessRaisedException`` or ``ProcessExitedException``).
+    A result larger than a pipe's buffer (a rank's op table, a long run of timings) blocks its ``put`` until
+    someone reads it: waiting for the processes to end before reading would wait forever (it did, for Llama on 4
+    ranks). A process that fails raises here (torch's ``ProcessRaisedException`` or ``ProcessExitedException``).
     """
     import queue as queue_module
 
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").Queue()
-    context = mp.start_processes(worker, args=(*head, queue, *tail), nprocs=ranks, join=False, start_method="spawn")
+    context = mp.start_processes(worker, args=(*head, queue, *tail), nprocs=nprocs, join=False, start_method="spawn")
     results: list[Any] = []
     done = False
-    while len(results) < ranks:
+    while True:
         try:
             results.append(queue.get(timeout=_POLL_S))
         except queue_module.Empty:
             if done:
-                break  # every process has ended, and what they put has been read
-            done = context.join(timeout=0)  # raises if a rank failed; True once all have ended
-    while not done:
-        done = context.join()
-    if len(results) < ranks:
-        raise RuntimeError(f"{ranks - len(results)} of {ranks} ranks ended without a result")
-    return results
+                return results  # every process has ended, and what they put has been read
+            done = context.join(timeout=0)  # raises if a process failed; True once all have ended
 
 
 _POLL_S = 0.5
