@@ -325,22 +325,15 @@ def group_rank_floor_s(prices: SettingPrices, *, pp: int, dp: int, m: int, zeros
     """
     if pp == 1 or not pipelines:
         return -math.inf  # ``layout_bound`` keeps ranks apart only under a pipeline
-    index, count = max(prices.repeats, key=lambda ic: ic[1])
+    index, _, _ = _repeated_layer(prices)
     static = min(sum(formulas.model_state_bytes(prices.fastest[index].param_count, zero_stage=z, dp=dp,
                                                 num_micro_batches=m, pipelined=True)) for z in zeros)
     fixed = min(formulas.buffer_bytes(largest_layer_params=prices.sums.largest_params, zero_stage=z, dp=dp,
                                       pipelined=True) for z in zeros) + \
         recv_reserve(pp=pp, virtual_stages=min(v for _, v in pipelines), num_micro_batches=m,
                      widest_boundary=prices.sums.widest_boundary, formulas=formulas)
-    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed)
-    in_flight = fewest_in_flight(pipelines, pp, m)
-    key = ("ranks", static, in_flight, budget)
-    if key not in prices.bottlenecks:
-        policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
-                    for t in prices.variants.values()]
-        prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
-                                                    in_flight=in_flight, budget_bytes=budget)
-    rank_s = prices.bottlenecks[key]
+    rank_s = _memo_rank_bottleneck_s(prices, static_bytes=static, in_flight=fewest_in_flight(pipelines, pp, m),
+                                     budget_bytes=tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=fixed))
     total = prices.sums.fastest_s
     return min(alpha * max(_even_bottleneck_s(total, pp * v, prices.sums.runs), rank_s / v) + beta * total
                for alpha, beta, v in pipeline_weights(pipelines, m))
@@ -393,26 +386,34 @@ def _dp_floor_s(layout: Layout, sums: Sums, formulas: Formulas, overlap: bool, g
     return sum(formulas.fsdp_copy_time(share, gathers_per_step=gathers))
 
 
-def _repeated_block(layout: Layout, prices: SettingPrices,
-                    formulas: Formulas) -> tuple[int, float, list[tuple[float, float]]]:
-    """The most repeated layer (equal under every policy): its count, model-state bytes per GPU under ``layout``
-    and (activation bytes, forward + backward seconds) per policy: what the bottleneck solvers take."""
+def _repeated_layer(prices: SettingPrices) -> tuple[int, int, list[tuple[float, float]]]:
+    """The most repeated layer (equal under every policy): its first index, its count and (activation bytes,
+    forward + backward seconds) per policy: what the bottleneck solvers take."""
     index, count = max(prices.repeats, key=lambda ic: ic[1])
     policies = [(t[index].activation_bytes, t[index].forward_s + t[index].backward_s)
                 for t in prices.variants.values()]
-    return count, _state_bytes(prices.fastest[index].param_count, layout, formulas), policies
+    return index, count, policies
+
+
+def _memo_rank_bottleneck_s(prices: SettingPrices, *, static_bytes: float, in_flight: Sequence[int],
+                            budget_bytes: float) -> float:
+    """``rank_bottleneck_s`` of the most repeated layer with these states per block, in-flight counts and budget,
+    memoised in ``prices.bottlenecks`` (layouts and groups of a setting share it when those agree)."""
+    key = ("ranks", static_bytes, tuple(in_flight), budget_bytes)
+    if key not in prices.bottlenecks:
+        _, count, policies = _repeated_layer(prices)
+        prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static_bytes, policies=policies,
+                                                    in_flight=in_flight, budget_bytes=budget_bytes)
+    return prices.bottlenecks[key]
 
 
 def _rank_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
-    """``rank_bottleneck_s`` for the most repeated layer (equal under every policy) of the layout (memoised:
-    layouts of a setting share it when their states per block, in-flight counts and budget agree)."""
-    count, static, policies = _repeated_block(layout, prices, formulas)
-    budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed)
-    key = ("ranks", static, tuple(foot.k), budget)
-    if key not in prices.bottlenecks:
-        prices.bottlenecks[key] = rank_bottleneck_s(count=count, static_bytes=static, policies=policies,
-                                                    in_flight=foot.k, budget_bytes=budget)
-    return prices.bottlenecks[key]
+    """``rank_bottleneck_s`` for the most repeated layer of the layout (``_memo_rank_bottleneck_s``)."""
+    index, _, _ = _repeated_layer(prices)
+    return _memo_rank_bottleneck_s(prices, static_bytes=_state_bytes(prices.fastest[index].param_count, layout,
+                                                                     formulas),
+                                   in_flight=foot.k, budget_bytes=tensor_budget_bytes(formulas.gpu_mem_bytes,
+                                                                                      fixed_bytes=foot.fixed))
 
 
 def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formulas, foot: Footprint) -> float:
@@ -423,12 +424,12 @@ def _chunk_bottleneck_s(layout: Layout, prices: SettingPrices, formulas: Formula
     unless they are repeated layers, they are pinned there, at their least time and their states plus their
     least activations.
     """
-    count, static, policies = _repeated_block(layout, prices, formulas)
+    index, count, policies = _repeated_layer(prices)
+    static = _state_bytes(prices.fastest[index].param_count, layout, formulas)
     v = layout.virtual_stages
     in_flight = in_flight_per_stage(layout.schedule, pp=layout.pp, num_micro_batches=layout.num_micro_batches,
                                     virtual_stages=v)
     budget = tensor_budget_bytes(formulas.gpu_mem_bytes, fixed_bytes=foot.fixed) / v
-    index = max(prices.repeats, key=lambda ic: ic[1])[0]
     tables = list(prices.variants.values())
     pinned = [[0.0, 0.0] for _ in in_flight]
     for layer, stage in ((0, 0), (len(prices.fastest) - 1, len(in_flight) - 1)):
