@@ -275,13 +275,46 @@ def estimate_exposed_dp_comm(*, zero_stage: int, num_micro_batches: int, grad_re
     return CommBreakdown(dp_reduce_scatter_s=reduce, dp_all_gather_s=exposed + copy_out_s)
 
 
-def fsdp_edge_params(unit_params: Sequence[float], is_block: Sequence[bool]) -> float:
-    """Parameters of the FSDP units a rank's forward gathers first and its backward reduces last.
+def fsdp_units(unit_params: Sequence[float], is_block: Sequence[bool]) -> tuple[float, ...]:
+    """Parameters of each FSDP unit of one stage module, the stage root first: the unit each collective moves.
 
-    ``emit/dp.py`` makes each repeated block an FSDP unit and the stage root (embedding, final norm,
-    head: every other layer) one more. The forward waits for the root's all-gather and then the first
-    block's (the embedding between them is too short to hide it), and the backward ends with the first
-    block's reduce-scatter and then the root's, after the last kernel: root + first block, both ways.
+    ``emit/dp.py`` makes each repeated block an FSDP unit and the stage root (embedding, final norm, head:
+    every other layer) one more, and FSDP2 gathers and reduces each unit with collectives of its own, so
+    every unit pays a collective's fixed cost. Units without parameters issue none and are left out.
+
+    Example:
+        >>> fsdp_units([5.0, 2.0, 2.0, 2.0, 6.0], [False, True, True, True, False])
+        (11.0, 2.0, 2.0, 2.0)
+        >>> fsdp_units([2.0, 0.0], [True, False])  # a middle pipeline stage without root parameters
+        (2.0,)
+    """
+    if len(unit_params) != len(is_block):
+        raise ValueError(f"{len(unit_params)} layers but {len(is_block)} block flags")
+    root = math.fsum(p for p, block in zip(unit_params, is_block) if not block)
+    return tuple(u for u in (root, *(p for p, block in zip(unit_params, is_block) if block)) if u > 0)
+
+
+def fsdp_edge_units(unit_params: Sequence[float], is_block: Sequence[bool]) -> tuple[float, ...]:
+    """The FSDP units a rank's forward gathers first and its backward reduces last (parameters of each).
+
+    The forward waits for the stage root's all-gather and then the first block's (the embedding between
+    them is too short to hide it), and the backward ends with the first block's reduce-scatter and then the
+    root's, after the last kernel: root + first block, both ways (``fsdp_units``' first two).
+
+    Example:
+        >>> fsdp_edge_units([5.0, 2.0, 2.0, 2.0, 6.0], [False, True, True, True, False])
+        (11.0, 2.0)
+        >>> fsdp_edge_units([2.0, 2.0], [True, True])  # a middle pipeline stage: its first block
+        (2.0,)
+    """
+    units = fsdp_units(unit_params, is_block)
+    has_root = any(p > 0 for p, block in zip(unit_params, is_block) if not block)
+    return units[:2] if has_root else units[:1]
+
+
+def fsdp_edge_params(unit_params: Sequence[float], is_block: Sequence[bool]) -> float:
+    """Parameters of the FSDP units a rank's forward gathers first and its backward reduces last
+    (``fsdp_edge_units``, summed).
 
     Example:
         >>> fsdp_edge_params([5.0, 2.0, 2.0, 2.0, 6.0], [False, True, True, True, False])  # 5 + 6 + 2
@@ -289,11 +322,7 @@ def fsdp_edge_params(unit_params: Sequence[float], is_block: Sequence[bool]) -> 
         >>> fsdp_edge_params([2.0, 2.0], [True, True])  # a middle pipeline stage: its first block
         2.0
     """
-    if len(unit_params) != len(is_block):
-        raise ValueError(f"{len(unit_params)} layers but {len(is_block)} block flags")
-    root = math.fsum(p for p, block in zip(unit_params, is_block) if not block)
-    first_block = next((p for p, block in zip(unit_params, is_block) if block), 0.0)
-    return root + first_block
+    return math.fsum(fsdp_edge_units(unit_params, is_block))
 
 
 FSDP2_COPY_OUT_BYTES_PER_ELEMENT = 2
@@ -378,6 +407,8 @@ __all__ = [
     "fsdp_gathers_per_step",
     "fsdp_copy_bytes",
     "fsdp_edge_params",
+    "fsdp_edge_units",
+    "fsdp_units",
     "group_bus_bandwidth",
     "wire_bytes",
 ]

@@ -27,7 +27,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_params, fsdp_gathers_per_step
+from autopar.cost_models.comm import estimate_exposed_dp_comm, fsdp_edge_units, fsdp_gathers_per_step, fsdp_units
 from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, estimate_rank_memory, tensor_budget_bytes
 from autopar.layout import Collective, CommBreakdown, Layout, MemoryBreakdown, Recompute
 from autopar.schedule import in_flight_per_stage, schedule_weights
@@ -251,26 +251,29 @@ def _blocks_cannot_fit(costs: StageCosts, in_flight: Sequence[int], pp: int, bud
     return held < count
 
 
-def _dp_comm(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float,
-             formulas: Formulas, dp_nodes: int, overlap: bool, edge_params: float = 0.0) -> CommBreakdown:
-    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``);
-    ``edge_params``: the FSDP units gathered first and reduced last (``comm.fsdp_edge_params``)."""
+def _dp_comm(layout: Layout, units: Sequence[float], rank_compute_s: float, last_backward_s: float,
+             formulas: Formulas, dp_nodes: int, overlap: bool, edge_units: Sequence[float] = ()) -> CommBreakdown:
+    """Exposed data-parallel communication of one pipeline rank per step (``comm.estimate_exposed_dp_comm``).
+
+    ``units``: the parameters of each FSDP unit on the rank (``comm.fsdp_units``), each gathered and reduced by
+    collectives of its own; ``edge_units``: those gathered first and reduced last (``comm.fsdp_edge_units``)."""
     if layout.dp == 1:
         return CommBreakdown()
     overlap = overlap and formulas.cluster.gpu.grad_reduce_overlaps  # a CPU rank's reduce blocks its backward
 
-    def t(kind: Collective, params: float = rank_params) -> float:  # gradients reduced in fp32, params gathered
+    def t(kind: Collective, unit_params: Sequence[float]) -> float:  # gradients reduced in fp32, params gathered
         width = formulas.param_bytes_per_param() if kind is Collective.ALL_GATHER else formulas.grad_bytes_per_param()
-        return formulas.collective_time(kind, params * width, group_size=layout.dp, nodes_spanned=dp_nodes)
+        return math.fsum(formulas.collective_time(kind, p * width, group_size=layout.dp, nodes_spanned=dp_nodes)
+                         for p in unit_params)
 
     zero, m = layout.zero_stage, layout.num_micro_batches
     reduce = Collective.ALL_REDUCE if zero == 0 else Collective.REDUCE_SCATTER
-    copy_out, copy_in = formulas.fsdp_copy_time(rank_params, gathers_per_step=fsdp_gathers_per_step(zero, m))
+    copy_out, copy_in = formulas.fsdp_copy_time(math.fsum(units), gathers_per_step=fsdp_gathers_per_step(zero, m))
     return estimate_exposed_dp_comm(
-        zero_stage=zero, num_micro_batches=m, grad_reduce_s=t(reduce),
-        param_gather_s=t(Collective.ALL_GATHER) if zero else 0.0, rank_compute_s=rank_compute_s,
-        last_backward_s=last_backward_s, overlap=overlap, edge_gather_s=t(Collective.ALL_GATHER, edge_params) if zero
-        else 0.0, edge_reduce_s=t(reduce, edge_params) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
+        zero_stage=zero, num_micro_batches=m, grad_reduce_s=t(reduce, units),
+        param_gather_s=t(Collective.ALL_GATHER, units) if zero else 0.0, rank_compute_s=rank_compute_s,
+        last_backward_s=last_backward_s, overlap=overlap, edge_gather_s=t(Collective.ALL_GATHER, edge_units) if zero
+        else 0.0, edge_reduce_s=t(reduce, edge_units) if zero else 0.0, copy_out_s=copy_out, copy_in_s=copy_in)
 
 
 def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequence[LayerCost], acts: float,
@@ -309,9 +312,12 @@ def fsdp_blocks(params: Sequence[float]) -> list[bool]:
 
 def dp_comm_s(layout: Layout, rank_params: float, rank_compute_s: float, last_backward_s: float, formulas: Formulas,
               *, gpus_per_node: int, overlap: bool, edge_params: float) -> float:
-    """``_dp_comm``'s total for a rank spanning ``layout``'s data-parallel group as ``evaluate_layout`` places it."""
+    """``_dp_comm``'s total for a rank spanning ``layout``'s data-parallel group as ``evaluate_layout`` places it,
+    its parameters moved as one unit (and the edge as one): a lower bound on the per-unit price, since every
+    collective's time is affine in its bytes with a non-negative fixed cost."""
     dp_nodes = _nodes_spanned(layout.dp, layout.tp, gpus_per_node)
-    return _dp_comm(layout, rank_params, rank_compute_s, last_backward_s, formulas, dp_nodes, overlap, edge_params).dp_s
+    return _dp_comm(layout, (rank_params,), rank_compute_s, last_backward_s, formulas, dp_nodes, overlap,
+                    (edge_params,)).dp_s
 
 
 class _Setup(NamedTuple):
@@ -402,9 +408,11 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         params = math.fsum(costs[i].param_count for i in layers)
         compute = m * math.fsum(costs[i].forward_s + costs[i].backward_s for i in layers)
         last_bwd = math.fsum(costs[i].backward_s for i in layers)
-        unit = [costs[i].param_count for i in layers]
-        edge = fsdp_edge_params(unit, [blocks[i] for i in layers])
-        rank_comm = _dp_comm(layout, params, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
+        units = [u for j in range(r, part.num_stages, pp)  # each chunk is a stage module with its own root unit
+                 for u in fsdp_units([costs[i].param_count for i in part.stage_layers(j)],
+                                     [blocks[i] for i in part.stage_layers(j)])]
+        edge = fsdp_edge_units([costs[i].param_count for i in layers], [blocks[i] for i in layers])
+        rank_comm = _dp_comm(layout, units, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)

@@ -11,7 +11,8 @@ exactly that:
   ranks than cores, every compute time is divided by the share of a core a rank sustains
   (``core_share``);
 * for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
-  (2, 4, ... up to N), the time over message sizes, fitted as t = alpha + beta · S (Hockney's
+  (2, 4, ... up to N), the time a call adds to a run of compute (as a step issues it: after a
+  burst of compute on every rank, ``local_worker._in_step_s``) over message sizes, fitted as t = alpha + beta · S (Hockney's
   alpha-beta model) by least squares;
 * point-to-point send/recv between two ranks, fitted the same way.
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 MESSAGE_BYTES = (2**12, 2**16, 2**18, 2**20, 2**22)
 """Logical sizes (NCCL "size") each collective is timed at: 4 KiB (latency) to 4 MiB (bandwidth)."""
 COLLECTIVE_REPEATS = 20
-"""Calls per (kind, group, size), timed back to back; their mean is kept (``local_worker._time_collective``)."""
+"""Calls per (kind, group, size), each after a burst of compute; their mean cost is kept (``local_worker._in_step_s``)."""
 FITTED_KINDS = (Collective.ALL_REDUCE, Collective.ALL_GATHER, Collective.REDUCE_SCATTER, Collective.BROADCAST)
 """Collectives the emitted programs issue on gloo (DDP/FSDP: all-reduce, all-gather, reduce-scatter)."""
 MIN_LATENCY_S = 1e-7
@@ -63,7 +64,7 @@ class AlphaBetaFit:
     beta_s_per_byte: float
     """Seconds per byte of logical size S (fitted slope)."""
     samples: tuple[tuple[int, float], ...]
-    """(nbytes, mean seconds of back-to-back calls) that were fitted."""
+    """(nbytes, mean seconds a call adds to a step: ``local_worker._in_step_s``) that were fitted."""
 
     def time_s(self, nbytes: float) -> float:
         """The fitted time of one call of logical size ``nbytes``."""

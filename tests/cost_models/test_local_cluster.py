@@ -138,3 +138,25 @@ def test_a_failing_rank_raises_instead_of_hanging() -> None:
 
     with pytest.raises(ProcessRaisedException, match="rank 1 broke"):
         run_and_gather(_fail_on_rank_1, (), (), 2)
+
+
+def test_a_collective_is_timed_as_what_it_adds_to_a_run_of_compute():
+    """``_in_step_s``: the calls' time after bursts of compute, less the bursts alone (a fake collective whose cost
+    is known: a 1 ms sleep after each 2 ms burst adds 1 ms a call; a free call adds nothing)."""
+    import time
+
+    import torch.distributed as dist
+
+    from autopar.cost_models.profiling.local_worker import _in_step_s
+
+    def sleep(seconds: float):
+        return lambda: time.sleep(seconds)
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        added = _in_step_s(sleep(1e-3), sleep(2e-3), calls=20, group=None)
+        free = _in_step_s(lambda: None, sleep(2e-3), calls=20, group=None)
+    finally:
+        dist.destroy_process_group()
+    assert added == pytest.approx(1e-3, abs=0.4e-3)
+    assert 0.0 <= free < 0.4e-3

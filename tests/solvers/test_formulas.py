@@ -114,3 +114,44 @@ def test_a_cluster_whose_gradient_reduce_blocks_prices_it_whole(monkeypatch: pyt
     evaluate.evaluate_layout(_layout(), prices.variants, formulas, gpus_per_node=8)
     evaluate.evaluate_layout(_layout(), prices.variants, blocking, gpus_per_node=8)
     assert seen == [True, True, False, False]  # two pipeline ranks each
+
+
+def test_each_fsdp_unit_pays_its_own_collective(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 gathers and reduces every unit (each repeated block, and the stage root) with a collective of its own,
+    so a rank's reduction is the sum of its units' collectives, each with its fixed cost: more than one collective
+    of the same bytes, which the search's bound (``dp_comm_s``) prices, and so stays below."""
+    from autopar.cost_models.comm import Collective, fsdp_units
+
+    seen: list[dict[str, object]] = []
+
+    def spy(**kw: object) -> CommBreakdown:
+        seen.append(kw)
+        return CommBreakdown()
+
+    monkeypatch.setattr(evaluate, "estimate_exposed_dp_comm", spy)
+    layout = _layout(zero_stage=2)
+    ev = _evaluate(layout)
+    formulas = PRICING.formulas()
+    params = [c.param_count for c in next(iter(setting_prices(TABLE.layers, SPACE.recompute, layout.tp, False,
+                                                              layout.micro_batch_size).variants.values()))]
+    blocks = evaluate.fsdp_blocks(params)
+    nodes = evaluate._nodes_spanned(layout.dp, layout.tp, 8)
+    width = formulas.grad_bytes_per_param()
+    for rank, kw in enumerate(seen):
+        layers = list(ev.partition.stage_layers(rank))
+        units = fsdp_units([params[i] for i in layers], [blocks[i] for i in layers])
+        assert len(units) >= 2
+        expected = sum(formulas.collective_time(Collective.REDUCE_SCATTER, u * width, group_size=layout.dp,
+                                                nodes_spanned=nodes) for u in units)
+        assert kw["grad_reduce_s"] == pytest.approx(expected)
+        one = formulas.collective_time(Collective.REDUCE_SCATTER, sum(units) * width, group_size=layout.dp,
+                                       nodes_spanned=nodes)
+        assert kw["grad_reduce_s"] > one
+    monkeypatch.undo()
+    prices = setting_prices(TABLE.layers, SPACE.recompute, layout.tp, False, layout.micro_batch_size)
+    priced = evaluate.evaluate_layout(layout, prices.variants, formulas, gpus_per_node=8, overlap_grad_reduce=False)
+    for rank in range(layout.pp):
+        layers = list(priced.partition.stage_layers(rank))
+        bound = evaluate.dp_comm_s(layout, sum(params[i] for i in layers), 0.0, 0.0, formulas, gpus_per_node=8,
+                                   overlap=False, edge_params=0.0)
+        assert bound <= priced.communication.dp_s + 1e-12
