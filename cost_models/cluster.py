@@ -56,6 +56,8 @@ class LinkKind(StrEnum):
 DTENSOR_HOST_FIELDS = ("dtensor_op_s", "dtensor_backward_op_s", "dtensor_collective_s", "dtensor_hook_s",
                        "dtensor_hook_backward_s")
 """``GPUSpec``'s host times of a tensor-parallel stage's DTensors (``profiling/dtensor_probe.py``; 0 on GPUs)."""
+HOST_FIELDS = (*DTENSOR_HOST_FIELDS, "fsdp_unit_s")
+"""Every ``GPUSpec`` host time a CPU rank measures (``autopar profile --ranks``): the DTensor ones and FSDP2's."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,6 +93,9 @@ class GPUSpec:
     """Host time of one Megatron *f* (``from_local(to_local(x))``, ``emit/tp.py``) in forward."""
     dtensor_hook_backward_s: float = 0.0
     """The same in backward."""
+    fsdp_unit_s: float = 0.0
+    """Host time FSDP2 adds per unit (block or stage root) and micro-batch: its forward and backward hooks
+    (``profiling/fsdp_probe.py``). 0 on GPUs, where they overlap the kernels queued before them."""
     grad_reduce_overlaps: bool = True
     """Whether a data-parallel gradient reduce runs beside the backward that follows it: FSDP2 issues it on its
     own CUDA stream. False on a CPU rank, which has no streams: FSDP2's ``foreach_reduce`` calls the
@@ -105,13 +110,13 @@ class GPUSpec:
             _require_positive(f"gpu.{name}", getattr(self, name))
         for name in ("matmul_efficiency", "memory_efficiency"):
             _require_fraction(f"gpu.{name}", getattr(self, name))
-        for name in DTENSOR_HOST_FIELDS:
+        for name in HOST_FIELDS:
             _require_non_negative(f"gpu.{name}", getattr(self, name))
 
     def __hash__(self) -> int:
         return hash((self.name, tuple(sorted(self.peak_flops_per_s.items())), self.mem_bytes, self.mem_bytes_per_s,
                      self.matmul_efficiency, self.memory_efficiency, self.kernel_launch_s, self.half_efficiency_s,
-                     *(getattr(self, name) for name in DTENSOR_HOST_FIELDS), self.grad_reduce_overlaps))
+                     *(getattr(self, name) for name in HOST_FIELDS), self.grad_reduce_overlaps))
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype`` (aliases such as ``"bf16"`` accepted).
@@ -421,7 +426,7 @@ def _build_gpu(data: Mapping[str, Any]) -> GPUSpec:
         half_efficiency_s=_positive(_get(data, "half_efficiency_s", "gpu."), UnitKind.SECONDS,
                                     "gpu.half_efficiency_s"),
         **{key: _non_negative(data[key], UnitKind.SECONDS, f"gpu.{key}")
-           for key in DTENSOR_HOST_FIELDS if key in data},
+           for key in HOST_FIELDS if key in data},
         grad_reduce_overlaps=_flag(data.get("grad_reduce_overlaps", True), "gpu.grad_reduce_overlaps"),
     )
 

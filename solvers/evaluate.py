@@ -401,8 +401,9 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     pp, m = layout.pp, layout.num_micro_batches
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_comm, opt_time = [], CommBreakdown(), 0.0
+    memory, dp_comm, opt_time, fsdp_host = [], CommBreakdown(), 0.0, 0.0
     blocks = fsdp_blocks([c.param_count for c in costs])
+    wrapped = layout.dp > 1 or formulas.dtype != "float32"  # emit/dp.py's needs_dp_wrapper
     for r in range(pp):
         layers = [i for j in range(r, part.num_stages, pp) for i in part.stage_layers(j)]
         params = math.fsum(costs[i].param_count for i in layers)
@@ -413,6 +414,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
                                      [blocks[i] for i in part.stage_layers(j)])]
         edge = fsdp_edge_units([costs[i].param_count for i in layers], [blocks[i] for i in layers])
         rank_comm = _dp_comm(layout, units, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
+        if wrapped:  # FSDP2's hooks, every unit and micro-batch, where the host runs the kernels (0 on GPUs)
+            fsdp_host = max(fsdp_host, m * len(units) * formulas.cluster.gpu.fsdp_unit_s)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
@@ -420,7 +423,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
-    pipeline = part.step_time_s
+    pipeline = part.step_time_s + fsdp_host
     step = pipeline + dp_comm.dp_s + opt_time
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autopar.cost_models.cluster import DTENSOR_HOST_FIELDS
+from autopar.cost_models.cluster import HOST_FIELDS
 from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, bus_bandwidth_factor
 from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.graph.ir import OpGraph
@@ -99,6 +99,8 @@ class RankCompute:
     """Host time of one Megatron *f* in forward (``dtensor_probe.hook_overhead``)."""
     dtensor_hook_backward_s: float = 0.0
     """The same in backward."""
+    fsdp_unit_s: float = 0.0
+    """Host time FSDP2 adds per unit and micro-batch (``fsdp_probe.measure_fsdp_host``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -225,6 +227,7 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         f"  dtensor_collective_s: {c.dtensor_collective_s:.6g}  # added per collective a tensor-parallel stage issues",
         f"  dtensor_hook_s: {c.dtensor_hook_s:.6g}  # per Megatron f (from_local/to_local) in forward",
         f"  dtensor_hook_backward_s: {c.dtensor_hook_backward_s:.6g}",
+        f"  fsdp_unit_s: {c.fsdp_unit_s:.6g}  # per FSDP2 unit and micro-batch (its hooks on the host)",
         "  grad_reduce_overlaps: false  # no streams on a CPU: FSDP2's gradient reduce blocks the backward",
         f"gpus_per_node: {profile.ranks}",
         "nodes: 1",
@@ -343,7 +346,7 @@ def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int | None
     compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s") * share,
                           copy_bytes_per_s=med("copy_bytes_per_s") * share,
                           op_floor_s=med("op_floor_s") / share, half_efficiency_s=med("half_efficiency_s") / share,
-                          **{name: med(name) / share for name in DTENSOR_HOST_FIELDS})
+                          **{name: med(name) / share for name in HOST_FIELDS})
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from autopar.cost_models.comm import Collective
 from autopar.cost_models.profiling.dtensor_probe import measure_dtensor_host
+from autopar.cost_models.profiling.fsdp_probe import measure_fsdp_host
 from autopar.cost_models.profiling.local_cluster import FITTED_KINDS
 from autopar.cost_models.profiling.probe import (
     PROBE_COPY_BYTES,
@@ -75,6 +76,8 @@ def run_rank(rank: int, world: int, port: int, message_bytes: Sequence[int], rep
             table = profile_graph(graph, device="cpu", repeats=3, warmup=1, batch_graphs=batch_graphs).to_dict()
         dist.barrier()
         compute.update(measure_dtensor_host(world))
+        dist.barrier()
+        compute.update(measure_fsdp_host(world))
         dist.barrier()
         collectives = _collectives(rank, world, message_bytes, repeats, _burst())
         queue.put({"rank": rank, "compute": compute, "collectives": collectives, "table": table,
@@ -133,20 +136,23 @@ def _collectives(rank: int, world: int, message_bytes: Sequence[int], repeats: i
 
 def _in_step_s(call: Callable[[], None], burst: Callable[[], None], calls: int, group: Any) -> float:
     """Seconds one ``call`` adds to a run of compute: ``calls`` times (``burst``, ``call``), less ``calls`` bursts
-    alone, each loop started at a barrier of ``group`` (every rank of it runs both loops)."""
+    alone, each loop started at a barrier of ``group`` (every rank of it runs every loop); at least the call's own
+    time back to back (a blocking call cannot cost a step less than itself: a smaller difference is noise)."""
     call()  # warm-up (connections, buffers)
 
-    def loop(with_call: bool) -> float:
+    def loop(with_burst: bool, with_call: bool) -> float:
         dist.barrier(group=group)
         start = time.perf_counter()
         for _ in range(calls):
-            burst()
+            if with_burst:
+                burst()
             if with_call:
                 call()
         return time.perf_counter() - start
 
-    alone = loop(False)
-    return max(0.0, loop(True) - alone) / calls
+    alone = loop(True, False)
+    in_step = loop(True, True) - alone
+    return max(in_step, loop(False, True)) / calls
 
 
 def _time_collective(kind: Collective, nbytes: int, g: int, rank: int, group: Any, repeats: int,

@@ -155,3 +155,29 @@ def test_each_fsdp_unit_pays_its_own_collective(monkeypatch: pytest.MonkeyPatch)
         bound = evaluate.dp_comm_s(layout, sum(params[i] for i in layers), 0.0, 0.0, formulas, gpus_per_node=8,
                                    overlap=False, edge_params=0.0)
         assert bound <= priced.communication.dp_s + 1e-12
+
+
+def test_fsdp_host_time_is_paid_per_unit_and_micro_batch_where_fsdp_wraps() -> None:
+    """``GPUSpec.fsdp_unit_s`` (a CPU rank's FSDP2 hooks) joins the pipeline term: m × units on the busiest rank
+    when the stage is wrapped (dp > 1), nothing without data parallelism in fp32 or on a GPU (0)."""
+    from autopar.cost_models.comm import fsdp_units
+
+    formulas = PRICING.formulas()
+    hooks = type(formulas)(dataclasses.replace(formulas.cluster, gpu=dataclasses.replace(
+        formulas.cluster.gpu, fsdp_unit_s=1e-3)), formulas.dtype, formulas.runtime)
+    layout = _layout(zero_stage=2)
+    prices = setting_prices(TABLE.layers, SPACE.recompute, layout.tp, False, layout.micro_batch_size)
+    base = evaluate.evaluate_layout(layout, prices.variants, formulas, gpus_per_node=8)
+    with_hooks = evaluate.evaluate_layout(layout, prices.variants, hooks, gpus_per_node=8)
+    params = [c.param_count for c in next(iter(prices.variants.values()))]
+    blocks = evaluate.fsdp_blocks(params)
+    units = max(len(fsdp_units([params[i] for i in base.partition.stage_layers(r)],
+                               [blocks[i] for i in base.partition.stage_layers(r)])) for r in range(layout.pp))
+    assert with_hooks.partition == base.partition
+    assert with_hooks.pipeline_time_s - base.pipeline_time_s == pytest.approx(layout.num_micro_batches * units * 1e-3)
+    alone = _layout(dp=1, zero_stage=0, num_micro_batches=16)  # bf16 (the synthetic dtype): FSDP2 applies the policy
+    assert evaluate.evaluate_layout(alone, prices.variants, hooks, gpus_per_node=8).pipeline_time_s > \
+        evaluate.evaluate_layout(alone, prices.variants, formulas, gpus_per_node=8).pipeline_time_s
+    fp32 = [type(f)(f.cluster, "float32", f.runtime) for f in (formulas, hooks)]  # dp 1 in fp32: not wrapped
+    assert evaluate.evaluate_layout(alone, prices.variants, fp32[1], gpus_per_node=8).step_time_s == pytest.approx(
+        evaluate.evaluate_layout(alone, prices.variants, fp32[0], gpus_per_node=8).step_time_s)
