@@ -50,8 +50,9 @@ def _step(model: nn.Module, x: torch.Tensor, wrapped: bool) -> Callable[[], floa
         start = time.perf_counter()
         for i in range(micro_batches):
             if wrapped:  # as ``emit/runtime.py`` accumulates: reduce and reshard after the last micro-batch only
-                model.set_requires_gradient_sync(i == micro_batches - 1)
-                model.set_reshard_after_backward(i == micro_batches - 1)
+                last = i == micro_batches - 1
+                getattr(model, "set_requires_gradient_sync")(last)  # FSDP2's methods, added to the class it wraps
+                getattr(model, "set_reshard_after_backward")(last)
             model(x[i]).sum().backward()
         took = time.perf_counter() - start
         for p in model.parameters():
