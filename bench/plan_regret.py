@@ -15,8 +15,8 @@ For each model and rank count N:
    stable (the step alone, on a shared machine; the median and spread are printed too), in two passes,
    the second in reverse order (a slow spell of the machine then hits one pass of a layout), and take
    each rank's peak live tensor bytes (see ``regret_worker.py`` for both mechanisms); a layout on
-   fewer ranks than the cluster runs as that many independent copies at once, so every core is busy
-   as when the cluster's compute was measured;
+   fewer ranks than the cluster runs alone, its other ranks idle, as the planner priced it (with more
+   ranks than cores, the busy ones take turns on them: ``Cluster.host_cores``);
 4. print predicted vs measured step time and memory per layout, Spearman's rho, the regret of
    autopar's own choice (its measured time over the fastest measured, minus 1), the memory error,
    and save a scatter chart.
@@ -105,7 +105,7 @@ def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False, pa
         by_size[p.layout.num_gpus].append(p)
     results: dict[str, dict[str, Any]] = {}
     for world, group in sorted(by_size.items()):
-        results.update(_run_group(world, ranks, spec, group, memory_only, passes))
+        results.update(_run_group(world, spec, group, memory_only, passes))
     rows = [{"layout": p.layout.describe(), "predicted_s": p.predicted.step_time_s,
              "predicted_bytes": predicted_live_bytes(p), "predicted_memory": [dataclasses.asdict(m) for m in p.predicted.memory],
              **results.get(p.layout.describe(), {"error": "not run"})}
@@ -113,19 +113,14 @@ def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False, pa
     return {"model": name, "ranks": ranks, "rows": rows, "chosen": plans[0].layout.describe()}
 
 
-def _run_group(world: int, ranks: int, spec: dict[str, Any], plans: list[Any],
+def _run_group(world: int, spec: dict[str, Any], plans: list[Any],
                memory_only: bool = False, passes: int = 2) -> dict[str, dict[str, Any]]:
-    """Run ``plans`` (each on ``world`` ranks) as ``ranks // world`` independent jobs at once, so every one of
-    the cluster's ``ranks`` processes is busy, as when its compute was measured; the first job reports."""
+    """Run ``plans`` (each on ``world`` ranks) one after another in one job of ``world`` processes."""
     texts = [p.to_json(indent=None) for p in plans]
     if not memory_only and passes > 1:  # a second pass, in reverse: a slow spell of the machine hits one pass
         texts += texts[::-1]
-    ports: list[int] = []
-    while len(ports) < ranks // world:  # distinct: each job has its own rendezvous
-        ports += [port for port in [free_port()] if port not in ports]
-    # read while the jobs run: a long run of results would otherwise fill the queue's pipe and block both sides
-    reported = run_and_gather(regret_worker.run_job_rank, (world, ports, spec, texts), (memory_only,),
-                              world * len(ports))
+    # read while the job runs: a long run of results would otherwise fill the queue's pipe and block both sides
+    reported = run_and_gather(regret_worker.run_job_rank, (world, [free_port()], spec, texts), (memory_only,), world)
     out: dict[str, dict[str, Any]] = {}
     for r in reported:
         seen = out.setdefault(r.pop("layout"), r)

@@ -205,6 +205,10 @@ class Cluster:
     """Measured alpha-beta fits inside one node, (collective kind, group size, alpha_s, beta_s_per_byte):
     they replace the link model for that kind and size (``autopar profile --ranks``; gloo's kinds differ
     by 10× on one machine, which one link cannot describe). Empty for presets."""
+    host_cores: int = 0
+    """CPU cores the ranks of one node share, when a "GPU" is a host thread (``autopar profile --ranks``: this
+    machine as a cluster); the ``gpu`` rates are then one rank with a core of its own, and a node whose busy ranks
+    outnumber its cores takes turns (``host_wait_s``). 0: every rank has a device of its own (GPU clusters)."""
 
     def measured_collective(self, kind: str, group_size: int) -> tuple[float, float] | None:
         """(alpha_s, beta_s_per_byte) measured for ``kind`` over ``group_size`` ranks of one node, or None."""
@@ -219,6 +223,8 @@ class Cluster:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ClusterSpecError(f"{name} must be a positive integer, got {value!r}")
         _require_positive("host_mem_bytes", self.host_mem_bytes)
+        if isinstance(self.host_cores, bool) or not isinstance(self.host_cores, int) or self.host_cores < 0:
+            raise ClusterSpecError(f"host_cores must be an integer >= 0, got {self.host_cores!r}")
 
     @property
     def num_gpus(self) -> int:
@@ -335,7 +341,7 @@ def list_presets() -> tuple[str, ...]:
 # ---- parsing --------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "preset", "nodes", "gpus_per_node", "host_mem_bytes", "gpu",
-                       "intra_node", "inter_node", "reliability", "measured_collectives"})
+                       "intra_node", "inter_node", "reliability", "measured_collectives", "host_cores"})
 _GPU_KEYS = frozenset({f.name for f in dataclasses.fields(GPUSpec)})
 _LINK_KEYS = frozenset({f.name for f in dataclasses.fields(LinkSpec)})
 
@@ -387,6 +393,7 @@ def _build_cluster(data: Mapping[str, Any], *, default_name: str) -> Cluster:
         host_mem_bytes=int(_positive(_get(data, "host_mem_bytes", ""), UnitKind.BYTES, "host_mem_bytes")),
         reliability=build_reliability_spec(data.get("reliability")),
         measured_collectives=_measured_collectives(data.get("measured_collectives", {})),
+        host_cores=data.get("host_cores", 0),
     )
 
 

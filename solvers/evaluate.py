@@ -70,6 +70,9 @@ class Evaluation:
     """Every rank's memory fits."""
     stage_recompute: tuple[Recompute, ...]
     """Recomputation policy of each stage (``layout.recompute`` is the most recomputing of them)."""
+    host_wait_s: float = 0.0
+    """Time the step waits for host cores: a node whose busy ranks outnumber its ``Cluster.host_cores`` runs
+    them in turns (``host_wait``; 0 on GPU clusters). Part of ``step_time_s``."""
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -80,6 +83,32 @@ class Evaluation:
     def dominant_memory_term(self) -> str:
         """Largest term on the fullest rank."""
         return max(self.memory, key=lambda m: m.total).dominant_term()
+
+
+def host_wait(span_s: float, work_s: float, *, ranks: int, ranks_per_node: int, cores: int) -> float:
+    """Seconds a step of ``span_s`` (its critical path, every rank on a core of its own) waits for host cores.
+
+    A "GPU" that is a host thread (``Cluster.host_cores`` > 0) computes only while the scheduler gives it a
+    core. ``work_s`` is the CPU time of all ``ranks`` together (compute, host hooks, optimizer: not waits); the
+    busiest node holds ``ceil(ranks / nodes used)`` of them, at most ``ranks_per_node``, and cannot finish its
+    share of the work in less than that share / ``cores``. The step takes the larger of the two bounds (work and
+    span; Brent): ranks idle in a pipeline bubble or waiting on a peer free their core for the others, so a
+    layout with bubbles loses less than its ranks' count suggests, and one keeping every rank busy runs at
+    ``cores / ranks`` of a core each. 0 without shared cores (GPU clusters) or with a core per busy rank.
+
+    Example:
+        >>> host_wait(1.0, 4.0, ranks=4, ranks_per_node=4, cores=2)  # four busy ranks on two cores
+        1.0
+        >>> host_wait(1.0, 1.5, ranks=2, ranks_per_node=4, cores=2), host_wait(1.0, 4.0, ranks=4, ranks_per_node=4, cores=0)
+        (0.0, 0.0)
+    """
+    if cores <= 0 or ranks <= 0:
+        return 0.0
+    nodes = math.ceil(ranks / ranks_per_node)
+    per_node = math.ceil(ranks / nodes)
+    if per_node <= cores:
+        return 0.0
+    return max(0.0, work_s * per_node / ranks / cores - span_s)
 
 
 def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
@@ -401,7 +430,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     pp, m = layout.pp, layout.num_micro_batches
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_comm, opt_time, fsdp_host = [], CommBreakdown(), 0.0, 0.0
+    memory, dp_comm, opt_time, fsdp_host, work = [], CommBreakdown(), 0.0, 0.0, 0.0
     blocks = fsdp_blocks([c.param_count for c in costs])
     wrapped = layout.dp > 1 or formulas.dtype != "float32"  # emit/dp.py's needs_dp_wrapper
     for r in range(pp):
@@ -414,17 +443,23 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
                                      [blocks[i] for i in part.stage_layers(j)])]
         edge = fsdp_edge_units([costs[i].param_count for i in layers], [blocks[i] for i in layers])
         rank_comm = _dp_comm(layout, units, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
-        if wrapped:  # FSDP2's hooks, every unit and micro-batch, where the host runs the kernels (0 on GPUs)
-            fsdp_host = max(fsdp_host, m * len(units) * formulas.cluster.gpu.fsdp_unit_s)
+        hooks = m * len(units) * formulas.cluster.gpu.fsdp_unit_s if wrapped else 0.0
+        fsdp_host = max(fsdp_host, hooks)  # FSDP2's hooks, every unit and micro-batch, on the host (0 on GPUs)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
-        opt_time = max(opt_time, formulas.optimizer_step_time(owned))
+        rank_opt = formulas.optimizer_step_time(owned)
+        opt_time = max(opt_time, rank_opt)
+        # the rank's own work (its TP collectives are waits, not work), dp × tp ranks alike
+        tp_wait = m * math.fsum(costs[i].tp_comm_s for i in layers)
+        work += layout.dp * layout.tp * (compute - tp_wait + hooks + rank_opt)
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s + fsdp_host
-    step = pipeline + dp_comm.dp_s + opt_time
+    wait = host_wait(pipeline + dp_comm.dp_s + opt_time, work, ranks=layout.dp * layout.tp * pp,
+                     ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
+    step = pipeline + dp_comm.dp_s + opt_time + wait
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp
     return Evaluation(
@@ -433,5 +468,5 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time,
         memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),
-        stage_recompute=stage_policy,
+        stage_recompute=stage_policy, host_wait_s=wait,
     )

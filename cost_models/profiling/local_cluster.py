@@ -4,11 +4,16 @@ A planner's predictions can only be checked against runs on hardware at hand. On
 machine that hardware is N gloo processes of one thread each, so this module measures
 exactly that:
 
-* compute per rank with all N processes running at once (one thread each), so the rates
-  include the memory-bandwidth and cache contention of N busy ranks: a GEMM rate, a copy
+* compute per rank with min(N, cores) processes running at once (one thread each), so the rates
+  include the memory-bandwidth and cache contention of a fully busy machine: a GEMM rate, a copy
   bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``),
-  and the host time DTensor adds to each op (forward, and backward per forward op); with more
-  ranks than cores, every compute time is divided by the share of a core a rank sustains
+  and the model's ops (the calibration table). These are a rank with a core of its own; with more
+  ranks than cores the cluster file says how many cores the ranks share (``host_cores``), and the
+  planner prices ranks beyond them taking turns (``evaluate.host_wait``), so a pipeline's idle ranks
+  give their core to the busy ones (GPT's GPipe steps on 4 ranks of 2 cores ran in half the time a fixed
+  half core per rank predicted);
+* the host time DTensor adds to each op (forward, and backward per forward op) and FSDP2 adds per
+  unit, measured with all N ranks at once (these need the group) and scaled to a core of its own
   (``core_share``);
 * for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
   (2, 4, ... up to N), the time a call adds to a run of compute (as a step issues it: after a
@@ -25,7 +30,6 @@ latency plus bus bytes / bandwidth) to every sample.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -79,7 +83,7 @@ class AlphaBetaFit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RankCompute:
-    """What one single-threaded rank reaches while every rank computes at once."""
+    """What one single-threaded rank with a core of its own reaches while the machine is busy."""
 
     gemm_flops_per_s: float
     """fp32 GEMM rate (median over ranks)."""
@@ -118,9 +122,9 @@ class LocalClusterProfile:
     host_mem_bytes: int
     """Memory of the machine (each rank's share is host_mem_bytes / ranks)."""
     calibration: CalibrationTable | None = None
-    """The model's ops timed on rank 0 while every rank profiled them at once (None: no model given)."""
-    core_share: float = 1.0
-    """The share of a core a rank sustains (``core_share``), which the compute times are already divided by."""
+    """The model's ops timed on rank 0 while min(N, cores) ranks profiled them at once (None: no model given)."""
+    host_cores: int = 0
+    """The cores the ranks share (``Cluster.host_cores``)."""
 
 
 def fit_alpha_beta(samples: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -204,8 +208,9 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
     c = profile.compute
     lines = [
         f"# {name}: this machine measured as {profile.ranks} gloo ranks of one thread each",
-        "# (autopar profile --ranks). Compute was timed with every rank busy at once",
-        f"# and divided by the share of a core a rank sustains ({profile.core_share:.2f}).",
+        f"# (autopar profile --ranks). Compute was timed on {min(profile.ranks, profile.host_cores)} ranks at once, "
+        "a core each;",
+        f"# the {profile.ranks} ranks share the {profile.host_cores} cores (host_cores) and take turns beyond them.",
         f"# link = least-squares fit of comm.py's ring model to all samples: "
         f"latency {latency * 1e6:.1f} us/step, bus {bus_bw / 1e6:.0f} MB/s",
         "# per-kind alpha-beta fits (t = alpha + S * beta; busbw = factor / beta):",
@@ -234,6 +239,7 @@ def cluster_yaml(profile: LocalClusterProfile, *, name: str = "local") -> str:
         *_link_lines("intra_node", latency, bus_bw),
         *_link_lines("inter_node", latency, bus_bw),
         f"host_mem_bytes: {profile.host_mem_bytes}",
+        f"host_cores: {profile.host_cores}  # the ranks' \"GPUs\" are threads on these cores",
         "measured_collectives:  # kind: {group size: [alpha_s, beta_s_per_byte]}; these replace the link",
         *_fit_lines(profile.collectives),
     ]
@@ -282,11 +288,12 @@ def measure_local_cluster(ranks: int, *, graph: OpGraph | None = None,
     from autopar.cost_models.profiling import local_worker
 
     port = local_worker.free_port()
+    cores = host_cores()
     results = run_and_gather(local_worker.run_rank, (ranks, port, tuple(message_bytes), repeats),
-                             (graph, dict(batch_graphs or {})), ranks)
+                             (graph, dict(batch_graphs or {}), cores), ranks)
     if len(results) != ranks:
         raise RuntimeError(f"{ranks - len(results)} of {ranks} ranks ended without a result")
-    return _combine(results, ranks)
+    return _combine(results, ranks, cores)
 
 
 def run_and_gather(worker: Callable[..., None], head: tuple[Any, ...], tail: tuple[Any, ...],
@@ -319,46 +326,42 @@ _POLL_S = 0.5
 """How long ``run_and_gather`` waits for a result before checking whether a rank has failed."""
 
 
-def core_share(ranks: int, cores: int | None = None) -> float:
-    """The share of a core each of ``ranks`` busy single-threaded ranks sustains on ``cores`` cores (default: the
-    cores this process may run on): 1 while there is a core per rank, cores / ranks beyond.
+def host_cores() -> int:
+    """The cores this process may run on (its ranks share them)."""
+    return len(os.sched_getaffinity(0))
 
-    Ranks that outnumber the cores take turns in time slices of milliseconds. An op timed for tens of
-    microseconds mostly runs inside one slice, at a whole core's speed, while a step of hundreds of
-    milliseconds gets only its share: every time measured here is divided by it (GPT on 4 ranks of 2 cores ran
-    1.8× slower than its ops' sum before this).
+
+def core_share(ranks: int, cores: int) -> float:
+    """The share of a core each of ``ranks`` busy single-threaded ranks sustains on ``cores`` cores: 1 while
+    there is a core per rank, cores / ranks beyond (they take turns in time slices of milliseconds).
 
     Example:
         >>> core_share(2, cores=2), core_share(4, cores=2), core_share(3, cores=8)
         (1.0, 0.5, 1.0)
     """
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
     return min(1.0, cores / ranks)
 
 
-def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int | None = None) -> LocalClusterProfile:
+def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int) -> LocalClusterProfile:
+    """One profile from every rank's results. Compute comes from the ranks that timed it (a core each); the host
+    times DTensor and FSDP2 add were timed with all ``ranks`` taking turns on ``cores``, so they are scaled to a
+    core of their own (× ``core_share``: a loop of hundreds of milliseconds gets only its share)."""
     first = next(r for r in results if r["rank"] == 0)
     share = core_share(ranks, cores)
 
     def med(key: str) -> float:
-        return statistics.median(r["compute"][key] for r in results)
+        return statistics.median(r["compute"][key] for r in results if key in r["compute"])
 
-    compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s") * share,
-                          copy_bytes_per_s=med("copy_bytes_per_s") * share,
-                          op_floor_s=med("op_floor_s") / share, half_efficiency_s=med("half_efficiency_s") / share,
-                          **{name: med(name) / share for name in HOST_FIELDS})
+    compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
+                          op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"),
+                          **{name: med(name) * share for name in HOST_FIELDS})
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)
         fits.append(AlphaBetaFit(kind=Collective(kind), group_size=group, alpha_s=alpha, beta_s_per_byte=beta,
                                  samples=tuple(samples)))
     table = CalibrationTable.from_dict(first["table"]) if first["table"] is not None else None
-    if table is not None and share < 1.0:
-        table = dataclasses.replace(
-            table, entries={k: (f / share, b / share) for k, (f, b) in table.entries.items()},
-            batch_entries={k: {s: (f / share, b / share) for s, (f, b) in points.items()}
-                           for k, points in table.batch_entries.items()})
-    return LocalClusterProfile(device_name=first["device_name"], ranks=ranks, compute=compute, core_share=share,
+    return LocalClusterProfile(device_name=first["device_name"], ranks=ranks, compute=compute, host_cores=cores,
                                collectives=tuple(fits), host_mem_bytes=first["host_mem_bytes"], calibration=table)
 
 
@@ -368,4 +371,4 @@ def default_ranks() -> int:
 
 
 __all__ = ["AlphaBetaFit", "LocalClusterProfile", "RankCompute", "cluster_yaml", "core_share", "fit_alpha_beta",
-           "fit_link", "measure_local_cluster"]
+           "fit_link", "host_cores", "measure_local_cluster"]

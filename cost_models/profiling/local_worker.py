@@ -59,20 +59,25 @@ def free_port() -> int:
 
 
 def run_rank(rank: int, world: int, port: int, message_bytes: Sequence[int], repeats: int, queue: Any,
-             graph: Any = None, batch_graphs: Any = None) -> None:
+             graph: Any = None, batch_graphs: Any = None, cores: int | None = None) -> None:
     """Measure as ``rank`` of ``world`` and put a dict of results on ``queue``; ``graph`` (and ``batch_graphs``,
-    the model at other batch sizes: ``profile_graph``'s) are profiled with every rank at once."""
+    the model at other batch sizes: ``profile_graph``'s) are profiled too.
+
+    Compute (the probes and the op table) is timed on the first ``cores`` ranks at once (every rank when None),
+    the others waiting: a rank with a core of its own next to a fully busy host, the rate the cluster's "GPU"
+    stands for (``Cluster.host_cores`` prices ranks beyond the cores taking turns)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
     try:
         dist.barrier()
-        compute = _compute_probes()
+        computes = cores is None or rank < cores
+        compute: dict[str, Any] = _compute_probes() if computes else {}
         table = None
-        if graph is not None:  # every rank profiles at once, so each op sees N busy ranks
+        dist.barrier()
+        if graph is not None and computes:
             from autopar.cost_models.profiling.profiler import profile_graph
 
-            dist.barrier()
             table = profile_graph(graph, device="cpu", repeats=3, warmup=1, batch_graphs=batch_graphs).to_dict()
         dist.barrier()
         compute.update(measure_dtensor_host(world))

@@ -54,7 +54,7 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
         compute=RankCompute(gemm_flops_per_s=3e10, copy_bytes_per_s=5e9, op_floor_s=4e-6, half_efficiency_s=1e-6,
                             dtensor_op_s=9e-5, dtensor_backward_op_s=1.5e-4, dtensor_collective_s=6e-4,
                             dtensor_hook_s=1.2e-4, dtensor_hook_backward_s=2.5e-4, fsdp_unit_s=4e-4),
-        collectives=fits, host_mem_bytes=16 * 2**30)
+        collectives=fits, host_mem_bytes=16 * 2**30, host_cores=2)
     path = tmp_path / "here.yaml"
     path.write_text(cluster_yaml(profile, name="here"))
     cluster = Cluster.from_yaml(path)
@@ -65,6 +65,7 @@ def test_cluster_yaml_round_trips_through_the_planner_reader(tmp_path: Path):
         (9e-5, 1.5e-4, 6e-4, 1.2e-4, 2.5e-4), rel=1e-5)
     assert cluster.gpu.fsdp_unit_s == pytest.approx(4e-4, rel=1e-5)
     assert not cluster.gpu.grad_reduce_overlaps  # a CPU rank's gradient reduce blocks its backward
+    assert cluster.host_cores == 2  # four ranks on two cores take turns
     # the planner's collective model, on the written link, reproduces the measured samples
     for fit in fits:
         for nbytes, seconds in fit.samples:
@@ -89,28 +90,33 @@ def test_measured_fits_in_the_yaml_replace_the_link_for_their_kind(tmp_path: Pat
     assert estimate_collective_time(Collective.BROADCAST, 2**20, 2, cluster=cluster) > 0
 
 
-def test_ranks_beyond_the_cores_are_priced_at_their_share_of_a_core() -> None:
+def test_compute_is_a_rank_with_a_core_and_host_times_are_scaled_to_one() -> None:
     from autopar.cost_models.profiling import local_cluster
     from autopar.cost_models.profiling.calibration import CalibrationTable
 
-    compute = {"gemm_flops_per_s": 4e10, "copy_bytes_per_s": 8e9, "op_floor_s": 5e-6, "half_efficiency_s": 1e-6,
-               **{name: 1e-4 for name in HOST_FIELDS}}
+    probes = {"gemm_flops_per_s": 4e10, "copy_bytes_per_s": 8e9, "op_floor_s": 5e-6, "half_efficiency_s": 1e-6}
+    host = {name: 1e-4 for name in HOST_FIELDS}
     table = CalibrationTable(device_name="cpu:x", torch_version="t", entries={"k": (2e-4, 6e-4)},
                              batch_entries={"k": {2.0: (4e-4, 1e-3)}}).to_dict()
-    results = [{"rank": r, "compute": compute, "collectives": {("all_reduce", 2): [(4096, 1e-3), (2**20, 3e-3)]},
-                "table": table, "device_name": "cpu:x", "host_mem_bytes": 2**34} for r in range(4)]
-    alone = local_cluster._combine(results, 4, cores=4)
-    shared = local_cluster._combine(results, 4, cores=2)  # 4 ranks take turns on 2 cores: half a core each
-    assert (alone.core_share, shared.core_share) == (1.0, 0.5)
-    assert shared.compute.gemm_flops_per_s == pytest.approx(alone.compute.gemm_flops_per_s / 2)
-    assert shared.compute.op_floor_s == pytest.approx(2 * alone.compute.op_floor_s)
-    assert shared.compute.dtensor_op_s == pytest.approx(2 * alone.compute.dtensor_op_s)
-    assert shared.compute.fsdp_unit_s == pytest.approx(2 * alone.compute.fsdp_unit_s)
-    assert shared.calibration is not None and alone.calibration is not None
-    assert shared.calibration.entries["k"] == pytest.approx((4e-4, 1.2e-3))
-    assert shared.calibration.batch_entries["k"][2.0] == pytest.approx((8e-4, 2e-3))
+
+    def results(cores: int) -> list[dict]:  # ranks past the cores time no compute (local_worker.run_rank)
+        return [{"rank": r, "compute": {**(probes if r < cores else {}), **host},
+                 "collectives": {("all_reduce", 2): [(4096, 1e-3), (2**20, 3e-3)]},
+                 "table": table if r < cores else None, "device_name": "cpu:x", "host_mem_bytes": 2**34}
+                for r in range(4)]
+
+    alone = local_cluster._combine(results(4), 4, cores=4)
+    shared = local_cluster._combine(results(2), 4, cores=2)  # 4 ranks take turns on 2 cores
+    assert (alone.host_cores, shared.host_cores) == (4, 2)
+    assert shared.compute.gemm_flops_per_s == alone.compute.gemm_flops_per_s == 4e10  # a core of its own
+    assert shared.compute.op_floor_s == alone.compute.op_floor_s == 5e-6
+    # timed while four ranks shared two cores: half of it was waiting for a core
+    assert shared.compute.dtensor_op_s == pytest.approx(alone.compute.dtensor_op_s / 2)
+    assert shared.compute.fsdp_unit_s == pytest.approx(alone.compute.fsdp_unit_s / 2)
+    assert shared.calibration is not None and shared.calibration.entries["k"] == pytest.approx((2e-4, 6e-4))
     assert shared.collectives == alone.collectives  # measured as the step pays them (after compute)
-    assert "share of a core a rank sustains (0.50)" in cluster_yaml(shared, name="x")
+    text = cluster_yaml(shared, name="x")
+    assert "host_cores: 2" in text and "timed on 2 ranks at once" in text
 
 
 def _put_a_large_result(rank: int, nbytes: int, queue, tag: str) -> None:  # type: ignore[no-untyped-def]
