@@ -177,8 +177,10 @@ class LayerPricer:
         return tuple(costs)
 
     def _boundary(self, layer: Layer, micro_batch_size: int, tp: int, sequence_parallel: bool) -> float:
+        """Bytes of one micro-batch a stage boundary before ``layer`` sends: split over tp under sequence
+        parallelism only where the program sends the sequence shard (``RuntimeProgram.sp_shards_boundaries``)."""
         nbytes = layer.boundary_nbytes * self._batch_scale(micro_batch_size) * self._float_scale()
-        return nbytes / tp if sequence_parallel else nbytes
+        return nbytes / tp if sequence_parallel and self.program.sp_shards_boundaries else nbytes
 
     def _kind_cost(self, layer: Layer, tp: int, sp: bool, mbs: int, recompute: Recompute) -> LayerCost:
         scale = self._batch_scale(mbs)

@@ -20,7 +20,9 @@ axis for a bf16 plan) and ``torch.distributed.pipelining``, whose allocations ar
   and the reduce-scatter input in fp32 (``foreach_reduce``; one kept in flight, ``reduce_scatter_states``);
 - pipeline stages preallocate one receive buffer per micro-batch for their input and one for their output's
   gradient (``_create_act_recv_info``, ``_create_grad_recv_info``), and keep each in-flight micro-batch's output
-  (``fwd_cache``) until its backward: on the last stage, the logits.
+  (``fwd_cache``) until its backward: on the last stage, the logits; elsewhere what they sent on. The interleaved
+  1F1B runtime (``schedules.py``: ``_PipelineScheduleRuntime._step_microbatches``) waits on its sends only when the
+  step ends, so every output and input gradient a stage sent stays alive until then (``pipeline_sent_bytes``).
 
 A fp32 plan without data parallelism has no FSDP: plain fp32 weights, gradients and Adam moments.
 
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from autopar.cost_models.memory import RUNTIME_RESERVED_BYTES, bytes_per_param
 from autopar.cost_models.runtimes import program_of
 from autopar.graph.ir import DTYPE_BYTES
-from autopar.layout import Runtime
+from autopar.layout import Runtime, Schedule
 
 FP32_BYTES = 4
 """fp32 master weights (FSDP's sharded parameters) and FSDP's reduce dtype (``emit/dp.py``: ``reduce_dtype``)."""
@@ -244,6 +246,34 @@ def pipeline_recv_bytes(*, num_micro_batches: int, input_bytes: float, output_by
     return float(num_micro_batches * (input_bytes + output_bytes))
 
 
+def pipeline_sent_bytes(*, num_micro_batches: int, in_flight: int, input_bytes: float, output_bytes: float,
+                        schedule: Schedule, runtime: Runtime = Runtime.AUTOPAR) -> float:
+    """Tensors one pipeline stage chunk has sent and still holds at its rank's peak, beyond its saved activations
+    and receive buffers. A torch pipelining stage keeps each in-flight micro-batch's output (``fwd_cache``, what it
+    sent on) until that micro-batch's backward, and nothing in the stage saves it: ``in_flight`` outputs. Under a
+    schedule that holds its sends to the step's end (``RuntimeProgram.sends_held_to_step_end``: torch's interleaved
+    1F1B) every sent tensor lives on: at the rank's peak, late in the step (activations stay level through the
+    steady state while the held sends grow), the chunk holds all m outputs it sent forward and the input gradient
+    each backward it has run sent back (m − ``in_flight``). Megatron frees a sent output's storage
+    (``deallocate_output_tensor``) and waits each transfer: 0.
+
+    Example:
+        >>> pipeline_sent_bytes(num_micro_batches=8, in_flight=2, input_bytes=100, output_bytes=100,
+        ...                     schedule=Schedule.ONE_F_ONE_B)   # the 2 in-flight outputs
+        200.0
+        >>> pipeline_sent_bytes(num_micro_batches=8, in_flight=2, input_bytes=100, output_bytes=100,
+        ...                     schedule=Schedule.INTERLEAVED_1F1B)   # 8 outputs, 6 input gradients
+        1400.0
+    """
+    program = program_of(runtime)
+    if not program.keeps_stage_output:
+        return 0.0
+    m, held = num_micro_batches, min(in_flight, num_micro_batches)
+    if schedule in program.sends_held_to_step_end:
+        return float(m * output_bytes + (m - held) * input_bytes)
+    return float(held * output_bytes)
+
+
 def held_output_bytes(output_bytes: float, runtime: Runtime = Runtime.AUTOPAR) -> float:
     """Bytes a pipeline stage keeps per in-flight micro-batch of its output when nothing saves it for backward
     (the last stage's logits, torch's ``fwd_cache``); 0 under Megatron, whose last stage outputs the loss.
@@ -268,5 +298,6 @@ __all__ = [
     "held_output_bytes",
     "megatron_state_bytes",
     "pipeline_recv_bytes",
+    "pipeline_sent_bytes",
     "uses_fsdp",
 ]

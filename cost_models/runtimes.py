@@ -49,6 +49,16 @@ class RuntimeProgram:
     keeps_stage_output: bool
     """The last stage keeps its output (the logits) per in-flight micro-batch (torch's ``fwd_cache``); False:
     the loss is computed inside the stage's forward and its output is the loss (Megatron's ``forward_step``)."""
+    sends_held_to_step_end: tuple[Schedule, ...]
+    """Schedules under which every tensor a stage sends stays alive until the step ends. torch's interleaved 1F1B
+    runs on ``_PipelineScheduleRuntime``, whose ``_step_microbatches`` keeps each send's ``Work`` (which holds
+    the tensor sent) in ``send_ops`` and waits on them only when the step ends; GPipe and 1F1B
+    (``PipelineScheduleSingle``) wait each micro-batch's sends in the loop. Megatron's ``_communicate`` waits
+    each transfer."""
+    sp_shards_boundaries: bool
+    """Under sequence parallelism what crosses a stage boundary is the sequence shard (Megatron's
+    ``get_tensor_shapes``: ``seq_length // tp``); False: a stage's outputs leave as full plain tensors, the same on
+    every tp rank (``emit/tp.py::_outputs_to_local``: torch pipelining's traced stages carry no DTensors)."""
     sp_by_placement: bool
     """Under sequence parallelism the program runs a block's weight-holding children as the sharding ILP places
     them, from their input gathered and saved whole (DTensor, ``emit/tp.py``: ``memory.sequence_parallel_split``);
@@ -61,12 +71,14 @@ PROGRAMS = MappingProxyType({
         label="autopar (torch FSDP2 + torch.distributed.pipelining, foreach AdamW)", fsdp=True, optimizer="foreach",
         zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
         schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
-        keeps_stage_output=True, sp_by_placement=True),
+        keeps_stage_output=True, sends_held_to_step_end=(Schedule.INTERLEAVED_1F1B,),
+        sp_shards_boundaries=False, sp_by_placement=True),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
         fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),
         schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
-        recv_buffer_per_micro_batch=False, keeps_stage_output=False, sp_by_placement=False),
+        recv_buffer_per_micro_batch=False, keeps_stage_output=False, sends_held_to_step_end=(),
+        sp_shards_boundaries=True, sp_by_placement=False),
 })
 """Runtime → its program (sources in the module docstring)."""
 

@@ -24,7 +24,7 @@ from autopar.cost_models import comm, optimizer, program_memory
 from autopar.cost_models.cluster import Cluster
 from autopar.cost_models.runtimes import program_of
 from autopar.graph.ir import DTYPE_BYTES
-from autopar.layout import Collective, Recompute, Runtime
+from autopar.layout import Collective, Recompute, Runtime, Schedule
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -250,6 +250,13 @@ class Formulas:
         """Receive buffers of one pipeline stage chunk beyond its activations (``program_memory``)."""
         return program_memory.pipeline_recv_bytes(num_micro_batches=num_micro_batches, input_bytes=input_bytes,
                                                   output_bytes=output_bytes, runtime=self.runtime)
+
+    def sent_bytes(self, *, num_micro_batches: int, in_flight: int, input_bytes: float, output_bytes: float,
+                   schedule: Schedule) -> float:
+        """Sent tensors one pipeline stage chunk still holds at its rank's peak (``program_memory``)."""
+        return program_memory.pipeline_sent_bytes(num_micro_batches=num_micro_batches, in_flight=in_flight,
+                                                  input_bytes=input_bytes, output_bytes=output_bytes,
+                                                  schedule=schedule, runtime=self.runtime)
 
     def held_output_bytes(self, output_bytes: float) -> float:
         """Bytes of a last stage's output kept per in-flight micro-batch (``program_memory``)."""

@@ -311,7 +311,9 @@ def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequenc
 
     Gradients are alive at the activations' peak only when a backward ran before it: when the rank has more
     micro-batches than it holds in flight (not under GPipe, nor with one micro-batch). The fixed bytes are the
-    runtime's reservation and the receive buffers of the rank's chunks (``Formulas.recv_bytes``).
+    runtime's reservation and the receive buffers of the rank's chunks (``Formulas.recv_bytes``). What the chunks
+    sent and still hold (``Formulas.sent_bytes``: the in-flight outputs, under interleaved 1F1B every send of the
+    step so far) is alive with the activations at their peak, freed by the optimizer step.
     """
     pp, m, bounds = layout.pp, layout.num_micro_batches, part.boundaries
     chunks = range(rank, part.num_stages, pp)  # chunk j holds layers [bounds[j], bounds[j + 1])
@@ -321,15 +323,18 @@ def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequenc
     live = states.live_grads(backward_ran=m > max(part.in_flight[j] for j in chunks))
     gather, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
                                             zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
-    recv = math.fsum(formulas.recv_bytes(
-        num_micro_batches=m, input_bytes=costs[bounds[j]].boundary_bytes if j > 0 else 0.0,
-        output_bytes=costs[bounds[j + 1]].boundary_bytes if j < part.num_stages - 1 else 0.0) for j in chunks) \
-        if pp > 1 else 0.0
+    recv = sent = 0.0
+    for j in chunks if pp > 1 else ():
+        received = costs[bounds[j]].boundary_bytes if j > 0 else 0.0  # the chunk's input, and its gradient sent
+        output = costs[bounds[j + 1]].boundary_bytes if j < part.num_stages - 1 else 0.0  # sent, its gradient received
+        recv += formulas.recv_bytes(num_micro_batches=m, input_bytes=received, output_bytes=output)
+        sent += formulas.sent_bytes(num_micro_batches=m, in_flight=part.in_flight[j], input_bytes=received,
+                                    output_bytes=output, schedule=layout.schedule)
     return estimate_rank_memory(
         params_bytes=states.params, grads_bytes=states.grads, optimizer_bytes=states.optimizer,
         activation_bytes=acts, fixed_bytes=RUNTIME_RESERVED_BYTES + recv, capacity_bytes=formulas.gpu_mem_bytes,
         optimizer_temp_bytes=formulas.optimizer_temp_bytes(owned), accumulated_grads_bytes=live,
-        working_bytes=max(math.fsum(c.working_bytes for c in layers), gather), reduce_bytes=reduce)
+        working_bytes=max(math.fsum(c.working_bytes for c in layers), gather) + sent, reduce_bytes=reduce)
 
 
 def fsdp_blocks(params: Sequence[float]) -> list[bool]:
