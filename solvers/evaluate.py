@@ -85,16 +85,18 @@ class Evaluation:
         return max(self.memory, key=lambda m: m.total).dominant_term()
 
 
-def host_wait(span_s: float, work_s: float, *, ranks: int, ranks_per_node: int, cores: int) -> float:
-    """Seconds a step of ``span_s`` (its critical path, every rank on a core of its own) waits for host cores.
+def host_wait(compute_s: float, work_s: float, *, ranks: int, ranks_per_node: int, cores: int) -> float:
+    """Seconds a step waits for host cores, beyond ``compute_s``: the computing part of its critical path (the
+    step less the communication it waits for), every rank on a core of its own.
 
     A "GPU" that is a host thread (``Cluster.host_cores`` > 0) computes only while the scheduler gives it a
     core. ``work_s`` is the CPU time of all ``ranks`` together (compute, host hooks, optimizer: not waits); the
-    busiest node holds ``ceil(ranks / nodes used)`` of them, at most ``ranks_per_node``, and cannot finish its
-    share of the work in less than that share / ``cores``. The step takes the larger of the two bounds (work and
-    span; Brent): ranks idle in a pipeline bubble or waiting on a peer free their core for the others, so a
-    layout with bubbles loses less than its ranks' count suggests, and one keeping every rank busy runs at
-    ``cores / ranks`` of a core each. 0 without shared cores (GPU clusters) or with a core per busy rank.
+    busiest node holds ``ceil(ranks / nodes used)`` of them and cannot finish its share of the work in less
+    than that share / ``cores``. The computing part of the step stretches to that bound (work and span,
+    Brent), and the communication stays on top of it (every rank waits in a collective together: its core
+    has nothing to run). Ranks idle in a pipeline bubble give their core to the others, so a layout with
+    bubbles loses less than its ranks' count suggests; one keeping every rank busy computes at ``cores /
+    ranks`` of a core each. 0 without shared cores (GPU clusters) or with a core per busy rank.
 
     Example:
         >>> host_wait(1.0, 4.0, ranks=4, ranks_per_node=4, cores=2)  # four busy ranks on two cores
@@ -108,7 +110,7 @@ def host_wait(span_s: float, work_s: float, *, ranks: int, ranks_per_node: int, 
     per_node = math.ceil(ranks / nodes)
     if per_node <= cores:
         return 0.0
-    return max(0.0, work_s * per_node / ranks / cores - span_s)
+    return max(0.0, work_s * per_node / ranks / cores - max(0.0, compute_s))
 
 
 def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
@@ -462,7 +464,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s + fsdp_host
-    wait = host_wait(pipeline + dp_comm.dp_s + opt_time, work, ranks=layout.dp * layout.tp * pp,
+    waited = tp_s + p2p_s + dp_comm.dp_s  # communication on the critical path
+    wait = host_wait(pipeline + dp_comm.dp_s + opt_time - waited, work, ranks=layout.dp * layout.tp * pp,
                      ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
     step = pipeline + dp_comm.dp_s + opt_time + wait
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
