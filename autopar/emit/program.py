@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from autopar.errors import PlanValidationError, UserInputError
-from autopar.graph.layers import block_prefix
+from autopar.graph.layers import MAX_RECOMPUTED_NODES, block_prefix  # the planner prices the same rule
 from autopar.plan import Plan
 
 # torch 2.13's own pytree code copies LeafSpec objects through a deprecated isinstance check when an exported
@@ -316,10 +316,6 @@ def _check_blocks_whole(nodes: Sequence[fx.Node], block_of: Mapping[fx.Node, str
                 raise PlanValidationError(
                     f"node {n.name} of block {b!r} runs in stage {s} but the plan puts {b!r} in stage "
                     f"{owner[b]} (the block is called more than once, or out of order); pin pp=1")
-
-
-MAX_RECOMPUTED_NODES = 256
-"""Largest input-only subgraph copied into a later stage; a larger one is sent instead."""
 
 
 def _stages(gm: fx.GraphModule, splits: Sequence[fx.Node]) -> tuple[dict[fx.Node, int], list[fx.Node]]:

@@ -170,7 +170,13 @@ class Layer:
     saved: tuple[SavedTensor, ...] = ()
     """Activations saved for backward by this layer's ops."""
     input_meta: tuple[TensorMeta, ...] = ()
-    """Tensors flowing into the layer from earlier layers or graph inputs (its boundary)."""
+    """Tensors the layer reads from earlier layers or graph inputs, the hidden state first."""
+    sent_meta: tuple[TensorMeta, ...] | None = None
+    """What a pipeline stage boundary right before the layer sends for it; None: ``input_meta``.
+
+    The emitted program recomputes a value made from the model's inputs alone (an attention mask, rotary
+    cos/sin) in every stage that reads it, so the inputs it is made from travel instead of the value
+    (``autopar.graph.layers.input_only_sources``)."""
 
     @property
     def forward_flops(self) -> int:
@@ -194,8 +200,8 @@ class Layer:
 
     @property
     def boundary_nbytes(self) -> int:
-        """Bytes entering the layer: what a pipeline stage boundary before it sends."""
-        return sum(t.nbytes for t in self.input_meta)
+        """Bytes a pipeline stage boundary before the layer sends for it (``sent_meta``, else ``input_meta``)."""
+        return sum(t.nbytes for t in (self.input_meta if self.sent_meta is None else self.sent_meta))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
