@@ -85,23 +85,23 @@ class Evaluation:
         return max(self.memory, key=lambda m: m.total).dominant_term()
 
 
-def host_wait(compute_s: float, work_s: float, *, ranks: int, ranks_per_node: int, cores: int) -> float:
+def host_wait(compute_s: float, *, ranks: int, ranks_per_node: int, cores: int) -> float:
     """Seconds a step waits for host cores, beyond ``compute_s``: the computing part of its critical path (the
     step less the communication it waits for), every rank on a core of its own.
 
     A "GPU" that is a host thread (``Cluster.host_cores`` > 0) computes only while the scheduler gives it a
-    core. ``work_s`` is the CPU time of all ``ranks`` together (compute, host hooks, optimizer: not waits); the
-    busiest node holds ``ceil(ranks / nodes used)`` of them and cannot finish its share of the work in less
-    than that share / ``cores``. The computing part of the step stretches to that bound (work and span,
-    Brent), and the communication stays on top of it (every rank waits in a collective together: its core
-    has nothing to run). Ranks idle in a pipeline bubble give their core to the others, so a layout with
-    bubbles loses less than its ranks' count suggests; one keeping every rank busy computes at ``cores /
-    ranks`` of a core each. 0 without shared cores (GPU clusters) or with a core per busy rank.
+    core. The busiest node holds ``ceil(ranks / nodes used)`` of the layout's ranks; beyond its ``cores`` they
+    take turns, each at ``cores / ranks`` of a core, so the computing part stretches by ``ranks / cores``.
+    The communication stays on top: it was measured with every rank busy (``local_worker._in_step_s``).
+    Ranks waiting on a peer (a pipeline bubble) do not give their turn back measurably: GPT's 1F1B over 4
+    ranks of 2 cores ran no faster than on one rank (0.083-0.087 s against 0.082), where a model that lent
+    idle ranks' cores to the busy ones predicted 0.040. 0 without shared cores (GPU clusters) or with a core
+    per busy rank.
 
     Example:
-        >>> host_wait(1.0, 4.0, ranks=4, ranks_per_node=4, cores=2)  # four busy ranks on two cores
+        >>> host_wait(1.0, ranks=4, ranks_per_node=4, cores=2)  # four busy ranks on two cores
         1.0
-        >>> host_wait(1.0, 1.5, ranks=2, ranks_per_node=4, cores=2), host_wait(1.0, 4.0, ranks=4, ranks_per_node=4, cores=0)
+        >>> host_wait(1.0, ranks=2, ranks_per_node=4, cores=2), host_wait(1.0, ranks=4, ranks_per_node=4, cores=0)
         (0.0, 0.0)
     """
     if cores <= 0 or ranks <= 0:
@@ -110,7 +110,7 @@ def host_wait(compute_s: float, work_s: float, *, ranks: int, ranks_per_node: in
     per_node = math.ceil(ranks / nodes)
     if per_node <= cores:
         return 0.0
-    return max(0.0, work_s * per_node / ranks / cores - max(0.0, compute_s))
+    return max(0.0, compute_s) * (per_node / cores - 1.0)
 
 
 def _nodes_spanned(group_size: int, stride: int, gpus_per_node: int) -> int:
@@ -437,7 +437,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     pp, m = layout.pp, layout.num_micro_batches
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_comm, opt_time, fsdp_host, work = [], CommBreakdown(), 0.0, 0.0, 0.0
+    memory, dp_comm, opt_time, fsdp_host = [], CommBreakdown(), 0.0, 0.0
     blocks = fsdp_blocks([c.param_count for c in costs])
     wrapped = layout.dp > 1 or formulas.dtype != "float32"  # emit/dp.py's needs_dp_wrapper
     for r in range(pp):
@@ -450,22 +450,18 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
                                      [blocks[i] for i in part.stage_layers(j)])]
         edge = fsdp_edge_units([costs[i].param_count for i in layers], [blocks[i] for i in layers])
         rank_comm = _dp_comm(layout, units, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
-        hooks = m * len(units) * formulas.cluster.gpu.fsdp_unit_s if wrapped else 0.0
-        fsdp_host = max(fsdp_host, hooks)  # FSDP2's hooks, every unit and micro-batch, on the host (0 on GPUs)
+        if wrapped:  # FSDP2's hooks, every unit and micro-batch, where the host runs the kernels (0 on GPUs)
+            fsdp_host = max(fsdp_host, m * len(units) * formulas.cluster.gpu.fsdp_unit_s)
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
-        rank_opt = formulas.optimizer_step_time(owned)
-        opt_time = max(opt_time, rank_opt)
-        # the rank's own work (its TP collectives are waits, not work), dp × tp ranks alike
-        tp_wait = m * math.fsum(costs[i].tp_comm_s for i in layers)
-        work += layout.dp * layout.tp * (compute - tp_wait + hooks + rank_opt)
+        opt_time = max(opt_time, formulas.optimizer_step_time(owned))
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s + fsdp_host
     waited = tp_s + p2p_s + dp_comm.dp_s  # communication on the critical path
-    wait = host_wait(pipeline + dp_comm.dp_s + opt_time - waited, work, ranks=layout.dp * layout.tp * pp,
+    wait = host_wait(pipeline + dp_comm.dp_s + opt_time - waited, ranks=layout.dp * layout.tp * pp,
                      ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
     step = pipeline + dp_comm.dp_s + opt_time + wait
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp

@@ -9,9 +9,9 @@ exactly that:
   bandwidth, the floor of one eager op and the start-up time of a small GEMM (as ``probe.py``),
   and the model's ops (the calibration table). These are a rank with a core of its own; with more
   ranks than cores the cluster file says how many cores the ranks share (``host_cores``), and the
-  planner prices ranks beyond them taking turns (``evaluate.host_wait``), so a pipeline's idle ranks
-  give their core to the busy ones (GPT's GPipe steps on 4 ranks of 2 cores ran in half the time a fixed
-  half core per rank predicted);
+  planner prices the ranks a layout keeps busy beyond them taking turns (``evaluate.host_wait``): a
+  layout on 3 of 4 ranks gets 2/3 of a core each, one on 2 a core each (a fixed half core per rank
+  over-predicted GPT's 3-stage pipelines on 4 ranks of 2 cores by half);
 * the host time DTensor adds to each op (forward, and backward per forward op) and FSDP2 adds per
   unit, measured with all N ranks at once (these need the group) and scaled to a core of its own
   (``core_share``);
