@@ -180,8 +180,12 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     return out[0]
 
 
-def _fused_dropout(x: torch.Tensor, p: float = 0.5, train: bool = True, inplace: bool = False) -> torch.Tensor:
-    """Dropout as a GPU runs it: identity for p = 0 or eval, else ``native_dropout`` with a bool mask."""
+def _fused_dropout(x: torch.Tensor, p: float = 0.5, train: bool = True, inplace: bool = False, *,
+                   training: bool | None = None) -> torch.Tensor:
+    """Dropout as a GPU runs it: identity for p = 0 or eval, else ``native_dropout`` with a bool mask.
+    ``training``: ``F.dropout``'s name for ``train`` (fx passes it by keyword)."""
+    if training is not None:
+        train = training
     if not train or p == 0.0:
         return x
     return torch.native_dropout(x, p, True)[0]

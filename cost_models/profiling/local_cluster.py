@@ -13,8 +13,10 @@ exactly that:
   layout on 3 of 4 ranks gets 2/3 of a core each, one on 2 a core each (a fixed half core per rank
   over-predicted GPT's 3-stage pipelines on 4 ranks of 2 cores by half);
 * the host time DTensor adds to each op (forward, and backward per forward op) and FSDP2 adds per
-  unit, measured with all N ranks at once (these need the group) and scaled to a core of its own
-  (``core_share``);
+  unit, measured with all N ranks at once (these need the group). DTensor's is a difference of short
+  runs of ops, which run inside one time slice at a core's speed (11.6 us per op on 4 ranks of 2 cores,
+  12.7 on 2), and is kept; FSDP2's is a difference of steps of four micro-batches, which get only their
+  share of a core (1.16 ms on 4 ranks, 0.57 on 2), and is scaled to a core of its own (``core_share``);
 * for each collective kind (all-reduce, all-gather, reduce-scatter, broadcast) and group size
   (2, 4, ... up to N), the time a call adds to a run of compute (as a step issues it: after a
   burst of compute on every rank, ``local_worker._in_step_s``) over message sizes, fitted as t = alpha + beta · S (Hockney's
@@ -38,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from autopar.cost_models.cluster import HOST_FIELDS
+from autopar.cost_models.cluster import DTENSOR_HOST_FIELDS
 from autopar.cost_models.comm import RING_BASE_LATENCY_S, Collective, bus_bandwidth_factor
 from autopar.cost_models.profiling.calibration import CalibrationTable
 from autopar.graph.ir import OpGraph
@@ -343,9 +345,10 @@ def core_share(ranks: int, cores: int) -> float:
 
 
 def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int) -> LocalClusterProfile:
-    """One profile from every rank's results. Compute comes from the ranks that timed it (a core each); the host
-    times DTensor and FSDP2 add were timed with all ``ranks`` taking turns on ``cores``, so they are scaled to a
-    core of their own (× ``core_share``: a loop of hundreds of milliseconds gets only its share)."""
+    """One profile from every rank's results. Compute comes from the ranks that timed it (a core each). The host
+    times DTensor and FSDP2 add were timed with all ``ranks`` taking turns on ``cores``: DTensor's per-op figure
+    (short runs of ops, inside one time slice) is kept, FSDP2's per-unit one (steps of tens of milliseconds,
+    which get only their share) is scaled to a core of its own (× ``core_share``)."""
     first = next(r for r in results if r["rank"] == 0)
     share = core_share(ranks, cores)
 
@@ -354,7 +357,8 @@ def _combine(results: Sequence[Mapping[str, Any]], ranks: int, cores: int) -> Lo
 
     compute = RankCompute(gemm_flops_per_s=med("gemm_flops_per_s"), copy_bytes_per_s=med("copy_bytes_per_s"),
                           op_floor_s=med("op_floor_s"), half_efficiency_s=med("half_efficiency_s"),
-                          **{name: med(name) * share for name in HOST_FIELDS})
+                          **{name: med(name) for name in DTENSOR_HOST_FIELDS},
+                          fsdp_unit_s=med("fsdp_unit_s") * share)
     fits = []
     for (kind, group), samples in sorted(first["collectives"].items()):
         alpha, beta = fit_alpha_beta(samples)

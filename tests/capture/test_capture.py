@@ -119,6 +119,29 @@ def test_saved_tensors_follow_gpu_kernels():
     assert any(op.target == "aten._scaled_dot_product_efficient_attention.default" for op in block.ops)
 
 
+def test_functional_dropout_by_keyword_is_captured():
+    """fx passes ``F.dropout``'s ``training`` by keyword; captured as dropout with its mask, or nothing in eval."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(F.dropout(x, p=0.1, training=self.training))
+
+    with torch.device("meta"):
+        net = Net()
+    masks = [s for layer in autopar.capture(net, (torch.zeros(4, 16),)).layers for s in layer.saved
+             if s.meta.dtype == "bool"]
+    assert [m.meta.shape for m in masks] == [(4, 16)]
+    with torch.device("meta"):
+        net = Net().eval()
+    assert not any(s.meta.dtype == "bool" for layer in autopar.capture(net, (torch.zeros(4, 16),)).layers
+                   for s in layer.saved)
+
+
 def test_tied_weights_counted_once():
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=64, block_size=8, tie_weights=True))
