@@ -120,7 +120,7 @@ def _run_group(world: int, spec: dict[str, Any], plans: list[Any],
     if not memory_only and passes > 1:  # a second pass, in reverse: a slow spell of the machine hits one pass
         texts += texts[::-1]
     # read while the job runs: a long run of results would otherwise fill the queue's pipe and block both sides
-    reported = run_and_gather(regret_worker.run_job_rank, (world, [free_port()], spec, texts), (memory_only,), world)
+    reported = run_and_gather(regret_worker.run_rank, (world, free_port(), spec, texts), (memory_only,), world)
     out: dict[str, dict[str, Any]] = {}
     for r in reported:
         seen = out.setdefault(r.pop("layout"), r)

@@ -56,14 +56,6 @@ def loss_fn(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def run_job_rank(index: int, world: int, ports: list[int], spec: dict[str, Any], plans: list[str], queue: Any,
-                 memory_only: bool = False) -> None:
-    """Process ``index`` of ``len(ports)`` independent jobs of ``world`` ranks each (job j on ``ports[j]``), all
-    running ``plans`` at once; only the first job reports."""
-    job, rank = divmod(index, world)
-    run_rank(rank, world, ports[job], spec, plans, queue if job == 0 else None, memory_only)
-
-
 def run_rank(rank: int, world: int, port: int, spec: dict[str, Any], plans: list[str], queue: Any,
              memory_only: bool = False) -> None:
     """Run each plan (JSON text) on this rank; rank 0 puts one result dict per plan on ``queue`` (if any).

@@ -460,10 +460,10 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s + fsdp_host
-    waited = tp_s + p2p_s + dp_comm.dp_s  # communication on the critical path
-    wait = host_wait(pipeline + dp_comm.dp_s + opt_time - waited, ranks=layout.dp * layout.tp * pp,
-                     ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
-    step = pipeline + dp_comm.dp_s + opt_time + wait
+    step = pipeline + dp_comm.dp_s + opt_time
+    wait = host_wait(step - (tp_s + p2p_s + dp_comm.dp_s),  # less the communication on the critical path
+                     ranks=layout.dp * layout.tp * pp, ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
+    step += wait
     fwd = math.fsum(c.forward_flops for c in costs) * m * layout.dp
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp
     return Evaluation(
