@@ -57,8 +57,8 @@ class RuntimeProgram:
     each transfer."""
     sp_shards_boundaries: bool
     """Under sequence parallelism what crosses a stage boundary is the sequence shard (Megatron's
-    ``get_tensor_shapes``: ``seq_length // tp``); False: a stage's outputs leave as full plain tensors, the same on
-    every tp rank (``emit/tp.py::_outputs_to_local``: torch pipelining's traced stages carry no DTensors)."""
+    ``get_tensor_shapes``: ``seq_length // tp``; autopar's ``emit/tp.py::sequence_boundaries``); False: a stage's
+    outputs leave as full tensors, the same on every tp rank."""
     sp_by_placement: bool
     """Under sequence parallelism the program runs a block's weight-holding children as the sharding ILP places
     them, from their input gathered and saved whole (DTensor, ``emit/tp.py``: ``memory.sequence_parallel_split``);
@@ -72,7 +72,7 @@ PROGRAMS = MappingProxyType({
         zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
         schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
         keeps_stage_output=True, sends_held_to_step_end=(Schedule.INTERLEAVED_1F1B,),
-        sp_shards_boundaries=False, sp_by_placement=True),
+        sp_shards_boundaries=True, sp_by_placement=True),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
         fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),

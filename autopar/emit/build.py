@@ -121,8 +121,10 @@ def build_part(program: Program, model: nn.Module, stage: StagePlan, plan: Plan,
     retarget_device(module, env.device)  # factory ops (arange, masks) ran on the export's device
     # 2. tensor parallelism first: it turns the parameters into DTensors on the tp axis
     if lay.tp > 1:
+        last = len(plan.stages) - 1
         apply_tp(module, model, mesh[str(MeshAxis.TP)], stage, sequence_parallel=lay.sequence_parallel,
-                 block_paths=blocks, keep_vocab_shards=stage.index == len(plan.stages) - 1)
+                 block_paths=blocks, keep_vocab_shards=stage.index == last, receives=stage.index > 0,
+                 sends=stage.index < last)
     # 3. activation checkpointing wraps the (already split) blocks
     apply_ac(module, blocks, stage.recompute)
     # 4. data parallelism last: FSDP units are the wrapped blocks plus the stage root

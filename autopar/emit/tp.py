@@ -179,8 +179,8 @@ def param_placements(model: nn.Module, styles: Mapping[str, TPStyle], names: Seq
 
 
 def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, stage: StagePlan, *,
-             sequence_parallel: bool, block_paths: Sequence[str], keep_vocab_shards: bool = False
-             ) -> dict[str, int | None]:
+             sequence_parallel: bool, block_paths: Sequence[str], keep_vocab_shards: bool = False,
+             receives: bool = False, sends: bool = False) -> dict[str, int | None]:
     """Make every parameter of the stage a DTensor on ``tp`` and run the stage on DTensors (in place).
 
     Args:
@@ -193,6 +193,10 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
         keep_vocab_shards: The stage is the model's last: outputs split on their last dim (a column-split
             LM head's logits) leave as ``Shard(-1)`` DTensors, for the vocabulary-parallel loss
             (``autopar.emit.loss``); every other output leaves whole.
+        receives: The stage's inputs come from the previous pipeline stage (not the model's inputs).
+        sends: The stage's outputs go to the next pipeline stage (not to the loss).
+            Under sequence parallelism, what crosses between two such stages travels as this rank's
+            sequence shard (``sequence_boundaries``).
 
     Returns:
         Parameter name → sharded dim (None: replicated), for logging and tests.
@@ -220,14 +224,74 @@ def apply_tp(stage_module: nn.Module, model: nn.Module, tp_mesh: DeviceMesh, sta
               if name in dims}
     dims.update({name: p.dim for name, p in splits.items()})
     _distribute(stage_module, tp_mesh, dims, splits)
-    stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh), with_kwargs=True)
-    stage_module.register_forward_hook(_outputs_to_local(keep_vocab_shards))
+    tp = tp_mesh.size()
+    received, sent = sequence_boundaries(stage_module, tp, received=sequence_parallel and receives,
+                                         sent=sequence_parallel and sends)
+    stage_module.register_forward_pre_hook(_inputs_to_dtensor(tp_mesh, received), with_kwargs=True)
+    stage_module.register_forward_hook(_outputs_to_local(tp_mesh, keep_vocab_shards, sent))
     _reduce_row_outputs(stage_module, styles, sequence_parallel, block_paths)
     _prepare_block_inputs(stage_module, styles, block_paths, sequence_parallel)
     split = sum(d is not None for d in dims.values())
-    logger.info("stage %d: tensor parallel over %d ranks, %d of %d parameters sharded%s", stage.index,
-                tp_mesh.size(), split, len(dims), " with sequence parallelism" if sequence_parallel else "")
+    logger.info("stage %d: tensor parallel over %d ranks, %d of %d parameters sharded%s%s", stage.index,
+                tp, split, len(dims), " with sequence parallelism" if sequence_parallel else "",
+                f"; {sum(s is not None for s in received)} received and {len(sent)} sent as sequence shards"
+                if received or sent else "")
     return dims
+
+
+def sequence_shardable(val: Any, tp: int) -> bool:
+    """A stage boundary value that sequence parallelism sends as its sequence shard: a floating
+    ``[batch, seq, ...]`` activation whose sequence divides over ``tp`` (the residual stream that the
+    blocks hand on as ``Shard(1)``; what the program recomputes per stage, masks and rotary tables, does
+    not cross: ``autopar.graph.layers.input_only_sources``).
+
+    Example:
+        >>> sequence_shardable(torch.zeros(2, 16, 8), 2), sequence_shardable(torch.zeros(2, 1, 16, 16), 2)
+        (True, False)
+    """
+    return (isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() >= 3
+            and val.shape[1] % tp == 0)
+
+
+def sequence_boundaries(stage_module: nn.Module, tp: int, *, received: bool, sent: bool
+                        ) -> tuple[list[torch.Size | None], frozenset[int]]:
+    """Make the stage's pipeline boundaries carry sequence shards, as Megatron and torchtitan send them: each
+    ``sequence_shardable`` value crosses as this rank's ``seq/tp`` slice, ``tp`` times fewer bytes and no
+    gather before the send (the blocks hand on ``Shard(1)`` already).
+
+    torch's traced ``_PipelineStage`` sizes its receive buffers (activations forward, gradients backward)
+    from the stage graph's placeholder and output metadata, so each such value's metadata becomes the shard's
+    shape; the sender and the receiver read the same value's metadata, so both sides agree.
+
+    Returns:
+        Per placeholder, the global shape a received shard is wrapped at (None: received whole), and the
+        positions (in the flattened outputs) of the outputs sent as shards.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    graph = stage_module.graph  # type: ignore[union-attr]
+    shapes: list[torch.Size | None] = []
+    for node in (n for n in graph.nodes if n.op == "placeholder"):
+        val = node.meta.get("val")
+        shard = received and sequence_shardable(val, tp)
+        shapes.append(val.shape if shard else None)
+        if shard:
+            node.meta["val"] = _sequence_slice(val, tp)
+    positions: set[int] = set()
+    if sent:
+        output = next(n for n in reversed(graph.nodes) if n.op == "output")
+        flat, _ = tree_flatten(output.args[0])
+        for i, node in enumerate(flat):
+            val = getattr(node, "meta", {}).get("val")
+            if sequence_shardable(val, tp):
+                node.meta["val"] = _sequence_slice(val, tp)
+                positions.add(i)
+    return shapes, frozenset(positions)
+
+
+def _sequence_slice(val: torch.Tensor, tp: int) -> torch.Tensor:
+    """Metadata of one rank's sequence shard of ``val`` (contiguous, as it is sent)."""
+    return val.narrow(1, 0, val.shape[1] // tp).contiguous()
 
 
 def _distribute(stage_module: nn.Module, mesh: DeviceMesh, dims: Mapping[str, int | None],
@@ -247,32 +311,52 @@ def _distribute(stage_module: nn.Module, mesh: DeviceMesh, dims: Mapping[str, in
         setattr(stage_module.get_submodule(parent), leaf, done[id(param)])
 
 
-def _inputs_to_dtensor(mesh: DeviceMesh) -> Any:
-    """Stage inputs (full tensors, the same on every tp rank) become replicated DTensors (differentiably)."""
-    from torch.distributed.tensor import DTensor, Replicate
+def _inputs_to_dtensor(mesh: DeviceMesh, shards: Sequence[torch.Size | None]) -> Any:
+    """Stage inputs become DTensors (differentiably): a full tensor (the same on every tp rank) replicated, and
+    a positional input with a global shape in ``shards`` (``sequence_boundaries``) as the ``Shard(1)`` it was
+    sent as."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    def wrap(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+    def wrap(x: Any, shape: torch.Size | None = None) -> Any:
+        if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+            return x
+        if shape is None:
             return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-        return x
+        return DTensor.from_local(x, mesh, [Shard(1)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return tuple(wrap(a) for a in args), {k: wrap(v) for k, v in kwargs.items()}
+        return (tuple(wrap(a, shards[i] if i < len(shards) else None) for i, a in enumerate(args)),
+                {k: wrap(v) for k, v in kwargs.items()})
 
     return hook
 
 
-def _outputs_to_local(keep_vocab_shards: bool) -> Any:
-    """A forward hook: stage outputs leave as full plain tensors (what the next stage receives), except, with
-    ``keep_vocab_shards``, the last stage's vocabulary-split logits, which the loss reads at V/t per rank."""
-    from torch.utils._pytree import tree_map
+def _outputs_to_local(mesh: DeviceMesh, keep_vocab_shards: bool, sequence_shards: frozenset[int] = frozenset()
+                      ) -> Any:
+    """A forward hook: stage outputs leave as plain tensors (what the next stage receives): whole, except, with
+    ``keep_vocab_shards``, the last stage's vocabulary-split logits, which the loss reads at V/t per rank, and
+    the outputs at ``sequence_shards`` (flattened positions), which leave as this rank's ``Shard(1)`` slice."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.utils._pytree import tree_flatten
 
     from autopar.emit.loss import gather, is_vocab_shard
 
-    def local(t: Any) -> Any:
+    def sequence_shard(t: Any) -> Any:
+        if not isinstance(t, DTensor):  # a plain tensor is the same on every tp rank
+            t = DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+        return t.redistribute(placements=[Shard(1)]).to_local(grad_placements=[Shard(1)]).contiguous()
+
+    def local(i: int, t: Any) -> Any:
+        if i in sequence_shards:
+            return sequence_shard(t)
         return t if keep_vocab_shards and is_vocab_shard(t) else gather(t)
 
-    return lambda module, args, output: tree_map(local, output)
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        leaves, spec = tree_flatten(output)
+        return spec.unflatten([local(i, t) for i, t in enumerate(leaves)])
+
+    return hook
 
 
 def _reduce_row_outputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], sequence_parallel: bool,

@@ -120,9 +120,10 @@ def test_interleaved_ranks_hold_every_send_at_their_peak(monkeypatch: pytest.Mon
     assert interleaved[1] > one_f_one_b[1]
 
 
-def test_sequence_parallel_stage_boundaries_are_whole_in_the_emitted_program(tiny_gpt_graph) -> None:
-    """The emitted stages hand on full plain tensors (``emit/tp.py::_outputs_to_local``), measured: 64 KB receive
-    buffers per micro-batch at tp2 sp (GPT, h 128, s 128); Megatron sends the sequence shard."""
+def test_sequence_parallel_stage_boundaries_carry_the_sequence_shard(tiny_gpt_graph) -> None:
+    """Under SP both programs send the sequence shard across a stage boundary (autopar's
+    ``emit/tp.py::sequence_boundaries``, its buffers checked in ``tests/emit/test_multiproc.py``; Megatron's
+    ``get_tensor_shapes``); without SP, the whole activation."""
     from autopar.cost_models.cluster import Cluster
     from autopar.pricing import LayerPricer
 
@@ -131,5 +132,5 @@ def test_sequence_parallel_stage_boundaries_are_whole_in_the_emitted_program(tin
     own = LayerPricer(tiny_gpt_graph, cluster, dtype="float32")
     meg = LayerPricer(tiny_gpt_graph, cluster, dtype="float32", runtime=Runtime.MEGATRON)
     whole = own._boundary(layer, 1, 1, False)
-    assert whole > 0 and own._boundary(layer, 1, 2, True) == whole
-    assert meg._boundary(layer, 1, 2, True) == whole / 2
+    assert whole > 0 and own._boundary(layer, 1, 2, False) == whole
+    assert own._boundary(layer, 1, 2, True) == meg._boundary(layer, 1, 2, True) == whole / 2

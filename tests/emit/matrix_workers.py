@@ -26,6 +26,8 @@ MOMENTUM = 0.9
 LAYOUTS: dict[str, dict[str, Any]] = {
     "tp2_pp2_1f1b": {"dp": 1, "tp": 2, "pp": 2, "schedule": "1f1b", "micro_batch_size": 1, "zero_stage": 0,
                      "sequence_parallel": False, "recompute": "none"},
+    "tp2_pp2_sp": {"dp": 1, "tp": 2, "pp": 2, "schedule": "1f1b", "micro_batch_size": 1, "zero_stage": 0,
+                   "sequence_parallel": True, "recompute": "none"},
     "dp2_tp2_sp": {"dp": 2, "tp": 2, "pp": 1, "micro_batch_size": 2, "zero_stage": 0, "sequence_parallel": True,
                    "recompute": "none"},
     "zero3_dp2_pp2": {"dp": 2, "tp": 1, "pp": 2, "schedule": "1f1b", "micro_batch_size": 1, "zero_stage": 3,
@@ -84,6 +86,7 @@ def run_layout(arch: Arch, plan_json: str, ref: tuple[list[float], dict] | None 
 
     import autopar
     from autopar.plan import Plan
+    from tests.emit.workers import received_shapes
 
     plan = Plan.from_json(plan_json)
     data = [batch(arch, GLOBAL_BATCH, seed=10 + i) for i in range(STEPS)]
@@ -102,6 +105,7 @@ def run_layout(arch: Arch, plan_json: str, ref: tuple[list[float], dict] | None 
         "keys": sorted(k for k in full if k in ref_state), "ref_groups": groups or _alias_groups(arch),
         "tp_sharded": sorted(_tp_sharded(pm)), "plan": plan.layout.describe(),
         "stages": [list(s.module_paths) for s in plan.stages],
+        "received": received_shapes(pm),
     }
 
 

@@ -1,7 +1,8 @@
-"""16 Hugging Face architectures × 3 layouts on 4 gloo ranks: the emitted program trains like the original.
+"""16 Hugging Face architectures × 4 layouts on 4 gloo ranks: the emitted program trains like the original.
 
 Each architecture (tiny config, ``zoo.py``) is planned by autopar's planner on the
-slow-compute test cluster under three pinned layouts: TP2×PP2 with 1F1B, DP2×TP2
+slow-compute test cluster under four pinned layouts: TP2×PP2 with 1F1B, with and
+without sequence parallelism (with it, the stages exchange sequence shards), DP2×TP2
 with sequence parallelism, and ZeRO-3 DP2×PP2. The planner chooses the stage
 split and the shardings. Three SGD-with-momentum steps under ``autopar.parallelize``
 must give the single-process losses and parameters within 1e-5, and under TP the
@@ -65,3 +66,19 @@ def test_architecture_matrix(arch: str) -> None:
     results = run_spmd("tests.emit.matrix_workers:check_arch", 4, arch, layouts, timeout_s=600)
     for layout in layouts:
         _check_layout(arch, layout, [r[layout] for r in results])
+    _check_sequence_boundaries([r["tp2_pp2_1f1b"] for r in results], [r["tp2_pp2_sp"] for r in results])
+
+
+def _check_sequence_boundaries(whole: list[dict[str, Any]], sp: list[dict[str, Any]]) -> None:
+    """Under SP the stages exchange sequence shards: each receive buffer (activation or gradient) of the
+    TP2×PP2 run is there, with the floating ``[batch, seq, hidden]`` ones' even sequence halved (an odd one,
+    ViT's 17 tokens, travels whole); ids and masks are unchanged."""
+    assert sp[0]["stages"] == whole[0]["stages"], "the two layouts split the model differently: compare per stage"
+
+    def halved(shape: list[int], dtype: str) -> list[Any]:
+        split = dtype.startswith("torch.float") and len(shape) == 3 and shape[1] % 2 == 0
+        return [[shape[0], shape[1] // 2, *shape[2:]] if split else shape, dtype]
+
+    expected = [[[halved(*b) for b in stage] for stage in r["received"]] for r in whole]
+    assert [r["received"] for r in sp] == expected
+    assert any(b for r in whole for stage in r["received"] for b in stage)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.emit.harness import run_spmd_cases, values
-from tests.emit.workers import VOCAB
+from tests.emit.workers import SEQ_LEN, VOCAB
 
 pytestmark = pytest.mark.multiproc
 
@@ -30,7 +30,8 @@ CASES: dict[str, tuple[int, dict[str, Any], str | None]] = {
                         "ScheduleInterleaved1F1B"),
     "dp2_tp2_sp_selective": (4, {"dp": 2, "tp": 2, "zero_stage": 2, "sequence_parallel": True,
                                  "recompute": "selective"}, None),
-    "tp2_pp2": (4, {"tp": 2, "pp": 2, "schedule": "1f1b", "num_micro_batches": 4}, "Schedule1F1B"),
+    "tp2_pp2_sp": (4, {"tp": 2, "pp": 2, "schedule": "1f1b", "num_micro_batches": 4, "sequence_parallel": True},
+                   "Schedule1F1B"),
     "dp2_pp2_zero1": (4, {"dp": 2, "pp": 2, "zero_stage": 1, "schedule": "gpipe"}, "ScheduleGPipe"),
     "dp2_pp2_zero0": (4, {"dp": 2, "pp": 2, "zero_stage": 0, "schedule": "1f1b"}, "Schedule1F1B"),
 }
@@ -149,6 +150,17 @@ def _check_mechanisms(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> N
             assert "DTensor" in r["param_types"]
     if pp > 1:
         assert len({tuple(r["blocks"]) for r in per_rank}) == pp  # each pipeline rank holds other blocks
+        _check_boundaries(plan, per_rank)
+
+
+def _check_boundaries(plan: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:
+    """What crosses a stage boundary (activations forward, their gradients backward) is the [batch, seq, hidden]
+    residual stream: under SP this rank's sequence shard, seq/tp long, else the whole sequence."""
+    seq = SEQ_LEN // plan.get("tp", 1) if plan.get("sequence_parallel") else SEQ_LEN
+    buffers = [b for r in per_rank for stage in r["received"] for b in stage]
+    assert buffers, "a pipeline without receive buffers"
+    floats = [shape for shape, dtype in buffers if dtype.startswith("torch.float")]
+    assert floats and {len(s) for s in floats} == {3} and {s[1] for s in floats} == {seq}, buffers
 
 
 @pytest.mark.parametrize("name", list(CASES))

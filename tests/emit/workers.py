@@ -266,7 +266,23 @@ def describe(pm: Any) -> dict[str, Any]:
         "schedule": type(pm.schedule).__name__ if pm.schedule is not None else None,
         "num_parts": len(pm.parts),
         "blocks": sorted(p for p in pm.state_dict() if p.endswith(("q_proj.weight",))),
+        "received": received_shapes(pm),
     }
+
+
+def received_shapes(pm: Any) -> list[list[Any]]:
+    """Per local pipeline stage, (shape, dtype) of each activation receive buffer and each gradient receive
+    buffer its schedule ran with (empty without a pipeline)."""
+    schedule = pm.schedule
+    if schedule is None:
+        return []
+    stages = getattr(schedule, "_stages", None) or [schedule._stage]
+    out = []
+    for stage in stages:
+        infos = [*stage.args_recv_info.get(0, ()), *(stage.grad_recv_info.get(0, ()) or ())]
+        out.append([[list(i.buffer.shape), str(i.buffer.dtype)] for i in infos
+                    if getattr(i, "buffer", None) is not None])
+    return out
 
 
 def check_resume(first: dict[str, Any], second: dict[str, Any], steps: tuple[int, int] = (2, 2)) -> dict[str, Any]:
