@@ -8,9 +8,16 @@ axis for a bf16 plan) and ``torch.distributed.pipelining``, whose allocations ar
 - weights: the sharded parameter is the fp32 original (the optimizer's master copy; for ZeRO 0 the whole of
   it), and every unit all-gathers an unsharded copy in the compute dtype (``FSDPParam.init_unsharded_param``:
   a separate storage, also in fp32 and under ``replicate``). ZeRO 0-2 keep the copies from forward to the end
-  of backward (``reshard_after_forward=False``), ZeRO 3 frees each after its unit's forward and backward; under a
-  pipeline torch keeps them from the first backward to the step's end (``stage.py``:
-  ``set_reshard_after_backward(False)`` until ``perform_reduce_grad``);
+  of backward (``reshard_after_forward=False``), ZeRO 3 frees each after its unit's forward and backward, under
+  a pipeline too. There a chunk's backward leaves its units gathered (``stage.py``,
+  ``backward_maybe_with_nosync``: ``set_reshard_after_backward(False)`` until ``perform_reduce_grad``), but the
+  chunk's next forward reshards each unit again (``FSDPParamGroup.post_forward`` calls ``reshard``, which frees
+  the copy whenever ``reshard_after_forward`` holds, whatever the backward left). So at the activations' peak,
+  a backward's start right after the forwards, a ZeRO 3 rank holds only the units being gathered, as without a
+  pipeline. Measured on 4 gloo ranks (GPT, dp2 pp2): rank 0's peak comes before any backward runs (GPipe, 1F1B)
+  or in the last forward (interleaved, 2 micro-batches), with one unit gathered. Not modelled: under interleaved
+  1F1B with more micro-batches than pp, a chunk whose backward ran keeps its units through the other chunk's
+  forward (``schedule.schedule_order``: ``2F3`` after ``0B0``), up to that chunk's parameters more;
 - gradients: one reduce per step (``runtime._accumulate``: ``set_requires_gradient_sync`` on the last
   micro-batch; the pipeline schedule alike), so earlier micro-batches accumulate *unsharded* gradients in the
   reduce dtype, fp32 (``FSDPParam.to_accumulated_grad_if_needed``); the reduce leaves fp32 gradients sharded
@@ -74,8 +81,9 @@ class ProgramStateBytes:
     """Model states of one GPU as the emitted program holds them."""
 
     params: int
-    """Weights used by compute: FSDP's unsharded compute-dtype copies kept through the step (ZeRO 0-2, or under
-    a pipeline), or the plain fp32 weights without FSDP; 0 for ZeRO 3 (gathered per unit: a buffer)."""
+    """Weights used by compute: FSDP's unsharded compute-dtype copies kept through the step (ZeRO 0-2), or the
+    plain fp32 weights without FSDP; 0 for ZeRO 3, with or without a pipeline (gathered per unit: a buffer,
+    ``estimate_fsdp_gather_bytes``; each forward reshards what a pipelined backward left gathered)."""
     grads: int
     """Gradients the optimizer reads (after the reduce): fp32, sharded over dp for ZeRO >= 1."""
     accumulated_grads: int
@@ -115,7 +123,8 @@ def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int,
         dp: data-parallel size.
         dtype: training dtype (the compute dtype of the unsharded copies).
         num_micro_batches: micro-batches per step on this rank; more than one accumulates gradients.
-        pipelined: pp > 1 (torch's schedule keeps unsharded weights and accumulates over every micro-batch).
+        pipelined: pp > 1 (torch's schedule accumulates gradients over every micro-batch; under ZeRO 3 the
+            weights are still gathered per unit: see the module docstring).
         runtime: the program priced.
 
     Example:
@@ -136,8 +145,7 @@ def estimate_program_state_bytes(num_params: float, *, zero_stage: int, dp: int,
         return ProgramStateBytes(params=FP32_BYTES * n, grads=grads, accumulated_grads=grads if accumulating else 0,
                                  optimizer=ADAM_MOMENT_BYTES * n)
     owned = math.ceil(n / dp) if zero_stage >= 1 else n
-    kept = zero_stage <= 2 or pipelined
-    return ProgramStateBytes(params=DTYPE_BYTES[dtype] * n if kept else 0, grads=FP32_BYTES * owned,
+    return ProgramStateBytes(params=DTYPE_BYTES[dtype] * n if zero_stage <= 2 else 0, grads=FP32_BYTES * owned,
                              accumulated_grads=FP32_BYTES * n if accumulating else 0,
                              optimizer=(FP32_BYTES + ADAM_MOMENT_BYTES) * owned)
 
@@ -182,14 +190,18 @@ def megatron_state_bytes(num_params: float, *, zero_stage: int, dp: int, dtype: 
 def estimate_fsdp_gather_bytes(largest_unit_params: float, *, zero_stage: int, dp: int, dtype: str,
                                pipelined: bool = False, runtime: Runtime = Runtime.AUTOPAR) -> float:
     """Bytes of ZeRO 3's gathered unit on top of the states, alive with the activations (its backward gather).
+    The same under a pipeline (``pipelined``): the forwards before the activations' peak reshard every unit a
+    backward left gathered (module docstring).
 
     Example:
         >>> estimate_fsdp_gather_bytes(1000, zero_stage=3, dp=8, dtype="bfloat16")  # all-gather output + copy
         4000.0
+        >>> estimate_fsdp_gather_bytes(1000, zero_stage=3, dp=8, dtype="bfloat16", pipelined=True)
+        4000.0
         >>> estimate_fsdp_gather_bytes(1000, zero_stage=2, dp=8, dtype="bfloat16")  # copies kept: in params
         0.0
     """
-    if zero_stage < 3 or pipelined or not uses_fsdp(dp=dp, dtype=dtype) or not program_of(runtime).fsdp:
+    if zero_stage < 3 or not uses_fsdp(dp=dp, dtype=dtype) or not program_of(runtime).fsdp:
         return 0.0
     return float(FSDP_GATHER_COPIES * DTYPE_BYTES[dtype] * largest_unit_params)
 

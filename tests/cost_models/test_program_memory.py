@@ -42,7 +42,7 @@ def test_fsdp2_states_by_zero_stage(dtype: str, c: int) -> None:
     assert states(1, dp, dtype) == states(2, dp, dtype) == (c * N, N, 0, 3 * N)
     assert states(3, dp, dtype) == (0, N, 0, 3 * N)
     assert states(3, dp, dtype, m=2) == (0, N, 4 * N, 3 * N)
-    assert states(3, dp, dtype, pipelined=True) == (c * N, N, 4 * N, 3 * N)  # kept from the first backward on
+    assert states(3, dp, dtype, pipelined=True) == (0, N, 4 * N, 3 * N)  # each forward reshards: gathered per unit
 
 
 def test_fsdp_rule_matches_the_emitter() -> None:
@@ -55,7 +55,7 @@ def test_fsdp_rule_matches_the_emitter() -> None:
 
 def test_gathered_unit_reduce_buffers_and_fixed_bytes() -> None:
     assert estimate_fsdp_gather_bytes(N, zero_stage=3, dp=8, dtype="bfloat16") == 2 * 2 * N
-    assert estimate_fsdp_gather_bytes(N, zero_stage=3, dp=8, dtype="bfloat16", pipelined=True) == 0
+    assert estimate_fsdp_gather_bytes(N, zero_stage=3, dp=8, dtype="bfloat16", pipelined=True) == 2 * 2 * N
     assert estimate_fsdp_reduce_bytes(N, zero_stage=0, dp=8, dtype="bfloat16") == 4 * (N + N)
     assert estimate_fsdp_reduce_bytes(N, zero_stage=3, dp=8, dtype="bfloat16") == 4 * (N + N / 8)
     assert estimate_fixed_bytes(largest_unit_params=N, zero_stage=3, dp=8, dtype="float32") == \
