@@ -59,6 +59,11 @@ class RuntimeProgram:
     """Under sequence parallelism what crosses a stage boundary is the sequence shard (Megatron's
     ``get_tensor_shapes``: ``seq_length // tp``; autopar's ``emit/tp.py::sequence_boundaries``); False: a stage's
     outputs leave as full tensors, the same on every tp rank."""
+    fuses_grad_accumulation: bool
+    """The weight-gradient GEMMs accumulate into the gradient buffer over micro-batches (Megatron's
+    ``gradient_accumulation_fusion``: ``fused_weight_gradient_mlp_cuda`` writes into ``main_grad``); False: each
+    later micro-batch's gradients are added in a pass of their own (autograd's ``AccumulateGrad``, FSDP2's
+    fp32 accumulator): ``Formulas.grad_accumulation_time``."""
     sp_by_placement: bool
     """Under sequence parallelism the program runs a block's weight-holding children as the sharding ILP places
     them, from their input gathered and saved whole (DTensor, ``emit/tp.py``: ``memory.sequence_parallel_split``);
@@ -72,13 +77,13 @@ PROGRAMS = MappingProxyType({
         zero_stages=(0, 1, 2, 3), zero_runs_as=MappingProxyType({1: 2}),  # emit/dp.py: "a ZeRO-1 plan is run as ZeRO-2"
         schedules=tuple(Schedule), recv_buffer_per_micro_batch=True,
         keeps_stage_output=True, sends_held_to_step_end=(Schedule.INTERLEAVED_1F1B,),
-        sp_shards_boundaries=True, sp_by_placement=True),
+        sp_shards_boundaries=True, fuses_grad_accumulation=False, sp_by_placement=True),
     Runtime.MEGATRON: RuntimeProgram(
         label="megatron-lm (DDP grad buffer, distributed optimizer, FusedAdam, per-transfer pipeline receives)",
         fsdp=False, optimizer="fused", zero_stages=(0, 1), zero_runs_as=MappingProxyType({}),
         schedules=(Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B),
         recv_buffer_per_micro_batch=False, keeps_stage_output=False, sends_held_to_step_end=(),
-        sp_shards_boundaries=True, sp_by_placement=False),
+        sp_shards_boundaries=True, fuses_grad_accumulation=True, sp_by_placement=False),
 })
 """Runtime → its program (sources in the module docstring)."""
 

@@ -205,6 +205,38 @@ class Formulas:
             self._collectives[key] = seconds
         return self._collectives[key]
 
+    def grad_accumulation_time(self, num_params: float, *, num_micro_batches: int, zero_stage: int, dp: int,
+                               pipelined: bool) -> float:
+        """Seconds per step one GPU spends adding each micro-batch's gradients of its ``num_params`` parameters
+        into the accumulated ones, a memory-bound pass on the backward's critical path.
+
+        autopar's program accumulates outside the GEMMs: autograd's ``AccumulateGrad`` adds every later
+        micro-batch's gradient into ``.grad`` in place (read both, write one), and FSDP2, whose reduce waits for
+        the last micro-batch, first casts the unsharded gradient to its fp32 reduce dtype
+        (``FSDPParam.to_accumulated_grad_if_needed``) and then adds each later one into it
+        (``accumulate_unsharded_grad_if_needed``). The accumulated width is ``program_states``'s. Megatron's
+        ``gradient_accumulation_fusion`` has the weight-gradient GEMM accumulate into ``main_grad`` itself
+        (``RuntimeProgram.fuses_grad_accumulation``): 0 there, as with one micro-batch.
+
+        Example:
+            >>> from autopar.cost_models.cluster import Cluster
+            >>> f = Formulas(Cluster.preset("dgx-h100"), "bfloat16")
+            >>> bw = f.cluster.gpu.achievable_mem_bytes_per_s
+            >>> f.grad_accumulation_time(1e9, num_micro_batches=4, zero_stage=3, dp=8, pipelined=False) * bw / 1e9
+            36.0
+        """
+        if num_micro_batches <= 1 or program_of(self.runtime).fuses_grad_accumulation:
+            return 0.0
+        states = self.program_states(num_params, zero_stage=zero_stage, dp=dp, num_micro_batches=num_micro_batches,
+                                     pipelined=pipelined)
+        if num_params <= 0 or states.accumulated_grads <= 0:
+            return 0.0
+        fresh = DTYPE_BYTES[self.dtype] * num_params  # one micro-batch's gradient, in the compute dtype
+        kept = float(states.accumulated_grads)
+        cast = kept + fresh if kept != fresh else 0.0  # FSDP2's first micro-batch: bf16 -> its fp32 accumulator
+        traffic = cast + (num_micro_batches - 1) * (2 * kept + fresh)
+        return traffic / self.cluster.gpu.achievable_mem_bytes_per_s
+
     def optimizer_step_time(self, num_params: float) -> float:
         """Seconds for the optimizer update of ``num_params`` parameters held by one GPU (the runtime's AdamW)."""
         return optimizer.estimate_optimizer_step_time(num_params, self.cluster.gpu, implementation=self.optimizer,

@@ -5,7 +5,8 @@ Step time of a layout (seconds)::
     step = pipeline + exposed data-parallel communication + optimizer update
 
 - pipeline: the stage DP's ``alpha · max_j t_j + beta · Σ_j t_j`` (``stage_dp``), where t_j
-  includes TP collectives (inside the layer costs) and stage-boundary sends;
+  includes TP collectives (inside the layer costs) and stage-boundary sends, plus the busiest rank's
+  gradient accumulation over micro-batches (``Formulas.grad_accumulation_time``) and FSDP2's host time;
 - data-parallel communication per pipeline rank, on the dp group (Rajbhandari et al. 2020):
   ZeRO 0 all-reduces gradients; ZeRO 1/2 reduce-scatter gradients and all-gather updated
   parameters (same volume as one all-reduce); ZeRO 3 (FSDP) also all-gathers parameters
@@ -437,7 +438,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     pp, m = layout.pp, layout.num_micro_batches
     tp_s = math.fsum(c.tp_comm_s for c in costs) * m / pp  # per rank, roughly even over the pipeline
     p2p_s = m * max(math.fsum(part.comm_time_s[r::pp]) for r in range(pp)) if pp > 1 else 0.0
-    memory, dp_comm, opt_time, fsdp_host = [], CommBreakdown(), 0.0, 0.0
+    memory, dp_comm, opt_time, fsdp_host, accumulate = [], CommBreakdown(), 0.0, 0.0, 0.0
     blocks = fsdp_blocks([c.param_count for c in costs])
     wrapped = layout.dp > 1 or formulas.dtype != "float32"  # emit/dp.py's needs_dp_wrapper
     for r in range(pp):
@@ -452,6 +453,8 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         rank_comm = _dp_comm(layout, units, compute, last_bwd, formulas, dp_nodes, overlap_grad_reduce, edge)
         if wrapped:  # FSDP2's hooks, every unit and micro-batch, where the host runs the kernels (0 on GPUs)
             fsdp_host = max(fsdp_host, m * len(units) * formulas.cluster.gpu.fsdp_unit_s)
+        accumulate = max(accumulate, formulas.grad_accumulation_time(
+            params, num_micro_batches=m, zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1))
         if rank_comm.dp_s >= dp_comm.dp_s:  # the step waits for the slowest rank's reduction
             dp_comm = rank_comm
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
@@ -459,7 +462,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
         memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
-    pipeline = part.step_time_s + fsdp_host
+    pipeline = part.step_time_s + fsdp_host + accumulate  # both inside every micro-batch, on the busiest rank
     step = pipeline + dp_comm.dp_s + opt_time
     wait = host_wait(step - (tp_s + p2p_s + dp_comm.dp_s),  # less the communication on the critical path
                      ranks=layout.dp * layout.tp * pp, ranks_per_node=gpus_per_node, cores=formulas.cluster.host_cores)
@@ -468,7 +471,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
     recomputed = math.fsum(c.recompute_flops for c in costs) * m * layout.dp
     return Evaluation(
         layout=layout, partition=part, step_time_s=step, pipeline_time_s=pipeline,
-        bubble_fraction=max(0.0, min(0.999, (pipeline - m * busiest) / step)) if pp > 1 else 0.0,
+        bubble_fraction=max(0.0, min(0.999, (part.step_time_s - m * busiest) / step)) if pp > 1 else 0.0,
         communication=dataclasses.replace(dp_comm, tp_s=tp_s, pp_p2p_s=p2p_s), optimizer_time_s=opt_time,
         memory=tuple(memory), model_flops=3 * fwd,
         hardware_flops=3 * fwd + recomputed, fits=solved and all(mb.fits for mb in memory),

@@ -183,6 +183,43 @@ def test_fsdp_host_time_is_paid_per_unit_and_micro_batch_where_fsdp_wraps() -> N
         evaluate.evaluate_layout(alone, prices.variants, fp32[0], gpus_per_node=8).step_time_s)
 
 
+def test_gradient_accumulation_is_a_memory_pass_per_later_micro_batch() -> None:
+    """``Formulas.grad_accumulation_time``, closed form at the GPU's achievable bandwidth: autograd's in-place
+    ``.grad += g`` (fp32: read 4 + 4, write 4 B per parameter) for each micro-batch after the first; FSDP2's bf16
+    gradient cast to its fp32 accumulator once (2 + 4 B) and added into it after (2 + 4 + 4 B); nothing with one
+    micro-batch or under Megatron's fused accumulation. The evaluation adds the busiest rank's to the pipeline
+    term, and not to the bubble."""
+    from autopar.layout import Runtime
+    from autopar.solvers.costs import Formulas
+
+    formulas = PRICING.formulas()
+    bw = formulas.cluster.gpu.achievable_mem_bytes_per_s
+    n = 1e8
+    fp32 = Formulas(formulas.cluster, "float32")
+    assert fp32.grad_accumulation_time(n, num_micro_batches=4, zero_stage=0, dp=1, pipelined=False) == \
+        pytest.approx(3 * 12 * n / bw)
+    bf16 = Formulas(formulas.cluster, "bfloat16")
+    assert bf16.grad_accumulation_time(n, num_micro_batches=4, zero_stage=3, dp=8, pipelined=True) == \
+        pytest.approx((6 + 3 * 10) * n / bw)
+    assert bf16.grad_accumulation_time(n, num_micro_batches=1, zero_stage=3, dp=8, pipelined=False) == 0.0
+    megatron = Formulas(formulas.cluster, "bfloat16", Runtime.MEGATRON)
+    assert megatron.grad_accumulation_time(n, num_micro_batches=8, zero_stage=1, dp=8, pipelined=True) == 0.0
+
+    layout = _layout(zero_stage=2)
+    prices = setting_prices(TABLE.layers, SPACE.recompute, layout.tp, False, layout.micro_batch_size)
+    own = evaluate.evaluate_layout(layout, prices.variants, formulas, gpus_per_node=8)
+    fused = evaluate.evaluate_layout(layout, prices.variants, Formulas(formulas.cluster, formulas.dtype,
+                                                                       Runtime.MEGATRON), gpus_per_node=8)
+    params = [c.param_count for c in next(iter(prices.variants.values()))]
+    busiest = max(formulas.grad_accumulation_time(
+        sum(params[i] for i in own.partition.stage_layers(r)), num_micro_batches=layout.num_micro_batches,
+        zero_stage=2, dp=layout.dp, pipelined=True) for r in range(layout.pp))
+    assert busiest > 0 and own.partition == fused.partition
+    pipeline_less_hooks = own.pipeline_time_s - fused.pipeline_time_s  # Megatron: no FSDP2 hooks either (0 here)
+    assert pipeline_less_hooks == pytest.approx(busiest)
+    assert own.bubble_fraction * own.step_time_s == pytest.approx(fused.bubble_fraction * fused.step_time_s)
+
+
 def test_ranks_beyond_the_host_cores_take_turns() -> None:
     """``Cluster.host_cores`` (ranks that are threads on a CPU): a node of 8 busy ranks on 2 cores computes at a
     quarter of a core per rank, so the computing part of the step (the step less its communication) takes 4×,
