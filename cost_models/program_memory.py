@@ -16,11 +16,12 @@ axis for a bf16 plan) and ``torch.distributed.pipelining``, whose allocations ar
   a backward's start right after the forwards, a ZeRO 3 rank holds only the units being gathered, as without a
   pipeline. Measured on 4 gloo ranks (GPT, dp2 pp2): rank 0's peak falls at the first backward's start (GPipe,
   1F1B) or in the forward just before it (interleaved, 2 micro-batches), with only that moment's units gathered.
-  Not modelled: at a stage's backward start FSDP2 runs the last block's pre-backward, which prefetches the next
-  block (``_backward_prefetch``), then the root's, so the root and two blocks are gathered at once (measured
-  2 × (root + block), more than ``FSDP_GATHER_COPIES`` × the largest unit when the root is the embedding); and
-  under interleaved 1F1B with more micro-batches than pp a chunk whose backward ran keeps its units through
-  the other chunk's forward (``schedule.schedule_order``: ``2F3`` after ``0B0``), up to that chunk's weights;
+  At a pipeline stage's backward start FSDP2 runs the last block's pre-backward, then the root's (the stage's
+  output is the root's), so the root and a block are gathered at once (measured 2 × (root + block), more than
+  ``FSDP_GATHER_COPIES`` × the largest unit when the root is the embedding): the evaluation passes that sum
+  (``solvers/evaluate.py::_gathered_together``). Not modelled: under interleaved 1F1B with more micro-batches
+  than pp a chunk whose backward ran keeps its units through the other chunk's forward
+  (``schedule.schedule_order``: ``2F3`` after ``0B0``), up to that chunk's weights;
 - gradients: one reduce per step (``runtime._accumulate``: ``set_requires_gradient_sync`` on the last
   micro-batch; the pipeline schedule alike), so earlier micro-batches accumulate *unsharded* gradients in the
   reduce dtype, fp32 (``FSDPParam.to_accumulated_grad_if_needed``); the reduce leaves fp32 gradients sharded

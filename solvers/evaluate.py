@@ -154,6 +154,26 @@ def _largest_unit(params: Sequence[float]) -> float:
     return max([root] + [p for p, is_block in zip(params, blocks) if is_block])
 
 
+def _gathered_together(params: Sequence[float], blocks: Sequence[bool], chunks: Sequence[range],
+                       pipelined: bool) -> float:
+    """Parameters of the FSDP units gathered at once at a rank's activation peak (ZeRO 3's working copies).
+
+    Without a pipeline, the largest unit: the root's units are the model's first and last layers, gathered
+    apart from the blocks. Under a pipeline, a stage's backward starts at its output, which is the stage root's
+    output: the root's pre-backward hook gathers the root while the last block gathers itself (measured on GPT,
+    dp2 pp2 1F1B ZeRO 3, at rank 0's first backward: root and block unsharded together, their all-gather
+    outputs with them, 3.81 MB against one unit's 2.23): the largest root plus block of the rank's chunks.
+    ``blocks`` are the model's block flags (``fsdp_blocks``), ``chunks`` the rank's chunks' layer ranges.
+    """
+    if not pipelined:
+        return _largest_unit([params[i] for chunk in chunks for i in chunk])
+    together = 0.0
+    for chunk in chunks:
+        root = math.fsum(params[i] for i in chunk if not blocks[i])
+        together = max(together, root + max([0.0] + [params[i] for i in chunk if blocks[i]]))
+    return together
+
+
 def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas) -> float:
     """What the stage DP reserves per GPU beside its sums: ``Formulas.buffer_bytes`` for the model's largest
     unit and, under a pipeline, every receive buffer of v chunks at the largest boundary (an upper bound)."""
@@ -324,8 +344,12 @@ def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequenc
     states = formulas.program_states(math.fsum(c.param_count for c in layers), zero_stage=layout.zero_stage,
                                      dp=layout.dp, num_micro_batches=m, pipelined=pp > 1)
     live = states.live_grads(backward_ran=m > max(part.in_flight[j] for j in chunks))
-    gather, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
-                                            zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
+    params = [c.param_count for c in costs]
+    ranges = [range(bounds[j], bounds[j + 1]) for j in chunks]
+    gather, _ = formulas.working_bytes(_gathered_together(params, fsdp_blocks(params), ranges, pp > 1),
+                                       zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
+    _, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
+                                       zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
     recv = sent = 0.0
     for j in chunks if pp > 1 else ():
         received = costs[bounds[j]].boundary_bytes if j > 0 else 0.0  # the chunk's input, and its gradient sent

@@ -9,6 +9,7 @@ rank holds its gathered unit, not an unsharded copy of all its weights. Measured
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -40,7 +41,9 @@ def test_zero3_under_a_pipeline_holds_the_gathered_unit_not_the_weights(dtype: s
 def test_a_pipelined_zero3_rank_is_priced_below_zero2_by_its_weights_less_the_gathered_unit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """dp2 pp2 GPipe, fp32: every rank's peak inputs under ZeRO 3 are ZeRO 2's less the unsharded copy of its weights
-    (4 B a parameter) plus the largest unit gathered twice in its working bytes; the rest is the same."""
+    (4 B a parameter) plus, gathered twice (all-gather output and copy) in its working bytes, its stage root with its
+    largest block: a stage's backward starts at the root's output, so the root's pre-backward gather meets the last
+    block's (``evaluate._gathered_together``); the rest is the same."""
     calls: list[dict[str, float]] = []
     real = evaluate.estimate_rank_memory
 
@@ -51,6 +54,8 @@ def test_a_pipelined_zero3_rank_is_priced_below_zero2_by_its_weights_less_the_ga
     monkeypatch.setattr(evaluate, "estimate_rank_memory", record)
     syn = SyntheticPricing(blocks=4, mem=80e9)
     costs = syn.layer_costs(tp=1, sequence_parallel=False, micro_batch_size=1, recompute=Recompute.FULL)
+    # an untied head, smaller than the embedding: the two ends are root units, not repeated blocks
+    costs = (*costs[:-1], dataclasses.replace(costs[-1], param_count=costs[-1].param_count / 2))
 
     def rank_inputs(zero: int) -> tuple[list[dict[str, float]], evaluate.StagePartition]:
         calls.clear()
@@ -67,7 +72,9 @@ def test_a_pipelined_zero3_rank_is_priced_below_zero2_by_its_weights_less_the_ga
         layers = costs[part.boundaries[rank]:part.boundaries[rank + 1]]
         weights = sum(c.param_count for c in layers)
         assert two["params_bytes"] == 4 * weights and three["params_bytes"] == 0
-        gathered = 2 * 4 * evaluate._largest_unit([c.param_count for c in layers])
+        root = sum(c.param_count for c in layers if c.param_count != costs[1].param_count)
+        gathered = 2 * 4 * (root + costs[1].param_count)
+        assert root > 0 and gathered > 2 * 4 * evaluate._largest_unit([c.param_count for c in layers])
         assert three["working_bytes"] - two["working_bytes"] == pytest.approx(gathered)
         for key in ("grads_bytes", "optimizer_bytes", "activation_bytes", "fixed_bytes", "reduce_bytes",
                     "accumulated_grads_bytes"):
