@@ -162,16 +162,17 @@ def _gathered_together(params: Sequence[float], blocks: Sequence[bool], chunks: 
     apart from the blocks. Under a pipeline, a stage's backward starts at its output, which is the stage root's
     output: the root's pre-backward hook gathers the root while the last block gathers itself (measured on GPT,
     dp2 pp2 1F1B ZeRO 3, at rank 0's first backward: root and block unsharded together, their all-gather
-    outputs with them, 3.81 MB against one unit's 2.23): the largest root plus block of the rank's chunks.
-    ``blocks`` are the model's block flags (``fsdp_blocks``), ``chunks`` the rank's chunks' layer ranges.
+    outputs with them, 3.81 MB against one unit's 2.23). The activations peak as the rank's first backward
+    starts, and that is its last chunk's (interleaved 1F1B runs a rank's backwards from its last stage down),
+    so the root and largest block are that chunk's; an earlier chunk's backward starts with fewer micro-batches
+    held. ``blocks`` are the model's block flags (``fsdp_blocks``), ``chunks`` the rank's chunks' layer ranges
+    in stage order.
     """
     if not pipelined:
         return _largest_unit([params[i] for chunk in chunks for i in chunk])
-    together = 0.0
-    for chunk in chunks:
-        root = math.fsum(params[i] for i in chunk if not blocks[i])
-        together = max(together, root + max([0.0] + [params[i] for i in chunk if blocks[i]]))
-    return together
+    last = chunks[-1]
+    root = math.fsum(params[i] for i in last if not blocks[i])
+    return root + max([0.0] + [params[i] for i in last if blocks[i]])
 
 
 def _fixed_bytes(layout: Layout, costs: Sequence[LayerCost], formulas: Formulas) -> float:

@@ -79,3 +79,16 @@ def test_a_pipelined_zero3_rank_is_priced_below_zero2_by_its_weights_less_the_ga
         for key in ("grads_bytes", "optimizer_bytes", "activation_bytes", "fixed_bytes", "reduce_bytes",
                     "accumulated_grads_bytes"):
             assert three[key] == two[key], key
+
+
+def test_the_gathered_root_and_block_are_the_last_chunks() -> None:
+    """Under a pipeline the units gathered at the activations' peak are the root and largest block of the rank's
+    last chunk (its backward runs first); without one, the largest unit. Measured on GPT dp2 pp2 interleaved v2
+    mb2x2 ZeRO 3: rank 0 (stages 0 and 2) peaks with stage 2's units, not with the embedding (stage 0's root):
+    pricing the embedding there over-predicted by 10 %, the last chunk's units by 0.6 % under."""
+    params = [30.0, 10.0, 10.0, 10.0, 10.0, 20.0]  # embedding, four blocks, head
+    blocks = evaluate.fsdp_blocks(params)
+    first, last = range(0, 2), range(3, 4)  # rank 0 of pp2 v2: stages 0 and 2
+    assert evaluate._gathered_together(params, blocks, [first, last], pipelined=True) == 10.0
+    assert evaluate._gathered_together(params, blocks, [first], pipelined=True) == 40.0  # 1F1B: embedding + block
+    assert evaluate._gathered_together(params, blocks, [range(6)], pipelined=False) == 50.0  # one root: both ends
