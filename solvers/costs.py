@@ -270,12 +270,13 @@ class Formulas:
                 pipelined=pipelined, runtime=self.runtime)
         return self._fixed[key]
 
-    def working_bytes(self, largest_layer_params: float, *, zero_stage: int, dp: int,
+    def working_bytes(self, *, gathered_params: float, largest_unit_params: float, zero_stage: int, dp: int,
                       pipelined: bool) -> tuple[float, float]:
-        """(ZeRO 3's gathered unit, one unit's reduction buffers) in bytes (``program_memory``)."""
-        return (program_memory.estimate_fsdp_gather_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
+        """(ZeRO 3's units gathered at once, ``gathered_params``; the largest unit's reduction buffers) in bytes
+        (``program_memory``)."""
+        return (program_memory.estimate_fsdp_gather_bytes(gathered_params, zero_stage=zero_stage, dp=dp,
                                                           dtype=self.dtype, pipelined=pipelined, runtime=self.runtime),
-                program_memory.estimate_fsdp_reduce_bytes(largest_layer_params, zero_stage=zero_stage, dp=dp,
+                program_memory.estimate_fsdp_reduce_bytes(largest_unit_params, zero_stage=zero_stage, dp=dp,
                                                           dtype=self.dtype, runtime=self.runtime))
 
     def recv_bytes(self, *, num_micro_batches: int, input_bytes: float, output_bytes: float) -> float:

@@ -330,8 +330,9 @@ def _dp_comm(layout: Layout, units: Sequence[float], rank_compute_s: float, last
 
 
 def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequence[LayerCost], acts: float,
-                 formulas: Formulas, owned: float) -> MemoryBreakdown:
-    """Peak memory of pipeline rank ``rank`` (``estimate_rank_memory``'s three moments); ``costs``: every layer's.
+                 formulas: Formulas, owned: float, blocks: Sequence[bool]) -> MemoryBreakdown:
+    """Peak memory of pipeline rank ``rank`` (``estimate_rank_memory``'s three moments); ``costs``: every layer's,
+    ``blocks`` their FSDP block flags (``fsdp_blocks``).
 
     Gradients are alive at the activations' peak only when a backward ran before it: when the rank has more
     micro-batches than it holds in flight (not under GPipe, nor with one micro-batch). The fixed bytes are the
@@ -345,12 +346,11 @@ def _rank_memory(layout: Layout, part: StagePartition, rank: int, costs: Sequenc
     states = formulas.program_states(math.fsum(c.param_count for c in layers), zero_stage=layout.zero_stage,
                                      dp=layout.dp, num_micro_batches=m, pipelined=pp > 1)
     live = states.live_grads(backward_ran=m > max(part.in_flight[j] for j in chunks))
-    params = [c.param_count for c in costs]
     ranges = [range(bounds[j], bounds[j + 1]) for j in chunks]
-    gather, _ = formulas.working_bytes(_gathered_together(params, fsdp_blocks(params), ranges, pp > 1),
-                                       zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
-    _, reduce = formulas.working_bytes(_largest_unit([c.param_count for c in layers]),
-                                       zero_stage=layout.zero_stage, dp=layout.dp, pipelined=pp > 1)
+    gather, reduce = formulas.working_bytes(
+        gathered_params=_gathered_together([c.param_count for c in costs], blocks, ranges, pp > 1),
+        largest_unit_params=_largest_unit([c.param_count for c in layers]), zero_stage=layout.zero_stage,
+        dp=layout.dp, pipelined=pp > 1)
     recv = sent = 0.0
     for j in chunks if pp > 1 else ():
         received = costs[bounds[j]].boundary_bytes if j > 0 else 0.0  # the chunk's input, and its gradient sent
@@ -485,7 +485,7 @@ def evaluate_layout(layout: Layout, variants: Variants, formulas: Formulas, *, g
         owned = params / (layout.dp if layout.zero_stage >= 1 else 1)
         opt_time = max(opt_time, formulas.optimizer_step_time(owned))
         acts = max(0.0, part.rank_mem_bytes[r] - math.fsum(stage_static[i] for i in layers))
-        memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned))
+        memory.append(_rank_memory(layout, part, r, costs, acts, formulas, owned, blocks))
     busiest = max(math.fsum(part.stage_time_s[r::pp]) for r in range(pp))
     pipeline = part.step_time_s + fsdp_host + accumulate  # both inside every micro-batch, on the busiest rank
     step = pipeline + dp_comm.dp_s + opt_time

@@ -345,7 +345,8 @@ def _outputs_to_local(mesh: DeviceMesh, keep_vocab_shards: bool, sequence_shards
     def sequence_shard(t: Any) -> Any:
         if not isinstance(t, DTensor):  # a plain tensor is the same on every tp rank
             t = DTensor.from_local(t, mesh, [Replicate()], run_check=False)
-        return t.redistribute(placements=[Shard(1)]).to_local(grad_placements=[Shard(1)]).contiguous()
+        # contiguous for the send with every other output (``pipeline._typed_boundaries``)
+        return t.redistribute(placements=[Shard(1)]).to_local(grad_placements=[Shard(1)])
 
     def local(i: int, t: Any) -> Any:
         if i in sequence_shards:
