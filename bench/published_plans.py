@@ -2,6 +2,8 @@
 
     python bench/published_plans.py                          # everything (~10 min on 2 busy cores)
     python bench/published_plans.py torchtitan breakdown     # the torchtitan runs and the 8B term by term
+    python bench/published_plans.py bounds                   # the compiled Float8 runs between autopar's program and
+                                                             # upper bounds of the mechanisms it lacks
 
 Plans each setting of ../shared/reference/published-results.md freely (nothing pinned
 but the GPU count and batch) and prints the chosen layout and predicted throughput next
@@ -10,6 +12,7 @@ to the published layout and throughput. This is a sanity check, not a tuning tar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -113,6 +116,10 @@ def torchtitan() -> None:
     cases = [
         ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 8, 16,
          dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5762),  # local batch 2, no accumulation
+        ("Llama 3 8B, FSDP 128", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 128, 256,
+         dict(dp=128, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5605),
+        ("Llama 3 70B, FSDP32 TP8 (compile + Float8)", (8192, 28672, 80, 64, 8), COMPILED_CAPTURE, 256, 512,
+         dict(dp=32, tp=8, pp=1, zero_stage=3, micro_batch_size=16, recompute="full"), 829),  # Table 4, full AC
         ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
          dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=mbs_405b), 100),
         ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
@@ -131,6 +138,48 @@ def torchtitan() -> None:
         per_gpu = plan.predicted.tokens_per_s / plan.layout.num_gpus
         print(f"  {label}: {plan.layout.describe()}  predicted {per_gpu:,.0f} tok/s/GPU, published {published:,}, "
               f"ratio {per_gpu / published:.3f}, MFU {plan.predicted.mfu:.1%}")
+
+
+def _what_if(nodes: int, *, tp_free: bool = False, float8: bool = False) -> autopar.Cluster:
+    """The torchtitan cluster with an upper bound of one of the published runs' mechanisms that autopar's
+    program lacks: ``tp_free``, asynchronous TP hiding every intra-node (TP) collective under the matmuls
+    (NVLink made free); ``float8``, Float8 GEMMs at the H100 data sheet's FP8 rate, twice bf16, with no cast
+    kernels (the bf16 tensor peak doubled: attention and the output head too, so a bound, not a price)."""
+    cluster = autopar.Cluster.preset(TORCHTITAN_CLUSTER, nodes=nodes)
+    if tp_free:
+        link = dataclasses.replace(cluster.intra_node, bytes_per_s=cluster.intra_node.bytes_per_s * 1e6, latency_s=1e-12)
+        cluster = dataclasses.replace(cluster, intra_node=link)
+    if float8:
+        peaks = {**cluster.gpu.peak_flops_per_s, "bfloat16": 2 * cluster.gpu.peak_flops_per_s["bfloat16"]}
+        cluster = dataclasses.replace(cluster, gpu=dataclasses.replace(cluster.gpu, peak_flops_per_s=peaks))
+    return cluster
+
+
+def torchtitan_bounds() -> None:
+    """The torchtitan runs that used torch.compile + Float8 (+ async TP), priced as autopar's eager program and
+    with each missing mechanism at its upper bound: where the published figure falls between them."""
+    print(f"torchtitan's compiled Float8 runs on {TORCHTITAN_CLUSTER}: tokens/s per GPU (ratio to published), "
+          "autopar's program and upper bounds of the mechanisms it lacks")
+    cases = [
+        ("405B FSDP8 TP8 PP8 1F1B, compile + Float8 + async TP", (16384, 53248, 126, 128, 8), 512, 256,
+         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=4), 100),
+        ("405B FSDP8 TP8 PP8 interleaved, compile + Float8 + async TP", (16384, 53248, 126, 128, 8), 512, 256,
+         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="interleaved-1f1b", virtual_stages=2,
+              micro_batch_size=4), 128),
+        ("70B FSDP32 TP8, compile + Float8 (876 with async TP)", (8192, 28672, 80, 64, 8), 256, 512,
+         dict(dp=32, tp=8, pp=1, zero_stage=3, micro_batch_size=16, recompute="full"), 829),
+    ]
+    bounds = (("autopar's program", {}), ("+ async TP hiding all TP", dict(tp_free=True)),
+              ("Float8 at 2x, TP exposed", dict(float8=True)), ("both", dict(tp_free=True, float8=True)))
+    graphs: dict[tuple[int, ...], autopar.OpGraph] = {}
+    for label, shape, gpus, batch, pins, published in cases:
+        graph = graphs.setdefault(shape, _llama(*shape, seq=8192, dtype=COMPILED_CAPTURE))
+        cells = []
+        for name, what_if in bounds:
+            plan = plan_graph(graph, cluster=_what_if(gpus // 8, **what_if), global_batch_size=batch, constraints=pins)
+            per_gpu = plan.predicted.tokens_per_s / gpus
+            cells.append(f"{name} {per_gpu:,.0f} ({per_gpu / published:.2f})")
+        print(f"  {label}, published {published:,}:\n    " + "; ".join(cells))
 
 
 TORCHTITAN_SAVED_MM = 2
@@ -204,6 +253,7 @@ def breakdown_8b() -> None:
 if __name__ == "__main__":
     import sys
 
-    parts = {"alpa": alpa, "llama_405b": llama_405b, "torchtitan": torchtitan, "breakdown": breakdown_8b}
+    parts = {"alpa": alpa, "llama_405b": llama_405b, "torchtitan": torchtitan, "bounds": torchtitan_bounds,
+             "breakdown": breakdown_8b}
     for name in sys.argv[1:] or list(parts):
         parts[name]()
