@@ -185,7 +185,7 @@ def _strided_variants(op: Op, found: Sequence[OpStrategy], hints: Sequence[froze
     for s in found:
         factors = {h.sf for p, hs in zip(s.inputs, hints) if p.is_shard for h in hs
                    if h.is_shard and h.dim == p.dim and h.sf > 1}
-        for sf in factors:
+        for sf in sorted(factors):  # a set's order may follow the (hash-seeded) order of the hints
             def widen(p: Placement, sf: int = sf) -> Placement:
                 return shard(p.dim, sf) if p.is_shard else p
 

@@ -41,6 +41,16 @@ from autopar.solvers.sharding.sharding_problem import (
 
 logger = logging.getLogger(__name__)
 
+OBJECTIVE_UNITS_PER_S = 2.0 ** 20
+"""The ILP's objective counts time in units of 2⁻²⁰ s (about a microsecond), not in seconds.
+
+A small layer's strategies cost microseconds. In seconds the solver's absolute tolerances (of the order
+of 1e-7) swallow differences of a few tenths of a microsecond: of two choices 0.27 µs apart (a tiny Llama's
+rotary ``cat`` split or not), CBC returned the dearer one, and which one came back could change with the
+order of the variables (that is, with the names of the ops), not with the costs. A power of two scales every
+coefficient exactly, so the scaled problem has the same optimum; ``ShardingSolution.cost_s`` is still
+evaluated in seconds from the problem itself."""
+
 
 class ShardingSolverError(AutoparError):
     """The ILP solver returned no usable answer (time limit without a solution, or an undefined status)."""
@@ -183,11 +193,13 @@ def _add_edge_linearisation_efg(lp: pulp.LpProblem, red: Reduction,
 
 def _add_objective_eq1(lp: pulp.LpProblem, red: Reduction, choice: Mapping[str, Sequence[pulp.LpVariable | None]],
                        edge: Mapping[tuple[str, str], Mapping[tuple[int, int], pulp.LpVariable]]) -> None:
-    """Alpa eq. (1): ``Σ_v s_vᵀ c_v + Σ_(u,v) Σ_ij e_uv[i, j] R_uv[i, j]`` (+ the folded constant)."""
-    node_terms = [c * x for r, xs in choice.items() for c, x in zip(red.cost_s[r], xs) if x is not None and c]
-    edge_terms = [red.edges[k][i][j] * e for k, pairs in edge.items() for (i, j), e in pairs.items()
-                  if red.edges[k][i][j]]
-    lp += pulp.lpSum(node_terms + edge_terms) + red.const_cost_s, "eq1_total_cost"
+    """Alpa eq. (1): ``Σ_v s_vᵀ c_v + Σ_(u,v) Σ_ij e_uv[i, j] R_uv[i, j]`` (+ the folded constant),
+    in units of ``1 / OBJECTIVE_UNITS_PER_S`` seconds."""
+    k = OBJECTIVE_UNITS_PER_S
+    node_terms = [c * k * x for r, xs in choice.items() for c, x in zip(red.cost_s[r], xs) if x is not None and c]
+    edge_terms = [red.edges[key][i][j] * k * e for key, pairs in edge.items() for (i, j), e in pairs.items()
+                  if red.edges[key][i][j]]
+    lp += pulp.lpSum(node_terms + edge_terms) + red.const_cost_s * k, "eq1_total_cost"
 
 
 def _make_solver(time_limit_s: float, msg: bool) -> tuple[pulp.LpSolver, str]:
@@ -275,6 +287,7 @@ def solve_sharding(problem: ShardingProblem, *, time_limit_s: float = 30.0) -> S
 
 
 __all__ = [
+    "OBJECTIVE_UNITS_PER_S",
     "ShardingEdge",
     "ShardingNode",
     "ShardingProblem",
