@@ -93,7 +93,7 @@ def run_case(name: str, ranks: int, out_dir: Path, memory_only: bool = False, pa
               for b in MICRO_BATCHES if b != CAPTURE_BATCH}
     t0 = time.perf_counter()
     measured = measure_local_cluster(ranks, graph=graph, batch_graphs=others)
-    yaml_path, calib_path = out_dir / f"local{ranks}.yaml", out_dir / f"{name}_local{ranks}_calib.json"
+    yaml_path, calib_path = out_dir / f"{name}_local{ranks}.yaml", out_dir / f"{name}_local{ranks}_calib.json"
     yaml_path.write_text(cluster_yaml(measured, name=f"local{ranks}"))
     assert measured.calibration is not None
     measured.calibration.save(calib_path)
