@@ -32,7 +32,8 @@ class ModelShape:
     num_heads: int | None
     """Attention heads (tp must divide them), if the model has attention."""
     num_kv_heads: int | None = None
-    """Key/value heads of grouped-query attention (tp must divide them too)."""
+    """Key/value heads of grouped-query attention (tp must divide them too, unless there is one: multi-query
+    attention's projection is kept whole or split along the head dim by the sharding ILP, and both emit)."""
     tp_dims: tuple[int, ...] = ()
     """Other dimensions TP shards (hidden, FFN, vocab) that tp must divide."""
 
@@ -97,8 +98,15 @@ def _divisors(n: int) -> list[int]:
 
 def _tp_candidates(shape: ModelShape, num_gpus: int, gpus_per_node: int, allow_cross_node_tp: bool) -> list[int]:
     limit = num_gpus if allow_cross_node_tp else min(num_gpus, gpus_per_node)
-    dims = [d for d in (shape.num_heads, shape.num_kv_heads, *shape.tp_dims) if d]
+    dims = [d for _, d in _divided_by_tp(shape)] + [d for d in shape.tp_dims if d]
     return [t for t in range(1, limit + 1) if (t & (t - 1)) == 0 and all(d % t == 0 for d in dims)]
+
+
+def _divided_by_tp(shape: ModelShape) -> list[tuple[str, int]]:
+    """The head counts tp must divide, named: the attention heads, and the key/value heads of grouped-query
+    attention (a single one, multi-query attention, is kept whole or split along the head dim)."""
+    heads = [("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads)]
+    return [(label, d) for label, d in heads if d and not (label == "key/value heads" and d == 1)]
 
 
 def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_batch_size: int,
@@ -133,8 +141,8 @@ def _check_pins_against_model(pins: Pins, shape: ModelShape, num_gpus: int, gpus
                               allow_cross_node_tp: bool, global_batch_size: int) -> None:
     tp, pp, dp = pins.tp, pins.pp, pins.dp
     if tp is not None:
-        for label, dim in (("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads)):
-            if dim and dim % tp:
+        for label, dim in _divided_by_tp(shape):
+            if dim % tp:
                 raise PlanValidationError(f"tp={tp} does not divide the model's {dim} {label}")
         if tp > gpus_per_node and not allow_cross_node_tp:
             raise PlanValidationError(

@@ -375,7 +375,7 @@ def _reduce_row_outputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], 
     def reduce(t: Any, in_block: bool) -> Any:
         if not isinstance(t, DTensor) or not any(p.is_partial() for p in t.placements):
             return t
-        target = [Shard(1) if sequence_parallel and in_block and t.dim() >= 3 else Replicate()]
+        target = [Shard(1) if sequence_parallel and in_block and _carries_sequence(t) else Replicate()]
         # through a local tensor, so the gradient arrives in ``target`` (DTensor cannot turn a partial
         # gradient into the embedding's masked-partial layout)
         return DTensor.from_local(t.redistribute(placements=target).to_local(), t.device_mesh, target,
@@ -387,6 +387,14 @@ def _reduce_row_outputs(stage_module: nn.Module, styles: Mapping[str, TPStyle], 
             in_block = any(path.startswith(f"{block}.") for block in block_paths)
             stage_module.get_submodule(path).register_forward_hook(
                 lambda m, a, out, b=in_block: tree_map(lambda t: reduce(t, b), out))
+
+
+def _carries_sequence(t: Any) -> bool:
+    """Whether a block's activation ``t`` can be the sequence shard: ``[batch, seq, ...]`` with at least one
+    row per tp rank on dim 1. A latent a block views as one head (DeepSeek's MLA: ``kv_nope.view(b, 1, s, r)``,
+    row-split through ``kv_b_proj``) has a singleton there: split, every later view of it fails, so its partial
+    sums are all-reduced instead, as the sharding ILP prices them (``P = P`` → ``R``)."""
+    return t.dim() >= 3 and t.shape[1] >= t.device_mesh.size()
 
 
 def _reduce_grad_here(t: Any) -> Any:

@@ -1,9 +1,10 @@
-"""Tiny Hugging Face models of 16 architectures, built from config (random weights, nothing downloaded).
+"""Tiny Hugging Face models of 32 architectures, built from config (random weights, nothing downloaded).
 
 Each entry gives a builder, example keyword inputs and targets for one batch,
 and the loss the tests train with. Sizes are the smallest that keep every
 split of the test layouts meaningful: hidden 32, 4 heads (2 key/value heads
-where the family has grouped-query attention), 2 blocks per stack, sequence 8.
+where the family has grouped-query attention, 1 for the multi-query ones), 2 blocks per
+stack, sequence 8.
 Dropout is off (the equivalence tests compare exact numbers); ``dropout=True``
 turns on the family's dropout for the dropout tests.
 """
@@ -148,6 +149,35 @@ _add("gemma2", _causal("Gemma2Config", "Gemma2ForCausalLM", **_LLAMA_LIKE, head_
 _add("phi3", _causal("Phi3Config", "Phi3ForCausalLM", **_LLAMA_LIKE, pad_token_id=0, tie_word_embeddings=False))
 _add("mixtral", _causal("MixtralConfig", "MixtralForCausalLM", **_LLAMA_LIKE, num_local_experts=4,
                         num_experts_per_tok=2, tie_word_embeddings=False))
+_add("qwen3", _causal("Qwen3Config", "Qwen3ForCausalLM", **_LLAMA_LIKE, head_dim=8, tie_word_embeddings=False),
+     inputs=_text_masked)
+_add("qwen3_moe", _causal("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_LLAMA_LIKE, head_dim=8, num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
+                          tie_word_embeddings=False))
+_add("olmo2", _causal("Olmo2Config", "Olmo2ForCausalLM", **_LLAMA_LIKE, tie_word_embeddings=False))
+_add("olmoe", _causal("OlmoeConfig", "OlmoeForCausalLM", **_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
+                      tie_word_embeddings=False))
+_add("starcoder2", _causal("Starcoder2Config", "Starcoder2ForCausalLM", **_LLAMA_LIKE, tie_word_embeddings=False))
+_add("granite", _causal("GraniteConfig", "GraniteForCausalLM", **_LLAMA_LIKE, embedding_multiplier=2.0,
+                        residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
+                        tie_word_embeddings=False))
+_add("cohere", _causal("CohereConfig", "CohereForCausalLM", **_LLAMA_LIKE, logit_scale=0.5, tie_word_embeddings=True))
+_add("stablelm", _causal("StableLmConfig", "StableLmForCausalLM", **_LLAMA_LIKE, partial_rotary_factor=0.5,
+                         tie_word_embeddings=False))
+_add("phi", _causal("PhiConfig", "PhiForCausalLM", **{**_LLAMA_LIKE, "num_key_value_heads": HEADS},
+                    partial_rotary_factor=0.5, tie_word_embeddings=False))
+_add("gemma", _causal("GemmaConfig", "GemmaForCausalLM", **{**_LLAMA_LIKE, "num_key_value_heads": 1}, head_dim=8,
+                      tie_word_embeddings=True))  # multi-query attention, as Gemma 2B
+_add("gemma3_text", _causal("Gemma3TextConfig", "Gemma3ForCausalLM", **_LLAMA_LIKE, head_dim=8, sliding_window=3,
+                            query_pre_attn_scalar=8, tie_word_embeddings=True))
+_add("deepseek_v3", _causal("DeepseekV3Config", "DeepseekV3ForCausalLM", **{**_LLAMA_LIKE, "num_key_value_heads": HEADS},
+                            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32,
+                            first_k_dense_replace=1, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, tie_word_embeddings=False))
+_add("glm4", _causal("Glm4Config", "Glm4ForCausalLM", **_LLAMA_LIKE, head_dim=8, pad_token_id=0,
+                     tie_word_embeddings=False))
+_add("gpt_bigcode", _causal("GPTBigCodeConfig", "GPTBigCodeForCausalLM", n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS,
+                            vocab_size=VOCAB, n_positions=64, multi_query=True, tie_word_embeddings=False))
 _add("bert", _causal("BertConfig", "BertForMaskedLM", num_hidden_layers=LAYERS, hidden_size=HIDDEN,
                      num_attention_heads=HEADS, intermediate_size=64, vocab_size=VOCAB,
                      max_position_embeddings=64, tie_word_embeddings=False), inputs=_text_masked)
@@ -157,6 +187,13 @@ _add("t5", _causal("T5Config", "T5ForConditionalGeneration", num_layers=LAYERS, 
 _add("vit", _causal("ViTConfig", "ViTForImageClassification", num_hidden_layers=LAYERS, hidden_size=HIDDEN,
                     num_attention_heads=HEADS, intermediate_size=64, image_size=16, patch_size=4,
                     num_labels=10), inputs=_pixels, targets=_class_targets)
+_add("bart", _causal("BartConfig", "BartForConditionalGeneration", encoder_layers=LAYERS, decoder_layers=LAYERS,
+                     d_model=HIDDEN, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=64,
+                     decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False),
+     inputs=_seq2seq)
+_add("roberta", _causal("RobertaConfig", "RobertaForMaskedLM", num_hidden_layers=LAYERS, hidden_size=HIDDEN,
+                        num_attention_heads=HEADS, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                        tie_word_embeddings=False), inputs=_text_masked)
 _add("whisper", _causal("WhisperConfig", "WhisperForConditionalGeneration", encoder_layers=LAYERS,
                         decoder_layers=LAYERS, d_model=HIDDEN, encoder_attention_heads=HEADS,
                         decoder_attention_heads=HEADS, encoder_ffn_dim=64, decoder_ffn_dim=64,

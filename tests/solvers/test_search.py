@@ -174,6 +174,22 @@ def test_contradictory_pins_raise(pins, match):
         _space(SyntheticPricing(), **pins)
 
 
+def test_tp_divides_grouped_key_value_heads_but_not_a_single_one():
+    """GQA's key/value heads bound tp (a head view split unevenly cannot emit); multi-query attention's one
+    head does not: the ILP keeps its projection whole or splits its head dim (the MQA rows of the emit matrix)."""
+    from autopar.solvers.space import build_space
+
+    def tps(kv: int, **pins) -> tuple[int, ...]:
+        return build_space(ModelShape(num_layers=10, num_heads=16, num_kv_heads=kv), num_gpus=8, gpus_per_node=8,
+                           global_batch_size=8, constraints=pins).tp
+
+    assert tps(2) == (1, 2)
+    assert tps(1) == (1, 2, 4, 8)
+    assert tps(1, tp=8) == (8,)
+    with pytest.raises(PlanValidationError, match="tp=4 does not divide the model's 2 key/value heads"):
+        tps(2, tp=4)
+
+
 def test_infeasible_reports_memory():
     pricing = SyntheticPricing(hidden=16384, blocks=8, mem=2e9)
     space = _space(pricing, gpus=8, batch=8)
