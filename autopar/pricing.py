@@ -152,11 +152,14 @@ class LayerPricer:
     def _solve_sharding(self, kind: str, tp: int, sequence_parallel: bool) -> LayerShardingResult:
         layer = self._kinds[kind]
         scale = self._float_scale()
-        captured = layer_capture_dtype(layer)
+        captured, grads = layer_capture_dtype(layer), compute.layer_grad_inputs(layer)
 
         def op_cost(op: Op, shard: int) -> tuple[float, float]:
-            """(forward, backward) seconds with the op's work split ``shard`` ways (fixed costs are not split)."""
-            t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard, capture_dtype=captured)
+            """(forward, backward) seconds with the op's work split ``shard`` ways (fixed costs are not split), as
+            the layer is priced (``layer_op_times``): measured ops from the calibration table, each op's backward
+            for the inputs that need a gradient."""
+            t = compute.estimate_op_time(op, self.cluster, dtype=self.dtype, shard=shard, capture_dtype=captured,
+                                         calibration=self.calibration, grad_inputs=grads[op.name])
             return t.forward_s, t.backward_s
 
         # the last layer's logits may stay split over the vocabulary: the emitted program hands them to the loss

@@ -106,3 +106,35 @@ def test_the_sharding_ilp_prices_ops_at_the_layers_capture_dtype(monkeypatch: py
     LayerPricer(graph, H100).sharding_plans(tp=2, sequence_parallel=False)
     assert seen and set(seen) <= {layer_capture_dtype(layer) for layer in graph.layers}
     assert "bfloat16" in seen and "missing" not in seen
+
+
+def test_the_sharding_ilp_prices_measured_ops_from_the_calibration_table() -> None:
+    """The ILP chooses with the op times the plan is priced with: measured ones where the table has them.
+
+    On an L40S node whose PCIe link is made slow (1 GB/s), the roofline's GPT block is cheaper whole than
+    split (each split's collectives outweigh the halved GEMMs); a table that measured every GEMM 1,000× its
+    roofline time makes splitting them pay. Before the table reached the ILP, it replicated both times."""
+    import dataclasses
+
+    from autopar.cost_models.profiling.calibration import CalibrationTable, op_key_for
+
+    l40s = Cluster.preset("l40s-pcie")
+    slow = dataclasses.replace(l40s, intra_node=dataclasses.replace(l40s.intra_node, bytes_per_s=1e9))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=2, n_embd=2048, n_head=16, vocab_size=4096, block_size=64))
+    graph = autopar.capture(model, (torch.zeros(1, 64, dtype=torch.long, device="meta"),))
+    block = graph.layers[1]
+    measured = {}
+    for op in block.ops:
+        if op.op_class.value == "matmul":
+            t = compute.estimate_op_time(op, slow, dtype="bfloat16")
+            measured[op_key_for(op, "bfloat16")] = (1000 * t.forward_s, 1000 * t.backward_s)
+    table = CalibrationTable(device_name="NVIDIA L40S", torch_version=torch.__version__, entries=measured,
+                             dtype="bfloat16")
+
+    def split_modules(calibration: CalibrationTable | None) -> set[str]:
+        plans = LayerPricer(graph, slow, calibration=calibration).sharding_plans(tp=2, sequence_parallel=False)
+        return {path for path, style in plans[block.kind].modules.items() if style.value != "replicate"}
+
+    assert split_modules(None) == set()
+    assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"} <= split_modules(table)
