@@ -205,7 +205,7 @@ def plan(
         plans[0] = precompute_contingencies(plans[0], max_lost_nodes=contingency, cluster=target,
                                             model=resolved.module, example_inputs=resolved.example_inputs,
                                             templates=[p.layout for p in plans], calibration=table,
-                                            objective=objective)
+                                            objective=objective, constraints=pins)
     if out is not None:
         plans[0].save(out)  # atomic: an interrupt leaves no partial file
     if json_out:
@@ -311,19 +311,23 @@ def replan(
     out: Annotated[Path | None, typer.Option(help="Write the new plan to this JSON file.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the new plan as JSON.")] = False,
     calibration: Annotated[Path | None, typer.Option(help="Calibration table the plan was made with.")] = None,
+    pin: Annotated[list[str] | None, typer.Option(
+        help="The pins the plan was made with, KEY=VALUE, repeatable (dp is the survivors' to choose).")] = None,
 ) -> None:
     """The best plan for the cluster left after losing nodes: same model, same global batch where possible.
 
-    Example: autopar replan plan.json --lost-nodes 2 --out plan-2.json
+    Example: autopar replan plan.json --lost-nodes 2 --pin tp=8 --out plan-2.json
     """
-    from autopar.replanning import contingency_for, replan as replan_plan
+    from autopar.replanning import contingency_for, replan as replan_plan, survivor_pins
     from autopar.report.text import format_plan
 
+    pins = parse_pins(pin or [])
     loaded = Plan.load(plan_file)
-    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "objective": objective,
+    kwargs: dict[str, Any] = {"exhaustive": exhaustive, "objective": objective, "constraints": pins,
                               "calibration": _load_calibration(calibration),
                               "cluster": load_cluster(cluster, None) if cluster is not None else None}
-    if exhaustive or contingency_for(loaded, lost_nodes) is None:
+    cached = contingency_for(loaded, lost_nodes)
+    if exhaustive or cached is None or not survivor_pins(pins).admits(cached.layout):
         from autopar.models import resolve_model
 
         resolved = resolve_model(model or loaded.model_name, seq_len=loaded.seq_len)

@@ -338,6 +338,22 @@ class Pins:
         """The pins that are set, by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
+    def admits(self, layout: Layout) -> bool:
+        """Whether ``layout`` has every pinned value (``num_gpus``: the GPUs it uses).
+
+        Example:
+            >>> lay = Layout(dp=2, tp=4, pp=1, micro_batch_size=1, num_micro_batches=1, zero_stage=3,
+            ...              recompute=Recompute.FULL, sequence_parallel=False, schedule=Schedule.ONE_F_ONE_B)
+            >>> Pins(tp=4, num_gpus=8).admits(lay), Pins(tp=8).admits(lay)
+            (True, False)
+        """
+        return all(getattr(layout, name) == value for name, value in self.as_dict().items())
+
+    def describe(self) -> str:
+        """The pins that are set, as ``--pin`` words: ``"tp=8 recompute=full"`` ("" when none is)."""
+        return " ".join(f"{k}={v.value if isinstance(v, StrEnum) else str(v).lower() if isinstance(v, bool) else v}"
+                        for k, v in self.as_dict().items())
+
     def __contains__(self, name: str) -> bool:
         return getattr(self, name, None) is not None
 

@@ -26,13 +26,14 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from typing import TYPE_CHECKING
 
 from autopar.errors import ClusterSpecError, InfeasiblePlanError, PlanValidationError, UserInputError
+from autopar.layout import Pins
 from autopar.plan import Layout, Plan, Recompute, Schedule
 from autopar.replan_record import ReplanRecord
 
@@ -54,7 +55,7 @@ RESTAGED_PER_TEMPLATE = 3
 def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None = None, graph: OpGraph | None = None,
            model: Any = None, example_inputs: Any = None, pricing: LayerPricer | None = None,
            templates: Sequence[Layout] = (), exhaustive: bool = False, calibration: Any = None,
-           objective: str = "throughput") -> Plan:
+           objective: str = "throughput", constraints: Mapping[str, Any] | Pins | None = None) -> Plan:
     """The best plan for ``plan``'s cluster minus ``lost_nodes`` nodes: same model, same global batch if possible.
 
     Args:
@@ -68,6 +69,9 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         exhaustive: run the full search instead of re-pricing templates.
         calibration: the calibration table the plan was made with.
         objective: ``"throughput"`` or ``"goodput"`` (``autopar.goodput``), as for ``autopar.plan``.
+        constraints: the pins the plan was made with (``autopar.plan``'s ``constraints``). Those that still
+            mean something on fewer GPUs hold for the re-plan; ``dp`` and ``num_gpus``, which the survivors
+            decide, do not (``survivor_pins``).
 
     Raises:
         UserInputError: a bad ``lost_nodes``, or no model was given and the plan has no contingency.
@@ -79,7 +83,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
     if not 1 <= lost_nodes < nodes:
         raise UserInputError(f"lost_nodes must be between 1 and {nodes - 1} (the plan's cluster has {nodes} nodes), "
                              f"got {lost_nodes}")
+    pins = survivor_pins(constraints)
     cached = None if exhaustive else contingency_for(plan, lost_nodes)
+    if cached is not None and not pins.admits(cached.layout):
+        cached = None  # precomputed without these pins
     if cached is not None and cached.replanned_from is not None:
         record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
                                      solve_time_s=time.perf_counter() - start)
@@ -95,10 +102,10 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
     survivors = full.with_nodes(nodes - lost_nodes)
     on_survivors = pricing.for_cluster(survivors)
     shapes = [plan.layout, *templates, *(c.layout for c in plan.contingencies)]
-    ranked, method = ([], "search") if exhaustive else (_price_templates(shapes, plan, on_survivors, survivors),
-                                                         "templates")
+    ranked, method = ([], "search") if exhaustive else ([ev for ev in _price_templates(
+        shapes, plan, on_survivors, survivors) if pins.admits(ev.layout)], "templates")
     if not ranked:
-        ranked, method = _search(plan, on_survivors, survivors, many=goal is Objective.GOODPUT), "search"
+        ranked, method = _search(plan, on_survivors, survivors, pins, many=goal is Objective.GOODPUT), "search"
     if goal is Objective.GOODPUT:  # among layouts that keep the batch (if any do), the best goodput first
         same = [ev for ev in ranked if ev.layout.global_batch_size == plan.layout.global_batch_size] or ranked
         ranked = [ev for ev, _ in rank_by_goodput(same, cluster=survivors, seq_len=plan.seq_len)]
@@ -116,11 +123,13 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
 def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluster | str | Path | None = None,
                              graph: OpGraph | None = None, model: Any = None, example_inputs: Any = None,
                              pricing: LayerPricer | None = None, templates: Sequence[Layout] = (),
-                             calibration: Any = None, exhaustive: bool = True, objective: str = "throughput") -> Plan:
+                             calibration: Any = None, exhaustive: bool = True, objective: str = "throughput",
+                             constraints: Mapping[str, Any] | Pins | None = None) -> Plan:
     """``plan`` carrying re-plans for losing 1 … ``max_lost_nodes`` nodes (``Plan.contingencies``).
 
     Done ahead of any failure, so by default each is a full search on the survivors (``exhaustive``);
     ``exhaustive=False`` re-prices templates instead (seconds rather than minutes for large models).
+    ``constraints``: the pins the plan was made with; they hold for every contingency as for ``replan``.
     """
     full = _resolve_cluster(plan, cluster)
     warm = _pricing(plan, full, graph=graph, model=model, example_inputs=example_inputs, pricing=pricing,
@@ -131,7 +140,7 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
     for k in range(1, min(max_lost_nodes, nodes - 1) + 1):
         try:
             found.append(replan(base, lost_nodes=k, cluster=full, pricing=warm, templates=templates,
-                                exhaustive=exhaustive, objective=objective))
+                                exhaustive=exhaustive, objective=objective, constraints=constraints))
         except InfeasiblePlanError as e:
             log.warning("no plan fits after losing %d node(s): %s", k, e)
             break
@@ -304,7 +313,18 @@ def _price_templates(shapes: Sequence[Layout], plan: Plan, pricing: LayerPricer,
     return [ev for *_, ev in sorted(scored, key=lambda t: t[:3])]
 
 
-def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, *, many: bool) -> list[Evaluation]:
+def survivor_pins(constraints: Mapping[str, Any] | Pins | None) -> Pins:
+    """The pins of a plan that hold on fewer GPUs: all but ``dp`` and ``num_gpus``, which the survivors decide.
+
+    Example:
+        >>> p = survivor_pins({"tp": 8, "dp": 16, "recompute": "full"})
+        >>> (p.tp, p.dp, p.recompute.value)
+        (8, None, 'full')
+    """
+    return dataclasses.replace(Pins.from_mapping(constraints), dp=None, num_gpus=None)
+
+
+def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, pins: Pins, *, many: bool) -> list[Evaluation]:
     from autopar.pricing import model_shape, run_search
     from autopar.solvers.search import search_steps
     from autopar.cost_models.runtimes import searched_zero_stages
@@ -312,13 +332,15 @@ def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, *, many: bool)
 
     space = build_space(model_shape(pricing.graph), num_gpus=survivors.num_gpus,
                         gpus_per_node=survivors.gpus_per_node, global_batch_size=plan.layout.global_batch_size,
-                        zero_stages=searched_zero_stages(pricing.program), schedules=pricing.program.schedules)
+                        constraints=pins, zero_stages=searched_zero_stages(pricing.program),
+                        schedules=pricing.program.schedules)
     from autopar.goodput import GOODPUT_CANDIDATES
 
     result = run_search(search_steps(space, pricing.prices(), top_k=GOODPUT_CANDIDATES if many else 2), pricing)
     if not result.ranked:
+        pinned = f" and the pins {pins.describe()}" if pins.describe() else ""
         raise InfeasiblePlanError(f"no plan for {plan.model_name} fits on the {survivors.num_gpus} GPUs left "
-                                  f"with global batch {plan.layout.global_batch_size}")
+                                  f"with global batch {plan.layout.global_batch_size}{pinned}")
     return list(result.ranked)
 
 
@@ -355,4 +377,4 @@ def _text(value: Any) -> str:
 
 
 __all__ = ["LAYOUT_KNOBS", "RESTAGED_PER_TEMPLATE", "contingency_for", "precompute_contingencies", "replan",
-           "restaged_layouts", "survivor_layouts"]
+           "restaged_layouts", "survivor_layouts", "survivor_pins"]

@@ -149,6 +149,26 @@ def test_contingencies_answer_without_the_model(graph, cluster, ranked) -> None:
         replan(loaded, lost_nodes=4, cluster=cluster)
 
 
+def test_replans_and_contingencies_keep_the_plans_pins(graph, cluster, ranked) -> None:
+    """A plan made with pins (here pp=2) re-plans under them; dp, which the survivors decide, is not held.
+    Unpinned, the search on 24 GPUs drops the pipeline, so each assertion fails if the pins are ignored."""
+    pricing = LayerPricer(graph, cluster)
+    assert replan(ranked[0], lost_nodes=1, pricing=pricing, exhaustive=True).layout.pp == 1
+    pins = {"pp": 2, "dp": 16}
+    for exhaustive in (True, False):
+        new = replan(ranked[0], lost_nodes=1, pricing=pricing, exhaustive=exhaustive, constraints=pins)
+        assert new.layout.pp == 2 and new.layout.dp != 16
+    with_c = precompute_contingencies(ranked[0], max_lost_nodes=2, pricing=pricing, exhaustive=False,
+                                      constraints=pins)
+    assert [c.layout.pp for c in with_c.contingencies] == [2, 2]
+    unpinned = precompute_contingencies(ranked[0], max_lost_nodes=1, pricing=pricing)
+    assert unpinned.contingencies[0].layout.pp == 1
+    served = replan(unpinned, lost_nodes=1, pricing=pricing, constraints=pins)  # not the unpinned contingency
+    assert served.layout.pp == 2 and not served.replanned_from.method.startswith("contingency")
+    with pytest.raises(autopar.PlanValidationError, match="pp=20 is larger than the model's"):
+        replan(ranked[0], lost_nodes=1, pricing=pricing, exhaustive=True, constraints={"pp": 20})
+
+
 def test_cli_plan_goodput_then_replan(tmp_path, capsys) -> None:
     path = tmp_path / "plan.json"
     rc = run(["plan", "gpt:tiny", "-c", "dgx-h100", "--nodes", "4", "-b", str(BATCH), "--seq", "64", "--top", "2",
