@@ -318,7 +318,7 @@ def replan(
 
     Example: autopar replan plan.json --lost-nodes 2 --pin tp=8 --out plan-2.json
     """
-    from autopar.replanning import contingency_for, replan as replan_plan, survivor_pins
+    from autopar.replanning import contingency_for, replan as replan_plan
     from autopar.report.text import format_plan
 
     pins = parse_pins(pin or [])
@@ -326,8 +326,7 @@ def replan(
     kwargs: dict[str, Any] = {"exhaustive": exhaustive, "objective": objective, "constraints": pins,
                               "calibration": _load_calibration(calibration),
                               "cluster": load_cluster(cluster, None) if cluster is not None else None}
-    cached = contingency_for(loaded, lost_nodes)
-    if exhaustive or cached is None or not survivor_pins(pins).admits(cached.layout):
+    if exhaustive or contingency_for(loaded, lost_nodes, pins) is None:
         from autopar.models import resolve_model
 
         resolved = resolve_model(model or loaded.model_name, seq_len=loaded.seq_len)

@@ -84,9 +84,7 @@ def replan(plan: Plan, *, lost_nodes: int, cluster: Cluster | str | Path | None 
         raise UserInputError(f"lost_nodes must be between 1 and {nodes - 1} (the plan's cluster has {nodes} nodes), "
                              f"got {lost_nodes}")
     pins = survivor_pins(constraints)
-    cached = None if exhaustive else contingency_for(plan, lost_nodes)
-    if cached is not None and not pins.admits(cached.layout):
-        cached = None  # precomputed without these pins
+    cached = None if exhaustive else contingency_for(plan, lost_nodes, pins)
     if cached is not None and cached.replanned_from is not None:
         record = dataclasses.replace(cached.replanned_from, method=f"contingency ({cached.replanned_from.method})",
                                      solve_time_s=time.perf_counter() - start)
@@ -147,10 +145,14 @@ def precompute_contingencies(plan: Plan, *, max_lost_nodes: int, cluster: Cluste
     return dataclasses.replace(plan, contingencies=tuple(found))
 
 
-def contingency_for(plan: Plan, lost_nodes: int) -> Plan | None:
-    """The plan precomputed for losing ``lost_nodes`` nodes, if ``plan`` carries one."""
+def contingency_for(plan: Plan, lost_nodes: int,
+                    constraints: Mapping[str, Any] | Pins | None = None) -> Plan | None:
+    """The plan precomputed for losing ``lost_nodes`` nodes, if ``plan`` carries one that keeps ``constraints``
+    (those that hold on fewer GPUs, ``survivor_pins``: one precomputed without them is not served under them)."""
     survivors = plan.num_gpus_available - lost_nodes * plan.gpus_per_node
-    return next((c for c in plan.contingencies if c.num_gpus_available == survivors), None)
+    pins = survivor_pins(constraints)
+    return next((c for c in plan.contingencies if c.num_gpus_available == survivors and pins.admits(c.layout)),
+                None)
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -338,7 +340,8 @@ def _search(plan: Plan, pricing: LayerPricer, survivors: Cluster, pins: Pins, *,
 
     result = run_search(search_steps(space, pricing.prices(), top_k=GOODPUT_CANDIDATES if many else 2), pricing)
     if not result.ranked:
-        pinned = f" and the pins {pins.describe()}" if pins.describe() else ""
+        words = pins.describe()
+        pinned = f" and the pins {words}" if words else ""
         raise InfeasiblePlanError(f"no plan for {plan.model_name} fits on the {survivors.num_gpus} GPUs left "
                                   f"with global batch {plan.layout.global_batch_size}{pinned}")
     return list(result.ranked)

@@ -105,8 +105,10 @@ def _tp_candidates(shape: ModelShape, num_gpus: int, gpus_per_node: int, allow_c
 def _divided_by_tp(shape: ModelShape) -> list[tuple[str, int]]:
     """The head counts tp must divide, named: the attention heads, and the key/value heads of grouped-query
     attention (a single one, multi-query attention, is kept whole or split along the head dim)."""
-    heads = [("attention heads", shape.num_heads), ("key/value heads", shape.num_kv_heads)]
-    return [(label, d) for label, d in heads if d and not (label == "key/value heads" and d == 1)]
+    heads = [("attention heads", shape.num_heads)]
+    if shape.num_kv_heads and shape.num_kv_heads > 1:
+        heads.append(("key/value heads", shape.num_kv_heads))
+    return [(label, d) for label, d in heads if d]
 
 
 def build_space(shape: ModelShape, *, num_gpus: int, gpus_per_node: int, global_batch_size: int,
