@@ -109,25 +109,30 @@ Float8 GEMMs; an fp32 capture (upcasts invisible, every tensor at bf16 width) is
 the fused kernels, and both gaps leave the 405B prediction pessimistic."""
 
 
+_MBS_405B = 32 // TORCHTITAN_PP_MICROBATCHES  # local batch 32 (global 256 over FSDP 8)
+TORCHTITAN_RUNS = [
+    ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 8, 16,
+     dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5762),  # local batch 2, no accumulation
+    ("Llama 3 8B, FSDP 128", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 128, 256,
+     dict(dp=128, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5605),
+    ("Llama 3 70B, FSDP32 TP8 (compile + Float8)", (8192, 28672, 80, 64, 8), COMPILED_CAPTURE, 256, 512,
+     dict(dp=32, tp=8, pp=1, zero_stage=3, micro_batch_size=16, recompute="full"), 829),  # Table 4, full AC
+    ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
+     dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=_MBS_405B), 100),
+    ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
+     dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="interleaved-1f1b", virtual_stages=2,
+          micro_batch_size=_MBS_405B), 128),
+]
+"""torchtitan's H100 runs in published-results.md: (label, Llama shape, capture dtype, GPUs, global batch, the
+layout as run, published tokens/s per GPU). The compiled ones (``COMPILED_CAPTURE``) ran compile + Float8, the
+405B ones also async TP (the 70B one published 876 with it)."""
+
+
 def torchtitan() -> None:
     """torchtitan's H100 runs (benchmarks/llama3_h100_202412_torchtitan.md), layouts pinned, seq 8192."""
     print(f"torchtitan on {TORCHTITAN_CLUSTER}, layouts pinned, seq 8192: predicted vs published tokens/s per GPU")
-    mbs_405b = 32 // TORCHTITAN_PP_MICROBATCHES  # local batch 32 (global 256 over FSDP 8)
-    cases = [
-        ("Llama 3 8B, FSDP 8", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 8, 16,
-         dict(dp=8, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5762),  # local batch 2, no accumulation
-        ("Llama 3 8B, FSDP 128", (4096, 14336, 32, 32, 8), TORCHTITAN_CAPTURE, 128, 256,
-         dict(dp=128, tp=1, pp=1, zero_stage=3, micro_batch_size=2), 5605),
-        ("Llama 3 70B, FSDP32 TP8 (compile + Float8)", (8192, 28672, 80, 64, 8), COMPILED_CAPTURE, 256, 512,
-         dict(dp=32, tp=8, pp=1, zero_stage=3, micro_batch_size=16, recompute="full"), 829),  # Table 4, full AC
-        ("Llama 3.1 405B, FSDP8 TP8 PP8 1F1B", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=mbs_405b), 100),
-        ("Llama 3.1 405B, FSDP8 TP8 PP8 interleaved", (16384, 53248, 126, 128, 8), COMPILED_CAPTURE, 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="interleaved-1f1b", virtual_stages=2,
-              micro_batch_size=mbs_405b), 128),
-    ]
     graphs: dict[tuple[object, ...], autopar.OpGraph] = {}
-    for label, shape, capture, gpus, batch, pins, published in cases:
+    for label, shape, capture, gpus, batch, pins, published in TORCHTITAN_RUNS:
         graph = graphs.setdefault((*shape, capture), _llama(*shape, seq=8192, dtype=capture))
         try:
             plan = plan_graph(graph, cluster=autopar.Cluster.preset(TORCHTITAN_CLUSTER, nodes=gpus // 8),
@@ -160,20 +165,13 @@ def torchtitan_bounds() -> None:
     with each missing mechanism at its upper bound: where the published figure falls between them."""
     print(f"torchtitan's compiled Float8 runs on {TORCHTITAN_CLUSTER}: tokens/s per GPU (ratio to published), "
           "autopar's program and upper bounds of the mechanisms it lacks")
-    cases = [
-        ("405B FSDP8 TP8 PP8 1F1B, compile + Float8 + async TP", (16384, 53248, 126, 128, 8), 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="1f1b", micro_batch_size=4), 100),
-        ("405B FSDP8 TP8 PP8 interleaved, compile + Float8 + async TP", (16384, 53248, 126, 128, 8), 512, 256,
-         dict(dp=8, tp=8, pp=8, zero_stage=TORCHTITAN_PP_ZERO, schedule="interleaved-1f1b", virtual_stages=2,
-              micro_batch_size=4), 128),
-        ("70B FSDP32 TP8, compile + Float8 (876 with async TP)", (8192, 28672, 80, 64, 8), 256, 512,
-         dict(dp=32, tp=8, pp=1, zero_stage=3, micro_batch_size=16, recompute="full"), 829),
-    ]
     bounds = (("autopar's program", {}), ("+ async TP hiding all TP", dict(tp_free=True)),
               ("Float8 at 2x, TP exposed", dict(float8=True)), ("both", dict(tp_free=True, float8=True)))
     graphs: dict[tuple[int, ...], autopar.OpGraph] = {}
-    for label, shape, gpus, batch, pins, published in cases:
-        graph = graphs.setdefault(shape, _llama(*shape, seq=8192, dtype=COMPILED_CAPTURE))
+    for label, shape, capture, gpus, batch, pins, published in TORCHTITAN_RUNS:
+        if capture is not COMPILED_CAPTURE:
+            continue
+        graph = graphs.setdefault(shape, _llama(*shape, seq=8192, dtype=capture))
         cells = []
         for name, what_if in bounds:
             plan = plan_graph(graph, cluster=_what_if(gpus // 8, **what_if), global_batch_size=batch, constraints=pins)
